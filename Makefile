@@ -1,0 +1,36 @@
+# Two commands for a person who has never seen the project: `make run` and `make test`.
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Where there is no NVIDIA GPU, take PyTorch's CPU build instead of the multi-GB CUDA one.
+TORCH_CPU := $(PIP) install -q 'torch==2.13.0' --extra-index-url https://download.pytorch.org/whl/cpu
+
+.PHONY: run test setup setup-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
+		echo "no NVIDIA GPU found: installing the CPU build of torch"; $(TORCH_CPU); fi
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+setup-test: $(VENV)/.installed-test
+
+run: $(VENV)/.installed
+	$(VENV)/bin/qlora-wizard demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,364 @@
+"""The one settings object: a versioned, validated preset.
+
+Everything the wizard asks ends up here; ``qlora-wizard --preset FILE`` reads the same schema and
+a run directory keeps the exact copy it ran with. Each field's help text lives in its
+``description`` and nowhere else: the TUI form and the docs read it from the schema.
+
+Unknown keys are refused with the nearest valid name; out-of-range values with the field's path
+and what is allowed. YAML is loaded with ``yaml.safe_load`` only and saved atomically.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.errors import UserError
+
+SCHEMA_VERSION = 1
+"""The preset format written by this version; older versions are migrated on load when possible."""
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+"""The YAML presets shipped with qlora-wizard."""
+
+DEFAULT_DROP_PHRASES = (
+    "as an ai language model",
+    "as a language model",
+    "as an ai assistant",
+    "i'm sorry, but i cannot",
+    "i am sorry, but i cannot",
+    "i cannot fulfill",
+    "openai's guidelines",
+)
+"""The guide's advice: drop refusals and boilerplate disclaimers copied from assistant models."""
+
+
+class _Section(BaseModel):
+    """Common configuration: no unknown keys, validate on assignment so the wizard's draft stays valid."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+class ModelSettings(_Section):
+    """Which base model to fine-tune."""
+
+    source: str = Field(
+        description="A Hugging Face Hub id (org/name), a local model directory, or 'builtin:tiny-llama' "
+        "for the offline demo model that is created locally on first use."
+    )
+    revision: str | None = Field(None, description="A Hub branch, tag or commit; the default branch when empty.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped with the model. Only for models you trust; needed by models "
+        "whose architecture transformers does not know.",
+    )
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="Attention kernel: auto picks flash_attention_2 when installed and supported, else sdpa."
+    )
+    base_lr: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="The pretrained model's own peak learning rate, for the learning-rate rule; "
+        "filled from the model family when known.",
+    )
+    pretrained_batch_tokens: int | None = Field(
+        None, gt=0, description="The pretraining batch size in tokens, for the learning-rate rule."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must name a Hub id, a local model directory or builtin:tiny-llama")
+        return v
+
+
+class QuantizationSettings(_Section):
+    """How the frozen base weights are stored."""
+
+    method: Literal["nf4", "fp4", "none"] = Field(
+        "nf4", description="nf4 or fp4 load the base 4-bit through bitsandbytes (QLoRA); none keeps it 16-bit (LoRA)."
+    )
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (saves about 0.37 bit per weight).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Precision of the matrix multiplications: auto is bfloat16 on GPUs that support it "
+        "(compute capability 8.0+), float16 on older GPUs, float32 on the CPU.",
+    )
+
+
+class LoraSettings(_Section):
+    """The trainable low-rank adapters."""
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank: adapter width; parameters grow linearly with it.")
+    alpha: float = Field(32, gt=0, le=4096, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input during training.")
+    targets: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear",
+        description="Layer names to adapt (e.g. [q_proj, v_proj]) or all-linear for every linear layer "
+        "inside the blocks (never lm_head).",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_not_empty(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must name at least one layer, or be all-linear")
+            if len(set(v)) != len(v):
+                raise ValueError("names a layer twice")
+        return v
+
+
+DataFormat = Literal["auto", "alpaca", "input_output", "prompt_completion", "text", "messages", "sharegpt"]
+
+
+class DataSettings(_Section):
+    """Where the examples come from and how they are cleaned and masked."""
+
+    train: str = Field(
+        description="A local JSONL, JSON, CSV or Parquet file, a Hub dataset id, or builtin:demo for the "
+        "bundled demo set."
+    )
+    split: str = Field("train", description="The split to read from a Hub dataset.")
+    validation: str | None = Field(None, description="A separate validation file or Hub split; else split off train.")
+    validation_split: float = Field(
+        0.1, ge=0, le=0.5, description="Share of the training examples held out for validation (0 for none)."
+    )
+    format: DataFormat = Field(
+        "auto",
+        description="Record layout: auto detects it from the keys (alpaca, input_output, prompt_completion, "
+        "text, messages, sharegpt).",
+    )
+    train_on_inputs: bool = Field(False, description="Also train on the prompt tokens (normally masked out).")
+    skip_bad_records: bool = Field(
+        False, description="Skip malformed records (and report how many) instead of refusing to start."
+    )
+    drop_phrases: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_DROP_PHRASES),
+        description="Drop examples containing any of these phrases (case-insensitive).",
+    )
+    dedupe: bool = Field(True, description="Drop exact duplicate examples.")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
+
+
+class TrainingSettings(_Section):
+    """The optimization: batch, schedule, optimizer, intervals."""
+
+    seq_len: int = Field(2048, ge=16, le=1_048_576, description="Longest example in tokens; longer ones are truncated.")
+    micro_batch_size: int = Field(1, ge=1, le=4096, description="Examples per forward pass on one GPU.")
+    gradient_accumulation_steps: int = Field(
+        8, ge=1, le=65536, description="Micro batches per optimizer step; effective batch = micro batch x this."
+    )
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the adapters.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="How the learning rate changes after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Share of the steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay on the adapters.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients to this norm (0 turns clipping off).")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "adamw_torch",
+        description="AdamW with 32-bit states, bitsandbytes 8-bit states, or their paged variants that spill "
+        "to CPU memory under pressure.",
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: far less memory, about 30 % slower."
+    )
+    packing: bool = Field(
+        True, description="Padding-free packing: a micro batch is one row of real tokens, no padding computed."
+    )
+    seed: int = Field(42, ge=0, description="Seed for the data split, shuffling and adapter initialisation.")
+    logging_steps: int = Field(1, ge=1, description="Log loss and speed every this many optimizer steps.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Validate every this many steps; empty for once per epoch and at the end."
+    )
+    save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
+    save_total_limit: int = Field(3, ge=1, le=1000, description="Keep at most this many checkpoints.")
+
+
+class OutputSettings(_Section):
+    """Where the run goes."""
+
+    name: str | None = Field(
+        None, description="Run name; the run directory is runs/<name>. Empty for model name and time."
+    )
+    runs_dir: str = Field("runs", description="Folder that holds the run directories.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "/" in v or v in (".", "..")):
+            raise ValueError("must be a plain folder name without '/'")
+        return v
+
+
+class Preset(_Section):
+    """A whole QLoRA setup: model, quantization, LoRA, data, training and output."""
+
+    version: Literal[1] = Field(SCHEMA_VERSION, description="Preset format version.")
+    description: str | None = Field(None, description="A line saying what this preset is for.")
+    model: ModelSettings
+    quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+
+    def to_yaml(self) -> str:
+        """The preset as YAML text, fields in schema order, defaults included."""
+        header = "# qlora-wizard preset (qlora-wizard --preset FILE)\n"
+        return header + yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def _fields_at(path: tuple, model: type[BaseModel] = Preset) -> list[str]:
+    """The valid key names at a dotted location of the schema."""
+    current: Any = model
+    for part in path:
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if current is None:
+            return []
+    return list(current.model_fields) if current is not None else []
+
+
+def _allowed_text(err: dict) -> str:
+    """What is allowed, in words, for one pydantic error."""
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    bounds = {
+        "greater_than": "> {gt}",
+        "greater_than_equal": ">= {ge}",
+        "less_than": "< {lt}",
+        "less_than_equal": "<= {le}",
+    }
+    if kind in bounds:
+        return "allowed: " + bounds[kind].format(**{k: ctx.get(k) for k in ("gt", "ge", "lt", "le")})
+    if kind == "literal_error":
+        return "allowed: " + str(ctx.get("expected", "")).replace("'", "")
+    msg = err["msg"].removeprefix("Value error, ")
+    return msg[0].lower() + msg[1:]
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line naming the first problem in a preset: the field's path and what is allowed."""
+    problems = []
+    for err in exc.errors():
+        # pydantic names union branches in the location; keep the field's own path.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("literal"))))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent, key = loc[:-1], str(loc[-1])
+            valid = _fields_at(parent)
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            where = ".".join(map(str, parent)) or "the top level"
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys there: {', '.join(valid)}"
+            problems.append(f"unknown key '{path}' ({hint})" if close else f"unknown key '{path}' at {where} ({hint})")
+        elif err["type"] == "missing":
+            problems.append(f"'{path}' is missing")
+        else:
+            value = err.get("input")
+            shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+            problems.append(f"{path} = {shown} is not valid ({_allowed_text(err)})")
+    # Union errors repeat one problem per branch; keep each once, in order.
+    unique = list(dict.fromkeys(problems))
+    more = f" (and {len(unique) - 1} more)" if len(unique) > 1 else ""
+    return f"preset {source}: {unique[0]}{more}"
+
+
+def preset_from_dict(data: Any, source: str = "<preset>") -> Preset:
+    """Validate a mapping (as read from YAML) into a Preset; UserError on any problem."""
+    if not isinstance(data, dict):
+        raise UserError(f"preset {source} is not a mapping of settings", "see presets/tiny-demo.yaml for the layout")
+    version = data.get("version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"preset {source} has version {version!r}; this qlora-wizard reads version {SCHEMA_VERSION}",
+            "update qlora-wizard or re-export the preset",
+        )
+    try:
+        return Preset.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(describe_validation_error(exc, source)) from None
+
+
+def load_preset(path: str | os.PathLike) -> Preset:
+    """Read and validate a YAML preset file (safe loading only)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"no preset file at {p}", "check the path, or list the shipped ones in presets/")
+    if p.is_dir():
+        raise UserError(f"{p} is a folder, not a preset file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read preset {p}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"preset {p} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        raise UserError(f"preset {p} is empty", "see presets/tiny-demo.yaml for the layout")
+    return preset_from_dict(data, str(p))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that a crash mid-write never leaves a broken one: temp file, fsync, rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_preset(preset: Preset, path: str | os.PathLike) -> Path:
+    """Write the preset as YAML, atomically; returns the path written."""
+    atomic_write_text(path, preset.to_yaml())
+    return Path(path)
+
+
+def shipped_presets() -> list[Path]:
+    """The YAML presets shipped in presets/, sorted by name."""
+    return sorted(PRESETS_DIR.glob("*.yaml"))
+
+
+def field_help(path: str) -> str:
+    """The help text of a field given its dotted path (``training.seq_len``)."""
+    model: Any = Preset
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields[part]
+        if i == len(parts) - 1:
+            return field.description or ""
+        model = field.annotation
+    return ""
