@@ -208,12 +208,16 @@ class Preset(_Section):
 
     version: Literal[1] = Field(SCHEMA_VERSION, description="Preset format version.")
     description: str | None = Field(None, description="A line saying what this preset is for.")
-    model: ModelSettings
-    quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    data: DataSettings
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
-    output: OutputSettings = Field(default_factory=OutputSettings)
+    model: ModelSettings = Field(description="The base model to fine-tune.")
+    quantization: QuantizationSettings = Field(
+        default_factory=QuantizationSettings, description="How the frozen base weights are stored (4-bit for QLoRA)."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The trainable low-rank adapters.")
+    data: DataSettings = Field(description="The training (and validation) examples.")
+    training: TrainingSettings = Field(
+        default_factory=TrainingSettings, description="Batch, schedule, optimizer and intervals."
+    )
+    output: OutputSettings = Field(default_factory=OutputSettings, description="Where the run directory goes.")
 
     def to_yaml(self) -> str:
         """The preset as YAML text, fields in schema order, defaults included."""
@@ -223,6 +227,15 @@ class Preset(_Section):
 
 # --------------------------------------------------------------------------------------------
 # Loading and saving
+
+KNOWN_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+    "lr": "learning_rate", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "num_train_epochs": "epochs", "max_seq_length": "seq_len", "max_length": "seq_len", "sequence_len": "seq_len",
+    "gradient_accumulation": "gradient_accumulation_steps", "model_name_or_path": "source", "path": "source",
+    "dataset": "train", "optim": "optimizer", "warmup": "warmup_ratio", "scheduler": "lr_scheduler",
+}
+"""Names other fine-tuning tools use for our fields, so a preset ported from them gets a useful hint."""
 
 
 def _fields_at(path: tuple, model: type[BaseModel] = Preset) -> list[str]:
@@ -250,7 +263,7 @@ def _allowed_text(err: dict) -> str:
         "less_than_equal": "<= {le}",
     }
     if kind in bounds:
-        return "allowed: " + bounds[kind].format(**{k: ctx.get(k) for k in ("gt", "ge", "lt", "le")})
+        return "allowed: " + bounds[kind].format(**{k: f"{ctx.get(k, 0):g}" for k in ("gt", "ge", "lt", "le")})
     if kind == "literal_error":
         return "allowed: " + str(ctx.get("expected", "")).replace("'", "")
     msg = err["msg"].removeprefix("Value error, ")
@@ -267,7 +280,8 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             parent, key = loc[:-1], str(loc[-1])
             valid = _fields_at(parent)
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            alias = KNOWN_ALIASES.get(key.lower())
+            close = [alias] if alias in valid else difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             where = ".".join(map(str, parent)) or "the top level"
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys there: {', '.join(valid)}"
             problems.append(f"unknown key '{path}' ({hint})" if close else f"unknown key '{path}' at {where} ({hint})")

@@ -1,0 +1,116 @@
+"""From a preset to concrete decisions: device precision, attention kernel, steps, memory settings.
+
+The training run and the planners (``estimate``, ``lr``, the wizard) call these same functions,
+so what is estimated is what is run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine.errors import UserError
+from engine.preset import Preset
+
+CPU_DTYPE = "float32"
+"""On the CPU, bitsandbytes' NF4 kernels and the optimizers are exact and well tested in float32."""
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where and in which precision a run computes."""
+
+    device: str
+    """``cuda`` or ``cpu``."""
+    compute_dtype: str
+    """The dtype of the 4-bit matmuls (``bnb_4bit_compute_dtype``) and of autocast."""
+    load_dtype: str
+    """The dtype of everything not quantized: embeddings, head, norms (never upcast to fp32)."""
+    attn_implementation: str
+    """``flash_attention_2``, ``sdpa`` or ``eager``."""
+    name: str
+    """The device in words (GPU name, or ``CPU``)."""
+
+
+ASSUMED_GPU = DevicePlan("cuda", "bfloat16", "bfloat16", "sdpa", "a bf16-capable GPU")
+"""What an estimate assumes when it is made away from the GPU it is for."""
+
+
+def plan_device(preset: Preset, gpus: list | None = None) -> DevicePlan:
+    """Pick precision and attention for the first detected GPU, or the CPU when there is none.
+
+    ``gpus`` is ``engine.gpu.probe_gpus()``'s list; it is probed when not given.
+    """
+    if gpus is None:
+        from engine.gpu import probe_gpus
+
+        gpus = probe_gpus()
+    q, m = preset.quantization, preset.model
+    if not gpus:
+        compute = CPU_DTYPE if q.compute_dtype == "auto" else q.compute_dtype
+        attn = "sdpa" if m.attn_implementation in ("auto", "flash_attention_2") else m.attn_implementation
+        return DevicePlan("cpu", compute, CPU_DTYPE, attn, "CPU")
+    gpu = gpus[0]
+    # bnb_4bit_compute_dtype defaults to float32, which is slow; bf16 needs compute capability 8.0+.
+    best16 = "bfloat16" if gpu.bf16_supported else "float16"
+    compute = best16 if q.compute_dtype == "auto" else q.compute_dtype
+    attn = m.attn_implementation
+    if attn == "auto":
+        from engine.gpu import flash_attn_available
+
+        # flash-attn 2 runs on Ampere (8.0) and newer.
+        attn = "flash_attention_2" if flash_attn_available() and gpu.compute_capability >= (8, 0) else "sdpa"
+    return DevicePlan("cuda", compute, best16, attn, gpu.name)
+
+
+def steps_per_epoch(examples: int, micro_batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over ``examples``, counted as transformers' Trainer counts them."""
+    if examples <= 0:
+        return 0
+    batches = math.ceil(examples / micro_batch_size)
+    return max(1, math.ceil(batches / grad_accum))
+
+
+def total_steps(preset: Preset, examples: int) -> int:
+    """Optimizer steps the run will take: ``max_steps`` if set, else epochs x steps per epoch."""
+    t = preset.training
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * steps_per_epoch(examples, t.micro_batch_size, t.gradient_accumulation_steps)))
+
+
+def resolve_targets(preset: Preset, info) -> tuple[str, ...]:
+    """The layer names LoRA adapts: the preset's list (checked against the model) or all block linears."""
+    targets = preset.lora.targets
+    if targets == "all-linear":
+        return tuple(info.default_targets)
+    known = set(info.lora_target_candidates)
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        raise UserError(
+            f"lora.targets names {', '.join(unknown)}, which {info.source} does not have",
+            f"its layers are: {', '.join(info.lora_target_candidates)}",
+        )
+    return tuple(targets)
+
+
+def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
+    """The memory model's settings for this preset on this device (``engine.memory.MemorySettings``)."""
+    from engine.memory import MemorySettings
+
+    device = device or ASSUMED_GPU
+    t = preset.training
+    return MemorySettings(
+        quantization=preset.quantization.method,
+        double_quant=preset.quantization.double_quant,
+        compute_dtype=device.compute_dtype,
+        load_dtype=device.load_dtype,
+        lora_rank=preset.lora.r,
+        lora_targets=resolve_targets(preset, info),
+        micro_batch_size=t.micro_batch_size,
+        seq_len=t.seq_len,
+        gradient_checkpointing=t.gradient_checkpointing,
+        optimizer=t.optimizer,
+        attn_implementation=device.attn_implementation,
+        packing=t.packing,
+    )

@@ -1,0 +1,530 @@
+"""The training process: ``python -m engine.train RUN_DIR [--resume]``.
+
+It reads ``RUN_DIR/preset.yaml``, checks the data before any weights load, loads the base model
+4-bit through bitsandbytes, adds LoRA adapters through peft, and trains with transformers'
+Trainer. Everything anyone needs to see goes to ``RUN_DIR/events.jsonl`` as it happens.
+
+It is started detached in its own session (see ``engine.runs``), so a dropped SSH connection or a
+closed wizard does not stop it. SIGTERM or SIGINT saves a checkpoint and ends with
+``end: stopped``; ``--resume`` continues from the newest checkpoint.
+
+Exit status: 0 finished, 1 failed, 2 bad input, 130 stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.events import EventWriter
+from engine.preset import Preset, load_preset
+
+EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
+
+# bitsandbytes' optimizer names in transformers' TrainingArguments.
+OPTIMIZERS = {
+    "adamw_torch": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_32bit",
+}
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived before the trainer was running: there is nothing to checkpoint yet."""
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT. Before training starts a signal aborts at once; during training the
+    events callback sees the flag at the end of the step, saves a checkpoint and stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self.training = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        # Own session already; a hangup of whatever terminal started us must never stop training.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def _handle(self, signum, frame) -> None:
+        first = not self.requested
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        if not self.training:
+            raise StopRequested()
+        if not first:
+            # A second signal while the checkpoint is being written: leave now.
+            raise StopRequested()
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The resumable checkpoint with the highest step, or None."""
+    ckpt_dir = run_dir / "checkpoints"
+    best = None
+    for d in ckpt_dir.glob("checkpoint-*"):
+        if not (d / "trainer_state.json").exists():
+            continue  # a checkpoint cut short by a kill: not resumable
+        try:
+            step = int(d.name.split("-")[-1])
+        except ValueError:
+            continue
+        if best is None or step > best[0]:
+            best = (step, d)
+    return best[1] if best else None
+
+
+def _token_counting(collator, counter: dict):
+    """Wrap a collator so the callback can report real (non-padding) tokens per second."""
+
+    def collate(features):
+        batch = collator(features)
+        mask = batch.get("attention_mask")
+        counter["tokens"] += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+    return collate
+
+
+def _memory_now(device: str) -> dict:
+    """Memory in use right now: torch's counters and the device total on CUDA, RSS on the CPU."""
+    if device == "cuda":
+        import torch
+
+        out = {
+            "mem_allocated": torch.cuda.memory_allocated(),
+            "mem_reserved": torch.cuda.memory_reserved(),
+        }
+        used = _nvml_used_bytes()
+        if used is not None:
+            out["mem_device_used"] = used
+        return out
+    return {"mem_rss": _rss_bytes()}
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process now."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident memory of this process."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+_NVML_HANDLE = None
+
+
+def _nvml_used_bytes() -> int | None:
+    """Memory used on GPU 0 as nvidia-smi shows it (includes the CUDA context and managed memory)."""
+    global _NVML_HANDLE
+    try:
+        import pynvml
+
+        if _NVML_HANDLE is None:
+            pynvml.nvmlInit()
+            index = int((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
+            _NVML_HANDLE = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(_NVML_HANDLE).used)
+    except Exception:
+        return None
+
+
+def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: str, run: dict):
+    """A TrainerCallback that turns the trainer's progress into events."""
+    from transformers import TrainerCallback
+
+    class EventsCallback(TrainerCallback):
+        """Writes step, eval and checkpoint events; turns a stop request into checkpoint-and-stop."""
+
+        def __init__(self) -> None:
+            self.last_time = time.time()
+            self.last_tokens = 0
+            self.peak_device_used = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_time = time.time()
+            self.last_tokens = counter["tokens"]
+
+        def on_step_end(self, args, state, control, **kw):
+            if stop.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs:
+                return control
+            now = time.time()
+            tokens = counter["tokens"] - self.last_tokens
+            dt = max(now - self.last_time, 1e-9)
+            self.last_time, self.last_tokens = now, counter["tokens"]
+            mem = _memory_now(device)
+            self.peak_device_used = max(self.peak_device_used, mem.get("mem_device_used", 0))
+            loss = float(logs["loss"])
+            events.emit(
+                "step",
+                step=state.global_step,
+                total_steps=state.max_steps,
+                epoch=round(float(state.epoch or 0), 4),
+                loss=loss,
+                learning_rate=logs.get("learning_rate"),
+                grad_norm=logs.get("grad_norm"),
+                tokens=tokens,
+                tokens_per_s=tokens / dt,
+                tokens_seen=counter["tokens"],
+                **mem,
+            )
+            if not math.isfinite(loss):
+                run["nonfinite_step"] = state.global_step
+                control.should_training_stop = True
+            return control
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            metrics = metrics or {}
+            if "eval_loss" in metrics:
+                events.emit("eval", step=state.global_step, epoch=round(float(state.epoch or 0), 4),
+                            eval_loss=float(metrics["eval_loss"]))
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            events.emit("checkpoint", step=state.global_step, path=str(path))
+            return control
+
+    return EventsCallback()
+
+
+def _oom_advice(preset: Preset, estimate) -> str:
+    """Concrete changes that lower the peak, most effective first."""
+    t = preset.training
+    tips = []
+    if t.micro_batch_size > 1:
+        tips.append(f"micro batch {t.micro_batch_size} -> {max(1, t.micro_batch_size // 2)} "
+                    f"(raise gradient accumulation to keep the effective batch)")
+    if not t.gradient_checkpointing:
+        tips.append("turn gradient checkpointing on")
+    if t.seq_len > 512:
+        tips.append(f"sequence length {t.seq_len} -> {t.seq_len // 2}")
+    if t.optimizer == "adamw_torch":
+        tips.append("optimizer adamw_8bit")
+    if preset.lora.targets == "all-linear" or len(preset.lora.targets) > 2:
+        tips.append("fewer LoRA targets or a smaller rank")
+    est = f"the estimate for these settings was {estimate.total_bytes / 2**30:.1f} GiB; " if estimate else ""
+    return est + "try: " + "; ".join(tips or ["a GPU with more free memory"])
+
+
+def _load_model(preset: Preset, source: str, device_plan):
+    """The base model, 4-bit through bitsandbytes (or 16-bit for plain LoRA), ready for adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, device_plan.load_dtype)
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=device_plan.attn_implementation,
+        revision=preset.model.revision,
+        trust_remote_code=preset.model.trust_remote_code,
+    )
+    if preset.quantization.method != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=preset.quantization.method,
+            bnb_4bit_use_double_quant=preset.quantization.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, device_plan.compute_dtype),
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if device_plan.device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    # The KV cache path ignores packed position_ids and lets packed examples attend to each other.
+    model.config.use_cache = False
+    # peft's prepare_model_for_kbit_training would cast embeddings, head and norms to fp32
+    # (Llama-3-8B: +2.1 GB). They stay in the load dtype; only the adapters train, in fp32.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _add_lora(model, preset: Preset, targets: tuple[str, ...]):
+    """Wrap the model with peft LoRA adapters on the chosen layers."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=preset.lora.r,
+        lora_alpha=preset.lora.alpha,
+        lora_dropout=preset.lora.dropout,
+        target_modules=list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: int):
+    """transformers TrainingArguments for this preset and device."""
+    from transformers import TrainingArguments
+
+    t = preset.training
+    optim = OPTIMIZERS[t.optimizer]
+    if device_plan.device == "cpu" and optim.startswith("paged"):
+        # Paged optimizers page between GPU and CPU memory; on the CPU there is nothing to page.
+        optim = "adamw_bnb_8bit" if optim.endswith("8bit") else "adamw_torch"
+    eval_every = t.eval_steps or spe
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optim,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must be seen, not averaged away
+        eval_strategy="steps",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=device_plan.device == "cuda" and device_plan.compute_dtype == "bfloat16",
+        fp16=device_plan.device == "cuda" and device_plan.compute_dtype == "float16",
+        use_cpu=device_plan.device == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+
+
+def _collator(preset: Preset, tokenizer, device_plan):
+    """Padding-free packing (one row per micro batch, positions restarting per example) or padding."""
+    if preset.training.packing:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(
+            return_position_ids=True,
+            separator_id=-100,
+            return_flash_attn_kwargs=device_plan.attn_implementation == "flash_attention_2",
+        )
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
+
+def _peak_memory(device: str, callback) -> dict:
+    """Peak memory of the run: torch's reserved/allocated and the device total on CUDA, RSS on the CPU."""
+    if device == "cuda":
+        import torch
+
+        return {
+            "peak_reserved": torch.cuda.max_memory_reserved(),
+            "peak_allocated": torch.cuda.max_memory_allocated(),
+            "peak_device_used": getattr(callback, "peak_device_used", 0) or None,
+        }
+    return {"peak_rss": _peak_rss_bytes()}
+
+
+def run_training(run_dir: Path, resume: bool = False) -> int:
+    """Train the run in ``run_dir``; returns the exit status. Never raises for the run's own failures."""
+    run_dir = Path(run_dir)
+    events = EventWriter(run_dir)
+    stop = _StopFlag()
+    stop.install()
+    started = time.time()
+    state: dict = {"estimate": None, "callback": None, "device": "cpu"}
+    try:
+        return _train(run_dir, resume, events, stop, started, state)
+    except StopRequested:
+        events.emit("end", status="stopped", signal=stop.signal_name, step=state.get("step", 0),
+                    message="stopped before training began; nothing to save",
+                    elapsed_s=time.time() - started)
+        return EXIT_STOPPED
+    except UserError as exc:
+        events.emit("error", message=exc.one_line(), bad_input=True)
+        events.emit("end", status="failed", message=exc.one_line(), elapsed_s=time.time() - started)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # the run's own failure: report it in words, keep the traceback in train.log
+        traceback.print_exc()
+        message, exit_code = _describe_failure(exc, state)
+        events.emit("error", message=message, exception=type(exc).__name__)
+        events.emit("end", status="failed", message=message, elapsed_s=time.time() - started,
+                    **_peak_memory(state["device"], state["callback"]))
+        return exit_code
+    finally:
+        events.close()
+
+
+def _describe_failure(exc: Exception, state: dict) -> tuple[str, int]:
+    """A failure in words a person can act on."""
+    try:
+        import torch
+
+        oom = isinstance(exc, torch.OutOfMemoryError)
+    except Exception:
+        oom = False
+    if oom or "out of memory" in str(exc).lower():
+        advice = _oom_advice(state["preset"], state["estimate"]) if state.get("preset") else ""
+        return f"the GPU ran out of memory: {advice}", EXIT_FAILED
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}" \
+           f" (the full traceback is in train.log)", EXIT_FAILED
+
+
+def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, started: float, state: dict) -> int:
+    """The run, top to bottom: data check, tokenizer and data, estimate, model, adapters, Trainer."""
+    preset = load_preset(run_dir / "preset.yaml")
+    state["preset"] = preset
+
+    # 1. The data, checked before anything heavy loads, so a bad line is reported within seconds.
+    from engine import data as data_mod
+
+    data_mod.check_records(preset.data)
+
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from engine.demo import resolve_model_source
+    from engine.gpu import probe_gpus
+    from engine.modelinfo import inspect_model
+    from engine.plan import memory_settings, plan_device, resolve_targets, steps_per_epoch, total_steps
+
+    gpus = probe_gpus() if torch.cuda.is_available() else []
+    device_plan = plan_device(preset, gpus)
+    state["device"] = device_plan.device
+
+    source = resolve_model_source(preset.model.source)
+    tokenizer = data_mod.load_tokenizer(preset.model)
+    t = preset.training
+    prepared = data_mod.prepare_data(preset.data, tokenizer, t.seq_len, t.seed)
+    if prepared.stats.examples == 0:
+        raise UserError(f"no training examples left in {preset.data.train} after cleaning",
+                        "check data.drop_phrases, data.dedupe and the sequence length")
+
+    info = inspect_model(source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code)
+    targets = resolve_targets(preset, info)
+    from engine.memory import estimate_training_memory
+
+    estimate = estimate_training_memory(info, memory_settings(preset, info, device_plan))
+    state["estimate"] = estimate
+
+    spe = steps_per_epoch(prepared.stats.examples, t.micro_batch_size, t.gradient_accumulation_steps)
+    steps = total_steps(preset, prepared.stats.examples)
+    checkpoint = newest_checkpoint(run_dir) if resume else None
+    resumed_from = int(checkpoint.name.split("-")[-1]) if checkpoint else None
+    if device_plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    events.emit(
+        "start",
+        preset=preset.model_dump(mode="json"),
+        model=info.to_json() | {"resolved_source": source},
+        targets=list(targets),
+        data=prepared.stats.to_json(),
+        estimate=estimate.to_json(),
+        device=device_plan.device,
+        device_name=device_plan.name,
+        compute_dtype=device_plan.compute_dtype,
+        attn_implementation=device_plan.attn_implementation,
+        total_steps=steps,
+        steps_per_epoch=spe,
+        resumed_from_step=resumed_from,
+        resume_requested=resume,
+        pid=os.getpid(),
+        versions={"torch": torch.__version__, "transformers": transformers.__version__},
+    )
+
+    # 2. The model: 4-bit base, LoRA adapters.
+    transformers.set_seed(t.seed)
+    model = _load_model(preset, source, device_plan)
+    model = _add_lora(model, preset, targets)
+
+    # 3. The trainer.
+    from transformers import Trainer
+
+    counter = {"tokens": 0}
+    run: dict = {}
+    callback = _make_callback(events, stop, counter, device_plan.device, run)
+    state["callback"] = callback
+    collator = _token_counting(_collator(preset, tokenizer, device_plan), counter)
+    trainer = Trainer(
+        model=model,
+        args=_training_args(preset, run_dir, device_plan, steps, spe),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.validation,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    stop.training = True
+    if stop.requested:
+        raise StopRequested()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop.training = False
+    step = trainer.state.global_step
+    state["step"] = step
+    peak = _peak_memory(device_plan.device, callback)
+    estimate_bytes = {"estimate_total": estimate.total_bytes, "estimate_reserved": estimate.reserved_bytes}
+
+    if "nonfinite_step" in run:
+        msg = (f"the loss became non-finite at step {run['nonfinite_step']}; try a lower learning rate "
+               f"(now {t.learning_rate:g}), max_grad_norm 1.0, or compute dtype bfloat16 instead of float16")
+        events.emit("error", message=msg, step=step)
+        events.emit("end", status="failed", message=msg, step=step, elapsed_s=time.time() - started,
+                    **peak, **estimate_bytes)
+        return EXIT_FAILED
+    if stop.requested:
+        ckpt = newest_checkpoint(run_dir)
+        events.emit("end", status="stopped", signal=stop.signal_name, step=step,
+                    checkpoint=str(ckpt) if ckpt else None, elapsed_s=time.time() - started,
+                    **peak, **estimate_bytes)
+        return EXIT_STOPPED
+
+    # A last validation when the schedule did not end on one, so the curve has its final point.
+    if prepared.validation is not None and step % trainer.args.eval_steps != 0:
+        trainer.evaluate()
+    adapter_dir = run_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    events.emit("end", status="finished", step=step, adapter=str(adapter_dir),
+                elapsed_s=time.time() - started, **peak, **estimate_bytes)
+    return EXIT_FINISHED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the training process."""
+    parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="the run directory (holds preset.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / "preset.yaml").exists():
+        print(f"error: {args.run_dir} has no preset.yaml; create runs with qlora-wizard", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_training(args.run_dir, resume=args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""The command line: ``qlora-wizard``.
+
+Subcommands plan (``inspect``, ``estimate``, ``lr``) and manage runs (``runs``, ``resume``,
+``stop``); ``--preset FILE`` runs a preset headless. Nothing heavy is imported at module level:
+``qlora-wizard --help`` answers without loading torch.
+
+Exit status: 0 success (a run finished), 1 an unexpected failure (a run failed), 2 bad input
+(one line on stderr starting with ``error:``), 130 a run stopped by Ctrl-C after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.errors import UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
+
+DEMO_PRESET = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
+
+EPILOG = """\
+examples:
+  qlora-wizard --preset presets/tiny-demo.yaml     train the offline demo (no GPU needed)
+  qlora-wizard inspect meta-llama/Llama-3.1-8B     what is this model (reads config.json only)
+  qlora-wizard estimate Qwen/Qwen2.5-7B --seq-len 4096 --micro-batch 2
+  qlora-wizard lr --preset my.yaml                 the guide's learning rate for your data
+  qlora-wizard runs                                every run and its status
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as bad input: one line, exit status 2."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse's hook
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:,.2f} GiB"
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def cmd_inspect(args) -> int:
+    from engine.demo import resolve_model_source
+    from engine.modelinfo import inspect_model
+
+    info = inspect_model(resolve_model_source(args.source), revision=args.revision,
+                         trust_remote_code=args.trust_remote_code)
+    if args.json:
+        _print_json(info.to_json())
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.print(f"[bold]{info.source}[/]  {info.architecture} ({info.model_type}), {info.dtype}")
+    facts = Table.grid(padding=(0, 2))
+    facts.add_row("parameters", f"{info.params_total:,}  ({info.params_total / 1e9:.2f} B)")
+    facts.add_row("  embeddings / head / blocks",
+                  f"{info.params_embedding:,} / {info.params_head:,}{' (tied)' if info.tie_word_embeddings else ''}"
+                  f" / {info.params_blocks:,}")
+    facts.add_row("hidden size", f"{info.hidden_size:,}")
+    facts.add_row("layers", str(info.num_hidden_layers))
+    facts.add_row("attention heads (q / kv)", f"{info.num_attention_heads} / {info.num_key_value_heads}")
+    facts.add_row("intermediate size", f"{info.intermediate_size:,}")
+    facts.add_row("vocabulary", f"{info.vocab_size:,}")
+    facts.add_row("context", f"{info.context_length:,}")
+    facts.add_row("weights on disk", f"{_gib(info.weight_bytes)} ({info.weight_bytes_source})")
+    if info.is_moe:
+        facts.add_row("mixture of experts", f"{info.num_experts} experts")
+    c.print(facts)
+    t = Table(title="LoRA-targetable layers", title_justify="left")
+    for col in ("name", "kind", "in", "out", "count", "params", "default"):
+        t.add_column(col, justify="right" if col in ("in", "out", "count", "params") else "left")
+    for layer in info.targets:
+        t.add_row(layer.name, layer.kind, f"{layer.in_features:,}", f"{layer.out_features:,}", str(layer.count),
+                  f"{layer.weight_params:,}", "yes" if layer.name in info.default_targets else "")
+    c.print(t)
+    for note in info.notes:
+        c.print(f"note: {note}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# estimate
+
+
+def _estimate_preset(args):
+    """A preset from --preset, or one built from SOURCE and the schema's defaults, with overrides."""
+    from engine.preset import load_preset, preset_from_dict
+
+    if args.preset:
+        data = load_preset(args.preset).model_dump(mode="json")
+    elif args.source:
+        data = {"model": {"source": args.source, "trust_remote_code": args.trust_remote_code},
+                "data": {"train": "builtin:demo"}}
+    else:
+        raise UserError("estimate needs a model (SOURCE) or --preset FILE", "e.g. qlora-wizard estimate Qwen/Qwen2.5-7B")
+    t, lora, q = data.setdefault("training", {}), data.setdefault("lora", {}), data.setdefault("quantization", {})
+    overrides = [
+        (t, "seq_len", args.seq_len), (t, "micro_batch_size", args.micro_batch), (lora, "r", args.lora_r),
+        (t, "optimizer", args.optimizer), (q, "method", args.quant), (t, "gradient_checkpointing", args.grad_ckpt),
+    ]
+    for section, key, value in overrides:
+        if value is not None:
+            section[key] = value
+    if args.targets:
+        lora["targets"] = "all-linear" if args.targets == "all" else [s.strip() for s in args.targets.split(",") if s.strip()]
+    if args.no_double_quant:
+        q["double_quant"] = False
+    return preset_from_dict(data, args.preset or "(command line)")
+
+
+def cmd_estimate(args) -> int:
+    from engine.demo import resolve_model_source
+    from engine.gpu import probe_gpus
+    from engine.memory import estimate_training_memory, fit
+    from engine.modelinfo import inspect_model
+    from engine.plan import ASSUMED_GPU, memory_settings, plan_device
+
+    preset = _estimate_preset(args)
+    info = inspect_model(resolve_model_source(preset.model.source), revision=preset.model.revision,
+                         trust_remote_code=preset.model.trust_remote_code)
+    gpus = probe_gpus()
+    device = plan_device(preset, gpus) if gpus else ASSUMED_GPU
+    settings = memory_settings(preset, info, device)
+    est = estimate_training_memory(info, settings)
+    if args.gpu_mem is not None:
+        if args.gpu_mem <= 0:
+            raise UserError(f"--gpu-mem {args.gpu_mem} must be a positive number of GiB")
+        budget, budget_name = int(args.gpu_mem * 2**30), f"{args.gpu_mem:g} GiB (--gpu-mem)"
+    elif gpus:
+        budget, budget_name = gpus[0].free_bytes, f"{gpus[0].name}, {_gib(gpus[0].free_bytes)} free"
+    else:
+        budget, budget_name = None, None
+    fits = None if budget is None else est.total_bytes <= budget
+    suggestion = fit(info, settings, budget) if budget is not None else None
+    if args.json:
+        out = est.to_json()
+        out["fits"] = fits
+        out["budget_bytes"] = budget
+        if suggestion is not None:
+            out["fit"] = {"max_micro_batch": suggestion.max_micro_batch, "max_seq_len": suggestion.max_seq_len}
+        _print_json(out)
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    t = Table(title=f"QLoRA training memory: {info.source}", title_justify="left")
+    t.add_column("component")
+    t.add_column("memory", justify="right")
+    for name, b in est.components.items():
+        t.add_row(name.replace("_", " "), _gib(b))
+    t.add_row("[bold]total[/]", f"[bold]{_gib(est.total_bytes)}[/]")
+    c.print(t)
+    c.print(f"settings: {settings.quantization}{' + double quant' if settings.double_quant else ''}, "
+            f"LoRA r={settings.lora_rank} on {', '.join(settings.lora_targets)}, micro batch "
+            f"{settings.micro_batch_size} x {settings.seq_len} tokens, gradient checkpointing "
+            f"{'on' if settings.gradient_checkpointing else 'off'}, {settings.optimizer}, {device.compute_dtype}")
+    c.print(f"torch reserved peak (estimate): {_gib(est.reserved_bytes)}; "
+            f"the guide's inference rule (weights on disk x 1.2): {_gib(est.inference_rule_bytes)}")
+    for note in getattr(est, "notes", []):
+        c.print(f"note: {note}")
+    if budget is None:
+        c.print("no NVIDIA GPU found here: pass --gpu-mem GIB to check against a GPU's memory")
+    else:
+        verdict = "[bold green]fits[/]" if fits else "[bold red]does not fit[/]"
+        c.print(f"{verdict} in {budget_name}")
+        if suggestion is not None:
+            mb = suggestion.max_micro_batch
+            sl = suggestion.max_seq_len
+            c.print(f"largest micro batch at {settings.seq_len} tokens: {mb if mb else 'none fits'}; "
+                    f"longest sequence at micro batch 1: {sl if sl else 'none fits'}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# lr
+
+
+def cmd_lr(args) -> int:
+    from engine.lr import family_defaults, note_on_lora_range, suggest_learning_rate
+
+    extra = {}
+    if args.preset:
+        from engine import data as data_mod
+        from engine.plan import steps_per_epoch, total_steps
+        from engine.preset import load_preset
+
+        preset = load_preset(args.preset)
+        data_mod.check_records(preset.data)
+        tokenizer = data_mod.load_tokenizer(preset.model)
+        prepared = data_mod.prepare_data(preset.data, tokenizer, preset.training.seq_len, preset.training.seed)
+        t = preset.training
+        steps = args.steps or total_steps(preset, prepared.stats.examples)
+        spe = steps_per_epoch(prepared.stats.examples, t.micro_batch_size, t.gradient_accumulation_steps)
+        epochs = args.epochs or (steps / spe if spe else 1)
+        supervised = args.supervised_tokens or prepared.stats.supervised_tokens * epochs
+        family = None
+        base_lr, bsz = args.base_lr or preset.model.base_lr, args.pretrained_batch_tokens or preset.model.pretrained_batch_tokens
+        if base_lr is None or bsz is None:
+            from engine.demo import resolve_model_source
+            from engine.modelinfo import inspect_model
+
+            info = inspect_model(resolve_model_source(preset.model.source), revision=preset.model.revision,
+                                 trust_remote_code=preset.model.trust_remote_code)
+            family = info.family
+            d = family_defaults(family)
+            if d is None:
+                raise UserError(
+                    f"no published base learning rate and pretraining batch for model family {family!r}",
+                    "set model.base_lr and model.pretrained_batch_tokens in the preset, or pass "
+                    "--base-lr and --pretrained-batch-tokens",
+                )
+            base_lr, bsz = base_lr or d.base_lr, bsz or d.pretrained_batch_tokens
+            extra["source"] = d.source
+        extra.update(examples=prepared.stats.examples, steps_per_epoch=spe, family=family)
+    else:
+        missing = [n for n in ("base_lr", "supervised_tokens", "steps", "pretrained_batch_tokens")
+                   if getattr(args, n) is None]
+        if missing:
+            raise UserError(f"lr needs --{missing[0].replace('_', '-')} (or --preset FILE to work it out from the data)")
+        base_lr, bsz, steps = args.base_lr, args.pretrained_batch_tokens, args.steps
+        supervised, epochs = args.supervised_tokens, args.epochs or 1
+    s = suggest_learning_rate(base_lr, supervised, steps, epochs, bsz)
+    note = note_on_lora_range(s.learning_rate)
+    if args.json:
+        _print_json({"learning_rate": s.learning_rate, "arithmetic": s.arithmetic, "base_lr": base_lr,
+                     "supervised_tokens": supervised, "steps": steps, "epochs": epochs,
+                     "pretrained_batch_tokens": bsz, "note": note, **extra})
+        return EXIT_OK
+    print(f"learning rate: {s.learning_rate:.3g}")
+    print(f"  lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrained_batch_tokens)")
+    print(f"     = {s.arithmetic}")
+    if extra.get("source"):
+        print(f"  base rate and pretraining batch: {extra['source']}")
+    if note:
+        print(f"note: {note}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def cmd_runs(args) -> int:
+    from engine.runs import list_runs
+
+    runs = list_runs(args.runs_dir)
+    if args.json:
+        _print_json([r.to_json() for r in runs])
+        return EXIT_OK
+    if not runs:
+        print(f"no runs in {args.runs_dir}/ yet: start one with qlora-wizard --preset FILE")
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    for col in ("run", "status", "step", "loss", "val loss", "model"):
+        t.add_column(col, justify="right" if col in ("step", "loss", "val loss") else "left")
+    colors = {"running": "cyan", "finished": "green", "stopped": "yellow", "failed": "red", "crashed": "red"}
+    for r in runs:
+        step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
+        t.add_row(r.name, f"[{colors.get(r.status, 'white')}]{r.status}[/]", step,
+                  "-" if r.loss is None else f"{r.loss:.4f}", "-" if r.eval_loss is None else f"{r.eval_loss:.4f}",
+                  r.model or "")
+    Console().print(t)
+    for r in runs:
+        if r.status in ("crashed", "failed") and r.message:
+            print(f"{r.name}: {r.message}")
+    return EXIT_OK
+
+
+def _follow(run_dir: Path, detach: bool) -> int:
+    if detach:
+        print(f"training in the background: {run_dir}")
+        print(f"  follow it:  qlora-wizard attach {run_dir}    (or: tail -f {run_dir}/train.log)")
+        print(f"  stop it:    qlora-wizard stop {run_dir}")
+        return EXIT_OK
+    from tui.console import follow_run
+
+    return follow_run(run_dir)
+
+
+def cmd_resume(args) -> int:
+    from engine.runs import is_running, start_process
+    from engine.train import newest_checkpoint
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "preset.yaml").exists():
+        raise UserError(f"{run_dir} is not a run directory (no preset.yaml)", "list runs with `qlora-wizard runs`")
+    if is_running(run_dir):
+        raise UserError(f"{run_dir} is still training", f"follow it with `qlora-wizard attach {run_dir}`")
+    ckpt = newest_checkpoint(run_dir)
+    print(f"resuming {run_dir} from {ckpt.name if ckpt else 'the beginning (no checkpoint was saved)'}")
+    start_process(run_dir, resume=True)
+    return _follow(run_dir, args.detach)
+
+
+def cmd_stop(args) -> int:
+    from engine.runs import stop_run
+
+    run_dir = Path(args.run_dir)
+    if not stop_run(run_dir):
+        raise UserError(f"{run_dir} is not training", "list runs with `qlora-wizard runs`")
+    print(f"asked {run_dir} to save a checkpoint and stop")
+    return EXIT_OK
+
+
+def cmd_attach(args) -> int:
+    from engine.runs import newest_run
+
+    run_dir = Path(args.run_dir) if args.run_dir else newest_run(args.runs_dir)
+    if run_dir is None:
+        raise UserError(f"no runs in {args.runs_dir}/ to attach to")
+    if not (run_dir / "preset.yaml").exists():
+        raise UserError(f"{run_dir} is not a run directory (no preset.yaml)")
+    from tui.console import follow_run
+
+    return follow_run(run_dir)
+
+
+def run_preset(preset_path: str, run_dir: str | None, detach: bool) -> int:
+    """Headless: check the preset and the data, create the run, start the detached process, follow it."""
+    from engine.preset import load_preset
+
+    preset = load_preset(preset_path)
+    from engine import data as data_mod
+    from engine.runs import create_run, start_process
+
+    # Bad data is found here, before any weights load: one line, exit 2.
+    data_mod.check_records(preset.data)
+    if not preset.model.source.startswith("builtin:"):
+        from engine.modelinfo import inspect_model
+
+        inspect_model(preset.model.source, revision=preset.model.revision,
+                      trust_remote_code=preset.model.trust_remote_code)
+    rd = create_run(preset, run_dir)
+    start_process(rd)
+    return _follow(rd, detach)
+
+
+def cmd_demo(args) -> int:
+    print("qlora-wizard demo: a real QLoRA run of a tiny model on the bundled data, offline, on this machine.")
+    print(f"the same as: qlora-wizard --preset {DEMO_PRESET.relative_to(Path.cwd()) if DEMO_PRESET.is_relative_to(Path.cwd()) else DEMO_PRESET}")
+    print("Ctrl-C stops it after saving a checkpoint; `qlora-wizard resume RUN_DIR` continues it.\n")
+    return run_preset(str(DEMO_PRESET), args.run_dir, detach=False)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qlora-wizard", description="QLoRA fine-tuning of Hugging Face causal language models, "
+                "right about memory, with runs that survive a dropped connection.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", metavar="FILE", help="run this preset headless (see presets/)")
+    p.add_argument("--run-dir", metavar="DIR", help="with --preset: the run directory (default runs/<name>)")
+    p.add_argument("--detach", action="store_true", help="with --preset: start in the background and return")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("inspect", help="what is this model: sizes, parameters, LoRA-targetable layers")
+    s.add_argument("source", help="a Hub id (org/name), a model directory or a config.json")
+    s.add_argument("--revision", help="a Hub branch, tag or commit")
+    s.add_argument("--trust-remote-code", action="store_true", help="allow models that need their own code")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("estimate", help="will QLoRA training fit: memory by component, largest batch that fits")
+    s.add_argument("source", nargs="?", help="a Hub id, a model directory or a config.json")
+    s.add_argument("--preset", metavar="FILE", help="take the settings from a preset")
+    s.add_argument("--seq-len", type=int, metavar="N")
+    s.add_argument("--micro-batch", type=int, metavar="N")
+    s.add_argument("--lora-r", type=int, metavar="N")
+    s.add_argument("--targets", metavar="a,b,...|all", help="LoRA target layer names, or all")
+    s.add_argument("--optimizer", choices=["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+    s.add_argument("--quant", choices=["nf4", "fp4", "none"])
+    s.add_argument("--no-double-quant", action="store_true")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None)
+    g.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
+    s.add_argument("--gpu-mem", type=float, metavar="GIB", help="check against this much GPU memory")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("lr", help="the guide's learning-rate rule, from numbers or from a preset's data")
+    s.add_argument("--preset", metavar="FILE", help="count supervised tokens and steps from the preset's data")
+    s.add_argument("--base-lr", type=float, metavar="X")
+    s.add_argument("--supervised-tokens", type=int, metavar="N")
+    s.add_argument("--steps", type=int, metavar="N")
+    s.add_argument("--epochs", type=float, metavar="N")
+    s.add_argument("--pretrained-batch-tokens", type=int, metavar="N")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_lr)
+
+    s = sub.add_parser("runs", help="every run with its status, step and loss")
+    s.add_argument("--runs-dir", default="runs", metavar="DIR")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("resume", help="continue a stopped or crashed run from its newest checkpoint")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--detach", action="store_true")
+    s.set_defaults(func=cmd_resume)
+
+    s = sub.add_parser("stop", help="ask a run to save a checkpoint and stop")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.set_defaults(func=cmd_stop)
+
+    s = sub.add_parser("attach", help="follow a run (the newest if none is named) with its whole history")
+    s.add_argument("run_dir", nargs="?", metavar="RUN_DIR")
+    s.add_argument("--runs-dir", default="runs", metavar="DIR")
+    s.set_defaults(func=cmd_attach)
+
+    s = sub.add_parser("demo", help="train the offline demo preset (tiny model, bundled data)")
+    s.add_argument("--run-dir", metavar="DIR")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns (and exits with) the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.preset and not getattr(args, "func", None):
+            code = run_preset(args.preset, args.run_dir, args.detach)
+        elif getattr(args, "func", None):
+            code = args.func(args)
+        else:
+            parser.print_help()
+            code = EXIT_OK
+    except UserError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = EXIT_STOPPED
+    except BrokenPipeError:
+        code = EXIT_OK
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
