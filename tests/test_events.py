@@ -1,0 +1,57 @@
+"""The run protocol: events are whole JSON lines; a reader survives torn lines and folds resumes."""
+
+from __future__ import annotations
+
+import json
+
+from engine.events import EventTail, EventWriter, fold_history, read_events
+
+
+def test_writer_appends_one_json_object_per_line(tmp_path):
+    w = EventWriter(tmp_path)
+    w.emit("start", total_steps=3)
+    w.emit("step", step=1, loss=float("nan"))
+    w.close()
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["kind"] for ln in lines] == ["start", "step"]
+    assert json.loads(lines[1])["loss"] == "nan"  # strict JSON, still recognisable
+
+
+def test_reader_waits_for_a_half_written_last_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"kind":"start","total_steps":2}\n{"kind":"step","st')
+    tail = EventTail(tmp_path)
+    assert [e["kind"] for e in tail.read_new()] == ["start"]
+    with open(path, "a") as fh:
+        fh.write('ep":1,"loss":2.0}\n')
+    assert tail.read_new() == [{"kind": "step", "step": 1, "loss": 2.0}]
+    assert tail.read_new() == []
+
+
+def test_a_torn_line_in_the_middle_is_skipped(tmp_path):
+    (tmp_path / "events.jsonl").write_text('{"kind":"start"}\n{"kind":"ste\n{"kind":"end","status":"finished"}\n')
+    assert [e["kind"] for e in read_events(tmp_path)] == ["start", "end"]
+
+
+def test_fold_history_drops_work_lost_before_a_resume():
+    events = [
+        {"kind": "start", "total_steps": 10},
+        *({"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 8)),
+        {"kind": "checkpoint", "step": 5},
+        {"kind": "eval", "step": 6, "eval_loss": 0.5},
+        # kill -9 at step 7; resume from the checkpoint at step 5
+        {"kind": "start", "total_steps": 10, "resumed_from_step": 5},
+        *({"kind": "step", "step": s, "loss": 1.0 / s} for s in range(6, 11)),
+        {"kind": "end", "status": "finished", "step": 10},
+    ]
+    h = fold_history(events)
+    assert [s["step"] for s in h.steps] == list(range(1, 11))
+    assert h.evals == []
+    assert h.end["status"] == "finished"
+    assert len(h.resumes) == 1
+
+
+def test_an_end_before_a_resume_no_longer_describes_the_run():
+    h = fold_history([{"kind": "start"}, {"kind": "end", "status": "stopped", "step": 3},
+                      {"kind": "start", "resumed_from_step": 3}])
+    assert h.end is None
