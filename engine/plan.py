@@ -32,15 +32,16 @@ class DevicePlan:
     """The device in words (GPU name, or ``CPU``)."""
 
 
-ASSUMED_GPU = DevicePlan("cuda", "bfloat16", "bfloat16", "sdpa", "a bf16-capable GPU")
-"""What an estimate assumes when it is made away from the GPU it is for."""
+SOFTCAPPED_ATTENTION = frozenset({"gemma2"})
+"""Model types whose attention logit softcapping SDPA cannot do: they need eager (or flash-attn)."""
 
 
-def plan_device(preset: Preset, gpus: list | None = None) -> DevicePlan:
+def plan_device(preset: Preset, gpus: list | None = None, model_type: str | None = None) -> DevicePlan:
     """Pick precision and attention for the first detected GPU, or the CPU when there is none.
 
     ``gpus`` is ``engine.gpu.probe_gpus()``'s list; it is probed when not given.
     """
+    fallback = "eager" if model_type in SOFTCAPPED_ATTENTION else "sdpa"
     if gpus is None:
         from engine.gpu import probe_gpus
 
@@ -48,7 +49,7 @@ def plan_device(preset: Preset, gpus: list | None = None) -> DevicePlan:
     q, m = preset.quantization, preset.model
     if not gpus:
         compute = CPU_DTYPE if q.compute_dtype == "auto" else q.compute_dtype
-        attn = "sdpa" if m.attn_implementation in ("auto", "flash_attention_2") else m.attn_implementation
+        attn = fallback if m.attn_implementation in ("auto", "flash_attention_2") else m.attn_implementation
         return DevicePlan("cpu", compute, CPU_DTYPE, attn, "CPU")
     gpu = gpus[0]
     # bnb_4bit_compute_dtype defaults to float32, which is slow; bf16 needs compute capability 8.0+.
@@ -59,8 +60,15 @@ def plan_device(preset: Preset, gpus: list | None = None) -> DevicePlan:
         from engine.gpu import flash_attn_available
 
         # flash-attn 2 runs on Ampere (8.0) and newer.
-        attn = "flash_attention_2" if flash_attn_available() and gpu.compute_capability >= (8, 0) else "sdpa"
+        attn = "flash_attention_2" if flash_attn_available() and gpu.compute_capability >= (8, 0) else fallback
     return DevicePlan("cuda", compute, best16, attn, gpu.name)
+
+
+def assumed_gpu(preset: Preset, model_type: str | None = None) -> DevicePlan:
+    """What an estimate assumes when it is made away from the GPU it is for: a bf16-capable one."""
+    from engine.gpu import GpuInfo
+
+    return plan_device(preset, [GpuInfo(0, "a bf16-capable GPU", 0, 0, (8, 0))], model_type)
 
 
 def steps_per_epoch(examples: int, micro_batch_size: int, grad_accum: int) -> int:
@@ -98,7 +106,7 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
     """The memory model's settings for this preset on this device (``engine.memory.MemorySettings``)."""
     from engine.memory import MemorySettings
 
-    device = device or ASSUMED_GPU
+    device = device or assumed_gpu(preset, info.model_type)
     t = preset.training
     return MemorySettings(
         quantization=preset.quantization.method,
@@ -113,4 +121,7 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         optimizer=t.optimizer,
         attn_implementation=device.attn_implementation,
         packing=t.packing,
+        lora_dropout=preset.lora.dropout,
+        # Trainer autocasts to bf16/fp16 on a GPU; on the CPU it computes in fp32.
+        autocast=device.device == "cuda",
     )

@@ -51,10 +51,17 @@ class _StopFlag:
         self.training = False
 
     def install(self) -> None:
+        """Take over SIGTERM and SIGINT; ignore SIGHUP."""
+        self._old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         # Own session already; a hangup of whatever terminal started us must never stop training.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def uninstall(self) -> None:
+        """Give the signals back (for in-process use, as in tests)."""
+        for sig, handler in getattr(self, "_old", {}).items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         first = not self.requested
@@ -318,6 +325,8 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
         report_to="none",
         disable_tqdm=True,
         save_only_model=False,
+        # Keep evaluation from holding every logit (batch x seq x vocab) on the device.
+        prediction_loss_only=True,
     )
 
 
@@ -349,8 +358,11 @@ def _peak_memory(device: str, callback) -> dict:
     return {"peak_rss": _peak_rss_bytes()}
 
 
-def run_training(run_dir: Path, resume: bool = False) -> int:
-    """Train the run in ``run_dir``; returns the exit status. Never raises for the run's own failures."""
+def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = ()) -> int:
+    """Train the run in ``run_dir``; returns the exit status. Never raises for the run's own failures.
+
+    ``callbacks`` are extra ``TrainerCallback``s (tests use one to look at the weights).
+    """
     run_dir = Path(run_dir)
     events = EventWriter(run_dir)
     stop = _StopFlag()
@@ -358,7 +370,7 @@ def run_training(run_dir: Path, resume: bool = False) -> int:
     started = time.time()
     state: dict = {"estimate": None, "callback": None, "device": "cpu"}
     try:
-        return _train(run_dir, resume, events, stop, started, state)
+        return _train(run_dir, resume, events, stop, started, state, callbacks)
     except StopRequested:
         events.emit("end", status="stopped", signal=stop.signal_name, step=state.get("step", 0),
                     message="stopped before training began; nothing to save",
@@ -376,6 +388,7 @@ def run_training(run_dir: Path, resume: bool = False) -> int:
                     **_peak_memory(state["device"], state["callback"]))
         return exit_code
     finally:
+        stop.uninstall()
         events.close()
 
 
@@ -394,7 +407,8 @@ def _describe_failure(exc: Exception, state: dict) -> tuple[str, int]:
            f" (the full traceback is in train.log)", EXIT_FAILED
 
 
-def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, started: float, state: dict) -> int:
+def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, started: float, state: dict,
+           callbacks: tuple = ()) -> int:
     """The run, top to bottom: data check, tokenizer and data, estimate, model, adapters, Trainer."""
     preset = load_preset(run_dir / "preset.yaml")
     state["preset"] = preset
@@ -413,11 +427,12 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     from engine.modelinfo import inspect_model
     from engine.plan import memory_settings, plan_device, resolve_targets, steps_per_epoch, total_steps
 
+    source = resolve_model_source(preset.model.source)
+    info = inspect_model(source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code)
     gpus = probe_gpus() if torch.cuda.is_available() else []
-    device_plan = plan_device(preset, gpus)
+    device_plan = plan_device(preset, gpus, info.model_type)
     state["device"] = device_plan.device
 
-    source = resolve_model_source(preset.model.source)
     tokenizer = data_mod.load_tokenizer(preset.model)
     t = preset.training
     prepared = data_mod.prepare_data(preset.data, tokenizer, t.seq_len, t.seed)
@@ -425,7 +440,6 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         raise UserError(f"no training examples left in {preset.data.train} after cleaning",
                         "check data.drop_phrases, data.dedupe and the sequence length")
 
-    info = inspect_model(source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code)
     targets = resolve_targets(preset, info)
     from engine.memory import estimate_training_memory
 
@@ -477,7 +491,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         eval_dataset=prepared.validation,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=[callback, *callbacks],
     )
     stop.training = True
     if stop.requested:

@@ -129,3 +129,29 @@ def test_cli_missing_preset_file():
     assert r.returncode == 2
     assert r.stderr.startswith("error: no preset file at no/such/preset.yaml")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "preset_name,fixture",
+    [
+        ("llama-3.1-8b-qlora.yaml", "meta-llama__Llama-3.1-8B"),
+        ("mistral-7b-qlora.yaml", "mistralai__Mistral-7B-v0.1"),
+        ("qwen2.5-7b-qlora.yaml", "Qwen__Qwen2.5-7B"),
+    ],
+)
+def test_shipped_model_presets_fit_the_gpu_their_comment_names(preset_name, fixture, hf_configs, tmp_path):
+    """Each popular-model preset says it fits a 16 GB card: hold it to that, with 5 % headroom."""
+    from engine.preset import PRESETS_DIR
+
+    text = (PRESETS_DIR / preset_name).read_text()
+    assert "fits a 16 GB card" in text
+    data = yaml.safe_load(text)
+    data["model"]["source"] = str(hf_configs / fixture)
+    p = tmp_path / preset_name
+    p.write_text(yaml.safe_dump(data))
+    r = run_cli("estimate", "--preset", str(p), "--gpu-mem", str(16e9 / 2**30 * 0.95), "--json")
+    assert r.returncode == 0, r.stderr
+    out = __import__("json").loads(r.stdout)
+    assert out["fits"] is True
+    claimed = float(text.splitlines()[1].split("memory: ")[1].split(" GiB")[0])
+    assert abs(out["total_bytes"] / 2**30 - claimed) < 0.05

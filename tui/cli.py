@@ -83,7 +83,9 @@ def cmd_inspect(args) -> int:
     for col in ("name", "kind", "in", "out", "count", "params", "default"):
         t.add_column(col, justify="right" if col in ("in", "out", "count", "params") else "left")
     for layer in info.targets:
-        t.add_row(layer.name, layer.kind, f"{layer.in_features:,}", f"{layer.out_features:,}", str(layer.count),
+        shapes = layer.shapes or ((layer.in_features, layer.out_features, layer.count),)
+        t.add_row(layer.name, layer.kind, ", ".join(f"{i:,}" for i, _, _ in shapes),
+                  ", ".join(f"{o:,}" for _, o, _ in shapes), str(layer.count),
                   f"{layer.weight_params:,}", "yes" if layer.name in info.default_targets else "")
     c.print(t)
     for note in info.notes:
@@ -126,13 +128,13 @@ def cmd_estimate(args) -> int:
     from engine.gpu import probe_gpus
     from engine.memory import estimate_training_memory, fit
     from engine.modelinfo import inspect_model
-    from engine.plan import ASSUMED_GPU, memory_settings, plan_device
+    from engine.plan import assumed_gpu, memory_settings, plan_device
 
     preset = _estimate_preset(args)
     info = inspect_model(resolve_model_source(preset.model.source), revision=preset.model.revision,
                          trust_remote_code=preset.model.trust_remote_code)
     gpus = probe_gpus()
-    device = plan_device(preset, gpus) if gpus else ASSUMED_GPU
+    device = plan_device(preset, gpus, info.model_type) if gpus else assumed_gpu(preset, info.model_type)
     settings = memory_settings(preset, info, device)
     est = estimate_training_memory(info, settings)
     if args.gpu_mem is not None:
@@ -157,7 +159,7 @@ def cmd_estimate(args) -> int:
     from rich.table import Table
 
     c = Console()
-    t = Table(title=f"QLoRA training memory: {info.source}", title_justify="left")
+    t = Table(title=f"training memory: {Path(info.source).name or info.source}", title_justify="left")
     t.add_column("component")
     t.add_column("memory", justify="right")
     for name, b in est.components.items():
@@ -206,7 +208,8 @@ def cmd_lr(args) -> int:
         steps = args.steps or total_steps(preset, prepared.stats.examples)
         spe = steps_per_epoch(prepared.stats.examples, t.micro_batch_size, t.gradient_accumulation_steps)
         epochs = args.epochs or (steps / spe if spe else 1)
-        supervised = args.supervised_tokens or prepared.stats.supervised_tokens * epochs
+        # The rule takes the supervised tokens of one pass and the steps of one pass (steps / epochs).
+        supervised = args.supervised_tokens or prepared.stats.supervised_tokens
         family = None
         base_lr, bsz = args.base_lr or preset.model.base_lr, args.pretrained_batch_tokens or preset.model.pretrained_batch_tokens
         if base_lr is None or bsz is None:
