@@ -137,6 +137,16 @@ def is_running(run_dir: str | os.PathLike) -> bool:
     return recorded is None or _process_start_time(pid) in (None, recorded)
 
 
+def wait_until_exited(run_dir: str | os.PathLike, timeout: float = 30.0) -> bool:
+    """Wait for a run's process to exit once it has written its ``end`` event; True when it is gone."""
+    deadline = time.time() + timeout
+    while is_running(run_dir):
+        if time.time() > deadline or fold_history(read_events(run_dir)).end is None:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def stop_run(run_dir: str | os.PathLike, sig: int = signal.SIGTERM) -> bool:
     """Ask the training process to checkpoint and stop; False if it was not running."""
     rec = _process_record(Path(run_dir))

@@ -90,16 +90,10 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
-def _token_counting(collator, counter: dict):
-    """Wrap a collator so the callback can report real (non-padding) tokens per second."""
-
-    def collate(features):
-        batch = collator(features)
-        mask = batch.get("attention_mask")
-        counter["tokens"] += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-        return batch
-
-    return collate
+def _count_tokens(inputs: dict) -> int:
+    """Real tokens in a micro batch: the attention mask's ones when padded, every token when packed."""
+    mask = inputs.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
 
 
 def _memory_now(device: str) -> dict:
@@ -204,6 +198,8 @@ def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: 
             return control
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
+            # Time spent validating is not training time: the next step's speed starts from here.
+            self.last_time = time.time()
             metrics = metrics or {}
             if "eval_loss" in metrics:
                 events.emit("eval", step=state.global_step, epoch=round(float(state.epoch or 0), 4),
@@ -266,6 +262,15 @@ def _load_model(preset: Preset, source: str, device_plan):
     # (Llama-3-8B: +2.1 GB). They stay in the load dtype; only the adapters train, in fp32.
     for p in model.parameters():
         p.requires_grad_(False)
+    if device_plan.device == "cpu" and preset.quantization.method != "none":
+        import bitsandbytes as bnb
+
+        # bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight into an
+        # inference-only layout at its first no-grad forward (an evaluation); training afterwards
+        # goes through gemv_4bit, which has no autograd, and the adapters below stop learning.
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
     return model
 
 
@@ -455,7 +460,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     events.emit(
         "start",
         preset=preset.model_dump(mode="json"),
-        model=info.to_json() | {"resolved_source": source},
+        model=info.to_json() | {"source": preset.model.source, "resolved_source": source},
         targets=list(targets),
         data=prepared.stats.to_json(),
         estimate=estimate.to_json(),
@@ -483,13 +488,20 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     run: dict = {}
     callback = _make_callback(events, stop, counter, device_plan.device, run)
     state["callback"] = callback
-    collator = _token_counting(_collator(preset, tokenizer, device_plan), counter)
-    trainer = Trainer(
+
+    class CountingTrainer(Trainer):
+        """Trainer that counts the real tokens of each training micro batch (not evaluation's)."""
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            counter["tokens"] += _count_tokens(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    trainer = CountingTrainer(
         model=model,
         args=_training_args(preset, run_dir, device_plan, steps, spe),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation,
-        data_collator=collator,
+        data_collator=_collator(preset, tokenizer, device_plan),
         processing_class=tokenizer,
         callbacks=[callback, *callbacks],
     )

@@ -298,13 +298,14 @@ def _follow(run_dir: Path, detach: bool) -> int:
 
 
 def cmd_resume(args) -> int:
-    from engine.runs import is_running, start_process
+    from engine.runs import start_process, wait_until_exited
     from engine.train import newest_checkpoint
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "preset.yaml").exists():
         raise UserError(f"{run_dir} is not a run directory (no preset.yaml)", "list runs with `qlora-wizard runs`")
-    if is_running(run_dir):
+    # A run that just wrote its end event may still be exiting: give it a moment.
+    if not wait_until_exited(run_dir):
         raise UserError(f"{run_dir} is still training", f"follow it with `qlora-wizard attach {run_dir}`")
     ckpt = newest_checkpoint(run_dir)
     print(f"resuming {run_dir} from {ckpt.name if ckpt else 'the beginning (no checkpoint was saved)'}")

@@ -1,0 +1,1 @@
+"""The bundled demo data set and the script that generates it."""

@@ -1,0 +1,310 @@
+"""Real QLoRA on the CPU: a tiny Llama, NF4 through bitsandbytes, LoRA through peft, transformers' Trainer.
+
+These tests run the training process the way a person does (``qlora-wizard --preset``, ``resume``,
+signals) and assert on what they get: the events file, the exit status, the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from engine.events import fold_history, read_events
+
+pytestmark = pytest.mark.slow
+
+DEMO = ROOT / "presets" / "tiny-demo.yaml"
+
+
+def write_preset(tmp_path: Path, name: str = "p.yaml", **overrides) -> Path:
+    """The demo preset with dotted overrides (``training__max_steps=10``)."""
+    data = yaml.safe_load(DEMO.read_text())
+    data["output"] = {"runs_dir": str(tmp_path / "runs")}
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        data.setdefault(section, {})[field] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def events_of(run_dir: Path) -> list[dict]:
+    """Every line of events.jsonl parses on its own."""
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def wait_for(predicate, timeout: float = 240, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """One short real demo run, shared by the tests that only read what it left."""
+    tmp = tmp_path_factory.mktemp("finished")
+    preset = write_preset(tmp, training__max_steps=40, training__eval_steps=10, training__save_steps=20)
+    run_dir = tmp / "run"
+    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run_dir
+
+
+def test_headless_run_finishes_with_exit_0_and_plain_lines(finished_run):
+    log = (finished_run / "train.log").read_text()
+    assert "Traceback" not in log
+    events = events_of(finished_run)
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert events[-1]["status"] == "finished"
+    steps = [e["step"] for e in events if e["kind"] == "step"]
+    assert steps == list(range(1, 41))
+
+
+def test_step_events_carry_what_the_screens_show(finished_run):
+    step = next(e for e in events_of(finished_run) if e["kind"] == "step")
+    for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mem_rss"):
+        assert key in step, key
+    assert step["total_steps"] == 40 and step["tokens_per_s"] > 0
+
+
+def test_start_event_has_settings_data_estimate_and_device(finished_run):
+    start = events_of(finished_run)[0]
+    assert start["device"] == "cpu"
+    assert start["data"]["supervised_tokens"] > 0
+    assert start["estimate"]["total_bytes"] > 0
+    assert start["preset"]["model"]["source"] == "builtin:tiny-llama"
+
+
+def test_loss_falls_on_training_and_validation(finished_run):
+    h = fold_history(read_events(finished_run))
+    losses = [s["loss"] for s in h.steps]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    evals = [e["eval_loss"] for e in h.evals]
+    assert len(evals) >= 3
+    assert evals[-1] < evals[0]
+
+
+def test_end_event_reports_peak_memory_next_to_the_estimate(finished_run):
+    end = events_of(finished_run)[-1]
+    assert end["peak_rss"] > 0
+    assert end["estimate_total"] > 0 and end["estimate_reserved"] > 0
+    assert Path(end["adapter"]) == finished_run / "adapter"
+
+
+def test_adapter_loads_with_peft_and_generates(finished_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = finished_run / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(base, adapter)
+    ids = tok("### Instruction:\n", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert isinstance(tok.decode(out[0]), str)
+
+
+def test_lora_weights_changed_and_base_weights_did_not(tmp_path):
+    """In process, with a callback that snapshots every parameter before and after training."""
+    import torch
+    from transformers import TrainerCallback
+
+    from engine.runs import create_run
+    from engine.preset import load_preset
+    from engine.train import run_training
+
+    seen: dict = {}
+
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    run_dir = create_run(load_preset(write_preset(tmp_path, training__max_steps=8)), tmp_path / "run")
+    assert run_training(run_dir, callbacks=(Snapshot(),)) == 0
+    before, after, trainable = seen["before"], seen["after"], seen["trainable"]
+    assert trainable and all("lora_" in n for n in trainable)
+    changed = [n for n in trainable if not torch.equal(before[n], after[n])]
+    assert len(changed) == len(trainable)
+    frozen_changed = [n for n in before if n not in trainable and not torch.equal(before[n], after[n])]
+    assert frozen_changed == []
+    # The base really is 4-bit: bitsandbytes keeps NF4 weights packed in uint8.
+    assert any(p.dtype == torch.uint8 for n, p in before.items() if "q_proj.base_layer" in n)
+
+
+def test_packed_and_padded_batches_give_the_same_per_example_loss():
+    """Padding-free packing must not let examples see each other (fp32, within 1e-5)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    from engine import data as data_mod
+    from engine.demo import ensure_demo_model
+    from engine.preset import load_preset
+
+    preset = load_preset(DEMO)
+    tok = data_mod.load_tokenizer(preset.model)
+    prepared = data_mod.prepare_data(preset.data, tok, preset.training.seq_len, preset.training.seed)
+    feats = [{"input_ids": prepared.train[i]["input_ids"], "labels": prepared.train[i]["labels"]} for i in range(6)]
+    model = AutoModelForCausalLM.from_pretrained(ensure_demo_model(), dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.eval()
+
+    def per_example(logits, labels, boundaries):
+        logp = torch.log_softmax(logits.float(), -1)
+        out = []
+        for start, end in boundaries:
+            lab = labels[start + 1:end]
+            lp = logp[start:end - 1]
+            mask = lab != -100
+            out.append(-(lp[mask].gather(-1, lab[mask].unsqueeze(-1))).mean().item())
+        return out
+
+    with torch.no_grad():
+        padded = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")(feats)
+        logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        padded_losses = []
+        for i, f in enumerate(feats):
+            n = len(f["input_ids"])
+            padded_losses += per_example(logits[i], padded["labels"][i], [(0, n)])
+
+        packed = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(feats)
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        bounds, start = [], 0
+        for f in feats:
+            bounds.append((start, start + len(f["input_ids"])))
+            start += len(f["input_ids"])
+        labels = torch.tensor([t for f in feats for t in f["labels"]])
+        packed_losses = per_example(logits, labels, bounds)
+    assert len(packed_losses) == 6
+    for a, b in zip(padded_losses, packed_losses):
+        assert math.isclose(a, b, abs_tol=1e-5), (padded_losses, packed_losses)
+
+
+def _start_detached(tmp_path: Path, **overrides) -> Path:
+    preset = write_preset(tmp_path, **overrides)
+    run_dir = tmp_path / "run"
+    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), "--detach")
+    assert r.returncode == 0, r.stderr
+    assert "qlora-wizard attach" in r.stdout
+    return run_dir
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [e["step"] for e in read_events(run_dir) if e["kind"] == "step"]
+
+
+def _pid(run_dir: Path) -> int:
+    return json.loads((run_dir / "process.json").read_text())["pid"]
+
+
+def test_sigterm_checkpoints_and_ends_stopped_then_resume_finishes(tmp_path):
+    run_dir = _start_detached(tmp_path, training__max_steps=60, training__save_steps=1000)
+    wait_for(lambda: len(_steps(run_dir)) >= 5)
+    os.kill(_pid(run_dir), signal.SIGTERM)
+    end = wait_for(lambda: fold_history(read_events(run_dir)).end)
+    assert end["status"] == "stopped"
+    assert end["checkpoint"] and Path(end["checkpoint"]).is_dir()
+    stopped_at = end["step"]
+    assert Path(end["checkpoint"]).name == f"checkpoint-{stopped_at}"
+    r = run_cli("runs", "--runs-dir", str(tmp_path), "--json")
+    assert json.loads(r.stdout)[0]["status"] == "stopped"
+
+    r = run_cli("resume", str(run_dir), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    h = fold_history(read_events(run_dir))
+    assert [s["step"] for s in h.steps] == list(range(1, 61))
+    assert h.resumes[0]["resumed_from_step"] == stopped_at
+    assert h.end["status"] == "finished"
+
+
+def test_kill_9_is_reported_as_crashed_and_resume_continues_the_step_numbers(tmp_path):
+    run_dir = _start_detached(tmp_path, training__max_steps=50, training__save_steps=10)
+    wait_for(lambda: any(e["kind"] == "checkpoint" for e in read_events(run_dir)) and len(_steps(run_dir)) >= 13)
+    os.kill(_pid(run_dir), signal.SIGKILL)
+    wait_for(lambda: json.loads(run_cli("runs", "--runs-dir", str(tmp_path), "--json").stdout)[0]["status"]
+             == "crashed", timeout=30)
+    r = run_cli("runs", "--runs-dir", str(tmp_path))
+    assert "crashed" in r.stdout
+
+    last_ckpt = max(e["step"] for e in read_events(run_dir) if e["kind"] == "checkpoint")
+    r = run_cli("resume", str(run_dir), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resuming {run_dir} from checkpoint-{last_ckpt}" in r.stdout
+    h = fold_history(read_events(run_dir))
+    assert [s["step"] for s in h.steps] == list(range(1, 51))
+    assert h.resumes[-1]["resumed_from_step"] == last_ckpt
+    # nothing before the checkpoint is trained twice: the resumed process starts right after it
+    raw_steps = _steps(run_dir)
+    second_start = len(raw_steps) - (50 - last_ckpt)
+    assert raw_steps[second_start:] == list(range(last_ckpt + 1, 51))
+
+
+def test_malformed_dataset_line_is_named_before_any_model_loads(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    good = json.dumps({"instruction": "Say hi", "input": "", "output": "hi"})
+    data.write_text("\n".join([good, good, '{"instruction": "oops", "output": }', good]) + "\n")
+    preset = write_preset(tmp_path, data__train=str(data))
+    t0 = time.time()
+    r = run_cli("--preset", str(preset), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: {data} line 3: invalid JSON")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before a run was even created
+    assert time.time() - t0 < 30
+
+
+def test_ctrl_c_on_the_headless_runner_stops_with_130(tmp_path):
+    preset = write_preset(tmp_path, training__max_steps=200, training__save_steps=1000)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "--preset", str(preset), "--run-dir", str(run_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run_dir / "events.jsonl").exists() and len(_steps(run_dir)) >= 3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "stopped at step" in out
+    assert f"qlora-wizard resume {run_dir}" in out
+    assert fold_history(read_events(run_dir)).end["status"] == "stopped"
+
+
+def test_closing_the_follower_leaves_training_running(tmp_path):
+    """A dropped SSH session kills the follower (SIGHUP/SIGKILL); the training process goes on."""
+    preset = write_preset(tmp_path, training__max_steps=25)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    follower = subprocess.Popen([sys.executable, "-m", "tui.cli", "--preset", str(preset), "--run-dir",
+                                 str(run_dir)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: (run_dir / "events.jsonl").exists() and len(_steps(run_dir)) >= 2)
+    os.killpg(follower.pid, signal.SIGKILL)  # the whole terminal session goes away
+    follower.wait()
+    end = wait_for(lambda: fold_history(read_events(run_dir)).end)
+    assert end["status"] == "finished"
+    r = run_cli("attach", str(run_dir))
+    assert r.returncode == 0
+    assert "finished at step 25" in r.stdout
