@@ -289,7 +289,7 @@ def _add_lora(model, preset: Preset, targets: tuple[str, ...]):
     return get_peft_model(model, config)
 
 
-def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: int):
+def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: int, validate: bool):
     """transformers TrainingArguments for this preset and device."""
     from transformers import TrainingArguments
 
@@ -313,7 +313,7 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
         optim=optim,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must be seen, not averaged away
-        eval_strategy="steps",
+        eval_strategy="steps" if validate else "no",
         eval_steps=eval_every,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -350,7 +350,7 @@ def _collator(preset: Preset, tokenizer, device_plan):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
 
 
-def _peak_memory(device: str, callback) -> dict:
+def _peak_memory(device: str, callback, used_before: int | None = None) -> dict:
     """Peak memory of the run: torch's reserved/allocated and the device total on CUDA, RSS on the CPU."""
     if device == "cuda":
         import torch
@@ -359,6 +359,7 @@ def _peak_memory(device: str, callback) -> dict:
             "peak_reserved": torch.cuda.max_memory_reserved(),
             "peak_allocated": torch.cuda.max_memory_allocated(),
             "peak_device_used": getattr(callback, "peak_device_used", 0) or None,
+            "device_used_before": used_before,
         }
     return {"peak_rss": _peak_rss_bytes()}
 
@@ -390,7 +391,7 @@ def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = ()) -> 
         message, exit_code = _describe_failure(exc, state)
         events.emit("error", message=message, exception=type(exc).__name__)
         events.emit("end", status="failed", message=message, elapsed_s=time.time() - started,
-                    **_peak_memory(state["device"], state["callback"]))
+                    **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
         return exit_code
     finally:
         stop.uninstall()
@@ -435,6 +436,9 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     source = resolve_model_source(preset.model.source)
     info = inspect_model(source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code)
     gpus = probe_gpus() if torch.cuda.is_available() else []
+    # What the device held before this process touched it (driver reserve, other processes), so the
+    # end event can tell this run's own footprint from the device total nvidia-smi shows.
+    state["device_used_before"] = _nvml_used_bytes() if gpus else None
     device_plan = plan_device(preset, gpus, info.model_type)
     state["device"] = device_plan.device
 
@@ -498,7 +502,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
 
     trainer = CountingTrainer(
         model=model,
-        args=_training_args(preset, run_dir, device_plan, steps, spe),
+        args=_training_args(preset, run_dir, device_plan, steps, spe, prepared.validation is not None),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation,
         data_collator=_collator(preset, tokenizer, device_plan),
@@ -512,7 +516,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     stop.training = False
     step = trainer.state.global_step
     state["step"] = step
-    peak = _peak_memory(device_plan.device, callback)
+    peak = _peak_memory(device_plan.device, callback, state.get("device_used_before"))
     estimate_bytes = {"estimate_total": estimate.total_bytes, "estimate_reserved": estimate.reserved_bytes}
 
     if "nonfinite_step" in run:
@@ -530,7 +534,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         return EXIT_STOPPED
 
     # A last validation when the schedule did not end on one, so the curve has its final point.
-    if prepared.validation is not None and step % trainer.args.eval_steps != 0:
+    if prepared.validation is not None and step % (trainer.args.eval_steps or 1) != 0:
         trainer.evaluate()
     adapter_dir = run_dir / "adapter"
     model.save_pretrained(adapter_dir)
@@ -542,6 +546,10 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the training process."""
+    # Expandable segments let the caching allocator grow one mapping instead of caching blocks of
+    # every size the loss's large, short-lived tensors come in; that fragmentation otherwise costs
+    # up to 1.5x the fp32 logits in reserved-but-unused memory (measured on an H100, Qwen2.5-0.5B).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="the run directory (holds preset.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")

@@ -1,0 +1,132 @@
+"""Run this engine's real training process on a GPU and set its peak memory beside the estimate.
+
+Weights cannot be downloaded on the GPU machines, so each model is built with random weights from
+a real ``config.json`` (``../shared/fixtures/hf-configs/``) and saved locally with the demo's
+character-level tokenizer (token ids stay far below every vocabulary, the logits still span the
+model's full vocabulary). The data are plain-text records long enough that every micro batch
+holds ``micro_batch x seq_len`` real tokens, which is what the estimate assumes.
+
+Each case is one ``python -m engine.train RUN_DIR`` process, so each peak is that run's own.
+
+    python benchmarks/gpu_check.py --configs DIR --out results.json \
+        --case Llama-3.2-1B:2048:1:ckpt:all:16 --case Qwen2.5-0.5B:4096:4:nockpt:qv:8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build_random_model(config_dir: Path, out_dir: Path, tokenizer_dir: Path) -> Path:
+    """A bf16 checkpoint with random weights from ``config_dir/config.json`` (made on the GPU, once)."""
+    if (out_dir / "model.safetensors.index.json").exists() or (out_dir / "model.safetensors").exists():
+        return out_dir
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(config_dir)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir, max_shard_size="5GB")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    del model
+    torch.cuda.empty_cache()
+    return out_dir
+
+
+def write_long_text_data(path: Path, records: int = 600, chars: int = 9000, seed: int = 0) -> Path:
+    """Plain-text records of ``chars`` characters (one token each with the demo tokenizer)."""
+    rng = random.Random(seed)
+    words = ["alpha", "river", "stone", "cloud", "lamp", "green", "north", "seven", "paper", "quiet"]
+    with open(path, "w") as fh:
+        for i in range(records):
+            text = " ".join(rng.choice(words) for _ in range(chars // 5))[:chars]
+            fh.write(json.dumps({"text": f"{i} {text}"}) + "\n")
+    return path
+
+
+def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int) -> dict:
+    """Train ``steps`` optimizer steps for one case; returns estimate and measurement."""
+    import yaml
+
+    name, seq, mb, ckpt, targets, rank = case.split(":")
+    preset = {
+        "model": {"source": str(model_dir)},
+        "lora": {"r": int(rank), "alpha": 2 * int(rank), "dropout": 0.05,
+                 "targets": "all-linear" if targets == "all" else ["q_proj", "v_proj"]},
+        "data": {"train": str(data), "format": "text", "validation_split": 0.0, "dedupe": False},
+        "training": {"seq_len": int(seq), "micro_batch_size": int(mb), "gradient_accumulation_steps": 1,
+                     "max_steps": steps, "gradient_checkpointing": ckpt == "ckpt", "save_steps": 10_000,
+                     "optimizer": "adamw_torch", "logging_steps": 1},
+    }
+    run_dir = runs / case.replace(":", "_")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "preset.yaml").write_text(yaml.safe_dump(preset))
+    t0 = time.time()
+    with open(run_dir / "train.log", "w") as log:
+        code = subprocess.call([sys.executable, "-m", "engine.train", str(run_dir)], cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT, timeout=900)
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["kind"] == "start")
+    end = events[-1]
+    steps_ev = [e for e in events if e["kind"] == "step"]
+    speeds = sorted(e["tokens_per_s"] for e in steps_ev[1:]) or [0]
+    out = {
+        "case": case, "exit": code, "status": end.get("status"), "message": end.get("message"),
+        "seconds": round(time.time() - t0, 1),
+        "attn": start.get("attn_implementation"), "compute_dtype": start.get("compute_dtype"),
+        "device_name": start.get("device_name"), "versions": start.get("versions"),
+        "estimate_total": end.get("estimate_total"), "estimate_reserved": end.get("estimate_reserved"),
+        "peak_reserved": end.get("peak_reserved"), "peak_allocated": end.get("peak_allocated"),
+        "peak_device_used": end.get("peak_device_used"), "device_used_before": end.get("device_used_before"),
+        "median_tokens_per_s": speeds[len(speeds) // 2],
+        "tokens_per_step": steps_ev[-1].get("tokens") if steps_ev else None,
+        "final_loss": steps_ev[-1]["loss"] if steps_ev else None,
+    }
+    if out["peak_reserved"] and out["estimate_reserved"]:
+        out["reserved_error"] = round(out["estimate_reserved"] / out["peak_reserved"] - 1, 4)
+    if out["peak_device_used"] and out["estimate_total"]:
+        own = out["peak_device_used"] - (out["device_used_before"] or 0)
+        out["process_device_bytes"] = own
+        out["device_error"] = round(out["estimate_total"] / own - 1, 4)
+    if code != 0:
+        out["log_tail"] = (run_dir / "train.log").read_text()[-3000:]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", type=Path, required=True, help="folder of <org>__<name>/config.json")
+    p.add_argument("--tokenizer", type=Path, required=True, help="the demo model folder (its tokenizer)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"))
+    p.add_argument("--case", action="append", required=True, help="NAME:SEQ:MB:ckpt|nockpt:all|qv:RANK")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = write_long_text_data(args.work / "long.jsonl")
+    results = []
+    for case in args.case:
+        name = case.split(":")[0]
+        config_dir = next(d for d in args.configs.iterdir() if d.name.endswith("__" + name))
+        model_dir = build_random_model(config_dir, args.work / "models" / name, args.tokenizer)
+        result = run_case(model_dir, data, case, args.work / "runs", args.steps)
+        print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}), flush=True)
+        if "log_tail" in result:
+            print(result["log_tail"], flush=True)
+        results.append(result)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
