@@ -1,0 +1,162 @@
+"""The planning commands and run management as a person uses them: output, JSON keys, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+
+INSPECT_KEYS = {"model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "params_total", "lora_target_candidates", "default_targets",
+                "weight_bytes", "is_moe"}
+
+
+def test_inspect_json_has_the_stable_keys(hf_configs):
+    r = run_cli("inspect", str(hf_configs / "meta-llama__Llama-3.2-1B"), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert INSPECT_KEYS <= set(out)
+    assert out["params_total"] == 1_235_814_400
+    assert "lm_head" not in out["default_targets"]
+
+
+def test_inspect_table_shows_the_model(hf_configs):
+    r = run_cli("inspect", str(hf_configs / "mistralai__Mistral-7B-v0.1"))
+    assert r.returncode == 0
+    assert "7,241,732,096" in r.stdout
+    assert "q_proj" in r.stdout and "down_proj" in r.stdout
+
+
+def test_inspect_remote_code_model_never_prompts(hf_configs):
+    r = run_cli("inspect", str(hf_configs / "tiiuae__falcon-7b"), timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error:") and "--trust-remote-code" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["inspect", "/no/such/model"], "error: "),
+    (["estimate"], "error: estimate needs a model"),
+    (["lr", "--base-lr", "5e-5"], "error: lr needs --supervised-tokens"),
+    (["estimate", "x/y", "--micro-batch", "0"], "micro_batch_size = 0 is not valid"),
+    (["nonsense-command"], "error: "),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected):
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert expected in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_estimate_json_and_fit(hf_configs):
+    src = str(hf_configs / "meta-llama__Llama-3.1-8B")
+    r = run_cli("estimate", src, "--seq-len", "2048", "--micro-batch", "1", "--gpu-mem", "24", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"total_bytes", "components", "inference_rule_bytes", "fits"} <= set(out)
+    assert out["fits"] is True
+    assert sum(out["components"].values()) == out["total_bytes"]
+    assert out["inference_rule_bytes"] == round(16_060_522_496 * 1.2)
+    big = json.loads(run_cli("estimate", src, "--seq-len", "2048", "--micro-batch", str(out["fit"]["max_micro_batch"] + 1),
+                             "--gpu-mem", "24", "--json").stdout)
+    assert big["fits"] is False
+
+
+def test_estimate_table_says_fits_or_not(hf_configs):
+    src = str(hf_configs / "Qwen__Qwen2.5-7B")
+    assert "does not fit in 8 GiB" in run_cli("estimate", src, "--gpu-mem", "8").stdout
+    r = run_cli("estimate", src, "--gpu-mem", "80", "--no-grad-ckpt", "--targets", "q_proj,v_proj")
+    assert "fits in 80 GiB" in r.stdout and "does not fit" not in r.stdout
+    assert "inference rule" in r.stdout
+
+
+def test_estimate_unknown_target_names_the_models_layers(hf_configs):
+    r = run_cli("estimate", str(hf_configs / "openai-community__gpt2"), "--targets", "q_proj")
+    assert r.returncode == 2
+    assert "c_attn" in r.stderr
+
+
+def test_lr_reproduces_the_guides_example():
+    r = run_cli("lr", "--base-lr", "5e-5", "--supervised-tokens", "2000000", "--steps", "350", "--epochs", "1",
+                "--pretrained-batch-tokens", "4000000", "--json")
+    assert r.returncode == 0
+    assert f"{json.loads(r.stdout)['learning_rate']:.3g}" == "1.89e-06"
+
+
+def test_lr_from_a_preset_counts_the_real_data(tmp_path):
+    r = run_cli("lr", "--preset", str(ROOT / "presets" / "tiny-demo.yaml"), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["steps"] == 120 and out["supervised_tokens"] > 1000
+    expected = out["base_lr"] * (out["supervised_tokens"] / (out["steps"] / out["epochs"])
+                                 / out["pretrained_batch_tokens"]) ** 0.5
+    assert out["learning_rate"] == pytest.approx(expected)
+
+
+def test_lr_for_an_unknown_family_asks_instead_of_guessing(tmp_path, hf_configs):
+    data = yaml.safe_load((ROOT / "presets" / "tiny-demo.yaml").read_text())
+    model = tmp_path / "gpt2"
+    shutil.copytree(hf_configs / "openai-community__gpt2", model)
+    data["model"] = {"source": str(model)}
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(data))
+    r = run_cli("lr", "--preset", str(p), "--base-lr", "1e-4", "--steps", "10")
+    # gpt2's tokenizer is not there: the person is told, in one line
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_runs_on_an_empty_folder(tmp_path):
+    r = run_cli("runs", "--runs-dir", str(tmp_path))
+    assert r.returncode == 0 and "no runs" in r.stdout
+    assert json.loads(run_cli("runs", "--runs-dir", str(tmp_path), "--json").stdout) == []
+
+
+def test_resume_and_stop_of_something_that_is_not_a_run(tmp_path):
+    for cmd in ("resume", "stop"):
+        r = run_cli(cmd, str(tmp_path))
+        assert r.returncode == 2 and r.stderr.startswith("error:")
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_exits_1_with_the_reason(tmp_path):
+    """A model folder with a config and a tokenizer but no weights: the run fails in words."""
+    from engine.demo import ensure_demo_model
+
+    model = tmp_path / "no-weights"
+    model.mkdir()
+    for f in Path(ensure_demo_model()).iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, model / f.name)
+    data = yaml.safe_load((ROOT / "presets" / "tiny-demo.yaml").read_text())
+    data["model"] = {"source": str(model)}
+    data["training"]["max_steps"] = 3
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(data))
+    r = run_cli("--preset", str(p), "--run-dir", str(tmp_path / "run"), timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed:" in r.stdout
+    summary = json.loads(run_cli("runs", "--runs-dir", str(tmp_path), "--json").stdout)[0]
+    assert summary["status"] == "failed" and summary["message"]
+
+
+def test_out_of_memory_becomes_advice_with_the_estimate():
+    import torch
+
+    from engine.preset import load_preset
+    from engine.train import _describe_failure
+
+    class Est:
+        total_bytes = 30 * 2**30
+
+    preset = load_preset(ROOT / "presets" / "llama-3.1-8b-qlora.yaml")
+    message, code = _describe_failure(torch.OutOfMemoryError("CUDA out of memory"),
+                                      {"preset": preset, "estimate": Est()})
+    assert code == 1
+    assert message.startswith("the GPU ran out of memory: the estimate for these settings was 30.0 GiB")
+    assert "sequence length 2048 -> 1024" in message
