@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Where there is no NVIDIA GPU, take PyTorch's CPU build instead of the multi-GB CUDA one.
-TORCH_CPU := $(PIP) install -q 'torch==2.13.0' --extra-index-url https://download.pytorch.org/whl/cpu
+TORCH_CPU := $(PIP) install -q --retries 1 'torch==2.13.0' --extra-index-url https://download.pytorch.org/whl/cpu
 
 .PHONY: run test setup setup-test clean
 

@@ -585,6 +585,20 @@ class _Loaded:
     removed_duplicates: int = 0
 
 
+def _read_sources(train_src: "_Source", val_src: "_Source | None", settings: DataSettings,
+                  clean: bool = True) -> "tuple[_Loaded, _Loaded | None, list[BadRecord]]":
+    """Read the training and validation sources; refuse bad records unless they may be skipped."""
+    train = _read_examples(train_src, settings, clean=clean)
+    val = _read_examples(val_src, settings, fmt=train.format, clean=clean) if val_src else None
+    bad = train.bad + (val.bad if val else [])
+    if bad and not settings.skip_bad_records:
+        raise _bad_records_error(bad)
+    _check_loaded(train, train_src, settings)
+    if val is not None:
+        _check_loaded(val, val_src, settings)
+    return train, val, bad
+
+
 def _read_examples(src: _Source, settings: DataSettings, fmt: str | None = None, limit: int | None = None,
                    clean: bool = True) -> _Loaded:
     """Read, validate and normalize a source's records (and clean them when asked).
@@ -683,14 +697,7 @@ def check_records(settings: DataSettings) -> tuple[str, int, list[BadRecord]]:
     """
     train_src = _open_source(settings.train, settings.split, "data.train")
     val_src = _validation_source(settings, train_src)
-    train = _read_examples(train_src, settings, clean=False)
-    val = _read_examples(val_src, settings, fmt=train.format, clean=False) if val_src else None
-    bad = train.bad + (val.bad if val else [])
-    if bad and not settings.skip_bad_records:
-        raise _bad_records_error(bad)
-    _check_loaded(train, train_src, settings)
-    if val is not None:
-        _check_loaded(val, val_src, settings)
+    train, val, bad = _read_sources(train_src, val_src, settings, clean=False)
     return train.format, len(train.examples), bad
 
 
@@ -1073,14 +1080,7 @@ def prepare_data(
     if hit is not None:
         return hit
 
-    train_loaded = _read_examples(train_src, settings)
-    val_loaded = _read_examples(val_src, settings, fmt=train_loaded.format) if val_src else None
-    bad = train_loaded.bad + (val_loaded.bad if val_loaded else [])
-    if bad and not settings.skip_bad_records:
-        raise _bad_records_error(bad)
-    _check_loaded(train_loaded, train_src, settings)
-    if val_loaded is not None:
-        _check_loaded(val_loaded, val_src, settings)
+    train_loaded, val_loaded, bad = _read_sources(train_src, val_src, settings)
     fmt = train_loaded.format
     if val_loaded is not None:
         train_ex, val_ex = train_loaded.examples, val_loaded.examples

@@ -885,3 +885,19 @@ def _dtype_name(config: Any, raw: dict) -> str:
 def _family(raw_type: Any, model_type: str) -> str:
     key = str(raw_type or model_type).lower()
     return _FAMILY_ALIASES.get(key, key)
+
+
+def require_weights(info: ModelInfo) -> None:
+    """Refuse a local model folder that has a config but no weights, before anything tries to load it."""
+    from pathlib import Path
+
+    from engine.errors import UserError
+
+    folder = Path(info.source)
+    if folder.is_file():
+        folder = folder.parent
+    if folder.is_dir() and info.weight_bytes_source == "estimate":
+        raise UserError(
+            f"{info.source} has a config.json but no weights (*.safetensors or *.bin)",
+            "download the whole model (huggingface-cli download ORG/NAME --local-dir DIR) or point at the folder that has them",
+        )

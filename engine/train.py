@@ -430,11 +430,12 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     transformers.logging.set_verbosity_error()
     from engine.demo import resolve_model_source
     from engine.gpu import probe_gpus
-    from engine.modelinfo import inspect_model
+    from engine.modelinfo import inspect_model, require_weights
     from engine.plan import memory_settings, plan_device, resolve_targets, steps_per_epoch, total_steps
 
     source = resolve_model_source(preset.model.source)
     info = inspect_model(source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code)
+    require_weights(info)
     gpus = probe_gpus() if torch.cuda.is_available() else []
     # What the device held before this process touched it (driver reserve, other processes), so the
     # end event can tell this run's own footprint from the device total nvidia-smi shows.

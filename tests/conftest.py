@@ -32,6 +32,15 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session")
+def demo_cache(_isolated_cache) -> Path:
+    """The session's isolated qlora-wizard cache, with the demo model created in it."""
+    from engine.demo import ensure_demo_model
+
+    ensure_demo_model()
+    return Path(os.environ["QLORA_WIZARD_CACHE"])
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:
     """Run `qlora-wizard ARGS` in a fresh interpreter, as a person would, and capture its output."""

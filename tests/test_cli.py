@@ -123,22 +123,44 @@ def test_resume_and_stop_of_something_that_is_not_a_run(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error:")
 
 
-@pytest.mark.slow
-def test_a_run_that_fails_exits_1_with_the_reason(tmp_path):
-    """A model folder with a config and a tokenizer but no weights: the run fails in words."""
+def _demo_copy(tmp_path: Path, name: str) -> Path:
+    """A copy of the demo model's folder without its weights."""
     from engine.demo import ensure_demo_model
 
-    model = tmp_path / "no-weights"
+    model = tmp_path / name
     model.mkdir()
     for f in Path(ensure_demo_model()).iterdir():
-        if not f.name.endswith(".safetensors"):
+        if not f.name.endswith(".safetensors") and f.is_file():
             shutil.copy(f, model / f.name)
+    return model
+
+
+def _preset_for(tmp_path: Path, model: Path) -> Path:
     data = yaml.safe_load((ROOT / "presets" / "tiny-demo.yaml").read_text())
     data["model"] = {"source": str(model)}
     data["training"]["max_steps"] = 3
     p = tmp_path / "p.yaml"
     p.write_text(yaml.safe_dump(data))
-    r = run_cli("--preset", str(p), "--run-dir", str(tmp_path / "run"), timeout=300)
+    return p
+
+
+def test_a_model_folder_without_weights_is_bad_input(tmp_path):
+    model = _demo_copy(tmp_path, "no-weights")
+    r = run_cli("--preset", str(_preset_for(tmp_path, model)), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: {model} has a config.json but no weights")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_exits_1_with_the_reason(tmp_path):
+    """A broken download (a truncated weights file) is only found when the weights load: the run fails in words."""
+    from engine.demo import ensure_demo_model
+
+    model = _demo_copy(tmp_path, "truncated")
+    whole = (Path(ensure_demo_model()) / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    r = run_cli("--preset", str(_preset_for(tmp_path, model)), "--run-dir", str(tmp_path / "run"), timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "failed:" in r.stdout
     summary = json.loads(run_cli("runs", "--runs-dir", str(tmp_path), "--json").stdout)[0]

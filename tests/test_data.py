@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,30 +19,6 @@ from engine.errors import UserError
 from engine.preset import DataSettings, ModelSettings
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory) -> Path:
-    """The session's qlora-wizard cache with the demo model in it: the isolated one that
-    tests/conftest.py sets up when it is there, else one under the session's tmp folder."""
-    base = tmp_path_factory.getbasetemp().resolve()
-    current = os.environ.get("QLORA_WIZARD_CACHE")
-    isolated = current and (
-        Path(current).resolve().is_relative_to(base) or current == os.environ.get("QLORA_WIZARD_TEST_CACHE")
-    )
-    old = current
-    if not isolated:
-        os.environ["QLORA_WIZARD_CACHE"] = str(base / "qlora-wizard-cache")
-    root = Path(os.environ["QLORA_WIZARD_CACHE"])
-    from engine.demo import ensure_demo_model
-
-    ensure_demo_model()
-    yield root
-    if not isolated:
-        if old is None:
-            os.environ.pop("QLORA_WIZARD_CACHE", None)
-        else:
-            os.environ["QLORA_WIZARD_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

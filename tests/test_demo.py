@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,28 +10,6 @@ import pytest
 from engine import demo
 from engine.data import check_records, resolve_data_path
 from engine.preset import DataSettings
-
-
-@pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory) -> Path:
-    """The session's qlora-wizard cache with the demo model in it: the isolated one that
-    tests/conftest.py sets up when it is there, else one under the session's tmp folder."""
-    base = tmp_path_factory.getbasetemp().resolve()
-    current = os.environ.get("QLORA_WIZARD_CACHE")
-    isolated = current and (
-        Path(current).resolve().is_relative_to(base) or current == os.environ.get("QLORA_WIZARD_TEST_CACHE")
-    )
-    old = current
-    if not isolated:
-        os.environ["QLORA_WIZARD_CACHE"] = str(base / "qlora-wizard-cache")
-    root = Path(os.environ["QLORA_WIZARD_CACHE"])
-    demo.ensure_demo_model()
-    yield root
-    if not isolated:
-        if old is None:
-            os.environ.pop("QLORA_WIZARD_CACHE", None)
-        else:
-            os.environ["QLORA_WIZARD_CACHE"] = old
 
 
 @pytest.fixture

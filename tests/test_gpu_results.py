@@ -7,7 +7,6 @@ test recomputes each estimate from the real config on any machine and checks it 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

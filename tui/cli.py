@@ -244,7 +244,7 @@ def cmd_lr(args) -> int:
                      "pretrained_batch_tokens": bsz, "note": note, **extra})
         return EXIT_OK
     print(f"learning rate: {s.learning_rate:.3g}")
-    print(f"  lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrained_batch_tokens)")
+    print("  lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrained_batch_tokens)")
     print(f"     = {s.arithmetic}")
     if extra.get("source"):
         print(f"  base rate and pretraining batch: {extra['source']}")
@@ -347,10 +347,10 @@ def run_preset(preset_path: str, run_dir: str | None, detach: bool) -> int:
     # Bad data is found here, before any weights load: one line, exit 2.
     data_mod.check_records(preset.data)
     if not preset.model.source.startswith("builtin:"):
-        from engine.modelinfo import inspect_model
+        from engine.modelinfo import inspect_model, require_weights
 
-        inspect_model(preset.model.source, revision=preset.model.revision,
-                      trust_remote_code=preset.model.trust_remote_code)
+        require_weights(inspect_model(preset.model.source, revision=preset.model.revision,
+                                      trust_remote_code=preset.model.trust_remote_code))
     rd = create_run(preset, run_dir)
     start_process(rd)
     return _follow(rd, detach)
