@@ -207,6 +207,7 @@ def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: 
             return control
 
         def on_save(self, args, state, control, **kw):
+            self.last_time = time.time()  # nor is time spent writing a checkpoint
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             events.emit("checkpoint", step=state.global_step, path=str(path))
             return control
