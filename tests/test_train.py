@@ -308,3 +308,27 @@ def test_closing_the_follower_leaves_training_running(tmp_path):
     r = run_cli("attach", str(run_dir))
     assert r.returncode == 0
     assert "finished at step 25" in r.stdout
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_suggestion(tmp_path):
+    """A NaN in the adapters (as a too-high learning rate produces) ends the run as failed, in words."""
+    import torch
+    from transformers import TrainerCallback
+
+    from engine.preset import load_preset
+    from engine.runs import create_run
+    from engine.train import EXIT_FAILED, run_training
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+
+    run_dir = create_run(load_preset(write_preset(tmp_path, training__max_steps=20)), tmp_path / "run")
+    assert run_training(run_dir, callbacks=(Poison(),)) == EXIT_FAILED
+    h = fold_history(read_events(run_dir))
+    assert h.end["status"] == "failed"
+    assert h.end["message"].startswith("the loss became non-finite at step 4; try a lower learning rate")
+    assert [s["step"] for s in h.steps] == [1, 2, 3, 4]
+    assert not (run_dir / "adapter").exists()
