@@ -54,8 +54,24 @@ def create_run(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path
             f"resume it with `qlora-wizard resume {run_dir}`, or pick another --run-dir",
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "preset.yaml", preset.to_yaml())
+    atomic_write_text(run_dir / "preset.yaml", _with_absolute_paths(preset).to_yaml())
     return run_dir
+
+
+def _with_absolute_paths(preset: Preset) -> Preset:
+    """The preset with local model and data paths made absolute, so the run means the same files
+    whatever directory it is resumed or inspected from."""
+
+    def absolute(value: str | None) -> str | None:
+        if not value or value.startswith("builtin:") or not Path(value).exists():
+            return value
+        return str(Path(value).resolve())
+
+    return preset.model_copy(update={
+        "model": preset.model.model_copy(update={"source": absolute(preset.model.source)}),
+        "data": preset.data.model_copy(update={"train": absolute(preset.data.train),
+                                               "validation": absolute(preset.data.validation)}),
+    })
 
 
 def _pid_alive(pid: int) -> bool:

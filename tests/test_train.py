@@ -332,3 +332,19 @@ def test_a_non_finite_loss_stops_the_run_with_a_suggestion(tmp_path):
     assert h.end["message"].startswith("the loss became non-finite at step 4; try a lower learning rate")
     assert [s["step"] for s in h.steps] == [1, 2, 3, 4]
     assert not (run_dir / "adapter").exists()
+
+
+def test_relative_paths_in_a_preset_mean_the_callers_directory(tmp_path):
+    """`data.train: train.jsonl` is the file beside the person, not beside qlora-wizard."""
+    import shutil
+
+    from engine.demo import DEMO_DATA_FILE
+
+    work = tmp_path / "project"
+    work.mkdir()
+    shutil.copy(DEMO_DATA_FILE, work / "train.jsonl")
+    preset = write_preset(work, data__train="train.jsonl", training__max_steps=3)
+    r = run_cli("--preset", preset.name, "--run-dir", "myrun", cwd=work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    saved = yaml.safe_load((work / "myrun" / "preset.yaml").read_text())
+    assert saved["data"]["train"] == str(work / "train.jsonl")
