@@ -195,6 +195,13 @@ def follow_run(run_dir: str | Path, tty: bool | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, old)
     code = exit_status(history)
+    if history.evals and history.steps:
+        from engine.curves import diagnose
+
+        d = diagnose([(e["step"], e["loss"]) for e in history.steps if isinstance(e.get("loss"), float)],
+                     [(e["step"], e["eval_loss"]) for e in history.evals])
+        if d.verdict != "too early to tell":
+            print(f"learning curves: {d.verdict}: {d.message}")
     if code == EXIT_STOPPED:
         print(f"continue it with: qlora-wizard resume {run_dir}")
     return code
