@@ -331,9 +331,21 @@ def cmd_attach(args) -> int:
         raise UserError(f"no runs in {args.runs_dir}/ to attach to")
     if not (run_dir / "preset.yaml").exists():
         raise UserError(f"{run_dir} is not a run directory (no preset.yaml)")
-    from tui.console import follow_run
+    if args.plain or not (sys.stdout.isatty() and sys.stdin.isatty()):
+        from tui.console import follow_run
 
-    return follow_run(run_dir)
+        return follow_run(run_dir)
+    # Textual loads only here, so `--help` and the plain follower stay light.
+    from tui.app import RunApp
+
+    result = RunApp(run_dir).run()
+    if result in (None, "detached"):
+        print(f"the run goes on in the background; come back with: qlora-wizard attach {run_dir}")
+        return EXIT_OK
+    print(f"{run_dir}: {result}; look at it again with: qlora-wizard attach {run_dir}")
+    if result in ("stopped", "crashed"):
+        print(f"continue it with: qlora-wizard resume {run_dir}")
+    return {"finished": EXIT_OK, "stopped": EXIT_STOPPED}.get(result, EXIT_FAILED)
 
 
 def run_preset(preset_path: str, run_dir: str | None, detach: bool) -> int:
@@ -427,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("attach", help="follow a run (the newest if none is named) with its whole history")
     s.add_argument("run_dir", nargs="?", metavar="RUN_DIR")
     s.add_argument("--runs-dir", default="runs", metavar="DIR")
+    s.add_argument("--plain", action="store_true",
+                   help="print one line per event instead of the full-screen view (the default without a terminal)")
     s.set_defaults(func=cmd_attach)
 
     s = sub.add_parser("demo", help="train the offline demo preset (tiny model, bundled data)")

@@ -1,0 +1,46 @@
+"""The Textual app: hosts the wizard's screens. ``qlora-wizard attach`` opens it on the run screen.
+
+The app takes what it reads and does to a run in its constructor (where the events come from, how
+often to look, how to tell the process is alive, how to stop it), so tests feed it a recorded run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from textual.app import App
+
+from engine.events import EventTail
+from engine.runs import is_running, log_tail, stop_run
+from tui.screens.run import POLL_S, RunScreen
+
+
+class RunApp(App[str]):
+    """Shows one run live; its result is the run's status when the person left (``detached``
+    while it still runs)."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "qlora-wizard"
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        events_source: Callable[[Path], EventTail] = EventTail,
+        poll_interval: float = POLL_S,
+        process_alive: Callable[[Path], bool] = is_running,
+        stop: Callable[[Path], bool] = stop_run,
+        read_log: Callable[[Path, int], list[str]] = log_tail,
+    ) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        """The run directory shown."""
+        self.sub_title = str(self.run_dir)
+        self._screen_args = dict(events_source=events_source, poll_interval=poll_interval,
+                                 process_alive=process_alive, stop=stop, read_log=read_log)
+
+    def on_mount(self) -> None:
+        """Open the run screen."""
+        self.push_screen(RunScreen(self.run_dir, **self._screen_args))

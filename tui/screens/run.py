@@ -1,0 +1,416 @@
+"""The run screen: one training run, live, from its ``events.jsonl`` alone.
+
+A thread worker polls the events file (``engine.events.EventTail``), whether the process is alive
+and the tail of ``train.log``, and posts one message per poll that found something new; the
+handlers own every widget. Keys: ``s`` stop (after a confirmation), ``d``/``q`` detach (the run
+goes on), ``l`` the whole log.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, Footer, Header, Label, ProgressBar, RichLog, Sparkline, Static
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from engine.curves import diagnose
+from engine.events import EventTail, RunHistory, fold_history
+from tui.console import _duration, _gib, describe
+
+POLL_S = 0.2
+"""Seconds between looks at the events file: a step shows well within a second of being written."""
+
+LOG_LINES = 200
+"""Lines of ``train.log`` kept for the log screen; the crash panel shows the last few."""
+
+ETA_WINDOW = 20
+"""Recent steps the ETA's speed is measured over: recent enough to follow a change of pace, enough
+to smooth out evaluation and checkpoint pauses."""
+
+EVENT_LINES = 500
+"""Plain event lines kept in the events panel."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What the screen says, as pure functions of the history (no widgets).
+
+
+def run_status(history: RunHistory, alive: bool) -> str:
+    """``starting``, ``running``, ``finished``, ``stopped``, ``failed`` or ``crashed``.
+
+    Crashed is a process gone without an ``end`` event. The worker checks the process before it
+    reads the file, so an ``end`` written just before the process exits is always seen with it.
+    """
+    if history.end is not None:
+        return history.end.get("status", "failed")
+    if alive:
+        return "running" if history.start else "starting"
+    return "crashed"
+
+
+def eta_seconds(history: RunHistory) -> float | None:
+    """Seconds left, from the pace of the last ``ETA_WINDOW`` steps; None without two timed steps."""
+    total = history.total_steps
+    steps = [s for s in history.steps[-ETA_WINDOW:] if isinstance(s.get("time"), (int, float))]
+    if not total or len(steps) < 2:
+        return None
+    done = steps[-1]["step"] - steps[0]["step"]
+    took = steps[-1]["time"] - steps[0]["time"]
+    if done <= 0 or took <= 0:
+        return None
+    return max(0, total - steps[-1]["step"]) * took / done
+
+
+def _number(value) -> float | None:
+    """A finite float, or None (the writer stores NaN and infinity as strings)."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def memory_line(history: RunHistory) -> str:
+    """Memory in use against the estimate: reserved on CUDA, the process's RSS on the CPU."""
+    start = history.start or {}
+    step = history.last_step or {}
+    estimate = (start.get("estimate") or {}).get("reserved_bytes")
+    if step.get("mem_reserved") is not None or start.get("device") == "cuda":
+        used = step.get("mem_reserved")
+        return f"memory {_gib(used)} reserved of {_gib(estimate)} estimated"
+    if step.get("mem_rss") is not None:
+        return f"memory {_gib(step['mem_rss'])} in use (CPU, the process's RSS; the estimate is for a GPU)"
+    return "memory -"
+
+
+def model_name(history: RunHistory) -> str:
+    """The model as the person named it (the preset's source), else as the process resolved it."""
+    start = history.start or {}
+    return (((start.get("preset") or {}).get("model") or {}).get("source")
+            or (start.get("model") or {}).get("source") or "?")
+
+
+def diagnosis_line(history: RunHistory) -> str | None:
+    """The guide's reading of the learning curves, once there are validation losses."""
+    if not history.evals:
+        return None
+    train = [(s["step"], v) for s in history.steps if (v := _number(s.get("loss"))) is not None]
+    val = [(e["step"], v) for e in history.evals if (v := _number(e.get("eval_loss"))) is not None]
+    d = diagnose(train, val)
+    return f"learning curves: {d.verdict}: {d.message}"
+
+
+STATUS_STYLE = {"starting": "bold yellow", "running": "bold green", "finished": "bold green",
+                "stopped": "bold yellow", "failed": "bold red", "crashed": "bold red"}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfirmStop(ModalScreen[bool]):
+    """Asks before stopping a run: it saves a checkpoint and ends ``stopped``."""
+
+    BINDINGS = [
+        Binding("y", "answer(True)", "Stop it"),
+        Binding("n,escape", "answer(False)", "Keep training"),
+    ]
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        """The run asked about."""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(f"Stop {self.run_dir.name}?", id="question")
+            yield Label("It saves a checkpoint and ends; `qlora-wizard resume` continues it later.",
+                        id="explain")
+            with Horizontal(id="buttons"):
+                yield Button("Stop (y)", variant="error", id="yes")
+                yield Button("Keep training (n)", variant="primary", id="no")
+
+    def on_mount(self) -> None:
+        """Keep training is the safe default."""
+        self.query_one("#no", Button).focus()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, stop: bool) -> None:
+        """Close with the answer."""
+        self.dismiss(stop)
+
+
+class LogScreen(Screen[None]):
+    """The tail of ``train.log``, the training process's own output; follows it while open."""
+
+    BINDINGS = [Binding("escape,l,q", "app.pop_screen", "Back")]
+
+    def __init__(self, run_dir: Path, lines: list[str]) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        """The run whose log is shown."""
+        self._lines = lines
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        log = RichLog(id="train-log", max_lines=LOG_LINES, wrap=True, min_width=20)
+        log.border_title = f"{self.run_dir / 'train.log'} (last {LOG_LINES} lines)"
+        yield log
+        yield Footer()
+
+    def on_mount(self) -> None:
+        """Show the lines known so far."""
+        self.show_lines(self._lines)
+
+    def show_lines(self, lines: list[str]) -> None:
+        """Replace the shown lines (the log's tail moved on)."""
+        self._lines = lines
+        log = self.query_one("#train-log", RichLog)
+        log.clear()
+        for line in lines or ["(train.log is empty or not there yet)"]:
+            log.write(line, expand=True, shrink=True)
+
+
+class RunScreen(Screen[None]):
+    """One run: status, progress, curves, memory, the diagnosis and the latest events."""
+
+    BINDINGS = [
+        Binding("s", "stop", "Stop", tooltip="Save a checkpoint and end the run (asks first)"),
+        Binding("d", "detach", "Detach", tooltip="Leave; the run goes on in the background"),
+        Binding("l", "show_log", "Log", tooltip="The tail of train.log"),
+        Binding("q", "detach", "Quit", tooltip="Same as detach: the run goes on"),
+    ]
+
+    class Polled(Message):
+        """What one poll found: new events, whether the process is alive, the log's last lines."""
+
+        def __init__(self, events: list[dict], alive: bool, log: list[str] | None) -> None:
+            super().__init__()
+            self.events = events
+            """Events written since the previous poll, in order."""
+            self.alive = alive
+            """Whether the training process is alive."""
+            self.log = log
+            """The last lines of ``train.log`` when they changed, else None."""
+
+    running: reactive[bool] = reactive(False, bindings=True)
+    """Whether the training process is alive (``s`` is enabled only then)."""
+    stopping: reactive[bool] = reactive(False, bindings=True)
+    """Whether a stop was asked for and the run has not ended yet."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        events_source: Callable[[Path], EventTail] = EventTail,
+        poll_interval: float = POLL_S,
+        process_alive: Callable[[Path], bool],
+        stop: Callable[[Path], bool],
+        read_log: Callable[[Path, int], list[str]],
+    ) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        """The run directory shown."""
+        self.events: list[dict] = []
+        """Every event read so far."""
+        self.history = fold_history([])
+        """The events folded into one history."""
+        self.status = "starting"
+        """The run's status as last shown."""
+        self.log_lines: list[str] = []
+        """The last lines of ``train.log``."""
+        self._events_source = events_source
+        self._poll_interval = poll_interval
+        self._process_alive = process_alive
+        self._stop = stop
+        self._read_log = read_log
+        self._log_screen: LogScreen | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(id="status")
+        with Horizontal(id="progress-row"):
+            yield ProgressBar(id="progress", show_eta=False)
+            yield Label(id="eta")
+        yield Static(id="metrics")
+        with Horizontal(id="curves"):
+            for key, title in (("loss", "training loss"), ("val", "validation loss"), ("lr", "learning rate")):
+                with Vertical(id=f"{key}-box", classes="curve") as box:
+                    box.border_title = title
+                    yield Sparkline([], id=f"{key}-curve")
+        yield Static(id="diagnosis")
+        yield Static(id="alert")
+        events = RichLog(id="events", max_lines=EVENT_LINES, wrap=True, min_width=20)
+        events.border_title = "events"
+        yield events
+        yield Footer()
+
+    def on_mount(self) -> None:
+        """Start reading the run."""
+        self.query_one("#status", Static).update(Text(f"reading {self.run_dir} ..."))
+        self._poll()
+
+    # ---- the worker: reads files, never touches widgets -------------------------------------
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="poll")
+    def _poll(self) -> None:
+        """Poll the events file, the process and the log; post one message per poll with news."""
+        worker = get_current_worker()
+        tail = self._events_source(self.run_dir)
+        alive: bool | None = None
+        log: list[str] | None = None
+        while not worker.is_cancelled:
+            # The process first, then the file: an end event written just before exiting is read
+            # in the same poll that sees the process gone, so a clean end never flickers "crashed".
+            now_alive = self._process_alive(self.run_dir)
+            new = tail.read_new()
+            now_log = self._read_log(self.run_dir, LOG_LINES)
+            log_changed = now_log != log
+            if new or now_alive != alive or log_changed:
+                self.post_message(self.Polled(new, now_alive, now_log if log_changed else None))
+                alive, log = now_alive, now_log
+            time.sleep(self._poll_interval)
+
+    @on(Worker.StateChanged)
+    def _worker_failed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            self.notify(f"reading the run failed: {event.worker.error}", severity="error", timeout=10)
+
+    # ---- handlers: own every widget ---------------------------------------------------------
+
+    @on(Polled)
+    def _polled(self, message: Polled) -> None:
+        if message.log is not None:
+            self.log_lines = message.log
+            if self._log_screen is not None and self._log_screen.is_attached:
+                self._log_screen.show_lines(message.log)
+        if message.events:
+            self.events.extend(message.events)
+            self.history = fold_history(self.events)
+            events = self.query_one("#events", RichLog)
+            for event in message.events:
+                events.write(describe(event), expand=True, shrink=True)
+        self.running = message.alive
+        self.status = run_status(self.history, message.alive)
+        if self.history.end is not None:
+            self.stopping = False
+        self._show()
+
+    def _show(self) -> None:
+        """Bring every widget up to date with the history."""
+        h, status = self.history, self.status
+        last = h.last_step or {}
+        total = h.total_steps
+        step = int(last.get("step", (h.end or {}).get("step", 0)) or 0)
+
+        head = Text.assemble((status.upper(), STATUS_STYLE.get(status, "bold")), "  ")
+        if self.stopping and status == "running":
+            head.append("stopping: saving a checkpoint...  ", "yellow")
+        head.append(f"step {step}/{total or '?'}  ")
+        head.append(f"{model_name(h)} on {(h.start or {}).get('device_name', '?')}", "dim")
+        self.query_one("#status", Static).update(head)
+
+        bar = self.query_one("#progress", ProgressBar)
+        if total:
+            bar.update(total=total, progress=min(step, total))
+        eta = eta_seconds(h)
+        if h.end is not None and h.end.get("elapsed_s") is not None:
+            eta_text = f"took {_duration(h.end['elapsed_s'])}"
+        elif status == "running" and eta is not None:
+            eta_text = f"ETA {_duration(eta)}"
+        else:
+            eta_text = "ETA -"
+        self.query_one("#eta", Label).update(eta_text)
+
+        loss = _number(last.get("loss"))
+        val = _number(h.evals[-1].get("eval_loss")) if h.evals else None
+        lr = _number(last.get("learning_rate"))
+        speed = _number(last.get("tokens_per_s"))
+        metrics = Text.assemble(
+            "loss ", (f"{loss:.4f}" if loss is not None else str(last.get("loss", "-")), "bold cyan"),
+            "  val ", (f"{val:.4f}" if val is not None else "-", "bold magenta"),
+            "  lr ", (f"{lr:.2e}" if lr is not None else "-", "bold"),
+            "  ", (f"{speed:,.0f}" if speed is not None else "-", "bold"), " tok/s",
+            "\n", memory_line(h),
+        )
+        self.query_one("#metrics", Static).update(metrics)
+
+        curves = {
+            "loss": [v for s in h.steps if (v := _number(s.get("loss"))) is not None],
+            "val": [v for e in h.evals if (v := _number(e.get("eval_loss"))) is not None],
+            "lr": [v for s in h.steps if (v := _number(s.get("learning_rate"))) is not None],
+        }
+        latest = {"loss": loss, "val": val, "lr": lr}
+        titles = {"loss": "training loss", "val": "validation loss", "lr": "learning rate"}
+        for key, data in curves.items():
+            self.query_one(f"#{key}-curve", Sparkline).data = data
+            value = latest[key]
+            shown = "" if value is None else (f" {value:.2e}" if key == "lr" else f" {value:.4f}")
+            self.query_one(f"#{key}-box").border_title = titles[key] + shown
+
+        self.query_one("#diagnosis", Static).update(Text(diagnosis_line(h) or "learning curves: waiting for "
+                                                         "validation losses", "italic"))
+
+        alert = self.query_one("#alert", Static)
+        lines = self._alert_lines(status)
+        alert.set_class(bool(lines), "-shown")
+        alert.set_class(status in ("crashed", "failed"), "-error")
+        alert.update(Text("\n".join(lines)))
+
+    def _alert_lines(self, status: str) -> list[str]:
+        """What a run that stopped short needs said: why, the log's last words, how to go on."""
+        resume = f"continue it with: qlora-wizard resume {self.run_dir}"
+        end = self.history.end or {}
+        if status == "crashed":
+            tail = [f"train.log: {ln}" for ln in self.log_lines[-4:]]
+            return ["crashed: the training process is gone without an end event", *tail, resume]
+        if status == "failed":
+            tail = [f"train.log: {ln}" for ln in self.log_lines[-3:]]
+            return [f"failed: {end.get('message', '?')}", *tail]
+        if status == "stopped":
+            ck = end.get("checkpoint")
+            return [f"stopped at step {end.get('step', 0)}" + (f"; checkpoint {ck}" if ck else ""), resume]
+        return []
+
+    # ---- actions ----------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """``s`` applies only to a running process not already asked to stop (dimmed otherwise)."""
+        if action == "stop":
+            return True if self.running and not self.stopping else None
+        return True
+
+    def action_stop(self) -> None:
+        """Ask, then stop the run gracefully (SIGTERM: it checkpoints and ends ``stopped``)."""
+
+        def answered(stop: bool | None) -> None:
+            if not stop:
+                return
+            if self._stop(self.run_dir):
+                self.stopping = True
+                self.notify("asked the run to save a checkpoint and stop")
+                self._show()
+            else:
+                self.notify("the run is not training", severity="warning")
+
+        self.app.push_screen(ConfirmStop(self.run_dir), answered)
+
+    def action_detach(self) -> None:
+        """Leave; the training process goes on in its own session."""
+        self.app.exit("detached" if self.status in ("running", "starting") else self.status)
+
+    def action_show_log(self) -> None:
+        """Open the tail of ``train.log``."""
+        self._log_screen = LogScreen(self.run_dir, self.log_lines)
+        self.app.push_screen(self._log_screen)
