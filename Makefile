@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # Where there is no NVIDIA GPU, take PyTorch's CPU build instead of the multi-GB CUDA one.
 TORCH_CPU := $(PIP) install -q --retries 1 'torch==2.13.0' --extra-index-url https://download.pytorch.org/whl/cpu
 
-.PHONY: run test setup setup-test clean
+.PHONY: run test bench setup setup-test screenshots clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
+
+# This engine against the plain QLoRA recipe, side by side (benchmarks/RESULTS.md).
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench.py
+
+# SVG screenshots of the real app (fed recorded runs, no training) for the README.
+screenshots: $(VENV)/.installed
+	$(PY) scripts/screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -234,6 +234,45 @@ def _oom_advice(preset: Preset, estimate) -> str:
     return est + "try: " + "; ".join(tips or ["a GPU with more free memory"])
 
 
+PACKED_SDPA = "sdpa_packed"
+"""The attention the engine registers for packed micro batches on the CPU: SDPA run per example."""
+
+
+def _packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                           **kwargs):
+    """SDPA over a packed row one example at a time, causal within each, using the boundaries the
+    flattening collator sends (``cu_seq_lens_q``), as flash-attn's varlen kernel does.
+
+    With plain ``sdpa``, transformers turns packed ``position_ids`` into a dense block-diagonal
+    mask over the whole row, so attention costs (sum of lengths)^2 instead of the sum of squares,
+    and the masked kernel cannot skip anything: on two CPU cores that was over half of a step.
+    Anything else (a padding mask, no boundaries, a batch of several rows) is plain SDPA."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or attention_mask is not None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal)
+    bounds = cu.tolist()
+    outs = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                               dropout=dropout, scaling=scaling, is_causal=True)[0]
+        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+    ]
+    return torch.cat(outs, dim=1), None
+
+
+def _attn_implementation(preset: Preset, device_plan) -> str:
+    """The attention kernel the model is loaded with: per-example SDPA for packed batches on the CPU."""
+    if preset.training.packing and device_plan.device == "cpu" and device_plan.attn_implementation == "sdpa":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(PACKED_SDPA, _packed_sdpa_attention)
+        return PACKED_SDPA
+    return device_plan.attn_implementation
+
+
 def _load_model(preset: Preset, source: str, device_plan):
     """The base model, 4-bit through bitsandbytes (or 16-bit for plain LoRA), ready for adapters."""
     import torch
@@ -242,7 +281,7 @@ def _load_model(preset: Preset, source: str, device_plan):
     dtype = getattr(torch, device_plan.load_dtype)
     kwargs = dict(
         dtype=dtype,
-        attn_implementation=device_plan.attn_implementation,
+        attn_implementation=_attn_implementation(preset, device_plan),
         revision=preset.model.revision,
         trust_remote_code=preset.model.trust_remote_code,
     )
@@ -344,7 +383,8 @@ def _collator(preset: Preset, tokenizer, device_plan):
         return DataCollatorWithFlattening(
             return_position_ids=True,
             separator_id=-100,
-            return_flash_attn_kwargs=device_plan.attn_implementation == "flash_attention_2",
+            # Example boundaries for flash-attn's varlen kernel and for the packed SDPA above.
+            return_flash_attn_kwargs=_attn_implementation(preset, device_plan) in ("flash_attention_2", PACKED_SDPA),
         )
     from transformers import DataCollatorForSeq2Seq
 
@@ -473,7 +513,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         device=device_plan.device,
         device_name=device_plan.name,
         compute_dtype=device_plan.compute_dtype,
-        attn_implementation=device_plan.attn_implementation,
+        attn_implementation=_attn_implementation(preset, device_plan),
         total_steps=steps,
         steps_per_epoch=spe,
         resumed_from_step=resumed_from,

@@ -204,6 +204,47 @@ def test_packed_and_padded_batches_give_the_same_per_example_loss():
         assert math.isclose(a, b, abs_tol=1e-5), (padded_losses, packed_losses)
 
 
+def test_packed_sdpa_on_the_cpu_matches_padded_batches_and_is_what_the_engine_loads():
+    """The engine's per-example SDPA for packed rows: the same logits and gradients as padded batches."""
+    import torch
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    from engine import data as data_mod
+    from engine.demo import ensure_demo_model
+    from engine.plan import plan_device
+    from engine.preset import load_preset
+    from engine.train import PACKED_SDPA, _attn_implementation, _collator
+
+    preset = load_preset(DEMO)
+    cpu = plan_device(preset, [])
+    assert _attn_implementation(preset, cpu) == PACKED_SDPA
+    tok = data_mod.load_tokenizer(preset.model)
+    prepared = data_mod.prepare_data(preset.data, tok, preset.training.seq_len, preset.training.seed)
+    feats = [{"input_ids": prepared.train[i]["input_ids"], "labels": prepared.train[i]["labels"]} for i in range(6)]
+
+    def run(attn, batch):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(ensure_demo_model(), dtype=torch.float32,
+                                                     attn_implementation=attn)
+        model.config.use_cache = False
+        out = model(**batch)
+        out.loss.backward()
+        return out, model.model.layers[0].self_attn.q_proj.weight.grad
+
+    packed = _collator(preset, tok, cpu)(feats)
+    assert "cu_seq_lens_q" in packed
+    out_p, grad_p = run(PACKED_SDPA, packed)
+    padded = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")(feats)
+    out_d, grad_d = run("sdpa", padded)
+    start = 0
+    for i, f in enumerate(feats):
+        n = len(f["input_ids"])
+        torch.testing.assert_close(out_p.logits[0, start:start + n], out_d.logits[i, :n], atol=1e-4, rtol=1e-4)
+        start += n
+    assert math.isclose(out_p.loss.item(), out_d.loss.item(), abs_tol=1e-5)
+    torch.testing.assert_close(grad_p, grad_d, atol=1e-4, rtol=1e-3)
+
+
 def _start_detached(tmp_path: Path, **overrides) -> Path:
     preset = write_preset(tmp_path, **overrides)
     run_dir = tmp_path / "run"

@@ -1,0 +1,464 @@
+"""This engine against the plain QLoRA recipe, side by side: ``make bench`` or ``python benchmarks/bench.py``.
+
+Both train the same Llama-architecture model (NF4 + double quantization through bitsandbytes,
+LoRA through peft, transformers' Trainer) on the same tokenized data, with the same seed, the same
+label masking, the same LoRA settings and optimizer, for the same number of optimizer steps:
+
+- plain: the recipe as tutorials write it: ``prepare_model_for_kbit_training`` (its defaults:
+  gradient checkpointing on, non-4-bit weights upcast to fp32), padded micro batches through
+  ``DataCollatorForSeq2Seq``, default TrainingArguments otherwise;
+- engine: this project's real training process, ``python -m engine.train RUN_DIR`` on a preset
+  (padding-free packing, no fp32 upcast, cached tokenization, events file).
+
+Each run is a separate process; the two alternate over ``--rounds`` rounds (the order flips every
+round) so a disturbance on the machine hits both. Throughput counts real tokens only (no padding)
+and leaves out the first ``--warmup`` steps. The data is a deterministic generator of alpaca-style
+records whose lengths spread from about 40 to 1000 tokens, as real instruction data does; it is
+written to a temporary folder and removed afterwards.
+
+``--config DIR`` builds the model with random weights from a real ``config.json`` (for a GPU, where
+weights cannot be downloaded); the demo's character-level tokenizer supplies the ids. On CUDA the
+script also prints MFU: FLOPs per real token = 4 N_frozen_matmul + 6 N_lora + attention, against
+the H100's 989 TFLOP/s dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+H100_PEAK_FLOPS = 989e12
+WORDS_SEED = 1234
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice("etaoinshrdlucmfwypvbgk") for _ in range(rng.randint(2, 9)))
+
+
+def _text(rng: random.Random, n_chars: int) -> str:
+    words, size = [], 0
+    while size < n_chars:
+        w = _word(rng)
+        if rng.random() < 0.08:
+            w += rng.choice(".,;")
+        words.append(w)
+        size += len(w) + 1
+    text = " ".join(words)[:max(1, n_chars)].strip()
+    return (text[0].upper() + text[1:]) if text else "Ok"
+
+
+def make_records(n: int, seed: int = WORDS_SEED, shortest: int = 40, longest: int = 1000) -> list[dict]:
+    """Alpaca records whose rendered length (character tokens) is log-uniform in [shortest, longest]:
+    many short examples and a long tail, as in real instruction data. Deterministic."""
+    rng = random.Random(seed)
+    overhead_in, overhead_no_in = 53, 37  # characters the alpaca template adds, with / without input
+    records = []
+    for i in range(n):
+        total = int(math.exp(rng.uniform(math.log(shortest), math.log(longest))))
+        with_input = total > 120 and rng.random() < 0.4
+        body = max(8, total - (overhead_in if with_input else overhead_no_in))
+        instr = max(4, int(body * rng.uniform(0.1, 0.3)))
+        inp = int(body * rng.uniform(0.2, 0.4)) if with_input else 0
+        out = max(3, body - instr - inp)
+        records.append({
+            "instruction": f"{i}: " + _text(rng, instr),
+            "input": _text(rng, inp) if inp else "",
+            "output": _text(rng, out),
+        })
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def build_random_model(config_dir: Path, out_dir: Path, tokenizer_dir: Path, dtype: str, seed: int) -> Path:
+    """A model with random weights from a real config (no download), saved with the demo tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(config_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if config.vocab_size < len(tok):
+        raise SystemExit(f"{config_dir}: vocabulary {config.vocab_size} is smaller than the demo tokenizer's")
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(seed)
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def flops_per_token(model_dir: Path, lora_r: int, lengths: list[int]) -> dict:
+    """4 N_frozen_matmul + 6 N_lora + attention (12 L d ctx, ctx the mean causal context of a real token)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n_frozen = n_lora = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            n_frozen += module.in_features * module.out_features
+            if name.split(".")[-1] != "lm_head":
+                n_lora += lora_r * (module.in_features + module.out_features)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d_attn = config.num_attention_heads * head_dim
+    ctx = sum(n * (n + 1) / 2 for n in lengths) / max(1, sum(lengths))
+    attn = 12 * config.num_hidden_layers * d_attn * ctx
+    return {"n_frozen_matmul": n_frozen, "n_lora": n_lora, "attention": attn,
+            "flops_per_token": 4 * n_frozen + 6 * n_lora + attn}
+
+
+# --------------------------------------------------------------------------------------------
+# The plain recipe (a worker process)
+
+
+def plain_worker(spec: dict, out: Path) -> None:
+    """The plain recipe as tutorials write it, with a callback that only records time, tokens and loss."""
+    import resource
+
+    import datasets
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
+                              Trainer, TrainerCallback, TrainingArguments)
+
+    transformers.logging.set_verbosity_error()
+    cuda = torch.cuda.is_available()
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    train = datasets.load_from_disk(spec["tokenized"])
+    transformers.set_seed(spec["seed"])
+    compute = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"],
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+        device_map={"": 0} if cuda else None,
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
+    model = get_peft_model(model, LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+                                             target_modules=spec["targets"], bias="none", task_type="CAUSAL_LM"))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    steps: list[dict] = []
+    counter = {"tokens": 0, "padded": 0}
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                steps.append({"step": state.global_step, "time": time.time(), "loss": float(logs["loss"]),
+                              "tokens": counter["tokens"], "padded": counter["padded"]})
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            counter["tokens"] += int(inputs["attention_mask"].sum())
+            counter["padded"] += int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    args = TrainingArguments(
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["micro_batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["steps"],
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type=spec["lr_scheduler"],
+        warmup_steps=spec["warmup_ratio"],
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        seed=spec["seed"],
+        bf16=cuda,
+        use_cpu=not cuda,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = CountingTrainer(
+        model=model, args=args, train_dataset=train,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"),
+        callbacks=[Recorder()],
+    )
+    train_start = time.time()
+    trainer.train()
+    # Per-step tokens from the running totals.
+    prev_t, prev_p = 0, 0
+    for s in steps:
+        s["tokens"], prev_t = s["tokens"] - prev_t, s["tokens"]
+        s["padded"], prev_p = s["padded"] - prev_p, s["padded"]
+    mem = ({"peak_reserved": torch.cuda.max_memory_reserved(), "peak_allocated": torch.cuda.max_memory_allocated()}
+           if cuda else {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    out.write_text(json.dumps({"train_start": train_start, "started": started, "steps": steps, **mem,
+                               "elapsed_s": time.time() - started}))
+
+
+# --------------------------------------------------------------------------------------------
+# The engine (its real training process)
+
+
+def engine_result(run_dir: Path) -> dict:
+    """Steps, losses and peak memory from the engine's own events file."""
+    from engine.events import read_events
+
+    events = read_events(run_dir)
+    start = next(e for e in events if e["kind"] == "start")
+    end = next(e for e in events if e["kind"] == "end")
+    if end.get("status") != "finished":
+        raise SystemExit(f"engine run {run_dir} ended {end.get('status')}: {end.get('message')}")
+    steps = [{"step": e["step"], "time": e["time"], "loss": float(e["loss"]), "tokens": e["tokens"]}
+             for e in events if e["kind"] == "step"]
+    mem = {k: end.get(k) for k in ("peak_rss", "peak_reserved", "peak_allocated") if end.get(k) is not None}
+    return {"steps": steps, "started": start["time"], "elapsed_s": end.get("elapsed_s"), **mem}
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+def throughput(steps: list[dict], warmup: int) -> float:
+    """Real tokens per second over the steps after ``warmup`` (timed from the end of step ``warmup``)."""
+    steps = sorted(steps, key=lambda s: s["step"])
+    if len(steps) <= warmup + 1:
+        raise SystemExit("too few steps for the warm-up asked for")
+    base = steps[warmup - 1]["time"] if warmup else None
+    timed = steps[warmup:]
+    if base is None:
+        raise SystemExit("--warmup must be at least 1 (the first step's start is not in the events)")
+    return sum(s["tokens"] for s in timed) / (timed[-1]["time"] - base)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each runs both)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out of the throughput")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--examples", type=int, default=400)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="turn it off in both (prepare_model_for_kbit_training turns it on by default)")
+    p.add_argument("--config", type=Path, help="build the model with random weights from this config folder")
+    p.add_argument("--engine-masked-sdpa", action="store_true",
+                   help="run the engine with plain SDPA on packed rows (a dense block-diagonal mask), as it "
+                        "was before its per-example attention, for comparison")
+    p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--keep", type=Path, help="keep the work folder here instead of a temporary one")
+    p.add_argument("--worker", choices=["plain"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker == "plain":
+        plain_worker(json.loads(a.spec.read_text()), a.out)
+        return 0
+
+    import resource
+    import signal
+
+    import torch
+    import yaml
+
+    from engine.demo import ensure_demo_model
+
+    def _terminate(signum, frame):
+        raise SystemExit(128 + signum)  # through the finally below: the work folder is removed
+
+    signal.signal(signal.SIGTERM, _terminate)
+    from engine.preset import load_preset
+
+    cuda = torch.cuda.is_available()
+    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="qlora-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.time()
+        demo_dir = ensure_demo_model()
+        if a.config:
+            model_dir = build_random_model(a.config, work / "model", demo_dir,
+                                           "bfloat16" if cuda else "float32", seed=0)
+            model_desc = f"{a.config.name} architecture, random weights"
+        else:
+            model_dir = demo_dir
+            model_desc = "the demo model builtin:tiny-llama (pretrained briefly)"
+        data_file = work / "data.jsonl"
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in make_records(a.examples)))
+
+        gc = not a.no_gradient_checkpointing
+        preset = yaml.safe_load((ROOT / "presets" / "tiny-demo.yaml").read_text())
+        preset["description"] = "benchmark against the plain recipe"
+        preset["model"]["source"] = str(model_dir)
+        preset["lora"].update(r=a.lora_r, alpha=2 * a.lora_r, dropout=0.0, targets="all-linear")
+        preset["data"].update(train=str(data_file), validation_split=0.0)
+        preset["training"].update(seq_len=a.seq_len, micro_batch_size=a.micro_batch, gradient_accumulation_steps=1,
+                                  max_steps=a.steps, learning_rate=a.lr, gradient_checkpointing=gc,
+                                  save_steps=a.steps + 1000, eval_steps=None, logging_steps=1, seed=42)
+        preset["output"] = {"runs_dir": str(work / "runs")}
+        preset_file = work / "preset.yaml"
+        preset_file.write_text(yaml.safe_dump(preset, sort_keys=False))
+
+        # The tokenized data both train on: the engine's own prepare_data (its cache serves the
+        # engine's runs below), saved for the plain recipe as a datasets folder.
+        from engine.data import load_tokenizer, prepare_data
+        from engine.modelinfo import inspect_model
+        from engine.plan import resolve_targets
+
+        pr = load_preset(preset_file)
+        tokenizer = load_tokenizer(pr.model)
+        tk0 = time.time()
+        prepared = prepare_data(pr.data, tokenizer, pr.training.seq_len, pr.training.seed)
+        tokenize_s = time.time() - tk0
+        prepared.train.save_to_disk(str(work / "tokenized"))
+        lengths = [len(x) for x in prepared.train["input_ids"]]
+        targets = list(resolve_targets(pr, inspect_model(str(model_dir))))
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_dir)
+        spec = {
+            "model": str(model_dir), "tokenized": str(work / "tokenized"), "seed": pr.training.seed,
+            "gradient_checkpointing": gc, "lora_r": a.lora_r, "lora_alpha": 2 * a.lora_r, "targets": targets,
+            "micro_batch_size": a.micro_batch, "steps": a.steps, "learning_rate": a.lr,
+            "lr_scheduler": pr.training.lr_scheduler, "warmup_ratio": pr.training.warmup_ratio,
+            "output_dir": str(work / "plain-out"),
+        }
+        spec_file = work / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        fl = flops_per_token(model_dir, a.lora_r, lengths)
+        n_params = fl["n_frozen_matmul"]
+        print(f"model: {model_desc}; hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+              f"vocab {cfg.vocab_size}; linear weights {n_params:,}; LoRA r={a.lora_r} on {', '.join(targets)} "
+              f"({fl['n_lora']:,} params)")
+        print(f"data: {len(lengths)} examples, {sum(lengths):,} tokens, length min {min(lengths)} / median "
+              f"{int(statistics.median(lengths))} / mean {sum(lengths) / len(lengths):.0f} / max {max(lengths)}; "
+              f"engine tokenization {tokenize_s:.2f} s (cached afterwards)")
+        print(f"runs: {a.steps} optimizer steps x micro batch {a.micro_batch}, seed {pr.training.seed}, lr {a.lr}, "
+              f"gradient checkpointing {'on' if gc else 'off'} in both, {a.rounds} rounds, "
+              f"first {a.warmup} steps left out; device {'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'CPU'} "
+              f"({os.cpu_count()} cores)", flush=True)
+
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        results: dict[str, list[dict]] = {"plain": [], "engine": []}
+        for r in range(a.rounds):
+            order = ["plain", "engine"] if r % 2 == 0 else ["engine", "plain"]
+            for which in order:
+                w0 = time.time()
+                ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if which == "plain":
+                    out = work / f"plain-{r}.json"
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "plain",
+                           "--spec", str(spec_file), "--out", str(out)]
+                    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                    if proc.returncode:
+                        print(proc.stderr[-4000:], file=sys.stderr)
+                        raise SystemExit(f"the plain recipe failed (exit {proc.returncode})")
+                    res = json.loads(out.read_text())
+                else:
+                    run_dir = work / "runs" / f"engine-{r}"
+                    shutil.rmtree(run_dir, ignore_errors=True)  # events.jsonl is appended to
+                    run_dir.mkdir(parents=True)
+                    shutil.copy(preset_file, run_dir / "preset.yaml")
+                    cmd = [sys.executable, "-m", "engine.train", str(run_dir)]
+                    if a.engine_masked_sdpa:  # the same entry point with the attention choice put back
+                        cmd = [sys.executable, "-c", "import sys, engine.train as t; "
+                               "t._attn_implementation = lambda preset, plan: plan.attn_implementation; "
+                               "sys.exit(t.main(sys.argv[1:]))", str(run_dir)]
+                    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                    if proc.returncode:
+                        print(proc.stderr[-4000:], file=sys.stderr)
+                        raise SystemExit(f"the engine failed (exit {proc.returncode})")
+                    res = engine_result(run_dir)
+                res["tokens_per_s"] = throughput(res["steps"], a.warmup)
+                res["wall_s"] = time.time() - w0
+                ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                # Cores this process kept busy on average: well under the machine's count means
+                # something else took CPU time during the run (a disturbed round; re-run).
+                res["cores_used"] = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / res["wall_s"]
+                results[which].append(res)
+                mem = res.get("peak_reserved") or res.get("peak_rss")
+                print(f"  round {r + 1} {which:6s}: {res['tokens_per_s']:8.0f} real tok/s, peak "
+                      f"{_gib(mem)}, final loss {res['steps'][-1]['loss']:.4f}, process {res['wall_s']:.1f} s "
+                      f"using {res['cores_used']:.2f} cores",
+                      flush=True)
+
+        print()
+        tps = {k: [x["tokens_per_s"] for x in v] for k, v in results.items()}
+        summary: dict = {}
+        for k in ("plain", "engine"):
+            med, lo, hi = _stats(tps[k])
+            summary[k] = {"median": med, "min": lo, "max": hi}
+            print(f"{k:6s} real tokens/s: median {med:.0f}  min {lo:.0f}  max {hi:.0f}")
+        ratio = summary["engine"]["median"] / summary["plain"]["median"]
+        print(f"throughput ratio engine / plain (medians): {ratio:.2f}x")
+        summary["throughput_ratio"] = ratio
+
+        keys = ("peak_reserved", "peak_allocated") if cuda else ("peak_rss",)
+        for key in keys:
+            pk = {k: statistics.median([x[key] for x in results[k]]) for k in results}
+            summary[key] = pk | {"ratio": pk["engine"] / pk["plain"]}
+            print(f"{key} (median over rounds): plain {_gib(pk['plain'])}  engine {_gib(pk['engine'])}  "
+                  f"ratio {pk['engine'] / pk['plain']:.2f}")
+
+        pl, en = results["plain"][0]["steps"], results["engine"][0]["steps"]
+        diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(pl, en)]
+        same_tokens = [x["tokens"] for x in pl] == [y["tokens"] for y in en]
+        print(f"final loss (step {pl[-1]['step']}, same examples): plain {pl[-1]['loss']:.4f}  engine "
+              f"{en[-1]['loss']:.4f}; largest per-step difference {max(diffs):.2e} over {len(diffs)} steps; "
+              f"real tokens per step identical: {same_tokens}")
+        padded = sum(s["padded"] for s in pl)
+        real = sum(s["tokens"] for s in pl)
+        print(f"plain recipe's padding: {padded - real:,} of {padded:,} computed positions "
+              f"({(padded - real) / padded:.0%})")
+        summary["final_loss"] = {"plain": pl[-1]["loss"], "engine": en[-1]["loss"], "max_step_diff": max(diffs)}
+        summary["padding_share"] = (padded - real) / padded
+        if cuda:
+            f = fl["flops_per_token"]
+            for k in ("plain", "engine"):
+                mfu = summary[k]["median"] * f / H100_PEAK_FLOPS
+                summary[k]["mfu"] = mfu
+                print(f"MFU {k}: {mfu:.2%} ({f / 1e9:.2f} GFLOP per real token, H100 peak 989 TFLOP/s)")
+        print(f"benchmark wall time {time.time() - t0:.0f} s")
+        if a.json:
+            a.json.write_text(json.dumps({"summary": summary, "flops": fl, "spec": spec, "lengths": lengths,
+                                          "results": results}, indent=1))
+        return 0
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+            cached = getattr(locals().get("prepared"), "cache_path", None)
+            if cached:  # the engine's data cache entry for this temporary data file
+                shutil.rmtree(cached, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
