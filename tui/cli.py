@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import UserError
+from tui.format import gib
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 
@@ -36,10 +37,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse's hook
         raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-def _gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**30:,.2f} GiB"
 
 
 def _print_json(obj) -> None:
@@ -75,7 +72,7 @@ def cmd_inspect(args) -> int:
     facts.add_row("intermediate size", f"{info.intermediate_size:,}")
     facts.add_row("vocabulary", f"{info.vocab_size:,}")
     facts.add_row("context", f"{info.context_length:,}")
-    facts.add_row("weights on disk", f"{_gib(info.weight_bytes)} ({info.weight_bytes_source})")
+    facts.add_row("weights on disk", f"{gib(info.weight_bytes)} ({info.weight_bytes_source})")
     if info.is_moe:
         facts.add_row("mixture of experts", f"{info.num_experts} experts")
     c.print(facts)
@@ -142,7 +139,7 @@ def cmd_estimate(args) -> int:
             raise UserError(f"--gpu-mem {args.gpu_mem} must be a positive number of GiB")
         budget, budget_name = int(args.gpu_mem * 2**30), f"{args.gpu_mem:g} GiB (--gpu-mem)"
     elif gpus:
-        budget, budget_name = gpus[0].free_bytes, f"{gpus[0].name}, {_gib(gpus[0].free_bytes)} free"
+        budget, budget_name = gpus[0].free_bytes, f"{gpus[0].name}, {gib(gpus[0].free_bytes)} free"
     else:
         budget, budget_name = None, None
     fits = None if budget is None else est.total_bytes <= budget
@@ -163,15 +160,15 @@ def cmd_estimate(args) -> int:
     t.add_column("component")
     t.add_column("memory", justify="right")
     for name, b in est.components.items():
-        t.add_row(name.replace("_", " "), _gib(b))
-    t.add_row("[bold]total[/]", f"[bold]{_gib(est.total_bytes)}[/]")
+        t.add_row(name.replace("_", " "), gib(b))
+    t.add_row("[bold]total[/]", f"[bold]{gib(est.total_bytes)}[/]")
     c.print(t)
     c.print(f"settings: {settings.quantization}{' + double quant' if settings.double_quant else ''}, "
             f"LoRA r={settings.lora_rank} on {', '.join(settings.lora_targets)}, micro batch "
             f"{settings.micro_batch_size} x {settings.seq_len} tokens, gradient checkpointing "
             f"{'on' if settings.gradient_checkpointing else 'off'}, {settings.optimizer}, {device.compute_dtype}")
-    c.print(f"torch reserved peak (estimate): {_gib(est.reserved_bytes)}; "
-            f"the guide's inference rule (weights on disk x 1.2): {_gib(est.inference_rule_bytes)}")
+    c.print(f"torch reserved peak (estimate): {gib(est.reserved_bytes)}; "
+            f"the guide's inference rule (weights on disk x 1.2): {gib(est.inference_rule_bytes)}")
     for note in getattr(est, "notes", []):
         c.print(f"note: {note}")
     if budget is None:

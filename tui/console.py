@@ -17,22 +17,10 @@ from pathlib import Path
 
 from engine.events import EventTail, fold_history
 from engine.runs import is_running, log_tail, stop_run
+from tui.format import duration, gib
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 POLL_S = 0.2
-
-
-def _gib(n) -> str:
-    return "-" if not n else f"{n / 2**30:.2f} GiB"
-
-
-def _duration(s: float | None) -> str:
-    if s is None or s != s or s < 0:
-        return "-"
-    s = int(s)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
 def describe(event: dict) -> str:
@@ -46,7 +34,7 @@ def describe(event: dict) -> str:
                                                               if event.get("resume_requested") else "start")
         return (f"{head}: {(event.get('model') or {}).get('source', '?')} on {event.get('device_name', '?')}, "
                 f"{d.get('examples', '?')} examples, {d.get('supervised_tokens', '?')} supervised tokens, "
-                f"{event.get('total_steps', '?')} steps, memory estimate {_gib(est)}")
+                f"{event.get('total_steps', '?')} steps, memory estimate {gib(est)}")
     if kind == "step":
         parts = [f"step {event.get('step')}/{event.get('total_steps')}", f"epoch {event.get('epoch', 0):.2f}",
                  f"loss {event.get('loss'):.4f}" if isinstance(event.get("loss"), float) else f"loss {event.get('loss')}"]
@@ -56,7 +44,7 @@ def describe(event: dict) -> str:
             parts.append(f"grad {event['grad_norm']:.3f}")
         parts.append(f"{event.get('tokens_per_s', 0):,.0f} tok/s")
         if event.get("mem_reserved"):
-            parts.append(f"mem {_gib(event['mem_reserved'])}")
+            parts.append(f"mem {gib(event['mem_reserved'])}")
         return "  ".join(parts)
     if kind == "eval":
         return f"eval at step {event.get('step')}: validation loss {event.get('eval_loss'):.4f}"
@@ -67,11 +55,11 @@ def describe(event: dict) -> str:
     if kind == "end":
         status = event.get("status")
         peak = event.get("peak_reserved") or event.get("peak_rss")
-        peak_txt = f"; peak memory {_gib(peak)}" if peak else ""
+        peak_txt = f"; peak memory {gib(peak)}" if peak else ""
         if event.get("estimate_total") and event.get("peak_reserved"):
-            peak_txt += f" (estimate {_gib(event.get('estimate_reserved'))} reserved)"
+            peak_txt += f" (estimate {gib(event.get('estimate_reserved'))} reserved)"
         if status == "finished":
-            return f"finished at step {event.get('step')} in {_duration(event.get('elapsed_s'))}: " \
+            return f"finished at step {event.get('step')} in {duration(event.get('elapsed_s'))}: " \
                    f"adapter in {event.get('adapter')}{peak_txt}"
         if status == "stopped":
             ck = event.get("checkpoint")

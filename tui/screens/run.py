@@ -26,7 +26,8 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from engine.curves import diagnose
 from engine.events import EventTail, RunHistory, fold_history
-from tui.console import _duration, _gib, describe
+from tui.console import describe
+from tui.format import duration, gib
 
 POLL_S = 0.2
 """Seconds between looks at the events file: a step shows well within a second of being written."""
@@ -86,9 +87,9 @@ def memory_line(history: RunHistory) -> str:
     estimate = (start.get("estimate") or {}).get("reserved_bytes")
     if step.get("mem_reserved") is not None or start.get("device") == "cuda":
         used = step.get("mem_reserved")
-        return f"memory {_gib(used)} reserved of {_gib(estimate)} estimated"
+        return f"memory {gib(used)} reserved of {gib(estimate)} estimated"
     if step.get("mem_rss") is not None:
-        return f"memory {_gib(step['mem_rss'])} in use (CPU, the process's RSS; the estimate is for a GPU)"
+        return f"memory {gib(step['mem_rss'])} in use (CPU, the process's RSS; the estimate is for a GPU)"
     return "memory -"
 
 
@@ -326,9 +327,9 @@ class RunScreen(Screen[None]):
             bar.update(total=total, progress=min(step, total))
         eta = eta_seconds(h)
         if h.end is not None and h.end.get("elapsed_s") is not None:
-            eta_text = f"took {_duration(h.end['elapsed_s'])}"
+            eta_text = f"took {duration(h.end['elapsed_s'])}"
         elif status == "running" and eta is not None:
-            eta_text = f"ETA {_duration(eta)}"
+            eta_text = f"ETA {duration(eta)}"
         else:
             eta_text = "ETA -"
         self.query_one("#eta", Label).update(eta_text)
