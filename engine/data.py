@@ -78,7 +78,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine.errors import NeedsRemoteCode, UserError
+from engine.errors import NeedsRemoteCode, UserError, first_line
 from engine.preset import DataSettings, ModelSettings
 
 CACHE_VERSION = 1
@@ -304,15 +304,10 @@ def _load_hub(src: _Source):
     return src.dataset
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0].strip() if text else type(exc).__name__
-
-
 def _hub_error(src: _Source, exc: Exception) -> UserError:
     """One line for a failure to load a Hub dataset."""
     name = type(exc).__name__
-    msg = _first_line(exc)
+    msg = first_line(exc)
     what = f"dataset {src.hub_id}"
     if "Offline" in msg or "Offline" in name or isinstance(exc, ConnectionError):
         return UserError(
@@ -440,7 +435,7 @@ def _iter_parquet(src: _Source) -> Iterator[tuple[str, int, Any, str | None]]:
 
         pf = pq.ParquetFile(src.path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a broken file
-        raise UserError(f"cannot read {src.display} as Parquet: {_first_line(exc)}") from None
+        raise UserError(f"cannot read {src.display} as Parquet: {first_line(exc)}") from None
     number = 0
     for batch in pf.iter_batches(batch_size=4096):
         for rec in batch.to_pylist():
@@ -717,7 +712,7 @@ def load_tokenizer(model: ModelSettings):
             source, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
-        msg = _first_line(exc)
+        msg = first_line(exc)
         if "trust_remote_code" in str(exc) and not model.trust_remote_code:
             raise NeedsRemoteCode(
                 f"the tokenizer of {model.source} needs Python code shipped with the model",
@@ -825,7 +820,7 @@ def _apply_template(tokenizer, messages, add_generation_prompt=False) -> str:
     try:
         out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # noqa: BLE001 - jinja raise_exception and friends
-        raise _TemplateRefused(_first_line(exc)) from None
+        raise _TemplateRefused(first_line(exc)) from None
     return out if isinstance(out, str) else str(out)
 
 

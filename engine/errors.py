@@ -29,3 +29,9 @@ class UserError(Exception):
 
 class NeedsRemoteCode(UserError):
     """The model's config needs Python code shipped with the model (``trust_remote_code``)."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to its first line (library errors often run to many), or its type."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip()[:limit] if lines else type(exc).__name__

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import NeedsRemoteCode, UserError
+from .errors import NeedsRemoteCode, UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -487,11 +487,6 @@ def _quiet_transformers() -> Iterator[None]:
         tf_logging.set_verbosity(level)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 def _is_remote_code_error(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and "trust_remote_code" in str(exc)
 
@@ -537,7 +532,7 @@ def _load_config(raw: dict, loc: _Located, revision: str | None, trust: bool) ->
             )
             return config, True, notes
         except Exception as exc:
-            reason = _first_line(exc).split(". ")[0].rstrip(".")
+            reason = first_line(exc).split(". ")[0].rstrip(".")
             if legacy_falcon:
                 notes.append(
                     "The 2023 Falcon format (RWForCausalLM) ships its own code, which could not be "
@@ -560,7 +555,7 @@ def _load_config(raw: dict, loc: _Located, revision: str | None, trust: bool) ->
         if _is_remote_code_error(exc):
             raise _needs_code_error(loc.name) from None
         raise UserError(
-            f"transformers cannot read the config of {loc.name}: {_first_line(exc)}",
+            f"transformers cannot read the config of {loc.name}: {first_line(exc)}",
             "fix or re-download the model's config.json",
         ) from None
     return config, trust and bool(auto_map), notes
@@ -617,7 +612,7 @@ def _build_on_meta(config: Any, name: str, remote: bool) -> Any:
         if _is_remote_code_error(exc):
             raise _needs_code_error(name) from None
         raise UserError(
-            f"transformers could not build {name} from its config: {_first_line(exc)}",
+            f"transformers could not build {name} from its config: {first_line(exc)}",
             "check the config values, or upgrade transformers",
         ) from None
 
@@ -889,10 +884,6 @@ def _family(raw_type: Any, model_type: str) -> str:
 
 def require_weights(info: ModelInfo) -> None:
     """Refuse a local model folder that has a config but no weights, before anything tries to load it."""
-    from pathlib import Path
-
-    from engine.errors import UserError
-
     folder = Path(info.source)
     if folder.is_file():
         folder = folder.parent

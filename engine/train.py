@@ -22,7 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 from engine.events import EventWriter
 from engine.preset import Preset, load_preset
 
@@ -450,8 +450,7 @@ def _describe_failure(exc: Exception, state: dict) -> tuple[str, int]:
     if oom or "out of memory" in str(exc).lower():
         advice = _oom_advice(state["preset"], state["estimate"]) if state.get("preset") else ""
         return f"the GPU ran out of memory: {advice}", EXIT_FAILED
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}" \
-           f" (the full traceback is in train.log)", EXIT_FAILED
+    return f"{type(exc).__name__}: {first_line(exc)} (the full traceback is in train.log)", EXIT_FAILED
 
 
 def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, started: float, state: dict,
