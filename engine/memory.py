@@ -443,8 +443,9 @@ def _widths(info: ModelInfo) -> _Widths:
     )
 
 
-def _role(name: str) -> str | None:
-    """Which input a layer name reads inside a block, or None when the name is not a known one."""
+def layer_role(name: str) -> str | None:
+    """Which input a layer name reads inside a block (``attn_in``, ``attn_out``, ``mlp_in``,
+    ``mlp_out``), or None when the name is not a known one."""
     for role, names in (("attn_in", _ATTN_IN), ("attn_out", _ATTN_OUT), ("mlp_in", _MLP_IN), ("mlp_out", _MLP_OUT)):
         if name in names:
             return role
@@ -511,7 +512,7 @@ def layer_saved_bytes(info: ModelInfo, s: MemorySettings, layers: tuple[TargetLa
         # An fp32 input is cast by autocast once per module, so fp32 inputs are not shared.
         seen_roles: set[str] = set()
         for layer in layers:
-            role = _role(layer.name)
+            role = layer_role(layer.name)
             per_layer = layer.count / L
             if role is None or (fp32_flow and role != "attn_out"):
                 adapters += c * layer.in_features * per_layer

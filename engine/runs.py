@@ -30,7 +30,7 @@ LOG_FILE = "train.log"
 STATUSES = ("starting", "running", "finished", "stopped", "failed", "crashed")
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     """A folder-safe short name."""
     keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
     return "-".join(p for p in keep.split("-") if p)[:60] or "run"
@@ -39,7 +39,7 @@ def _slug(text: str) -> str:
 def default_run_name(preset: Preset) -> str:
     """The model's short name and the time, e.g. ``Llama-3.1-8B-20261123-101500``."""
     model = preset.model.source.rstrip("/").split("/")[-1].replace("builtin:", "")
-    return f"{_slug(model)}-{datetime.now():%Y%m%d-%H%M%S}"
+    return f"{slug(model)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def create_run(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path:

@@ -8,6 +8,21 @@ def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:,.2f} GiB"
 
 
+def size(n: float | None) -> str:
+    """Bytes in the unit that reads best: MiB below 1 GiB, else GiB; ``-`` when unknown."""
+    if n is None:
+        return "-"
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else gib(n)
+
+
+def count(n: int) -> str:
+    """A parameter count: ``1.24 B``, ``131.1 M``, ``6.2 K`` or the plain number."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.{2 if unit == 'B' else 1}f} {unit}"
+    return f"{n:,}"
+
+
 def duration(seconds: float | None) -> str:
     """Seconds as ``45s``, ``3m07s`` or ``2h05m``; ``-`` when unknown."""
     if seconds is None or seconds != seconds or seconds < 0:

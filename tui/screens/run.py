@@ -20,13 +20,22 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Header, Label, ProgressBar, RichLog, Sparkline, Static
+from textual.screen import Screen
+from textual.widgets import (
+    Footer,
+    Header,
+    Label,
+    ProgressBar,
+    RichLog,
+    Sparkline,
+    Static,
+)
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from engine.curves import diagnose
 from engine.events import EventTail, RunHistory, fold_history
 from tui.console import describe
+from tui.dialogs.confirm import Confirm
 from tui.format import duration, gib
 
 POLL_S = 0.2
@@ -115,41 +124,6 @@ STATUS_STYLE = {"starting": "bold yellow", "running": "bold green", "finished": 
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-class ConfirmStop(ModalScreen[bool]):
-    """Asks before stopping a run: it saves a checkpoint and ends ``stopped``."""
-
-    BINDINGS = [
-        Binding("y", "answer(True)", "Stop it"),
-        Binding("n,escape", "answer(False)", "Keep training"),
-    ]
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__()
-        self.run_dir = run_dir
-        """The run asked about."""
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(f"Stop {self.run_dir.name}?", id="question")
-            yield Label("It saves a checkpoint and ends; `qlora-wizard resume` continues it later.",
-                        id="explain")
-            with Horizontal(id="buttons"):
-                yield Button("Stop (y)", variant="error", id="yes")
-                yield Button("Keep training (n)", variant="primary", id="no")
-
-    def on_mount(self) -> None:
-        """Keep training is the safe default."""
-        self.query_one("#no", Button).focus()
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
-    def action_answer(self, stop: bool) -> None:
-        """Close with the answer."""
-        self.dismiss(stop)
 
 
 class LogScreen(Screen[None]):
@@ -405,7 +379,10 @@ class RunScreen(Screen[None]):
             else:
                 self.notify("the run is not training", severity="warning")
 
-        self.app.push_screen(ConfirmStop(self.run_dir), answered)
+        self.app.push_screen(Confirm(
+            f"Stop {self.run_dir.name}?",
+            "It saves a checkpoint and ends; `qlora-wizard resume` continues it later.",
+            yes="Stop", no="Keep training", danger=True), answered)
 
     def action_detach(self) -> None:
         """Leave; the training process goes on in its own session."""
