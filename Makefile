@@ -27,7 +27,7 @@ setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
-	$(VENV)/bin/qlora-wizard demo
+	$(VENV)/bin/qlora-wizard wizard presets/tiny-demo.yaml
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

@@ -24,6 +24,9 @@ DEMO_PRESET = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.ya
 
 EPILOG = """\
 examples:
+  qlora-wizard                                     the wizard, step by step (in a terminal)
+  qlora-wizard wizard presets/tiny-demo.yaml       the wizard on the offline demo
+  qlora-wizard plain                               the same steps as plain prompts
   qlora-wizard --preset presets/tiny-demo.yaml     train the offline demo (no GPU needed)
   qlora-wizard inspect meta-llama/Llama-3.1-8B     what is this model (reads config.json only)
   qlora-wizard estimate Qwen/Qwen2.5-7B --seq-len 4096 --micro-batch 2
@@ -335,14 +338,7 @@ def cmd_attach(args) -> int:
     # Textual loads only here, so `--help` and the plain follower stay light.
     from tui.app import RunApp
 
-    result = RunApp(run_dir).run()
-    if result in (None, "detached"):
-        print(f"the run goes on in the background; come back with: qlora-wizard attach {run_dir}")
-        return EXIT_OK
-    print(f"{run_dir}: {result}; look at it again with: qlora-wizard attach {run_dir}")
-    if result in ("stopped", "crashed"):
-        print(f"continue it with: qlora-wizard resume {run_dir}")
-    return {"finished": EXIT_OK, "stopped": EXIT_STOPPED}.get(result, EXIT_FAILED)
+    return _report_run(run_dir, RunApp(run_dir).run())
 
 
 def run_preset(preset_path: str, run_dir: str | None, detach: bool) -> int:
@@ -363,6 +359,60 @@ def run_preset(preset_path: str, run_dir: str | None, detach: bool) -> int:
     rd = create_run(preset, run_dir)
     start_process(rd)
     return _follow(rd, detach)
+
+
+def _report_run(run_dir: Path, result: str | None) -> int:
+    """What to print after the run screen closes, and the exit status."""
+    if result in (None, "detached"):
+        print(f"the run goes on in the background; come back with: qlora-wizard attach {run_dir}")
+        return EXIT_OK
+    print(f"{run_dir}: {result}; look at it again with: qlora-wizard attach {run_dir}")
+    if result in ("stopped", "crashed"):
+        print(f"continue it with: qlora-wizard resume {run_dir}")
+    return {"finished": EXIT_OK, "stopped": EXIT_STOPPED}.get(result, EXIT_FAILED)
+
+
+def _need_terminal(what: str) -> None:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UserError(f"{what} needs an interactive terminal",
+                        "run a preset headless with: qlora-wizard --preset FILE")
+
+
+def _wizard_draft(preset: str | None):
+    from tui.draft import Draft, load_draft
+
+    if preset:
+        return load_draft(preset)
+    from engine.preset import preset_from_dict
+
+    return Draft(preset_from_dict({"model": {"source": "builtin:tiny-llama"}, "data": {"train": "builtin:demo"}}))
+
+
+def cmd_wizard(args) -> int:
+    _need_terminal("the wizard")
+    draft = _wizard_draft(args.preset)
+    # Textual loads only here, so `--help` and the headless paths stay light.
+    from tui.wizard import WizardApp
+
+    app = WizardApp(draft, ask_model=args.preset is None, runs_dir=args.runs_dir)
+    result = app.run()
+    if app.run_dir is not None:
+        return _report_run(app.run_dir, result)
+    from tui.draft import keep_draft
+
+    saved = keep_draft(app.draft)
+    if app.draft.exported_to:
+        print(f"preset exported to {app.draft.exported_to}; run it with: qlora-wizard --preset {app.draft.exported_to}")
+    elif saved:
+        print(f"no run started; the draft is kept in {saved} (open it again with: qlora-wizard wizard {saved})")
+    return EXIT_OK
+
+
+def cmd_plain(args) -> int:
+    _need_terminal("qlora-wizard plain")
+    from tui.plain import run_plain
+
+    return run_plain(_wizard_draft(args.preset), runs_dir=args.runs_dir)
 
 
 def cmd_demo(args) -> int:
@@ -440,6 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one line per event instead of the full-screen view (the default without a terminal)")
     s.set_defaults(func=cmd_attach)
 
+    s = sub.add_parser("wizard", help="the full-screen wizard (the default with no arguments in a terminal)")
+    s.add_argument("preset", nargs="?", metavar="PRESET", help="start from this preset (e.g. presets/tiny-demo.yaml)")
+    s.add_argument("--runs-dir", default="runs", metavar="DIR")
+    s.set_defaults(func=cmd_wizard)
+
+    s = sub.add_parser("plain", help="the wizard's steps as line-by-line prompts (for terminals where "
+                       "the full-screen app misbehaves)")
+    s.add_argument("preset", nargs="?", metavar="PRESET", help="start from this preset")
+    s.add_argument("--runs-dir", default="runs", metavar="DIR")
+    s.set_defaults(func=cmd_plain)
+
     s = sub.add_parser("demo", help="train the offline demo preset (tiny model, bundled data)")
     s.add_argument("--run-dir", metavar="DIR")
     s.set_defaults(func=cmd_demo)
@@ -455,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
             code = run_preset(args.preset, args.run_dir, args.detach)
         elif getattr(args, "func", None):
             code = args.func(args)
+        elif sys.stdin.isatty() and sys.stdout.isatty():
+            args.preset, args.runs_dir = None, "runs"
+            code = cmd_wizard(args)
         else:
             parser.print_help()
             code = EXIT_OK

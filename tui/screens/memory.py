@@ -1,0 +1,181 @@
+"""Step 2, Memory: will it fit? The detected GPUs, the estimate by component, a bar against the
+GPU's free memory with the guide's size x 1.2 figure for reference, updated on every change of
+quantization, micro batch, sequence length, checkpointing or optimizer; ``ctrl+f`` fills the
+largest micro batch that fits."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, VerticalScroll
+from textual.widgets import Input, Label, Static
+
+from engine.errors import UserError
+from engine.memory import COMPONENT_DESCRIPTIONS
+from tui.draft import OPTIMIZER_CHOICES, QUANT_CHOICES, memory_view
+from tui.format import gib, size
+from tui.screens.step import StepScreen
+from tui.widgets.fields import PresetInput, PresetSelect, PresetSwitch
+
+
+def memory_bar(total: int, budget: int | None, rule: int, width: int) -> Text:
+    """The estimate as a bar against the budget, the guide's x1.2 figure marked with ``|``."""
+    scale = max(total, budget or 0, rule, 1)
+    cells = max(10, width)
+    used = min(cells, round(cells * total / scale))
+    room = cells if budget is None else round(cells * budget / scale)
+    fits = budget is None or total <= budget
+    bar = Text()
+    for i in range(cells):
+        if i < used:
+            over = budget is not None and i >= room
+            bar.append("█", "red" if over or not fits else "green")
+        elif i < room:
+            bar.append("░", "dim green")
+        else:
+            bar.append(" ")
+    mark = min(cells - 1, round(cells * rule / scale))
+    bar = bar[:mark] + Text("|", "bold yellow") + bar[mark + 1:]
+    return bar
+
+
+class MemoryScreen(StepScreen):
+    """Training memory against the GPU."""
+
+    STEP = "memory"
+
+    BINDINGS = [
+        Binding("ctrl+f", "fill_batch", "Largest batch", tooltip="Set the largest micro batch that fits"),
+    ]
+
+    def compose_step(self) -> ComposeResult:
+        yield Static(id="gpus")
+        with Horizontal(classes="step-body"):
+            with Grid(id="memory-form", classes="form") as form:
+                form.border_title = "settings"
+                d = self.draft
+                yield Label("quantization")
+                yield PresetSelect("quantization.method", list(QUANT_CHOICES), d.get("quantization.method"))
+                yield Label("micro batch")
+                yield PresetInput("training.micro_batch_size", "int", d.get("training.micro_batch_size"))
+                yield Label("sequence length")
+                yield PresetInput("training.seq_len", "int", d.get("training.seq_len"))
+                yield Label("grad checkpointing")
+                yield PresetSwitch("training.gradient_checkpointing", d.get("training.gradient_checkpointing"))
+                yield Label("optimizer")
+                yield PresetSelect("training.optimizer", list(OPTIMIZER_CHOICES), d.get("training.optimizer"))
+                yield Label("GPU memory (GiB)")
+                yield Input(placeholder="the GPU's free memory", id="budget", compact=True,
+                            tooltip="Check against this much memory instead of the detected GPU's free memory")
+            with VerticalScroll(id="estimate-box") as box:
+                box.border_title = "estimated peak"
+                yield Static(id="verdict")
+                yield Static(id="bar")
+                yield Static(id="components")
+
+    def on_mount(self) -> None:
+        """Show the estimate."""
+        super().on_mount()
+        self.refresh_view()
+
+    def ready(self) -> bool:
+        """The model must be read to estimate anything."""
+        return self.draft.model_ready
+
+    def _budget(self) -> int | None:
+        text = self.query_one("#budget", Input).value.strip()
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(f"GPU memory {text!r} is not a number of GiB") from None
+        if value <= 0:
+            raise UserError("GPU memory must be above 0 GiB")
+        return int(value * 2**30)
+
+    @on(Input.Changed, "#budget")
+    def _budget_changed(self) -> None:
+        self.refresh_view()
+
+    def refresh_step(self) -> None:
+        """Recompute the estimate for the draft as it is now."""
+        draft = self.draft
+        gpus = self.query_one("#gpus", Static)
+        if draft.gpus:
+            gpus.update(Text("  ".join(f"GPU {g.index}: {g.name}, {gib(g.free_bytes)} free of {gib(g.total_bytes)}"
+                                       for g in draft.gpus)))
+        else:
+            gpus.update(Text("no NVIDIA GPU found here: the estimate is for a bf16 GPU; type its memory to check",
+                             "yellow"))
+        verdict, bar, table = (self.query_one(f"#{n}", Static) for n in ("verdict", "bar", "components"))
+        if not draft.model_ready:
+            verdict.update(Text("read a model first (step 1)", "yellow"))
+            bar.update("")
+            table.update("")
+            return
+        try:
+            view = memory_view(draft, self._budget())
+        except UserError as exc:
+            verdict.update(Text(exc.one_line(), "bold red"))
+            return
+        est = view.estimate
+        self.view = view
+        if view.fits is None:
+            verdict.update(Text.assemble("needs ", (gib(est.total_bytes), "bold"), " at the peak"))
+        elif view.fits:
+            share = 100 * est.total_bytes / view.budget_bytes
+            verdict.update(Text.assemble(("FITS", "bold black on green"), " ", (gib(est.total_bytes), "bold"),
+                                         f" of {gib(view.budget_bytes)} ({share:.0f} %)"))
+        else:
+            verdict.update(Text.assemble(("DOES NOT FIT", "bold white on red"), " needs ",
+                                         (gib(est.total_bytes), "bold"), f", {gib(view.budget_bytes)} there"))
+        width = max(20, self.query_one("#estimate-box").size.width - 4)
+        lines = [memory_bar(est.total_bytes, view.budget_bytes, est.inference_rule_bytes, width),
+                 Text.assemble(("| ", "bold yellow"), "guide's rule, weights x 1.2: ",
+                               (size(est.inference_rule_bytes), "bold"))]
+        fit = view.fit
+        if fit is not None:
+            mb, sl = fit.max_micro_batch, fit.max_seq_len
+            lines.append(Text.assemble(f"largest micro batch at {view.settings.seq_len:,}: ",
+                                       (str(mb) if mb else "none fits", "bold"), (" ^f", "dim")))
+            lines.append(Text.assemble("longest sequence at batch 1: ", (f"{sl:,}" if sl else "none", "bold")))
+        bar.update(Group(*lines))
+        wide = width >= 70  # room for what each component is
+        t = Table(box=None, show_header=False, padding=(0, 1), expand=False)
+        t.add_column(no_wrap=True, min_width=19)
+        t.add_column(justify="right", no_wrap=True, min_width=10)
+        if wide:
+            t.add_column(style="dim", overflow="ellipsis", no_wrap=True)
+        for name, b in est.components.items():
+            t.add_row(name.replace("_", " "), size(b), *([COMPONENT_DESCRIPTIONS.get(name, "")] if wide else []))
+        t.add_row(Text("total", "bold"), Text(gib(est.total_bytes), "bold"),
+                  *([f"torch reserved {gib(est.reserved_bytes)}"] if wide else []))
+        notes = [Text(f"note: {note}", "italic") for note in est.notes]
+        table.update(Group(t, *notes) if notes else t)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """``ctrl+f`` applies once there is a budget to fit."""
+        if action == "fill_batch":
+            view = getattr(self, "view", None)
+            return True if self.draft.model_ready and view is not None and view.fit is not None else None
+        return super().check_action(action, parameters)
+
+    def action_fill_batch(self) -> None:
+        """Set the largest micro batch that fits the budget."""
+        view = getattr(self, "view", None)
+        if view is None or view.fit is None:
+            self.notify("no GPU memory to fit against: type it in the form", severity="warning")
+            return
+        mb = view.fit.max_micro_batch
+        if not mb:
+            self.notify(f"even micro batch 1 needs more than {gib(view.budget_bytes)}: shorten the sequence, "
+                        "turn on checkpointing or pick an 8-bit optimizer", severity="error", timeout=10)
+            return
+        self.draft.set("training.micro_batch_size", mb)
+        self.notify(f"micro batch {mb}: the largest that fits")
+        self.refresh_view()

@@ -1,0 +1,318 @@
+"""The wizard: a Textual app that walks the draft preset through six steps to a live run.
+
+The app owns the :class:`~tui.draft.Draft` (the single state). Slow engine work runs in thread
+workers that post :mod:`tui.messages`; the handlers here update the draft and tell the current
+step to show it. Everything the app asks of the engine comes through :class:`~tui.draft.Services`
+(given to the constructor), and the run screen's readers through ``run_screen``, so tests can
+give it a fixed GPU or a recorded run while the rest stays real.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.screen import Screen
+
+from engine.errors import NeedsRemoteCode, UserError, first_line
+from tui import messages as msg
+from tui.draft import STEPS, Draft, Services
+from tui.screens.step import StepScreen
+
+
+def _step_screens() -> dict[str, type[StepScreen]]:
+    from tui.screens.data import DataScreen
+    from tui.screens.hyper import HyperScreen
+    from tui.screens.memory import MemoryScreen
+    from tui.screens.model import ModelScreen
+    from tui.screens.review import ReviewScreen
+    from tui.screens.targets import TargetsScreen
+
+    return {"model": ModelScreen, "memory": MemoryScreen, "targets": TargetsScreen, "data": DataScreen,
+            "hyper": HyperScreen, "review": ReviewScreen}
+
+
+class WizardApp(App[str]):
+    """From a model to a running QLoRA job; its result is the run's status when the person left
+    (``detached`` while it trains on), or ``quit`` when no run was started."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "qlora-wizard"
+
+    def __init__(
+        self,
+        draft: Draft,
+        *,
+        services: Services | None = None,
+        start: str = "model",
+        ask_model: bool = False,
+        runs_dir: str | os.PathLike = "runs",
+        run_screen: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.draft = draft
+        """The preset being built and what is known about it."""
+        self.services = services or Services()
+        """The engine calls the wizard makes."""
+        self.start_step = start
+        """The step shown first."""
+        self.ask_model = ask_model
+        """Start with an empty model field instead of reading the draft's model."""
+        self.runs_dir = Path(runs_dir)
+        """Where earlier runs are (for recent models and attach)."""
+        self.run_screen_args = run_screen or {}
+        """Keyword arguments for the run screen (tests feed recorded runs)."""
+        self.model_busy = False
+        """A model's config is being read."""
+        self.model_error: str | None = None
+        """Why the last model could not be read."""
+        self.data_busy = False
+        """The data is being checked."""
+        self.data_error: str | None = None
+        """Why the data check failed."""
+        self.run_dir: Path | None = None
+        """The run started from the wizard."""
+        self.starting = False
+        """A run is being started."""
+
+    # ---- screens -----------------------------------------------------------------------
+
+    def on_mount(self) -> None:
+        """Install the steps, open the first, and start the background looks at the GPU and the model."""
+        for name, cls in _step_screens().items():
+            self.install_screen(cls(), name)
+        self.push_screen(self.start_step)
+        self.probe_gpus()
+        if not self.ask_model:
+            self.read_model()
+
+    def goto(self, step: str) -> None:
+        """Show a step (every step can be revisited; the draft keeps everything)."""
+        if isinstance(self.screen, StepScreen):
+            self.switch_screen(step)
+        else:
+            self.push_screen(step)
+
+    def refresh_step(self) -> None:
+        """Tell the step on screen that the draft (or what is known of it) changed."""
+        screen = self.screen
+        if isinstance(screen, StepScreen):
+            screen.refresh_view()
+
+    # ---- workers and their messages ----------------------------------------------------
+
+    def read_model(self) -> None:
+        """Read the draft's model config in the background."""
+        self.model_busy, self.model_error = True, None
+        self._read_model(self.draft.model_key())
+        self.refresh_step()
+
+    @work(thread=True, exclusive=True, group="model", exit_on_error=False)
+    def _read_model(self, key: tuple) -> None:
+        try:
+            info = self.services.inspect_model(*key)
+        except NeedsRemoteCode as exc:
+            self.post_message(msg.ModelFailed(key, exc.one_line(), needs_code=True))
+        except UserError as exc:
+            self.post_message(msg.ModelFailed(key, exc.one_line(), needs_code=False))
+        except Exception as exc:  # noqa: BLE001 - any failure is said on screen, in one line
+            self.post_message(msg.ModelFailed(key, f"cannot read {key[0]}: {first_line(exc)}", needs_code=False))
+        else:
+            self.post_message(msg.ModelRead(key, info))
+
+    @on(msg.ModelRead)
+    def _model_read(self, message: msg.ModelRead) -> None:
+        if message.key != self.draft.model_key():
+            return  # the person has moved on to another model
+        self.model_busy, self.model_error = False, None
+        self.draft.info, self.draft.info_key = message.info, message.key
+        targets = self.draft.preset.lora.targets
+        if isinstance(targets, list) and not set(targets) <= set(message.info.lora_target_candidates):
+            self.draft.set("lora.targets", "all-linear")
+            self.notify("LoRA targets reset to all linear layers: the new model names its layers differently")
+        self.refresh_step()
+        # The data (perhaps a Hub download) is read when a step that shows it is on screen.
+        if getattr(self.screen, "NEEDS_DATA", False):
+            self.check_data()
+
+    @on(msg.ModelFailed)
+    def _model_failed(self, message: msg.ModelFailed) -> None:
+        if message.key != self.draft.model_key():
+            return
+        self.model_busy, self.model_error = False, message.error
+        self.refresh_step()
+        if message.needs_code:
+            from tui.dialogs.confirm import Confirm
+
+            def answered(allow: bool | None) -> None:
+                if allow and message.key == self.draft.model_key():
+                    self.draft.set("model.trust_remote_code", True)
+                    self.read_model()
+
+            self.push_screen(Confirm(
+                f"{message.key[0]} needs its own Python code",
+                "Its architecture ships as code in the model's repository, which runs on this machine "
+                "with your rights. Allow it only if you trust the model's authors.",
+                yes="Run its code", no="Cancel", danger=True), answered)
+
+    def check_data(self, force: bool = False) -> None:
+        """Check and tokenize the draft's data in the background (needs the model for its tokenizer);
+        only when the settings changed since the last check, unless ``force``."""
+        if not self.draft.model_ready or (self.draft.data_ready and not force):
+            return
+        self.data_busy, self.data_error = True, None
+        self._check_data(self.draft.data_fingerprint(), self.draft.preset)
+        self.refresh_step()
+
+    @work(thread=True, exclusive=True, group="data", exit_on_error=False)
+    def _check_data(self, key: str, preset) -> None:
+        try:
+            report = self.services.check_data(preset)
+        except UserError as exc:
+            self.post_message(msg.DataFailed(key, exc.one_line()))
+        except Exception as exc:  # noqa: BLE001
+            self.post_message(msg.DataFailed(key, f"cannot read {preset.data.train}: {first_line(exc)}"))
+        else:
+            self.post_message(msg.DataChecked(key, report))
+
+    @on(msg.DataChecked)
+    def _data_checked(self, message: msg.DataChecked) -> None:
+        if message.key != self.draft.data_fingerprint():
+            return
+        self.data_busy, self.data_error = False, None
+        self.draft.data, self.draft.data_key = message.report, message.key
+        self.refresh_step()
+
+    @on(msg.DataFailed)
+    def _data_failed(self, message: msg.DataFailed) -> None:
+        if message.key != self.draft.data_fingerprint():
+            return
+        self.data_busy, self.data_error = False, message.error
+        self.draft.data = None
+        self.refresh_step()
+
+    @work(thread=True, exclusive=True, group="gpus", exit_on_error=False)
+    def probe_gpus(self) -> None:
+        """Look for NVIDIA GPUs and their free memory in the background."""
+        try:
+            gpus = self.services.probe_gpus()
+        except Exception:  # noqa: BLE001 - no usable driver reads as no GPU
+            gpus = []
+        self.post_message(msg.GpusProbed(gpus))
+
+    @on(msg.GpusProbed)
+    def _gpus_probed(self, message: msg.GpusProbed) -> None:
+        self.draft.gpus = message.gpus
+        self.refresh_step()
+
+    # ---- export and start --------------------------------------------------------------
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write the draft preset to ``path`` (atomically); returns the path written."""
+        from engine.preset import save_preset
+
+        target = Path(path).expanduser()
+        if target.is_dir():
+            raise UserError(f"{target} is a folder", "name a .yaml file")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_preset(self.draft.preset, target)
+        except OSError as exc:
+            raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+        self.draft.exported_to = target
+        return target
+
+    def start_run(self) -> None:
+        """Start training the draft in the background process; the run screen follows it."""
+        missing = self.draft.first_missing()
+        if missing is not None:
+            self.notify(f"not yet: {missing[1]}", severity="warning")
+            self.goto(missing[0])
+            return
+        if self.starting:
+            return
+        self.starting = True
+        self.refresh_step()
+        self._start_run(self.draft.preset)
+
+    @work(thread=True, exclusive=True, group="start", exit_on_error=False)
+    def _start_run(self, preset) -> None:
+        try:
+            run_dir = self.services.start_run(preset)
+        except UserError as exc:
+            self.post_message(msg.RunFailed(exc.one_line()))
+        except Exception as exc:  # noqa: BLE001
+            self.post_message(msg.RunFailed(f"could not start the run: {first_line(exc)}"))
+        else:
+            self.post_message(msg.RunStarted(run_dir))
+
+    @on(msg.RunStarted)
+    def _run_started(self, message: msg.RunStarted) -> None:
+        self.starting = False
+        self.run_dir = message.run_dir
+        self.show_run(message.run_dir)
+
+    @on(msg.RunFailed)
+    def _run_failed(self, message: msg.RunFailed) -> None:
+        self.starting = False
+        self.notify(message.error, severity="error", timeout=15)
+        self.refresh_step()
+
+    def show_run(self, run_dir: Path) -> None:
+        """Open the live run screen on ``run_dir``."""
+        from engine.runs import is_running, log_tail, stop_run
+        from tui.screens.run import RunScreen
+
+        args = dict(process_alive=is_running, stop=stop_run, read_log=log_tail)
+        args.update(self.run_screen_args)
+        self.run_dir = Path(run_dir)
+        self.sub_title = str(run_dir)
+        screen = RunScreen(Path(run_dir), **args)
+        if isinstance(self.screen, StepScreen):
+            self.switch_screen(screen)
+        else:
+            self.push_screen(screen)
+
+    # ---- the command palette -----------------------------------------------------------
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The less common actions: jump to a step, load a shipped preset, export, start, attach."""
+        yield from super().get_system_commands(screen)
+        if not isinstance(screen, StepScreen):
+            return
+        for i, (name, title) in enumerate(STEPS, 1):
+            yield SystemCommand(f"Go to step {i}: {title}", f"Show the {title.lower()} step",
+                                lambda n=name: self.goto(n))
+        from engine.preset import shipped_presets
+
+        for path in shipped_presets():
+            yield SystemCommand(f"Load preset {path.stem}", f"Replace the draft with {path}",
+                                lambda p=path: self.load_preset(p))
+        yield SystemCommand("Start training", "Start the run now (from any step once model and data are read)",
+                            self.start_run)
+        yield SystemCommand("Read the model again", "Re-read the model's config (after editing it, say)",
+                            self.read_model)
+        yield SystemCommand("Check the data again", "Re-read and re-tokenize the data",
+                            lambda: self.check_data(force=True))
+        from engine.runs import newest_run
+
+        newest = newest_run(self.runs_dir)
+        if newest is not None:
+            yield SystemCommand(f"Attach to {newest.name}", "Open the newest run's live screen",
+                                lambda: self.show_run(newest))
+
+    def load_preset(self, path: str | os.PathLike) -> None:
+        """Replace the draft with a preset file and read its model."""
+        from engine.preset import load_preset
+
+        try:
+            preset = load_preset(path)
+        except UserError as exc:
+            self.notify(exc.one_line(), severity="error", timeout=10)
+            return
+        self.draft.replace(preset)
+        self.notify(f"loaded {Path(path).name}")
+        self.read_model()
