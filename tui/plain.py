@@ -1,0 +1,634 @@
+"""The wizard's six steps as plain line-by-line prompts: ``qlora-wizard plain``.
+
+For terminals where the full-screen app misbehaves (a serial console, a screen reader, a
+multiplexer that mangles the layout). It edits the same :class:`~tui.draft.Draft` and shows the
+same figures and checks as the full-screen wizard (all from :mod:`tui.draft`), asking one question
+at a time with questionary and printing plain lines, and it ends the same way: an exported preset
+and a started run, followed by the console runner (:func:`tui.console.follow_run`).
+
+Enter keeps the value shown; ``?`` at a value prints the field's help; after each step a menu goes
+on, goes back or jumps to any step. Ctrl-C (or the end of the input) at any question keeps the
+draft in the cache and exits with status 130. No Textual import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import questionary
+from rich.console import Console
+from rich.text import Text
+
+from engine.errors import NeedsRemoteCode, UserError, first_line
+from tui.draft import (
+    OPTIMIZER_CHOICES,
+    QUANT_CHOICES,
+    SCHEDULER_CHOICES,
+    SHORTCUTS,
+    STEPS,
+    Draft,
+    Services,
+    default_export_path,
+    keep_draft,
+    lora_view,
+    lr_view,
+    memory_view,
+    model_facts,
+    parse_field,
+    recent_models,
+    selected_targets,
+    shown,
+    target_shortcuts,
+    targets_value,
+)
+from tui.format import count, gib
+
+EXIT_OK, EXIT_INTERRUPTED = 0, 130
+
+STEP_NAMES = tuple(name for name, _ in STEPS)
+"""The steps' names in order."""
+
+
+TRAINED_STYLE = "bold green"
+"""How the tokens the model is trained on are shown on a terminal (they are also put between « »)."""
+
+EXAMPLE_LIMIT = 600
+"""Characters of an example shown; longer ones are cut in the middle."""
+
+_FINISHED = "finished"
+"""What the review step returns when the walk is over (a run started, or the person is done)."""
+
+
+def render_example(pieces: list[tuple[str, bool]], limit: int = EXAMPLE_LIMIT) -> Text:
+    """One example as the model sees it, the trained part between « » (and highlighted); long ones cut."""
+    text = Text()
+    for piece, trained in pieces:
+        if trained:
+            text.append(f"«{piece}»", TRAINED_STYLE)
+        else:
+            text.append(piece)
+    if len(text) > limit:
+        text = Text.assemble(text[: limit // 2], ("\n  ...\n", "dim"), text[-limit // 2:])
+    return text
+
+
+class PlainWizard:
+    """One walk through the steps: the draft, the engine calls, and where the prompts read and draw."""
+
+    def __init__(self, draft: Draft, services: Services, runs_dir: str | os.PathLike = "runs",
+                 input: Any = None, output: Any = None) -> None:
+        self.draft = draft
+        """The preset being built and what is known about it."""
+        self.services = services
+        """The engine calls."""
+        self.runs_dir = Path(runs_dir)
+        """Where earlier runs are (for the recent models)."""
+        self.io = {k: v for k, v in (("input", input), ("output", output)) if v is not None}
+        """prompt_toolkit input and output for every prompt (the terminal when empty)."""
+        self.console = Console(highlight=False, soft_wrap=True)
+        """Where the lines go: sys.stdout as it is at each print (plain text when it is not a terminal)."""
+        self.gpus_probed = False
+        """Whether the GPUs have been looked for."""
+        self.budget_bytes: int | None = None
+        """GPU memory typed to check against, on a machine without a GPU."""
+        self.run_dir: Path | None = None
+        """The run started at the review step."""
+
+    # ---- output and questions ----------------------------------------------------------
+
+    def say(self, *parts: str | Text | tuple[str, str]) -> None:
+        """Print one line assembled from plain strings, Texts and (text, style) pairs."""
+        self.console.print(Text.assemble(*parts))
+
+    def error(self, message: str) -> None:
+        """Print a problem as one ``error:`` line."""
+        self.say(("error: ", "bold red"), message)
+
+    def text(self, message: str, default: str = "") -> str:
+        """Ask for a line of text; Enter keeps ``default``."""
+        return questionary.text(message, default=default, **self.io).unsafe_ask().strip()
+
+    def select(self, message: str, choices: list[tuple[str, str]] | tuple, default: str | None = None) -> str:
+        """Ask for one of ``choices`` ((title, value) pairs); Enter takes the one pointed at (``default``)."""
+        options = [questionary.Choice(title, value) for title, value in choices]
+        return questionary.select(message, choices=options, default=default, **self.io).unsafe_ask()
+
+    def confirm(self, message: str, default: bool) -> bool:
+        """Ask yes or no; Enter takes ``default``."""
+        return bool(questionary.confirm(message, default=default, **self.io).unsafe_ask())
+
+    def ask_field(self, label: str, path: str, kind: str, default: Any = None) -> None:
+        """Ask one preset field until the draft takes it (a refused value is said, then asked again)."""
+        from engine.preset import field_help
+
+        current = shown(self.draft.get(path) if default is None else default)
+        while True:
+            answer = self.text(label, current)
+            if answer == "?":
+                self.say(("  " + field_help(path), "dim"))
+                continue
+            try:
+                self.draft.set(path, parse_field(answer, kind, label))
+                return
+            except UserError as exc:
+                self.error(exc.one_line())
+                current = answer
+
+    def ask_choice_field(self, label: str, path: str, choices: tuple) -> None:
+        """Ask a preset field that has a fixed set of values."""
+        self.draft.set(path, self.select(label, choices, default=self.draft.get(path)))
+
+    # ---- the walk ----------------------------------------------------------------------
+
+    def walk(self) -> Path | None:
+        """Ask the steps, in order or as the person jumps, until a run starts (its directory) or they finish."""
+        self.say(("qlora-wizard plain", "bold"), ": the wizard's six steps as questions. Enter keeps the value "
+                 "shown, ? at a value prints its help, Ctrl-C keeps the draft and quits.")
+        index = 0
+        while True:
+            name, title = STEPS[index]
+            self.console.print()
+            self.say((f"step {index + 1} of {len(STEPS)}: {title}", "bold underline"))
+            goto = getattr(self, f"step_{name}")()
+            if goto == _FINISHED:
+                return self.run_dir
+            index = STEP_NAMES.index(goto) if goto else self.next_step(index)
+
+    def next_step(self, index: int) -> int:
+        """After a step: go on to the next (the default), back to the previous, or to any other step."""
+        choices = []
+        for i, (_, title) in enumerate(STEPS):
+            if i == index:
+                continue
+            verb = "continue to" if i == index + 1 else ("back to" if i == index - 1 else "go to")
+            choices.append((f"{verb} {i + 1}. {title}", str(i)))
+        return int(self.select("next", choices, default=str(index + 1)))
+
+    def _need(self, what: str) -> str | None:
+        """The step to go to (saying why) when the model or the data this step needs is missing."""
+        if not self.draft.model_ready:
+            self.say(("not yet: ", "yellow"), "read the model's config first (step 1)")
+            return "model"
+        if what == "data" and not self.ensure_data():
+            self.say(("not yet: ", "yellow"), "check the data first (step 4)")
+            return "data"
+        return None
+
+    # ---- step 1: model -----------------------------------------------------------------
+
+    def step_model(self) -> str | None:
+        """Choose the model (typed, a shipped preset's or a recent one) and show what it is."""
+        failed = False
+        while True:
+            if self.pick_model(failed) and (self.draft.model_ready or self.read_model()):
+                break
+            failed = True
+        self.show_model()
+        return None
+
+    def pick_model(self, failed: bool) -> bool:
+        """Ask which model; False when nothing usable was given."""
+        from engine.preset import load_preset, shipped_presets
+
+        current = self.draft.preset.model.source
+        choices = [(f"{'try again' if failed else 'keep'}: {current}", "keep"),
+                   ("type a model (a Hub id org/name, a model folder, or builtin:tiny-llama)", "type")]
+        try:
+            recent = recent_models(self.runs_dir)
+        except Exception:  # noqa: BLE001 - unreadable runs just mean no recent models
+            recent = []
+        choices += [(f"recent: {m}", f"model:{m}") for m in recent]
+        choices += [(f"preset: {p.stem}", f"preset:{p}") for p in shipped_presets()]
+        answer = self.select("model", choices, default="type" if failed else "keep")
+        kind, _, value = answer.partition(":")
+        if kind == "type":
+            value = self.text("model (Hub id, model folder or builtin:tiny-llama)", current)
+            if not value:
+                self.error("type a Hub id (org/name), a model folder, or builtin:tiny-llama")
+                return False
+        elif kind == "preset":
+            try:
+                self.draft.replace(load_preset(value))
+            except UserError as exc:
+                self.error(exc.one_line())
+                return False
+            self.say(f"loaded the preset {Path(value).stem}", f": {self.draft.preset.description}"
+                     if self.draft.preset.description else "")
+            value = self.draft.preset.model.source
+        elif kind == "keep":
+            value = current
+        if value != current:
+            self.draft.set("model.source", value)
+            # Consent to run one model's code is not consent for another's.
+            self.draft.set("model.trust_remote_code", False)
+            self.draft.set("model.revision", None)
+        return True
+
+    def read_model(self) -> bool:
+        """Read the draft's model config (asking before running a model's own code); False on a problem."""
+        while True:
+            key = self.draft.model_key()
+            slow = " (the demo model is created once, about 15 s)" if key[0].startswith("builtin:") else ""
+            self.say((f"reading {key[0]}{slow} ...", "yellow"))
+            try:
+                info = self.services.inspect_model(*key)
+            except NeedsRemoteCode as exc:
+                # The hint names the command line's flag; here the question below is the way.
+                self.say(("needs code: ", "bold yellow"), exc.message)
+                if not self.confirm("its code comes with the model and runs on this machine with your rights; "
+                                    "run its code (only if you trust its authors)?", default=False):
+                    return False
+                self.draft.set("model.trust_remote_code", True)
+                continue
+            except UserError as exc:
+                self.error(exc.one_line())
+                return False
+            except Exception as exc:  # noqa: BLE001 - any failure is said in one line
+                self.error(f"cannot read {key[0]}: {first_line(exc)}")
+                return False
+            break
+        self.draft.info, self.draft.info_key = info, key
+        targets = self.draft.preset.lora.targets
+        if isinstance(targets, list) and not set(targets) <= set(info.lora_target_candidates):
+            self.draft.set("lora.targets", "all-linear")
+            self.say("LoRA targets reset to all linear layers: this model names its layers differently")
+        return True
+
+    def show_model(self) -> None:
+        """The model's facts, one per line."""
+        info = self.draft.info
+        self.say((info.source, "bold"))
+        for label, value in model_facts(info):
+            self.say(f"  {label:<18} {value}")
+        for note in info.notes:
+            self.say(("  note: ", "yellow"), note)
+
+    # ---- step 2: memory ----------------------------------------------------------------
+
+    def step_memory(self) -> str | None:
+        """Show the training memory against the GPU; ask the settings that move it until it fits or they stop."""
+        need = self._need("model")
+        if need:
+            return need
+        self.show_gpus()
+        self.show_memory()
+        while True:
+            self.ask_choice_field("quantization", "quantization.method", QUANT_CHOICES)
+            self.ask_field("sequence length (tokens)", "training.seq_len", "int")
+            self.draft.set("training.gradient_checkpointing", self.confirm(
+                "gradient checkpointing (far less memory, about 30 % slower)?",
+                default=self.draft.get("training.gradient_checkpointing")))
+            self.ask_choice_field("optimizer", "training.optimizer", OPTIMIZER_CHOICES)
+            view = memory_view(self.draft, self.budget_bytes)
+            default = None
+            largest = view.fit.max_micro_batch if view.fit is not None else None
+            if view.fits is False and largest:
+                default = largest
+                self.say(f"micro batch {self.draft.get('training.micro_batch_size')} does not fit; "
+                         f"the default below is the largest that fits: {largest}")
+            self.ask_field("micro batch", "training.micro_batch_size", "int", default=default)
+            view = memory_view(self.draft, self.budget_bytes)
+            self.say("now ", self.verdict(view))
+            if view.fits is False and self.confirm("it does not fit: change the settings again?", default=True):
+                self.show_memory()
+                continue
+            return None
+
+    def show_gpus(self) -> None:
+        """Look for GPUs (once) and say what was found; without one, ask what memory to check against."""
+        if not self.gpus_probed:
+            try:
+                self.draft.gpus = list(self.services.probe_gpus())
+            except Exception:  # noqa: BLE001 - no usable driver reads as no GPU
+                self.draft.gpus = []
+            self.gpus_probed = True
+        for g in self.draft.gpus:
+            self.say(f"GPU {g.index}: {g.name}, {gib(g.free_bytes)} free of {gib(g.total_bytes)}")
+        if self.draft.gpus:
+            return
+        self.say(("no NVIDIA GPU found here: the estimate is for a bf16 GPU", "yellow"))
+        shown = "" if self.budget_bytes is None else f"{self.budget_bytes / 2**30:g}"
+        while True:
+            answer = self.text("GPU memory in GiB to check against (empty to skip)", shown)
+            if not answer:
+                self.budget_bytes = None
+                return
+            try:
+                value = float(answer)
+            except ValueError:
+                value = None
+            if value is not None and value > 0:
+                self.budget_bytes = int(value * 2**30)
+                return
+            self.error(f"GPU memory {answer!r} is not a number of GiB above 0")
+            shown = answer
+
+    def verdict(self, view) -> Text:
+        """FITS or DOES NOT FIT against the budget, or what it needs when there is none."""
+        est = view.estimate
+        if view.fits is None:
+            return Text(f"needs {gib(est.total_bytes)} at the peak; {view.budget_name}")
+        if view.fits:
+            share = 100 * est.total_bytes / view.budget_bytes
+            return Text.assemble(("FITS", "bold green"), f": {gib(est.total_bytes)} of {gib(view.budget_bytes)} "
+                                 f"({share:.0f} %); {view.budget_name}")
+        return Text.assemble(("DOES NOT FIT", "bold red"), f": needs {gib(est.total_bytes)}, "
+                             f"{gib(view.budget_bytes)} available; {view.budget_name}")
+
+    def show_memory(self):
+        """The estimate by component, the total, the x1.2 rule, the verdict and the largest batch that fits."""
+        from engine.memory import COMPONENT_DESCRIPTIONS
+
+        view = memory_view(self.draft, self.budget_bytes)
+        est, s = view.estimate, view.settings
+        self.say(f"estimated peak for {s.quantization}, micro batch {s.micro_batch_size} x {s.seq_len:,} tokens, "
+                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.optimizer}:")
+        for name, size in est.components.items():
+            self.say(f"  {name.replace('_', ' '):<20} {gib(size):>12}  ", (COMPONENT_DESCRIPTIONS.get(name, ""), "dim"))
+        self.say(("  total", "bold"), " " * 15, (f"{gib(est.total_bytes):>12}", "bold"),
+                 f"  torch reserved {gib(est.reserved_bytes)}")
+        self.say(f"the guide's inference rule (weights on disk x 1.2): {gib(est.inference_rule_bytes)}")
+        for note in est.notes:
+            self.say(("note: ", "yellow"), note)
+        self.say(self.verdict(view))
+        if view.fit is not None:
+            mb, sl = view.fit.max_micro_batch, view.fit.max_seq_len
+            self.say(f"largest micro batch at {s.seq_len:,} tokens: {mb if mb else 'none fits'}; "
+                     f"longest sequence at micro batch 1: {f'{sl:,}' if sl else 'none fits'}")
+        return view
+
+    # ---- step 3: LoRA targets ----------------------------------------------------------
+
+    def step_targets(self) -> str | None:
+        """Which layers get adapters (a shortcut or picked by name), rank, alpha and dropout."""
+        need = self._need("model")
+        if need:
+            return need
+        info = self.draft.info
+        chosen = set(selected_targets(self.draft))
+        r = self.draft.preset.lora.r
+        width = max(len(t.name) for t in info.targets)
+        shapes = {t.name: f"{t.in_features:,}>{t.out_features:,} x{t.count}" for t in info.targets}
+        shape_width = max(map(len, shapes.values()))
+        self.say(f"the model's layers (weights, and the parameters LoRA adds at r={r}):")
+        for t in info.targets:
+            mark = "[x]" if t.name in chosen else "[ ]"
+            self.say(f"  {mark} {t.name:<{width}}  {shapes[t.name]:<{shape_width}}  "
+                     f"{count(t.weight_params):>9} weights  +{count(t.lora_params(r))} LoRA")
+        shortcuts = target_shortcuts(info)
+        choices = [(f"{label} ({', '.join(shortcuts[key])})", key) for key, label in SHORTCUTS]
+        choices.append(("pick layers by name", "pick"))
+        current = next((key for key, _ in SHORTCUTS if set(shortcuts[key]) == chosen), "pick")
+        answer = self.select("adapt which layers", choices, default=current)
+        if answer == "pick":
+            options = [questionary.Choice(f"{t.name:<{width}}  {count(t.weight_params):>9} weights  "
+                                          f"+{count(t.lora_params(r))} LoRA", t.name, checked=t.name in chosen)
+                       for t in info.targets]
+            names = questionary.checkbox("layers to adapt", choices=options,
+                                         validate=lambda a: True if a else "pick at least one layer",
+                                         **self.io).unsafe_ask()
+        else:
+            names = shortcuts[answer]
+        self.draft.set("lora.targets", targets_value(info, names))
+        self.ask_field("rank r", "lora.r", "int")
+        self.ask_field("alpha", "lora.alpha", "float")
+        self.ask_field("dropout", "lora.dropout", "float")
+        view = lora_view(self.draft)
+        p = self.draft.preset.lora
+        self.say("adapting ", (", ".join(selected_targets(self.draft)), "bold"))
+        self.say("trainable ", (f"{view.trainable:,}", "bold"), f" parameters, {100 * view.share:.3g} % of the "
+                 f"model's {info.params_total:,}; memory added {gib(view.memory_bytes)} (adapters, their "
+                 f"gradients, optimizer states); update scale alpha / r = {p.alpha / p.r:g}")
+        return None
+
+    # ---- step 4: data ------------------------------------------------------------------
+
+    def step_data(self) -> str | None:
+        """The training data and validation share, checked and tokenized; its statistics and an example."""
+        need = self._need("model")
+        if need:
+            return need
+        while True:
+            source = self.text("training data (a .jsonl/.json/.csv/.parquet file, a Hub dataset id, or "
+                               "builtin:demo)", self.draft.get("data.train"))
+            if not source:
+                self.error("type a data file, a Hub dataset id, or builtin:demo")
+                continue
+            if source != self.draft.get("data.train"):
+                self.draft.set("data.train", source)
+            self.ask_field("validation share (0 for none)", "data.validation_split", "float")
+            if self.ensure_data():
+                break
+        self.show_data()
+        return None
+
+    def ensure_data(self) -> bool:
+        """Check and tokenize the data when the draft's settings have changed since; False on a problem."""
+        draft = self.draft
+        if draft.data_ready:
+            return True
+        if not draft.model_ready:
+            return False
+        self.say((f"checking and tokenizing {draft.get('data.train')} ...", "yellow"))
+        try:
+            report = self.services.check_data(draft.preset)
+        except UserError as exc:
+            self.error(exc.one_line())
+            return False
+        except Exception as exc:  # noqa: BLE001 - any failure is said in one line
+            self.error(f"cannot read {draft.get('data.train')}: {first_line(exc)}")
+            return False
+        draft.data, draft.data_key = report, draft.data_fingerprint()
+        return True
+
+    def show_data(self) -> None:
+        """The statistics and the first example as the model sees it."""
+        report = self.draft.data
+        for line in report.stats.summary_lines():
+            self.say(f"  {line}")
+        if report.bad_records:
+            self.say(("  ", ""), (f"{report.bad_records:,} malformed records skipped (data.skip_bad_records)",
+                                  "yellow"))
+        if report.examples:
+            self.say((f"example 1 of {len(report.examples)} as the model sees it (trained part between « »):",
+                      "bold"))
+            self.console.print(render_example(report.examples[0]))
+
+    # ---- step 5: hyperparameters -------------------------------------------------------
+
+    def step_hyper(self) -> str | None:
+        """Steps or epochs, gradient accumulation (and on request the rest), then the learning rate."""
+        need = self._need("data")
+        if need:
+            return need
+        self.ask_field("max steps (empty: train by epochs)", "training.max_steps", "int?")
+        if self.draft.get("training.max_steps") is None:
+            self.ask_field("epochs", "training.epochs", "float")
+        self.ask_field("gradient accumulation (micro batches per step)", "training.gradient_accumulation_steps", "int")
+        self.show_batch()
+        if self.confirm("change more settings (micro batch, sequence length, scheduler, warmup, seed, intervals)?",
+                        default=False):
+            before = (self.draft.data_key, self.draft.get("training.micro_batch_size"))
+            self.ask_more()
+            need = self._need("data")
+            if need:
+                return need
+            if (self.draft.data_key, self.draft.get("training.micro_batch_size")) != before:
+                self.show_batch()
+        self.ask_learning_rate()
+        return None
+
+    def ask_more(self) -> None:
+        """The less common training settings."""
+        self.ask_field("micro batch", "training.micro_batch_size", "int")
+        self.ask_field("sequence length (tokens)", "training.seq_len", "int")
+        self.ask_choice_field("scheduler", "training.lr_scheduler", SCHEDULER_CHOICES)
+        self.ask_field("warmup ratio", "training.warmup_ratio", "float")
+        self.ask_field("weight decay", "training.weight_decay", "float")
+        self.ask_field("max grad norm (0: no clipping)", "training.max_grad_norm", "float")
+        self.ask_field("seed", "training.seed", "int")
+        self.ask_field("validate every N steps (empty: once per epoch and at the end)", "training.eval_steps", "int?")
+        self.ask_field("save a checkpoint every N steps", "training.save_steps", "int")
+
+    def show_batch(self) -> None:
+        """The effective batch and the run's steps."""
+        t = self.draft.preset.training
+        view = lr_view(self.draft)
+        self.say("effective batch ", (f"{t.micro_batch_size * t.gradient_accumulation_steps}", "bold"),
+                 f" examples (micro batch {t.micro_batch_size} x {t.gradient_accumulation_steps}); "
+                 f"{view.steps_per_epoch:,} steps per epoch, ", (f"{view.steps:,} steps", "bold"), " in all")
+
+    def ask_learning_rate(self) -> None:
+        """The guide's rule with this run's numbers (asking for any it lacks); the rate, the suggestion by default."""
+        from engine.lr import note_on_lora_range
+
+        view = lr_view(self.draft)
+        while view.suggestion is None:
+            self.say(("type ", "yellow"), (f"{view.missing}: {view.source}", "yellow"))
+            if view.base_lr is None:
+                self.ask_field("base learning rate of the pretrained model", "model.base_lr", "float")
+            else:
+                self.ask_field("pretraining batch in tokens", "model.pretrained_batch_tokens", "int")
+            view = lr_view(self.draft)
+        s = view.suggestion
+        self.say(("lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrained_batch_tokens)", "bold"))
+        self.say(f"   = {s.arithmetic}")
+        per_step = (f"   {view.supervised_tokens:,} supervised tokens per epoch, {view.steps:,} steps over "
+                    f"{view.epochs:g} epochs: {s.tokens_per_step:,.0f} tokens per step")
+        self.say((per_step, "dim"))
+        self.say((f"   base rate and batch: {view.source}", "dim"))
+        self.ask_field("learning rate (the rule's value shown)", "training.learning_rate", "float",
+                       default=float(f"{s.learning_rate:.3g}"))
+        note = note_on_lora_range(self.draft.get("training.learning_rate"))
+        if note:
+            self.say(("note: ", "yellow"), note)
+
+    # ---- step 6: review ----------------------------------------------------------------
+
+    def step_review(self) -> str | None:
+        """The preset as YAML; export it; start the run, or finish, or go back."""
+        missing = self.draft.first_missing()
+        if missing is not None:
+            self.say(("not yet: ", "yellow"), missing[1])
+            return missing[0]
+        self.ask_field("run name (empty: the model's name and the time)", "output.name", "str?")
+        self.console.print(Text(self.draft.preset.to_yaml().rstrip()))
+        self.export()
+        if self.confirm("start training now?", default=True) and self.start():
+            return _FINISHED
+        choices = [("finish here (run it later)", "finish")]
+        choices += [(f"back to {i + 1}. {title}", name) for i, (name, title) in enumerate(STEPS[:-1])]
+        answer = self.select("what now", choices, default="finish")
+        if answer != "finish":
+            return answer
+        target = self.draft.exported_to
+        if target is None:
+            target = keep_draft(self.draft)
+            if target is not None:
+                self.say(f"the draft is kept in {target} (qlora-wizard plain {target} continues)")
+        if target is not None:
+            self.say(f"run it later with: qlora-wizard --preset {target}")
+        return _FINISHED
+
+    def export(self) -> None:
+        """Ask where to write the preset (empty skips; an existing file is overwritten only when confirmed)."""
+        from engine.preset import save_preset
+
+        shown = str(self.draft.exported_to or default_export_path(self.draft))
+        while True:
+            answer = self.text("export the preset to (empty: skip)", shown)
+            if not answer:
+                return
+            shown = answer
+            path = Path(answer).expanduser()
+            if not path.suffix:
+                path = path.with_suffix(".yaml")
+            if path.is_dir():
+                self.error(f"{path} is a folder; name a .yaml file")
+                continue
+            if path.exists() and path != self.draft.exported_to and not self.confirm(
+                    f"{path} exists: overwrite it?", default=False):
+                continue
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_preset(self.draft.preset, path)
+            except OSError as exc:
+                self.error(f"cannot write {path}: {exc.strerror or exc}")
+                continue
+            self.draft.exported_to = path
+            self.say(f"exported {path}; run it with: qlora-wizard --preset {path}")
+            return
+
+    def start(self) -> bool:
+        """Start the run in its background process; False (said) when it could not start."""
+        self.say(("starting the training process ...", "yellow"))
+        try:
+            run_dir = self.services.start_run(self.draft.preset)
+        except UserError as exc:
+            self.error(exc.one_line())
+            return False
+        except Exception as exc:  # noqa: BLE001 - any failure is said in one line
+            self.error(f"could not start the run: {first_line(exc)}")
+            return False
+        self.run_dir = Path(run_dir)
+        self.say("training in the background: ", (str(run_dir), "bold"))
+        self.say(f"  it goes on if this terminal closes; follow it again with: qlora-wizard attach {run_dir}")
+        self.say(f"  stop it: qlora-wizard stop {run_dir}")
+        return True
+
+
+def run_plain(
+    draft: Draft,
+    *,
+    services: Services | None = None,
+    runs_dir: str | os.PathLike = "runs",
+    input: Any = None,
+    output: Any = None,
+    follow: bool = True,
+) -> int:
+    """Walk the draft through the six steps as prompts; returns the exit status.
+
+    0 when the person finished (with or without exporting), else the followed run's status
+    (``follow=False`` returns 0 as soon as the run has started); 130 on Ctrl-C or the end of the
+    input at a question, after keeping the draft. ``input``/``output`` are prompt_toolkit's,
+    for tests; the terminal when None.
+    """
+    wizard = PlainWizard(draft, services or Services(), runs_dir, input=input, output=output)
+    try:
+        run_dir = wizard.walk()
+    except (KeyboardInterrupt, EOFError):
+        kept = keep_draft(wizard.draft)
+        where = (f"the draft is kept in {kept} (qlora-wizard plain {kept} continues)" if kept
+                 else "the draft could not be saved")
+        print(f"\ninterrupted; {where}", flush=True)
+        return EXIT_INTERRUPTED
+    if run_dir is None:
+        return EXIT_OK
+    if not follow:
+        return EXIT_OK
+    print("following it here; Ctrl-C asks it to save a checkpoint and stop", flush=True)
+    from tui.console import follow_run
+
+    return follow_run(run_dir)
