@@ -6,19 +6,16 @@ a temporary run directory and asserts on the text a person would see on the scre
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
+from screen import screen_text, wait_for
 from tui.app import RunApp
 
 POLL = 0.05
@@ -71,32 +68,6 @@ def _fake_process(run_dir: Path, proc: subprocess.Popen) -> None:
     (run_dir / "process.json").write_text(json.dumps({"pid": proc.pid, "start_time": None}))
 
 
-def screen_text(app) -> str:
-    """The screen as plain text: what a person sees."""
-    width, height = app.size
-    console = Console(width=width, height=height, file=io.StringIO(), record=True, force_terminal=True,
-                      legacy_windows=False, safe_box=False)
-    console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
-    return console.export_text()
-
-
-def _flat(text: str) -> str:
-    """Screen text with its line breaks and frame characters gone, for phrases that may wrap."""
-    for ch in "│╭╮╰╯─":
-        text = text.replace(ch, " ")
-    return " ".join(text.split())
-
-
-async def _wait_for(pilot, *phrases: str, timeout: float = 3.0) -> str:
-    """Pause until every phrase is on screen (or the timeout); returns the flattened screen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        await pilot.pause(0.05)
-        text = _flat(screen_text(pilot.app))
-        if all(p in text for p in phrases) or time.monotonic() > deadline:
-            return text
-
-
 def _app(run_dir: Path) -> RunApp:
     return RunApp(run_dir, poll_interval=POLL)
 
@@ -109,7 +80,7 @@ async def test_finished_run_shows_status_final_loss_full_bar_and_diagnosis(tmp_p
     _curve_run(run_dir, 80, [(20, 1.60), (40, 1.20), (60, 1.05), (80, 1.02)])
     app = _app(run_dir)
     async with app.run_test(size=(100, 30)) as pilot:
-        text = await _wait_for(pilot, "FINISHED", "learning curves")
+        text = await wait_for(pilot, "FINISHED", "learning curves")
         final = 3.0 * math.exp(-80 / 8) + 0.5
         assert "FINISHED" in text
         assert "step 80/80" in text
@@ -133,7 +104,7 @@ async def test_crashed_run_shows_log_line_and_how_to_resume(tmp_path):
     (run_dir / "process.json").write_text(json.dumps({"pid": 2**30, "start_time": None}))
     app = _app(run_dir)
     async with app.run_test(size=(100, 30)) as pilot:
-        text = await _wait_for(pilot, "CRASHED", "illegal memory access", "qlora-wizard resume")
+        text = await wait_for(pilot, "CRASHED", "illegal memory access", "qlora-wizard resume")
         assert "CRASHED" in text
         assert "RuntimeError: CUDA error: an illegal memory access" in text
         assert f"qlora-wizard resume {run_dir}" in text
@@ -145,7 +116,7 @@ async def test_overfitting_run_names_the_best_step(tmp_path):
     _curve_run(run_dir, 80, [(20, 1.50), (40, 1.10), (60, 1.30), (80, 1.55)])
     app = _app(run_dir)
     async with app.run_test(size=(100, 30)) as pilot:
-        text = await _wait_for(pilot, "overfitting")
+        text = await wait_for(pilot, "overfitting")
         assert "learning curves: overfitting" in text
         assert "step 40" in text.split("learning curves")[1]
 
@@ -155,7 +126,7 @@ async def test_cuda_run_shows_reserved_memory_against_the_estimate(tmp_path):
     _curve_run(run_dir, 40, [], device="cuda")
     app = _app(run_dir)
     async with app.run_test(size=(100, 30)) as pilot:
-        text = await _wait_for(pilot, "reserved")
+        text = await wait_for(pilot, "reserved")
         assert "memory 5.00 GiB reserved of 6.00 GiB estimated" in text
         assert "NVIDIA H100" in text
 
@@ -171,14 +142,14 @@ async def test_live_run_shows_a_new_step_within_a_second(tmp_path):
         _fake_process(run_dir, proc)
         app = RunApp(run_dir)  # the real poll interval: the one-second promise is about it
         async with app.run_test(size=(100, 30)) as pilot:
-            text = await _wait_for(pilot, "RUNNING", "step 5/50")
+            text = await wait_for(pilot, "RUNNING", "step 5/50")
             assert "RUNNING" in text and "step 5/50" in text
             assert "ETA" in text and "ETA -" not in text
             assert app.screen.check_action("stop", ()) is True
             for step in (6, 7):
                 _write(run_dir, [_step(step, total, 1.5, t0=t0)])
                 written = time.monotonic()
-                text = await _wait_for(pilot, f"step {step}/50", timeout=1.0)
+                text = await wait_for(pilot, f"step {step}/50", timeout=1.0)
                 assert f"step {step}/50" in text, f"step {step} not shown within a second"
                 assert time.monotonic() - written < 1.0
     finally:
@@ -211,19 +182,19 @@ async def test_stop_asks_then_sends_sigterm_and_the_run_ends_stopped(tmp_path):
         _fake_process(run_dir, proc)
         app = _app(run_dir)
         async with app.run_test(size=(100, 30)) as pilot:
-            await _wait_for(pilot, "RUNNING")
+            await wait_for(pilot, "RUNNING")
             await pilot.press("s")
-            text = await _wait_for(pilot, "Keep training")
+            text = await wait_for(pilot, "Keep training")
             assert f"Stop {run_dir.name}?" in text
             await pilot.press("n")  # changed my mind: nothing is sent
             await pilot.pause(0.2)
             assert proc.poll() is None
             await pilot.press("s")
-            await _wait_for(pilot, "Keep training")
+            await wait_for(pilot, "Keep training")
             await pilot.press("y")
             proc.wait(timeout=10)
             assert (run_dir / "got-signal").read_text() == "SIGTERM"
-            text = await _wait_for(pilot, "STOPPED", "qlora-wizard resume")
+            text = await wait_for(pilot, "STOPPED", "qlora-wizard resume")
             assert "STOPPED" in text
             assert "stopped at step 5" in text
             assert f"qlora-wizard resume {run_dir}" in text
@@ -240,13 +211,13 @@ async def test_log_screen_shows_train_log_and_goes_back(tmp_path):
     (run_dir / "train.log").write_text("".join(f"line {i} of the training output\n" for i in range(30)))
     app = _app(run_dir)
     async with app.run_test(size=(100, 30)) as pilot:
-        await _wait_for(pilot, "FINISHED")
+        await wait_for(pilot, "FINISHED")
         await pilot.press("l")
-        text = await _wait_for(pilot, "line 29 of the training output")
+        text = await wait_for(pilot, "line 29 of the training output")
         assert "line 29 of the training output" in text
         assert "train.log" in text
         await pilot.press("escape")
-        text = await _wait_for(pilot, "FINISHED")
+        text = await wait_for(pilot, "FINISHED")
         assert "FINISHED" in text
 
 
@@ -258,7 +229,7 @@ async def test_lays_out_at_small_and_large_sizes(tmp_path, size):
     (run_dir / "process.json").write_text(json.dumps({"pid": 2**30, "start_time": None}))
     app = _app(run_dir)
     async with app.run_test(size=size) as pilot:
-        text = await _wait_for(pilot, "CRASHED", "qlora-wizard resume", "Detach")
+        text = await wait_for(pilot, "CRASHED", "qlora-wizard resume", "Detach")
         lines = screen_text(app).splitlines()
         assert len(lines) == size[1]
         for phrase in ("CRASHED", "loss", "training loss", "validation loss", "learning rate", "memory",
