@@ -145,6 +145,8 @@ async def test_live_run_shows_a_new_step_within_a_second(tmp_path):
             text = await wait_for(pilot, "RUNNING", "step 5/50")
             assert "RUNNING" in text and "step 5/50" in text
             assert "ETA" in text and "ETA -" not in text
+            assert f"come back with: qlora-wizard attach {run_dir}" in text.replace(" ", "") or \
+                "d leaves it training" in text
             assert app.screen.check_action("stop", ()) is True
             for step in (6, 7):
                 _write(run_dir, [_step(step, total, 1.5, t0=t0)])
@@ -252,3 +254,32 @@ def test_attach_without_a_terminal_prints_plain_lines(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "step 20/20" in r.stdout and "finished at step 20" in r.stdout
     assert "\x1b[" not in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots at 80x24 (relative run directories, so the text does not depend on the temp folder)
+
+
+@pytest.mark.parametrize("kind", ["overfitting", "crashed", "finished"])
+async def test_snapshot(tmp_path, monkeypatch, kind):
+    from screen import assert_snapshot
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("runs") / kind
+    if kind == "crashed":
+        run_dir.mkdir(parents=True)
+        _write(run_dir, [_start(80)] + [_step(s, 80, 3.0 - s / 20) for s in range(1, 31)])
+        (run_dir / "train.log").write_text("loading the model\nRuntimeError: CUDA error: an illegal memory access\n")
+        (run_dir / "process.json").write_text(json.dumps({"pid": 2**30, "start_time": None}))
+        wanted = "illegal memory access"
+    elif kind == "overfitting":
+        _curve_run(run_dir, 80, [(20, 1.50), (40, 1.10), (60, 1.30), (80, 1.55)])
+        wanted = "overfitting"
+    else:
+        _curve_run(run_dir, 80, [(20, 1.50), (40, 1.10), (60, 0.95), (80, 0.90)], device="cuda")
+        wanted = "FINISHED"
+    app = _app(run_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, wanted)
+        await pilot.pause(0.2)
+        assert_snapshot(f"run-{kind}-80x24", screen_text(app))

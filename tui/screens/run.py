@@ -337,6 +337,10 @@ class RunScreen(Screen[None]):
         self.query_one("#diagnosis", Static).update(Text(diagnosis_line(h) or "learning curves: waiting for "
                                                          "validation losses", "italic"))
 
+        self.query_one("#events", RichLog).border_subtitle = (
+            f"d leaves it training; come back with: qlora-wizard attach {self.run_dir}"
+            if status in ("running", "starting") else "")
+
         alert = self.query_one("#alert", Static)
         lines = self._alert_lines(status)
         alert.set_class(bool(lines), "-shown")
