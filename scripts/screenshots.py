@@ -1,5 +1,10 @@
 """Save SVG screenshots of the real app for the README: ``make screenshots``.
 
+The wizard's six steps are taken on the offline demo (the demo model is created locally on first
+use), with the GPU fixed to a 24 GB card so the memory step reads the same everywhere; the memory
+and LoRA-target steps once more for Llama-3.1-8B from its real config in ../shared (config only,
+no weights).
+
 The run screen is fed a recorded run (written here into a temporary directory, no training): a
 QLoRA run of a 7B model on one GPU whose validation loss bottoms out at step 240 and then rises,
 so the picture shows the curves, memory against the estimate and the overfitting diagnosis.
@@ -10,18 +15,50 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The pictures show what is here; nothing is fetched (the Llama preset names a Hub dataset).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from engine.gpu import GpuInfo  # noqa: E402
 from tui.app import RunApp  # noqa: E402
+from tui.draft import DEMO_DRAFT, STEPS, Draft, Services, load_draft  # noqa: E402
 
 SIZE = (120, 40)
 """The terminal size every screenshot is taken at."""
 OUT = ROOT / "screenshots"
+GPU = GpuInfo(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, int(23.4 * 2**30), (8, 9))
+"""The GPU the wizard's screenshots show."""
+LLAMA_CONFIG = ROOT.parent / "shared" / "fixtures" / "hf-configs" / "meta-llama__Llama-3.1-8B"
+
+
+async def shoot_wizard(draft: Draft, steps: list[str], prefix: str) -> list[Path]:
+    """One SVG per step of the wizard on ``draft``."""
+    from tui.wizard import WizardApp
+
+    written = []
+    for step in steps:
+        app = WizardApp(draft.__class__(draft.preset), services=Services(probe_gpus=lambda: [GPU]), start=step)
+        async with app.run_test(size=SIZE) as pilot:
+            for _ in range(1200):
+                await pilot.pause(0.05)
+                d = app.draft
+                if d.model_ready and (d.data_ready or app.data_error or step in ("model", "memory", "targets")) \
+                        and not app.data_busy:
+                    break
+            app.screen.set_focus(None)
+            await pilot.pause(0.3)
+            OUT.mkdir(exist_ok=True)
+            name = f"{prefix}{[s for s, _ in STEPS].index(step) + 1}-{step}.svg"
+            app.save_screenshot(name, path=str(OUT))
+            written.append(OUT / name)
+    return written
 
 
 def record_overfitting_run(run_dir: Path, total: int = 600, upto: int = 450) -> None:
@@ -72,8 +109,16 @@ def main() -> int:
         run_dir = Path(tmp) / "Qwen2.5-7B-20261123-101500"
         run_dir.mkdir()
         record_overfitting_run(run_dir)
-        path = asyncio.run(shoot_run_screen(run_dir))
-    print(f"wrote {path.relative_to(ROOT)}")
+        paths = [asyncio.run(shoot_run_screen(run_dir))]
+    paths += asyncio.run(shoot_wizard(load_draft(DEMO_DRAFT), [s for s, _ in STEPS], "wizard-"))
+    if LLAMA_CONFIG.is_dir():
+        from engine.preset import load_preset
+
+        preset = load_preset(ROOT / "presets" / "llama-3.1-8b-qlora.yaml")
+        preset = preset.model_copy(update={"model": preset.model.model_copy(update={"source": str(LLAMA_CONFIG)})})
+        paths += asyncio.run(shoot_wizard(Draft(preset), ["memory", "targets"], "llama-3.1-8b-"))
+    for path in paths:
+        print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
 
