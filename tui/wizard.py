@@ -314,5 +314,6 @@ class WizardApp(App[str]):
             self.notify(exc.one_line(), severity="error", timeout=10)
             return
         self.draft.replace(preset)
+        self.ask_model = False  # the model field shows the preset's model from now on
         self.notify(f"loaded {Path(path).name}")
         self.read_model()
