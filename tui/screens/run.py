@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,7 @@ from textual.widgets import (
     Sparkline,
     Static,
 )
+from textual.timer import Timer
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from engine.curves import diagnose
@@ -48,8 +50,16 @@ ETA_WINDOW = 20
 """Recent steps the ETA's speed is measured over: recent enough to follow a change of pace, enough
 to smooth out evaluation and checkpoint pauses."""
 
-EVENT_LINES = 500
-"""Plain event lines kept in the events panel."""
+EVENT_LINES = 200
+"""Event lines kept for the events panel (it shows the newest that fit)."""
+
+
+
+SHOW_EVERY_S = 0.5
+"""Least time between two redraws. A fast run writes ten steps a second, and redrawing the curves
+for each cost about 12 ms of CPU on a 2-core machine, 13 % of the demo run's time; drawing at most
+twice a second keeps news on screen within a second of being written (poll + this) at a fraction
+of that (benchmarks/RESULTS.md, "Overhead")."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +221,11 @@ class RunScreen(Screen[None]):
         self._stop = stop
         self._read_log = read_log
         self._log_screen: LogScreen | None = None
+        self._unshown: list[dict] = []
+        self._last_show = 0.0
+        self._show_timer: Timer | None = None
+        self._shown_content: dict[str, Text | str] = {}
+        self._event_lines: deque[str] = deque(maxlen=EVENT_LINES)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -226,8 +241,8 @@ class RunScreen(Screen[None]):
                     yield Sparkline([], id=f"{key}-curve")
         yield Static(id="diagnosis")
         yield Static(id="alert")
-        events = RichLog(id="events", max_lines=EVENT_LINES, wrap=True, min_width=20)
-        events.border_title = "events"
+        events = Static(id="events")
+        events.border_title = "latest events"
         yield events
         yield Footer()
 
@@ -273,17 +288,31 @@ class RunScreen(Screen[None]):
         if message.events:
             self.events.extend(message.events)
             self.history = fold_history(self.events)
-            events = self.query_one("#events", RichLog)
-            for event in message.events:
-                events.write(describe(event), expand=True, shrink=True)
+            self._unshown.extend(message.events)
         self.running = message.alive
         self.status = run_status(self.history, message.alive)
         if self.history.end is not None:
             self.stopping = False
-        self._show()
+        self._schedule_show()
+
+    def _schedule_show(self) -> None:
+        """Redraw now, or once ``SHOW_EVERY_S`` has passed since the last redraw (news is batched)."""
+        wait = self._last_show + SHOW_EVERY_S - time.monotonic()
+        if wait <= 0:
+            self._show()
+        elif self._show_timer is None:
+            self._show_timer = self.set_timer(wait, self._show)
 
     def _show(self) -> None:
         """Bring every widget up to date with the history."""
+        if self._show_timer is not None:
+            self._show_timer.stop()
+            self._show_timer = None
+        self._last_show = time.monotonic()
+        if self._unshown:
+            self._event_lines.extend(describe(event) for event in self._unshown)
+            self._unshown = []
+        self._show_events()
         h, status = self.history, self.status
         last = h.last_step or {}
         total = h.total_steps
@@ -294,7 +323,7 @@ class RunScreen(Screen[None]):
             head.append("stopping: saving a checkpoint...  ", "yellow")
         head.append(f"step {step}/{total or '?'}  ")
         head.append(f"{model_name(h)} on {(h.start or {}).get('device_name', '?')}", "dim")
-        self.query_one("#status", Static).update(head)
+        self._update("#status", head, layout=False)  # one line, always
 
         bar = self.query_one("#progress", ProgressBar)
         if total:
@@ -306,7 +335,7 @@ class RunScreen(Screen[None]):
             eta_text = f"ETA {duration(eta)}"
         else:
             eta_text = "ETA -"
-        self.query_one("#eta", Label).update(eta_text)
+        self._update("#eta", eta_text, layout=False)  # a fixed width
 
         loss = _number(last.get("loss"))
         val = _number(h.evals[-1].get("eval_loss")) if h.evals else None
@@ -319,7 +348,7 @@ class RunScreen(Screen[None]):
             "  ", (f"{speed:,.0f}" if speed is not None else "-", "bold"), " tok/s",
             "\n", memory_line(h),
         )
-        self.query_one("#metrics", Static).update(metrics)
+        self._update("#metrics", metrics, layout=False)  # two lines, always
 
         curves = {
             "loss": [v for s in h.steps if (v := _number(s.get("loss"))) is not None],
@@ -332,20 +361,45 @@ class RunScreen(Screen[None]):
             self.query_one(f"#{key}-curve", Sparkline).data = data
             value = latest[key]
             shown = "" if value is None else (f" {value:.2e}" if key == "lr" else f" {value:.4f}")
-            self.query_one(f"#{key}-box").border_title = titles[key] + shown
+            box = self.query_one(f"#{key}-box")
+            if box.border_title != titles[key] + shown:
+                box.border_title = titles[key] + shown
 
-        self.query_one("#diagnosis", Static).update(Text(diagnosis_line(h) or "learning curves: waiting for "
-                                                         "validation losses", "italic"))
+        self._update("#diagnosis", Text(diagnosis_line(h) or "learning curves: waiting for validation losses",
+                                        "italic"))
 
-        self.query_one("#events", RichLog).border_subtitle = (
-            f"d leaves it training; come back with: qlora-wizard attach {self.run_dir}"
-            if status in ("running", "starting") else "")
+        subtitle = (f"d leaves it training; come back with: qlora-wizard attach {self.run_dir}"
+                    if status in ("running", "starting") else "")
+        events_box = self.query_one("#events", Static)
+        if events_box.border_subtitle != subtitle:
+            events_box.border_subtitle = subtitle
 
         alert = self.query_one("#alert", Static)
         lines = self._alert_lines(status)
         alert.set_class(bool(lines), "-shown")
         alert.set_class(status in ("crashed", "failed"), "-error")
-        alert.update(Text("\n".join(lines)))
+        self._update("#alert", Text("\n".join(lines)))
+
+    def _show_events(self) -> None:
+        """The newest event lines that fit the panel, one line each (the log screen has the rest).
+
+        A Static of fixed size rather than a scrolling log: a log grows with every line and each
+        growth costs a whole new layout of the screen."""
+        rows = max(1, self.query_one("#events", Static).content_size.height)
+        lines = list(self._event_lines)[-rows:]
+        self._update("#events", Text("\n".join(lines), no_wrap=True, overflow="ellipsis"), layout=False)
+
+    def on_resize(self) -> None:
+        """A taller or shorter panel shows more or fewer events."""
+        self.call_after_refresh(self._show_events)
+
+    def _update(self, selector: str, content: Text | str, layout: bool = True) -> None:
+        """Show ``content`` in a Static unless it is already shown: redrawing is the screen's main cost,
+        and a change of size (``layout``) costs a whole new layout, so fixed-size parts skip it."""
+        if self._shown_content.get(selector) == content:
+            return
+        self._shown_content[selector] = content
+        self.query_one(selector, Static).update(content, layout=layout)
 
     def _alert_lines(self, status: str) -> list[str]:
         """What a run that stopped short needs said: why, the log's last words, how to go on."""
