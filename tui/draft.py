@@ -244,17 +244,24 @@ class MemoryView:
         return self.estimate.fits(self.budget_bytes)
 
 
-def memory_view(draft: Draft, budget_bytes: int | None = None) -> MemoryView:
-    """Estimate the draft's training memory against ``budget_bytes`` (else the first GPU's free memory)."""
-    from engine.memory import estimate_training_memory, fit
+def draft_estimate(draft: Draft) -> tuple[Any, Any]:
+    """The memory settings of the draft on the first GPU (or an assumed bf16 one) and their estimate."""
+    from engine.memory import estimate_training_memory
     from engine.plan import assumed_gpu, memory_settings, plan_device
-    from tui.format import gib
 
-    info = draft.info
-    gpus = draft.gpus
+    info, gpus = draft.info, draft.gpus
     device = plan_device(draft.preset, gpus, info.model_type) if gpus else assumed_gpu(draft.preset, info.model_type)
     settings = memory_settings(draft.preset, info, device)
-    est = estimate_training_memory(info, settings)
+    return settings, estimate_training_memory(info, settings)
+
+
+def memory_view(draft: Draft, budget_bytes: int | None = None) -> MemoryView:
+    """Estimate the draft's training memory against ``budget_bytes`` (else the first GPU's free memory)."""
+    from engine.memory import fit
+    from tui.format import gib
+
+    info, gpus = draft.info, draft.gpus
+    settings, est = draft_estimate(draft)
     if budget_bytes is not None:
         name = f"{gib(budget_bytes)} (typed)"
     elif gpus:
@@ -308,7 +315,7 @@ class LoraView:
 
 def lora_view(draft: Draft) -> LoraView:
     """The draft's adapters: how many parameters they train and what they hold in memory."""
-    est = memory_view(draft).estimate
+    _, est = draft_estimate(draft)
     c = est.components
     added = c["lora_weights"] + c["lora_gradients"] + c["optimizer_states"]
     return LoraView(est.lora_params, est.lora_params / max(1, draft.info.params_total), added)
