@@ -55,11 +55,12 @@ EVENT_LINES = 200
 
 
 
-SHOW_EVERY_S = 0.5
+SHOW_EVERY_S = 0.75
 """Least time between two redraws. A fast run writes ten steps a second, and redrawing the curves
-for each cost about 12 ms of CPU on a 2-core machine, 13 % of the demo run's time; drawing at most
-twice a second keeps news on screen within a second of being written (poll + this) at a fraction
-of that (benchmarks/RESULTS.md, "Overhead")."""
+for each cost about 12 ms of CPU on a 2-core machine (the demo run took 11-15 % longer); batching
+news into at most one redraw per 0.75 s still shows a step well within a second of being written
+(the next redraw is at most this far away, and the poll runs in between) and costs a third as much
+(benchmarks/RESULTS.md, "Overhead")."""
 
 
 # ---------------------------------------------------------------------------------------------
