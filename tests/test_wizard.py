@@ -165,7 +165,9 @@ async def test_a_model_that_needs_its_own_code_asks_before_running_it(hf_configs
         await pilot.press("n")
         await pilot.pause(0.2)
         assert app.draft.preset.model.trust_remote_code is False
-        assert "needs Python code" in flat(screen_text(app)) or "needs" in (app.model_error or "")
+        # Refused: the reason stays on the model step, and Next stays off.
+        assert "needs its own Python code" in region_text(app, "#facts-box")
+        assert not app.draft.model_ready and not app.screen.ready()
         app.read_model()
         await wait_for(pilot, "Allow it only if you trust", timeout=30)
         await pilot.press("y")
