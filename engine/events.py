@@ -135,7 +135,12 @@ def fold_history(events: list[dict]) -> RunHistory:
     that the earlier process wrote is dropped, since that work was lost and is done again.
     An ``end`` event before a resume no longer describes the run.
     """
-    h = RunHistory()
+    return extend_history(RunHistory(), events)
+
+
+def extend_history(h: RunHistory, events: list[dict]) -> RunHistory:
+    """Fold more events into ``h`` (in place, and returned): a follower folds each poll's news
+    instead of the whole file again. ``fold_history(a + b)`` equals ``extend_history(fold_history(a), b)``."""
     for ev in events:
         kind = ev.get("kind")
         if kind == "start":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from engine.events import EventTail, EventWriter, fold_history, read_events
+from engine.events import EventTail, EventWriter, extend_history, fold_history, read_events
 
 
 def test_writer_appends_one_json_object_per_line(tmp_path):
@@ -33,18 +33,20 @@ def test_a_torn_line_in_the_middle_is_skipped(tmp_path):
     assert [e["kind"] for e in read_events(tmp_path)] == ["start", "end"]
 
 
+RESUMED_RUN = [
+    {"kind": "start", "total_steps": 10},
+    *({"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 8)),
+    {"kind": "checkpoint", "step": 5},
+    {"kind": "eval", "step": 6, "eval_loss": 0.5},
+    # kill -9 at step 7; resume from the checkpoint at step 5
+    {"kind": "start", "total_steps": 10, "resumed_from_step": 5},
+    *({"kind": "step", "step": s, "loss": 1.0 / s} for s in range(6, 11)),
+    {"kind": "end", "status": "finished", "step": 10},
+]
+
+
 def test_fold_history_drops_work_lost_before_a_resume():
-    events = [
-        {"kind": "start", "total_steps": 10},
-        *({"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 8)),
-        {"kind": "checkpoint", "step": 5},
-        {"kind": "eval", "step": 6, "eval_loss": 0.5},
-        # kill -9 at step 7; resume from the checkpoint at step 5
-        {"kind": "start", "total_steps": 10, "resumed_from_step": 5},
-        *({"kind": "step", "step": s, "loss": 1.0 / s} for s in range(6, 11)),
-        {"kind": "end", "status": "finished", "step": 10},
-    ]
-    h = fold_history(events)
+    h = fold_history(RESUMED_RUN)
     assert [s["step"] for s in h.steps] == list(range(1, 11))
     assert h.evals == []
     assert h.end["status"] == "finished"
@@ -55,3 +57,9 @@ def test_an_end_before_a_resume_no_longer_describes_the_run():
     h = fold_history([{"kind": "start"}, {"kind": "end", "status": "stopped", "step": 3},
                       {"kind": "start", "resumed_from_step": 3}])
     assert h.end is None
+
+
+def test_a_follower_folding_each_poll_sees_what_folding_the_whole_file_gives():
+    for cut in range(len(RESUMED_RUN) + 1):
+        h = extend_history(fold_history(RESUMED_RUN[:cut]), RESUMED_RUN[cut:])
+        assert h == fold_history(RESUMED_RUN), cut

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.events import EventTail, fold_history
+from engine.events import EventTail, extend_history, fold_history
 from engine.runs import is_running, log_tail, stop_run
 from tui.format import duration, gib
 
@@ -147,7 +147,7 @@ def follow_run(run_dir: str | Path, tty: bool | None = None) -> int:
     run_dir = Path(run_dir)
     tty = sys.stdout.isatty() if tty is None else tty
     tail = EventTail(run_dir)
-    events: list[dict] = []
+    history = fold_history([])
     stop_sent = False
 
     def _interrupt(signum, frame):
@@ -165,8 +165,7 @@ def follow_run(run_dir: str | Path, tty: bool | None = None) -> int:
             gone_since = None
             while True:
                 new = tail.read_new()
-                events.extend(new)
-                history = fold_history(events)
+                history = extend_history(history, new)
                 for ev in new:
                     display.show(ev, history)
                 if history.end is not None and not is_running(run_dir):

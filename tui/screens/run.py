@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -25,20 +24,18 @@ from textual.screen import Screen
 from textual.widgets import (
     Footer,
     Header,
-    Label,
-    ProgressBar,
     RichLog,
-    Sparkline,
     Static,
 )
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from engine.curves import diagnose
-from engine.events import EventTail, RunHistory, fold_history
+from engine.events import EventTail, RunHistory, extend_history, fold_history
 from tui.console import describe
 from tui.dialogs.confirm import Confirm
 from tui.format import duration, gib
+from tui.widgets.live import Curve, ProgressLine, TailLines
 
 POLL_S = 0.2
 """Seconds between looks at the events file: a step shows well within a second of being written."""
@@ -55,12 +52,12 @@ EVENT_LINES = 200
 
 
 
-SHOW_EVERY_S = 0.75
-"""Least time between two redraws. A fast run writes ten steps a second, and redrawing the curves
-for each cost about 12 ms of CPU on a 2-core machine (the demo run took 11-15 % longer); batching
-news into at most one redraw per 0.75 s still shows a step well within a second of being written
-(the next redraw is at most this far away, and the poll runs in between) and costs a third as much
-(benchmarks/RESULTS.md, "Overhead")."""
+SHOW_EVERY_S = 1.0
+"""Least time between two redraws. News that comes after a quiet second (a real model's steps take
+seconds) is drawn at once, within a poll of being written; news that comes faster is batched into
+one redraw a second. The demo writes ten steps a second, and drawing each cost about 12 ms of CPU on
+a 2-core machine, stretching its training by 11-15 %; with batching and the cheap widgets of
+``tui.widgets.live`` the screen costs it under 2 % (benchmarks/RESULTS.md, "Overhead")."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,23 +223,23 @@ class RunScreen(Screen[None]):
         self._last_show = 0.0
         self._show_timer: Timer | None = None
         self._shown_content: dict[str, Text | str] = {}
-        self._event_lines: deque[str] = deque(maxlen=EVENT_LINES)
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(id="status")
-        with Horizontal(id="progress-row"):
-            yield ProgressBar(id="progress", show_eta=False)
-            yield Label(id="eta")
+        # One line of text, not Textual's ProgressBar: that is four widgets to redraw for every
+        # step, and while its total is unknown (the run loading its model) it animates, redrawing
+        # the whole screen 15 times a second (measured).
+        yield ProgressLine(id="progress")
         yield Static(id="metrics")
         with Horizontal(id="curves"):
             for key, title in (("loss", "training loss"), ("val", "validation loss"), ("lr", "learning rate")):
                 with Vertical(id=f"{key}-box", classes="curve") as box:
                     box.border_title = title
-                    yield Sparkline([], id=f"{key}-curve")
+                    yield Curve(id=f"{key}-curve")
         yield Static(id="diagnosis")
         yield Static(id="alert")
-        events = Static(id="events")
+        events = TailLines(EVENT_LINES, id="events")
         events.border_title = "latest events"
         yield events
         yield Footer()
@@ -288,7 +285,7 @@ class RunScreen(Screen[None]):
                 self._log_screen.show_lines(message.log)
         if message.events:
             self.events.extend(message.events)
-            self.history = fold_history(self.events)
+            self.history = extend_history(self.history, message.events)
             self._unshown.extend(message.events)
         self.running = message.alive
         self.status = run_status(self.history, message.alive)
@@ -311,9 +308,8 @@ class RunScreen(Screen[None]):
             self._show_timer = None
         self._last_show = time.monotonic()
         if self._unshown:
-            self._event_lines.extend(describe(event) for event in self._unshown)
+            self.query_one("#events", TailLines).add(describe(event) for event in self._unshown)
             self._unshown = []
-        self._show_events()
         h, status = self.history, self.status
         last = h.last_step or {}
         total = h.total_steps
@@ -326,9 +322,6 @@ class RunScreen(Screen[None]):
         head.append(f"{model_name(h)} on {(h.start or {}).get('device_name', '?')}", "dim")
         self._update("#status", head, layout=False)  # one line, always
 
-        bar = self.query_one("#progress", ProgressBar)
-        if total:
-            bar.update(total=total, progress=min(step, total))
         eta = eta_seconds(h)
         if h.end is not None and h.end.get("elapsed_s") is not None:
             eta_text = f"took {duration(h.end['elapsed_s'])}"
@@ -336,7 +329,7 @@ class RunScreen(Screen[None]):
             eta_text = f"ETA {duration(eta)}"
         else:
             eta_text = "ETA -"
-        self._update("#eta", eta_text, layout=False)  # a fixed width
+        self.query_one("#progress", ProgressLine).show(step, total, eta_text)
 
         loss = _number(last.get("loss"))
         val = _number(h.evals[-1].get("eval_loss")) if h.evals else None
@@ -356,22 +349,17 @@ class RunScreen(Screen[None]):
             "val": [v for e in h.evals if (v := _number(e.get("eval_loss"))) is not None],
             "lr": [v for s in h.steps if (v := _number(s.get("learning_rate"))) is not None],
         }
-        latest = {"loss": loss, "val": val, "lr": lr}
-        titles = {"loss": "training loss", "val": "validation loss", "lr": "learning rate"}
+        # The latest values are on the metrics line, in the curves' colours; the boxes' titles stay
+        # fixed, so a new step redraws the curves' insides only.
         for key, data in curves.items():
-            self.query_one(f"#{key}-curve", Sparkline).data = data
-            value = latest[key]
-            shown = "" if value is None else (f" {value:.2e}" if key == "lr" else f" {value:.4f}")
-            box = self.query_one(f"#{key}-box")
-            if box.border_title != titles[key] + shown:
-                box.border_title = titles[key] + shown
+            self.query_one(f"#{key}-curve", Curve).show(data)
 
         self._update("#diagnosis", Text(diagnosis_line(h) or "learning curves: waiting for validation losses",
                                         "italic"))
 
         subtitle = (f"d leaves it training; come back with: qlora-wizard attach {self.run_dir}"
                     if status in ("running", "starting") else "")
-        events_box = self.query_one("#events", Static)
+        events_box = self.query_one("#events", TailLines)
         if events_box.border_subtitle != subtitle:
             events_box.border_subtitle = subtitle
 
@@ -380,19 +368,6 @@ class RunScreen(Screen[None]):
         alert.set_class(bool(lines), "-shown")
         alert.set_class(status in ("crashed", "failed"), "-error")
         self._update("#alert", Text("\n".join(lines)))
-
-    def _show_events(self) -> None:
-        """The newest event lines that fit the panel, one line each (the log screen has the rest).
-
-        A Static of fixed size rather than a scrolling log: a log grows with every line and each
-        growth costs a whole new layout of the screen."""
-        rows = max(1, self.query_one("#events", Static).content_size.height)
-        lines = list(self._event_lines)[-rows:]
-        self._update("#events", Text("\n".join(lines), no_wrap=True, overflow="ellipsis"), layout=False)
-
-    def on_resize(self) -> None:
-        """A taller or shorter panel shows more or fewer events."""
-        self.call_after_refresh(self._show_events)
 
     def _update(self, selector: str, content: Text | str, layout: bool = True) -> None:
         """Show ``content`` in a Static unless it is already shown: redrawing is the screen's main cost,
