@@ -14,7 +14,8 @@ totals within 5.5 %. ``tests/test_memory.py`` holds those measurements.
 
 There are two moments in a step where memory peaks, and they never hold memory at the same time:
 
-* the loss: the logits in fp32 and their gradients (``logits_and_loss``);
+* the loss: the logits in fp32 and their gradients (``logits_and_loss``), for one chunk of positions
+  where the engine computes the loss itself (``engine.loss``), else for the whole micro batch;
 * the backward pass through one decoder layer: its recomputed activations, its gradients and a
   dequantized weight (part of ``activations``).
 
@@ -58,7 +59,7 @@ COMPONENT_DESCRIPTIONS = {
     "optimizer_states": "AdamW's two moments per adapter weight (fp32 or 8 bit)",
     "cublas_workspace": "cuBLAS/cuBLASLt scratch space",
     "activations": "tensors kept for the backward pass, plus one layer's backward",
-    "logits_and_loss": "logits in fp32 and their gradients at the loss",
+    "logits_and_loss": "fp32 logits and their gradients at the loss, for one chunk of positions",
     "allocator_overhead": "memory PyTorch's caching allocator holds but does not use",
     "cuda_context": "CUDA context and kernels, outside PyTorch's counters",
 }
@@ -230,6 +231,11 @@ class MemorySettings:
     autocast: bool = True
     """The forward runs under ``torch.autocast`` (Trainer with bf16/fp16 on); without it peft casts
     each adapter's input to fp32."""
+    loss_chunk: int | None = None
+    """Positions whose logits exist at once when the engine computes the loss itself
+    (``engine.loss.LOSS_CHUNK_TOKENS``, for the architectures it does that for); None for
+    transformers' own loss, every position's logits at once (what the H100 measurements in
+    ``benchmarks/GPU-RESULTS.md`` ran)."""
 
     def __post_init__(self) -> None:
         _choice("quantization", self.quantization, QUANTIZATIONS)
@@ -242,6 +248,8 @@ class MemorySettings:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         _positive_int("micro_batch_size", self.micro_batch_size)
         _positive_int("seq_len", self.seq_len)
+        if self.loss_chunk is not None:
+            _positive_int("loss_chunk", self.loss_chunk)
         _flag("gradient_checkpointing", self.gradient_checkpointing)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -576,6 +584,21 @@ def _stash_bytes(info: ModelInfo, s: MemorySettings, saved_per_layer: int, lora_
     return int(held)
 
 
+def loss_peak_bytes(info: ModelInfo, s: MemorySettings) -> int:
+    """What the loss adds at its peak for one micro batch.
+
+    transformers' own loss (``s.loss_chunk`` None): ``LOSS_BYTES_PER_LOGIT`` for every position's
+    every vocabulary entry. The engine's chunked loss (``engine.loss``): that for one chunk of
+    positions, plus the trained positions' hidden states gathered for the head and the gradients
+    of those and of all the final hidden states (compute dtype), at most every position each.
+    """
+    t = s.tokens_per_micro_batch
+    if s.loss_chunk is None:
+        return LOSS_BYTES_PER_LOGIT * t * info.vocab_size
+    return (LOSS_BYTES_PER_LOGIT * min(t, s.loss_chunk) * info.vocab_size
+            + 3 * DTYPE_BYTES[s.compute_dtype] * t * info.hidden_size)
+
+
 def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> MemoryEstimate:
     """The peak GPU memory of one training step at ``settings``, by component."""
     s = settings
@@ -604,7 +627,7 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
     stash = _stash_bytes(info, s, saved_layer, lora_params)
     # With checkpointing, the backward first recomputes the layer (its saved tensors come back).
     layer_backward = working + (saved_layer if s.gradient_checkpointing else 0)
-    loss_peak = LOSS_BYTES_PER_LOGIT * t * info.vocab_size
+    loss_peak = loss_peak_bytes(info, s)
     activations = stash + layer_backward
     overhead = int(LOSS_FRAGMENTATION * loss_peak)
 

@@ -104,6 +104,7 @@ def resolve_targets(preset: Preset, info) -> tuple[str, ...]:
 
 def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
     """The memory model's settings for this preset on this device (``engine.memory.MemorySettings``)."""
+    from engine.loss import LOSS_CHUNK_TOKENS, chunked_loss_applies
     from engine.memory import MemorySettings
 
     device = device or assumed_gpu(preset, info.model_type)
@@ -124,4 +125,6 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         lora_dropout=preset.lora.dropout,
         # Trainer autocasts to bf16/fp16 on a GPU; on the CPU it computes in fp32.
         autocast=device.device == "cuda",
+        # What engine.train does: the loss a chunk of positions at a time where it can.
+        loss_chunk=LOSS_CHUNK_TOKENS if chunked_loss_applies(info.model_type) else None,
     )

@@ -529,17 +529,35 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     # 3. The trainer.
     from transformers import Trainer
 
+    from engine.loss import causal_lm_loss, decoder_and_head
+
     counter = {"tokens": 0}
     run: dict = {}
     callback = _make_callback(events, stop, counter, device_plan.device, run)
     state["callback"] = callback
 
     class CountingTrainer(Trainer):
-        """Trainer that counts the real tokens of each training micro batch (not evaluation's)."""
+        """Trainer that counts the real tokens of each training micro batch (not evaluation's) and
+        computes the loss itself where ``engine.loss`` can (trained positions only, in chunks)."""
 
         def training_step(self, model, inputs, *args, **kwargs):
             counter["tokens"] += _count_tokens(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            decoder, head = decoder_and_head(self.accelerator.unwrap_model(model))
+            if decoder is None or ("labels" not in inputs and "shift_labels" not in inputs):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            inputs = dict(inputs)
+            labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
+            # The model's forward runs under the mixed-precision autocast accelerate wraps it in;
+            # the decoder called directly needs the same.
+            with self.accelerator.autocast():
+                hidden = decoder(**inputs).last_hidden_state
+                loss = causal_lm_loss(hidden, head, labels, shift_labels=shift_labels,
+                                      num_items_in_batch=num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
 
     trainer = CountingTrainer(
         model=model,

@@ -124,11 +124,12 @@ def test_adapter_loads_with_peft_and_generates(finished_run):
     assert isinstance(tok.decode(out[0]), str)
 
 
-def test_lora_weights_changed_and_base_weights_did_not(tmp_path):
+def test_lora_weights_changed_and_base_weights_did_not(tmp_path, monkeypatch):
     """In process, with a callback that snapshots every parameter before and after training."""
     import torch
     from transformers import TrainerCallback
 
+    import engine.loss
     from engine.runs import create_run
     from engine.preset import load_preset
     from engine.train import run_training
@@ -143,8 +144,19 @@ def test_lora_weights_changed_and_base_weights_did_not(tmp_path):
             seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
             seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
 
-    run_dir = create_run(load_preset(write_preset(tmp_path, training__max_steps=8)), tmp_path / "run")
+    # The loss of every micro batch is the engine's own (engine.loss), not transformers'.
+    calls = {"train": 0, "eval": 0}
+    real_loss = engine.loss.causal_lm_loss
+
+    def counted(*args, **kwargs):
+        calls["train" if torch.is_grad_enabled() else "eval"] += 1
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(engine.loss, "causal_lm_loss", counted)
+    preset = load_preset(write_preset(tmp_path, training__max_steps=8))
+    run_dir = create_run(preset, tmp_path / "run")
     assert run_training(run_dir, callbacks=(Snapshot(),)) == 0
+    assert calls["train"] == 8 * preset.training.gradient_accumulation_steps and calls["eval"] > 0
     before, after, trainable = seen["before"], seen["after"], seen["trainable"]
     assert trainable and all("lora_" in n for n in trainable)
     changed = [n for n in trainable if not torch.equal(before[n], after[n])]

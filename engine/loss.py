@@ -1,0 +1,104 @@
+"""The training loss, computed where it is needed and a chunk at a time.
+
+transformers' causal-LM forward applies ``lm_head`` to every position and the loss keeps the logits
+in fp32 for the backward: 12 bytes per token per vocabulary entry (measured to 0.1 %,
+``benchmarks/RESULTS.md``, "Chunked cross-entropy"), 1.5 MiB per token with Llama-3's 128,256
+entries: 11.7 GiB for one 8,192-token micro batch, more than a 1B model's whole training otherwise.
+
+Here the decoder runs alone, and the head and the cross-entropy see only the positions whose next
+token is trained (a prompt-masked example's prompt needs no logits), ``LOSS_CHUNK_TOKENS`` at a
+time. Each chunk runs under activation checkpointing: its logits are freed after its forward and
+recomputed in the backward, so the loss's peak is 12 x min(trained positions, chunk) x vocabulary.
+The sum is the one transformers computes (cross-entropy of the shifted labels, divided by the
+Trainer's count of trained tokens across the accumulated micro batches, or their mean); only the
+order of the additions differs.
+
+Used for the architectures in ``CHUNKED_LOSS_MODEL_TYPES``, whose causal-LM forward is exactly
+decoder -> ``lm_head`` -> that loss (no logit scaling or soft-capping, no auxiliary loss); any
+other model keeps its own forward. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+LOSS_CHUNK_TOKENS = 1024
+"""Positions whose logits exist at once. 1,024 keeps the loss of a 128k-vocabulary model at
+1.5 GiB whatever the micro batch; smaller chunks save little more and cost more time (measured:
+256 saves another 1.1 GiB at 8,192 tokens for 1.05-1.2x the head's time on the CPU)."""
+
+CHUNKED_LOSS_MODEL_TYPES = frozenset({
+    "gemma", "llama", "mistral", "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen3", "stablelm", "starcoder2",
+})
+"""``config.model_type`` values whose ``ForCausalLM.forward`` is decoder, ``lm_head``, causal-LM
+loss and nothing else (checked against transformers 5's modeling files). Gemma-2/3 soft-cap their
+logits, Cohere and Granite scale them, mixture-of-experts models add a router loss: those keep
+transformers' own forward."""
+
+IGNORE_INDEX = -100
+
+
+def chunked_loss_applies(model_type: str | None) -> bool:
+    """Whether the engine computes this architecture's loss itself (and the memory estimate
+    counts one chunk's logits instead of the whole micro batch's)."""
+    return (model_type or "") in CHUNKED_LOSS_MODEL_TYPES
+
+
+def loss_positions(tokens: int, chunk: int = LOSS_CHUNK_TOKENS) -> int:
+    """Positions whose logits exist at once at the loss's peak, for a micro batch of ``tokens``."""
+    return min(tokens, chunk)
+
+
+def causal_lm_loss(hidden, head, labels=None, *, shift_labels=None, num_items_in_batch=None,
+                   chunk: int = LOSS_CHUNK_TOKENS):
+    """The causal-LM loss of ``hidden`` (batch x positions x hidden size) through ``head``.
+
+    ``labels`` are the input ids with ``-100`` where nothing is trained (shifted here, as
+    transformers does), or ``shift_labels`` already shifted. ``num_items_in_batch``: the sum is
+    divided by it (the Trainer's count over the accumulated micro batches); without it, the mean.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if keep.numel() == 0:
+        total = flat.sum() * 0.0  # nothing trained in this micro batch; keeps the graph connected
+    else:
+        picked = flat.index_select(0, keep)
+        picked_targets = targets.index_select(0, keep)
+        many = picked.shape[0] > chunk and torch.is_grad_enabled()
+        total = None
+        for start in range(0, picked.shape[0], chunk):
+            h, t = picked[start:start + chunk], picked_targets[start:start + chunk]
+            part = (checkpoint(_chunk_loss, head, h, t, use_reentrant=False) if many
+                    else _chunk_loss(head, h, t))
+            total = part if total is None else total + part
+    if num_items_in_batch is None:
+        return total / max(1, keep.numel())
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _chunk_loss(head, hidden, targets):
+    """Summed cross-entropy of one chunk, its logits upcast to fp32 as transformers does."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def decoder_and_head(model):
+    """The decoder (its output: the final hidden states) and the output head of a causal LM,
+    through a peft wrapper if there is one; (None, None) when the model is not one of
+    ``CHUNKED_LOSS_MODEL_TYPES``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if not chunked_loss_applies(getattr(config, "model_type", None)):
+        return None, None
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if decoder is None or head is None or decoder is base:
+        return None, None
+    return decoder, head

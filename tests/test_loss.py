@@ -1,0 +1,168 @@
+"""The engine's own loss (trained positions only, in chunks) against transformers' loss, on the real
+demo model with LoRA adapters: the same value and the same adapter gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.loss import LOSS_CHUNK_TOKENS, chunked_loss_applies, loss_positions
+
+DEMO = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_batches():
+    """Six demo examples, packed as the engine packs them and padded as the plain recipe pads them."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from engine import data as data_mod
+    from engine.plan import plan_device
+    from engine.preset import load_preset
+    from engine.train import _collator
+
+    preset = load_preset(DEMO)
+    tok = data_mod.load_tokenizer(preset.model)
+    prepared = data_mod.prepare_data(preset.data, tok, preset.training.seq_len, preset.training.seed)
+    feats = [{"input_ids": prepared.train[i]["input_ids"], "labels": prepared.train[i]["labels"]} for i in range(6)]
+    packed = _collator(preset, tok, plan_device(preset, []))(feats)
+    padded = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")(feats)
+    return packed, padded
+
+
+def _lora_model(attn: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from engine.demo import ensure_demo_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(ensure_demo_model(), dtype=torch.float32, attn_implementation=attn)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():  # adapters that already do something, so every gradient is non-zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("items", ["counted", "mean"])
+def test_chunked_loss_gives_transformers_loss_and_adapter_gradients(demo_batches, layout, items):
+    import torch
+
+    from engine.loss import causal_lm_loss, decoder_and_head
+    from engine.train import PACKED_SDPA
+
+    packed, padded = demo_batches
+    batch = dict(packed if layout == "packed" else padded)
+    labels = batch.pop("labels")
+    trained = int(labels[..., 1:].ne(-100).sum())
+    assert trained > 30  # several chunks of 8 below
+    # The Trainer's count over two accumulated micro batches, say: the loss is a share of their sum.
+    n = torch.tensor(trained * 2) if items == "counted" else None
+    model = _lora_model(PACKED_SDPA if layout == "packed" else "sdpa")
+
+    ref = model(**batch, labels=labels, **({"num_items_in_batch": n} if n is not None else {})).loss
+    ref.backward()
+    want = _grads(model)
+    model.zero_grad()
+
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(**batch).last_hidden_state
+    got = causal_lm_loss(hidden, head, labels, num_items_in_batch=n, chunk=8)
+    got.backward()
+    have = _grads(model)
+
+    assert abs(got.item() - ref.item()) < 1e-6 * max(1.0, ref.item())
+    assert want.keys() == have.keys() and len(want) == 2 * len(model.base_model.model.model.layers) * 2
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_without_gradients_the_chunks_are_not_checkpointed_and_the_loss_is_the_same(demo_batches):
+    import torch
+
+    from engine.loss import causal_lm_loss, decoder_and_head
+    from engine.train import PACKED_SDPA
+
+    batch = dict(demo_batches[0])
+    labels = batch.pop("labels")
+    model = _lora_model(PACKED_SDPA)
+    decoder, head = decoder_and_head(model)
+    with torch.no_grad():
+        ref = model(**batch, labels=labels).loss
+        got = causal_lm_loss(decoder(**batch).last_hidden_state, head, labels, chunk=16)
+    assert abs(got.item() - ref.item()) < 1e-6 * ref.item()
+
+
+def test_a_micro_batch_with_nothing_trained_gives_zero_and_zero_gradients(demo_batches):
+    import torch
+
+    from engine.loss import causal_lm_loss, decoder_and_head
+    from engine.train import PACKED_SDPA
+
+    batch = dict(demo_batches[0])
+    labels = torch.full_like(batch.pop("labels"), -100)
+    model = _lora_model(PACKED_SDPA)
+    decoder, head = decoder_and_head(model)
+    loss = causal_lm_loss(decoder(**batch).last_hidden_state, head, labels)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in _grads(model).values())
+
+
+def test_architectures_that_change_their_logits_keep_their_own_forward():
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
+
+    from engine.loss import decoder_and_head
+
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=64, head_dim=8)
+    gemma2 = AutoModelForCausalLM.from_config(Gemma2Config(**small))  # soft-capped logits
+    assert decoder_and_head(gemma2) == (None, None)
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(**small))
+    decoder, head = decoder_and_head(llama)
+    assert decoder is llama.model and head is llama.lm_head
+    assert chunked_loss_applies("llama") and chunked_loss_applies("qwen2")
+    assert not chunked_loss_applies("gemma2") and not chunked_loss_applies("mixtral")
+
+
+def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks():
+    import json
+
+    from engine.memory import LOSS_BYTES_PER_LOGIT, estimate_training_memory
+    from engine.modelinfo import inspect_model
+    from engine.plan import memory_settings
+    from engine.preset import preset_from_dict
+
+    configs = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "hf-configs"
+    if not configs.is_dir():
+        pytest.skip("../shared/fixtures/hf-configs is not here")
+
+    def loss(name: str, tokens: int) -> tuple[int, object]:
+        info = inspect_model(str(configs / name))
+        preset = preset_from_dict({"model": {"source": str(configs / name)}, "data": {"train": "builtin:demo"},
+                                   "training": {"seq_len": tokens, "micro_batch_size": 1}})
+        s = memory_settings(preset, info)  # what the wizard and the training process use
+        return estimate_training_memory(info, s).components["logits_and_loss"], info
+
+    # Llama: one chunk of logits whatever the micro batch, plus the hidden states and their gradients (bf16).
+    for tokens in (512, 2048, 8192):
+        got, llama = loss("meta-llama__Llama-3.1-8B", tokens)
+        assert got == LOSS_BYTES_PER_LOGIT * min(tokens, LOSS_CHUNK_TOKENS) * llama.vocab_size \
+            + 3 * 2 * tokens * llama.hidden_size
+    assert loss_positions(8192) == LOSS_CHUNK_TOKENS
+    assert loss("meta-llama__Llama-3.1-8B", 8192)[0] < 0.15 * LOSS_BYTES_PER_LOGIT * 8192 * llama.vocab_size
+    # Gemma-2 soft-caps its logits: transformers' loss, every position's logits.
+    assert json.loads((configs / "google__gemma-2-9b" / "config.json").read_text())["final_logit_softcapping"]
+    got, gemma2 = loss("google__gemma-2-9b", 8192)
+    assert got == LOSS_BYTES_PER_LOGIT * 8192 * gemma2.vocab_size
