@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-masked-sdpa", action="store_true",
                    help="run the engine with plain SDPA on packed rows (a dense block-diagonal mask), as it "
                         "was before its per-example attention, for comparison")
+    p.add_argument("--engine-full-loss", action="store_true",
+                   help="the engine with transformers' loss (every position's logits at once) instead of its own "
+                        "chunked loss on the trained positions, to measure that change")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--keep", type=Path, help="keep the work folder here instead of a temporary one")
     p.add_argument("--worker", choices=["plain"], help=argparse.SUPPRESS)
@@ -389,10 +392,15 @@ def main(argv: list[str] | None = None) -> int:
                     run_dir.mkdir(parents=True)
                     shutil.copy(preset_file, run_dir / "preset.yaml")
                     cmd = [sys.executable, "-m", "engine.train", str(run_dir)]
-                    if a.engine_masked_sdpa:  # the same entry point with the attention choice put back
-                        cmd = [sys.executable, "-c", "import sys, engine.train as t; "
-                               "t._attn_implementation = lambda preset, plan: plan.attn_implementation; "
-                               "sys.exit(t.main(sys.argv[1:]))", str(run_dir)]
+                    # The same entry point with one of the engine's changes put back, to measure it.
+                    patches = []
+                    if a.engine_masked_sdpa:  # transformers' SDPA with its dense mask on packed rows
+                        patches.append("t._attn_implementation = lambda preset, plan: plan.attn_implementation")
+                    if a.engine_full_loss:  # transformers' loss: every position's logits at once
+                        patches.append("import engine.loss as l; l.decoder_and_head = lambda model: (None, None)")
+                    if patches:
+                        cmd = [sys.executable, "-c", "import sys, engine.train as t; " + "; ".join(patches)
+                               + "; sys.exit(t.main(sys.argv[1:]))", str(run_dir)]
                     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                     if proc.returncode:
                         print(proc.stderr[-4000:], file=sys.stderr)

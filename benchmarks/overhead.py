@@ -11,7 +11,12 @@ starts the detached training process and returns; then, depending on the mode, t
   and renders every widget but writes nothing to a terminal;
 - ``pty``: the same app on a pseudo-terminal of 120 x 40 (Textual's real Linux driver, the escape
   sequences written as to a terminal); this script reads and discards them, so what a terminal
-  emulator would spend drawing them is not counted.
+  emulator would spend drawing them is not counted;
+- ``wizard``: the way a person using the wizard runs it: the real ``WizardApp`` on the same preset,
+  on a pseudo-terminal, opened on the review step; once it has read the model and checked the data
+  (and at least 2 s after it started) it starts the run as ctrl+r does (its own ``start_run``,
+  the run directory given) and switches to the run screen. Its start-up is over before the run
+  begins, as it is for a person.
 
 The attached app is this script in ``--driver`` mode: ``RunApp`` with one addition, a timer every
 0.5 s that samples the process's CPU time and exits the app once the screen shows the run ended (the
@@ -52,7 +57,8 @@ TICK_S = 0.2
 # The attached app (a process of its own)
 
 
-def driver(run_dir: Path, out: Path, headless: bool, size: tuple[int, int], tui_root: Path | None) -> int:
+def driver(run_dir: Path, out: Path, headless: bool, size: tuple[int, int], tui_root: Path | None,
+           wizard: bool = False) -> int:
     import asyncio
 
     sys.path.insert(0, str(ROOT))
@@ -63,6 +69,14 @@ def driver(run_dir: Path, out: Path, headless: bool, size: tuple[int, int], tui_
 
     samples: list[list[float]] = []
     seen: dict = {}
+    if wizard:
+        app = _wizard_app(run_dir, samples, seen)
+        ready = [time.time(), time.process_time()]
+        result = app.run()
+        out.write_text(json.dumps({"result": result, "samples": samples, "imported": ready,
+                                   "exited": [time.time(), time.process_time()], "seen_at_end": seen,
+                                   "tui_file": tui.app.__file__, "run_started": seen.get("run_started")}))
+        return 0
 
     class BenchRunApp(RunApp):
         CSS_PATH = str(Path(tui.app.__file__).parent / "app.tcss")  # RunApp's; Textual looks next to the subclass
@@ -90,6 +104,43 @@ def driver(run_dir: Path, out: Path, headless: bool, size: tuple[int, int], tui_
                                "exited": [time.time(), time.process_time()], "seen_at_end": seen,
                                "tui_file": tui.app.__file__}))
     return 0
+
+
+def _wizard_app(run_dir: Path, samples: list, seen: dict):
+    """The wizard on the demo preset's review step; starts the run once the model and data are read."""
+    import tui.wizard
+    from engine.runs import create_run, start_process
+    from tui.draft import Services, load_draft
+    from tui.wizard import WizardApp
+
+    def start_run(preset):  # the wizard's own start, into the given directory
+        rd = create_run(preset, run_dir)
+        start_process(rd)
+        return rd
+
+    opened = time.time()
+
+    class BenchWizardApp(WizardApp):
+        CSS_PATH = str(Path(tui.wizard.__file__).parent / "app.tcss")
+
+        def on_mount(self) -> None:
+            self.set_interval(0.5, self._bench_tick)
+
+        def _bench_tick(self) -> None:
+            samples.append([time.time(), time.process_time()])
+            if "run_started" not in seen:
+                if time.time() - opened > 2 and self.draft.model_ready and self.draft.data_ready:
+                    seen["run_started"] = [time.time(), time.process_time()]
+                    self.start_run()
+                return
+            status = getattr(self.screen, "status", None)
+            if status in ENDED:
+                seen.update(screen=type(self.screen).__name__, events=len(self.screen.events),
+                            stack=[type(s).__name__ for s in self.screen_stack])
+                self.exit(status)
+
+    return BenchWizardApp(load_draft(str(ROOT / "presets" / "tiny-demo.yaml")), services=Services(start_run=start_run),
+                          start="review")
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +179,8 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
     cli = [str(ROOT / ".venv" / "bin" / "qlora-wizard"), "--preset", "presets/tiny-demo.yaml", "--detach",
            "--run-dir", str(run_dir)]
     loadavg = Path("/proc/loadavg").read_text().split()[:3]
-    subprocess.run(cli, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    pid = json.loads((run_dir / "process.json").read_text())["pid"]
+    if mode != "wizard":
+        subprocess.run(cli, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
 
     app = master = None
     app_out = work / f"app-{tag}.json"
@@ -138,8 +189,8 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
     if mode != "none":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--driver", str(run_dir), "--driver-out", str(app_out),
                "--size", f"{size[0]}x{size[1]}"] + (["--headless"] if mode == "headless" else []) \
-            + (["--tui-root", str(tui_root)] if tui_root else [])
-        if mode == "pty":
+            + (["--wizard"] if mode == "wizard" else []) + (["--tui-root", str(tui_root)] if tui_root else [])
+        if mode in ("pty", "wizard"):
             import fcntl
             import pty
             import struct
@@ -156,6 +207,9 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
                                        stderr=app_err)
 
     # Follow the training process (and drain the pseudo-terminal) until both are done.
+    pid = None
+    if mode != "wizard":
+        pid = json.loads((run_dir / "process.json").read_text())["pid"]
     train_cpu = None
     app_rusage = app_status = None
     app_exit_time = None
@@ -177,6 +231,13 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
                     master = None
         else:
             time.sleep(TICK_S)
+        if pid is None:  # the wizard starts the run when it is ready
+            try:
+                pid = json.loads((run_dir / "process.json").read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                if os.wait4(app.pid, os.WNOHANG)[0]:
+                    raise SystemExit(f"the wizard exited before starting the run:\n{tail.decode(errors='replace')[-3000:]}")
+                continue
         if train_exit_time is None:
             c = _proc_cpu_s(pid)
             if c is not None:
@@ -214,7 +275,9 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
             raise SystemExit(f"the attached app failed (exit {app_status}):\n{err[-3000:]}")
         info = json.loads(app_out.read_text())
         samples = info["samples"]
-        cpu_total = app_rusage.ru_utime + app_rusage.ru_stime
+        # The kernel's count, except for the wizard: it is the training process's parent, and a
+        # reaped child's CPU time is added to its parent's. Its own clock at exit instead.
+        cpu_total = info["exited"][1] if mode == "wizard" else app_rusage.ru_utime + app_rusage.ru_stime
 
         def cpu_at(t: float) -> float | None:
             # Linear interpolation of the app's CPU time at wall time t, from its 0.5 s samples.
@@ -224,6 +287,11 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
             return None
 
         ca, cb = cpu_at(t_first), cpu_at(t_last)
+        # From the run's start (the wizard: when it started it; attached: the app's own start) to its end.
+        end_cpu = cpu_at(end["time"]) if isinstance(end.get("time"), (int, float)) else None
+        if end_cpu is None:
+            end_cpu = samples[-1][1] if samples else cpu_total
+        run_cpu = end_cpu - (info["run_started"][1] if info.get("run_started") else 0.0)
         res.update({
             "app_result": info["result"], "app_seen_at_end": info["seen_at_end"], "app_tui_file": info["tui_file"],
             "app_cpu_s": cpu_total, "app_maxrss": app_rusage.ru_maxrss * 1024,
@@ -233,7 +301,8 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
             "app_exit_after_train_s": app_exit_time - train_exit_time if train_exit_time else None,
             "pty_bytes": pty_bytes if mode == "pty" else None,
         })
-        res["app_share_of_run"] = cpu_total / end["elapsed_s"]
+        res["app_cpu_run_s"] = run_cpu
+        res["app_share_of_run"] = run_cpu / end["elapsed_s"]
         if res["app_cpu_steps_s"] is not None:
             res["app_share_of_steps"] = res["app_cpu_steps_s"] / res["steps_span_s"]
     if keep_events:
@@ -299,7 +368,8 @@ def _line(r: dict) -> str:
          f"({r['step_s_median'] * 1000:5.1f} ms/step median), training {r['train_cores']:.2f} cores, "
          f"load {' '.join(r['loadavg_before'])}")
     if r["mode"] != "none":
-        s += (f"; app CPU {r['app_cpu_s']:.2f} s ({r['app_share_of_run']:.1%} of elapsed), during steps "
+        s += (f"; app CPU {r['app_cpu_s']:.2f} s in all, {r['app_cpu_run_s']:.2f} s during the run "
+              f"({r['app_share_of_run']:.1%} of elapsed), during steps "
               f"{r['app_cpu_steps_s'] if r['app_cpu_steps_s'] is None else round(r['app_cpu_steps_s'], 2)} s"
               + (f" ({r['app_share_of_steps']:.1%})" if r.get("app_share_of_steps") is not None else "")
               + (f", {r['pty_bytes']:,} bytes to the terminal" if r.get("pty_bytes") else ""))
@@ -309,7 +379,7 @@ def _line(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--modes", nargs="+", default=["none", "headless", "pty"], choices=["none", "headless", "pty"])
+    p.add_argument("--modes", nargs="+", default=["none", "pty", "wizard"], choices=["none", "headless", "pty", "wizard"])
     p.add_argument("--size", default="120x40", help="columns x rows of the app's screen")
     p.add_argument("--json", type=Path, help="write every measurement here")
     p.add_argument("--no-warmup", action="store_true")
@@ -322,10 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tui-root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--driver-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--headless", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--wizard", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     size = tuple(int(x) for x in a.size.lower().split("x"))
     if a.driver:
-        return driver(a.driver, a.driver_out, a.headless, size, a.tui_root)
+        return driver(a.driver, a.driver_out, a.headless, size, a.tui_root, a.wizard)
 
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="qlora-overhead-"))
@@ -356,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                  "elapsed_s": [x["elapsed_s"] for x in rs], "steps_span_s": [x["steps_span_s"] for x in rs]}
             if mode != "none":
                 m["app_cpu_s_median"] = statistics.median(x["app_cpu_s"] for x in rs)
+                m["app_cpu_run_s_median"] = statistics.median(x["app_cpu_run_s"] for x in rs)
                 m["app_share_of_run_median"] = statistics.median(x["app_share_of_run"] for x in rs)
                 steps_cpu = [x["app_cpu_steps_s"] for x in rs if x["app_cpu_steps_s"] is not None]
                 if steps_cpu:
@@ -371,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                 m["elapsed_ratio"] = m["elapsed_s_median"] / base["elapsed_s_median"]
                 m["steps_span_ratio"] = m["steps_span_s_median"] / base["steps_span_s_median"]
                 line += (f"; vs none: elapsed x{m['elapsed_ratio']:.3f}, steps x{m['steps_span_ratio']:.3f}; app CPU "
-                         f"{m['app_cpu_s_median']:.2f} s = {m['app_share_of_run_median']:.1%} of the run")
+                         f"{m['app_cpu_s_median']:.2f} s in all, {m['app_cpu_run_s_median']:.2f} s during the run = "
+                         f"{m['app_share_of_run_median']:.1%} of its time")
                 if "app_cpu_steps_s_median" in m:
                     line += (f", {m['app_cpu_steps_s_median']:.2f} s during the steps = "
                              f"{m['app_share_of_steps_median']:.1%} of their span")
