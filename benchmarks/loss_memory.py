@@ -12,7 +12,9 @@ model's dtype (bfloat16 by default, as the real configs load):
   ``reduction="sum"`` divided by the number of trained labels, as the Trainer calls it);
 - ``chunk-N``: the same sum computed N tokens at a time; each chunk's ``lm_head`` + fp32 upcast +
   ``cross_entropy`` runs under ``torch.utils.checkpoint`` (non-reentrant), so the chunk's logits
-  are freed after the forward and recomputed, one chunk at a time, in the backward.
+  are freed after the forward and recomputed, one chunk at a time, in the backward;
+- ``engine-N`` (with ``--engine``): the engine's own loss, ``engine.loss.causal_lm_loss`` with
+  chunks of N: the trained positions gathered first (no logits for masked ones), then as chunk-N.
 
 Each measurement is a fresh process (a worker: this script with ``--worker``), so its memory high
 water mark is its own. The worker builds the tensors, runs one unmeasured step of the same size
@@ -111,7 +113,12 @@ def worker(spec: dict) -> dict:
             total = part if total is None else total + part
         return total / n_items
 
-    loss_fn = chunked_loss if chunk else full_loss
+    def engine_loss(h, w, labels, n_items):
+        from engine.loss import causal_lm_loss
+
+        return causal_lm_loss(h, lambda x: F.linear(x, w), labels, num_items_in_batch=n_items, chunk=chunk)
+
+    loss_fn = engine_loss if spec.get("engine") else chunked_loss if chunk else full_loss
 
     def make(n_tokens: int, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -186,15 +193,19 @@ def _mem_available() -> int:
     return 0
 
 
-def predicted(config_dir: Path, tokens: int) -> dict:
-    """What engine.memory says about the loss at micro batch 1 x ``tokens`` for this config."""
+def predicted(config_dir: Path, tokens: int, chunks: list[int] = ()) -> dict:
+    """What engine.memory says about the loss at micro batch 1 x ``tokens`` for this config: with
+    transformers' loss, and with the engine's own loss in chunks of each of ``chunks``."""
     from engine import memory
     from engine.modelinfo import inspect_model
 
     info = inspect_model(str(config_dir))
     est = memory.estimate_training_memory(info, memory.MemorySettings(micro_batch_size=1, seq_len=tokens))
+    engine = {f"engine-{c}": memory.estimate_training_memory(
+        info, memory.MemorySettings(micro_batch_size=1, seq_len=tokens, loss_chunk=c)).components["logits_and_loss"]
+        for c in chunks}
     return {"loss_bytes_per_logit": memory.LOSS_BYTES_PER_LOGIT,
-            "logits_and_loss": est.components["logits_and_loss"],
+            "logits_and_loss": est.components["logits_and_loss"], "engine_logits_and_loss": engine,
             "allocator_overhead_of_loss": int(memory.LOSS_FRAGMENTATION * est.loss_peak_bytes),
             "formula": f"{memory.LOSS_BYTES_PER_LOGIT} x {tokens} x {info.vocab_size}"}
 
@@ -249,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in the worker (1: its CPU time is its work, even on a busy machine)")
     p.add_argument("--no-check", action="store_true", help="skip the runs with a trainable head")
+    p.add_argument("--engine", action="store_true",
+                   help="also measure the engine's own loss (engine.loss) with each chunk size")
     p.add_argument("--json", type=Path, help="write every measurement here")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -266,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="loss-memory-"))
-    variants = [0] + list(a.chunks)
-    name = {0: "full"} | {c: f"chunk-{c}" for c in a.chunks}
+    # 0: full; N > 0: chunk-N (this script's); -N: engine-N (engine.loss).
+    variants = [0] + list(a.chunks) + ([-c for c in a.chunks] if a.engine else [])
+    name = {0: "full"} | {c: f"chunk-{c}" for c in a.chunks} | {-c: f"engine-{c}" for c in a.chunks}
     results: list[dict] = []
     print(f"head + loss, forward + backward, {a.dtype}, {a.threads} threads, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); peak = extra resident memory "
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = json.loads((cfg_dir / "config.json").read_text())
             hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
             for tokens in a.tokens:
-                pred = predicted(cfg_dir, tokens)
+                pred = predicted(cfg_dir, tokens, list(a.chunks) if a.engine else [])
                 print(f"\n{model}: hidden {hidden}, vocab {vocab:,}, {tokens} tokens; engine.memory predicts "
                       f"logits_and_loss = {pred['formula']} = {pred['logits_and_loss'] / GIB:.3f} GiB "
                       f"(+{pred['allocator_overhead_of_loss'] / GIB:.3f} GiB allocator overhead on a GPU)",
@@ -288,14 +302,15 @@ def main(argv: list[str] | None = None) -> int:
                 for r in range(a.repeats):
                     order = variants[r % len(variants):] + variants[:r % len(variants)]
                     for v in order:
-                        if v and v >= tokens:
+                        if v and abs(v) >= tokens:
                             continue
-                        need = 12 * (v or tokens) * vocab + 2 * vocab * hidden
+                        need = 12 * (abs(v) or tokens) * vocab + 2 * vocab * hidden
                         if _mem_available() < 1.15 * need + GIB:
                             raise SystemExit(f"not enough free memory for {name[v]} at {tokens} tokens "
                                              f"({_mem_available() / GIB:.1f} GiB available)")
-                        spec = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": a.dtype, "chunk": v,
-                                "threads": a.threads, "seed": 1000 + tokens, "train_head": False, "iters": a.iters,
+                        spec = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": a.dtype, "chunk": abs(v),
+                                "engine": v < 0, "threads": a.threads, "seed": 1000 + tokens, "train_head": False,
+                                "iters": a.iters,
                                 "save": str(work / f"{name[v]}-r{r}.pt"),
                                 "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
                         res = _run_worker(spec, work)
@@ -308,20 +323,20 @@ def main(argv: list[str] | None = None) -> int:
                 # Frozen-head rounds: loss and hidden-state gradients against full's (round 1).
                 cmp_frozen = {}
                 for v in variants[1:]:
-                    if v < tokens:
+                    if abs(v) < tokens:
                         cmp_frozen[name[v]] = _compare(work / "full-r0.pt", work / f"{name[v]}-r0.pt")
                 entry["compare_frozen_head"] = cmp_frozen
                 if not a.no_check:
                     for v in variants:
-                        if v and v >= tokens:
+                        if v and abs(v) >= tokens:
                             continue
-                        spec = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": a.dtype, "chunk": v,
-                                "threads": a.threads, "seed": 1000 + tokens, "train_head": True, "iters": 1,
+                        spec = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": a.dtype, "chunk": abs(v),
+                                "engine": v < 0, "threads": a.threads, "seed": 1000 + tokens, "train_head": True, "iters": 1,
                                 "save": str(work / f"{name[v]}-check.pt"),
                                 "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
                         entry["check"][name[v]] = {"run": _run_worker(spec, work)}
                     for v in variants[1:]:
-                        if v < tokens:
+                        if abs(v) < tokens:
                             entry["check"][name[v]]["compare"] = _compare(work / "full-check.pt",
                                                                          work / f"{name[v]}-check.pt")
                 for f in work.glob("*.pt"):
@@ -389,6 +404,12 @@ def _summarise(entry: dict, variants: list[int], name: dict) -> None:
     entry["summary"] = summary
     print(f"  measured full peak / engine.memory's logits_and_loss: "
           f"{f['peak_extra_median'] / entry['predicted']['logits_and_loss']:.3f}", flush=True)
+    for k, want in entry["predicted"].get("engine_logits_and_loss", {}).items():
+        if k in summary:
+            summary[k]["predicted"] = want
+            print(f"  measured {k} peak {_fmt_gib(summary[k]['peak_extra_median'])} GiB / engine.memory's "
+                  f"logits_and_loss with loss_chunk={k.split('-')[1]} ({_fmt_gib(want)} GiB): "
+                  f"{summary[k]['peak_extra_median'] / want:.3f}", flush=True)
 
 
 if __name__ == "__main__":

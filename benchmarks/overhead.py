@@ -16,7 +16,10 @@ starts the detached training process and returns; then, depending on the mode, t
   on a pseudo-terminal, opened on the review step; once it has read the model and checked the data
   (and at least 2 s after it started) it starts the run as ctrl+r does (its own ``start_run``,
   the run directory given) and switches to the run screen. Its start-up is over before the run
-  begins, as it is for a person.
+  begins, as it is for a person;
+- ``console``: the headless runner's follower, ``qlora-wizard attach --plain RUN`` (what
+  ``qlora-wizard --preset`` shows after starting the run), on the same pseudo-terminal, where it
+  draws its live line. Only its whole-process CPU time is known (start-up included).
 
 The attached app is this script in ``--driver`` mode: ``RunApp`` with one addition, a timer every
 0.5 s that samples the process's CPU time and exits the app once the screen shows the run ended (the
@@ -190,7 +193,9 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--driver", str(run_dir), "--driver-out", str(app_out),
                "--size", f"{size[0]}x{size[1]}"] + (["--headless"] if mode == "headless" else []) \
             + (["--wizard"] if mode == "wizard" else []) + (["--tui-root", str(tui_root)] if tui_root else [])
-        if mode in ("pty", "wizard"):
+        if mode == "console":
+            cmd = [str(ROOT / ".venv" / "bin" / "qlora-wizard"), "attach", "--plain", str(run_dir)]
+        if mode in ("pty", "wizard", "console"):
             import fcntl
             import pty
             import struct
@@ -273,6 +278,12 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
             err = ((work / f"app-{tag}.err").read_text(errors="replace") if mode == "headless"
                    else tail.decode(errors="replace"))
             raise SystemExit(f"the attached app failed (exit {app_status}):\n{err[-3000:]}")
+    if mode == "console":
+        cpu = app_rusage.ru_utime + app_rusage.ru_stime
+        res.update({"app_cpu_s": cpu, "app_cpu_run_s": cpu, "app_share_of_run": cpu / end["elapsed_s"],
+                    "app_cpu_steps_s": None, "app_maxrss": app_rusage.ru_maxrss * 1024, "pty_bytes": pty_bytes,
+                    "app_exit_after_train_s": app_exit_time - train_exit_time if train_exit_time else None})
+    elif app is not None:
         info = json.loads(app_out.read_text())
         samples = info["samples"]
         # The kernel's count, except for the wizard: it is the training process's parent, and a
@@ -299,7 +310,7 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
             "app_cpu_steps_s": (cb - ca) if ca is not None and cb is not None else None,
             "app_first_sample_after_first_step": samples[0][0] > t_first if samples else None,
             "app_exit_after_train_s": app_exit_time - train_exit_time if train_exit_time else None,
-            "pty_bytes": pty_bytes if mode == "pty" else None,
+            "pty_bytes": pty_bytes if mode in ("pty", "wizard") else None,
         })
         res["app_cpu_run_s"] = run_cpu
         res["app_share_of_run"] = run_cpu / end["elapsed_s"]
@@ -379,7 +390,8 @@ def _line(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--modes", nargs="+", default=["none", "pty", "wizard"], choices=["none", "headless", "pty", "wizard"])
+    p.add_argument("--modes", nargs="+", default=["none", "wizard", "pty", "console"],
+                   choices=["none", "headless", "pty", "wizard", "console"])
     p.add_argument("--size", default="120x40", help="columns x rows of the app's screen")
     p.add_argument("--json", type=Path, help="write every measurement here")
     p.add_argument("--no-warmup", action="store_true")

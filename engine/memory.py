@@ -59,7 +59,7 @@ COMPONENT_DESCRIPTIONS = {
     "optimizer_states": "AdamW's two moments per adapter weight (fp32 or 8 bit)",
     "cublas_workspace": "cuBLAS/cuBLASLt scratch space",
     "activations": "tensors kept for the backward pass, plus one layer's backward",
-    "logits_and_loss": "fp32 logits and their gradients at the loss, for one chunk of positions",
+    "logits_and_loss": "fp32 logits and their gradients at the loss",
     "allocator_overhead": "memory PyTorch's caching allocator holds but does not use",
     "cuda_context": "CUDA context and kernels, outside PyTorch's counters",
 }
@@ -649,7 +649,13 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
             f"{s.optimizer} keeps {opt_paged / MIB:.0f} MiB of optimizer states in CUDA managed memory: "
             "nvidia-smi counts it (page granularity can make it show more), torch's reserved counter does not"
         )
-    if loss_peak > layer_backward and loss_peak > 0.25 * (sum(components.values())):
+    full_loss = LOSS_BYTES_PER_LOGIT * t * info.vocab_size
+    if s.loss_chunk is not None and full_loss - loss_peak > 256 * MIB:
+        notes.append(
+            f"the loss runs {s.loss_chunk:,} positions at a time (engine.loss): {loss_peak / GIB:.1f} GiB instead "
+            f"of {full_loss / GIB:.1f} GiB for the fp32 logits of all {t:,} tokens at once (transformers' loss)"
+        )
+    elif loss_peak > layer_backward and loss_peak > 0.25 * (sum(components.values())):
         notes.append(
             f"the loss dominates: {t:,} tokens x {info.vocab_size:,} vocabulary in fp32 with its gradients "
             f"take {loss_peak / GIB:.1f} GiB; fewer tokens per micro batch (raise gradient accumulation "
