@@ -17,6 +17,9 @@ starts the detached training process and returns; then, depending on the mode, t
   (and at least 2 s after it started) it starts the run as ctrl+r does (its own ``start_run``,
   the run directory given) and switches to the run screen. Its start-up is over before the run
   begins, as it is for a person;
+- ``beside`` (a control for ``wizard``): the same wizard, told not to start anything, idle on the
+  review step once it has read the model and the data; then the run is started as for ``none``
+  (by the CLI, so not the wizard's child) and followed by nothing. The wizard's presence alone;
 - ``console``: the headless runner's follower, ``qlora-wizard attach --plain RUN`` (what
   ``qlora-wizard --preset`` shows after starting the run), on the same pseudo-terminal, where it
   draws its live line. Only its whole-process CPU time is known (start-up included).
@@ -61,7 +64,7 @@ TICK_S = 0.2
 
 
 def driver(run_dir: Path, out: Path, headless: bool, size: tuple[int, int], tui_root: Path | None,
-           wizard: bool = False) -> int:
+           wizard: bool = False, no_start: bool = False) -> int:
     import asyncio
 
     sys.path.insert(0, str(ROOT))
@@ -73,7 +76,7 @@ def driver(run_dir: Path, out: Path, headless: bool, size: tuple[int, int], tui_
     samples: list[list[float]] = []
     seen: dict = {}
     if wizard:
-        app = _wizard_app(run_dir, samples, seen)
+        app = _wizard_app(run_dir, samples, seen, ready_file=out.with_suffix(".ready") if no_start else None)
         ready = [time.time(), time.process_time()]
         result = app.run()
         out.write_text(json.dumps({"result": result, "samples": samples, "imported": ready,
@@ -109,8 +112,9 @@ def driver(run_dir: Path, out: Path, headless: bool, size: tuple[int, int], tui_
     return 0
 
 
-def _wizard_app(run_dir: Path, samples: list, seen: dict):
-    """The wizard on the demo preset's review step; starts the run once the model and data are read."""
+def _wizard_app(run_dir: Path, samples: list, seen: dict, ready_file: Path | None = None):
+    """The wizard on the demo preset's review step; starts the run once the model and data are read
+    (with ``ready_file``: only writes that file then, and idles until it is killed)."""
     import tui.wizard
     from engine.runs import create_run, start_process
     from tui.draft import Services, load_draft
@@ -131,6 +135,10 @@ def _wizard_app(run_dir: Path, samples: list, seen: dict):
 
         def _bench_tick(self) -> None:
             samples.append([time.time(), time.process_time()])
+            if ready_file is not None:
+                if self.draft.model_ready and self.draft.data_ready and not ready_file.exists():
+                    ready_file.write_text("ready")
+                return
             if "run_started" not in seen:
                 if time.time() - opened > 2 and self.draft.model_ready and self.draft.data_ready:
                     seen["run_started"] = [time.time(), time.process_time()]
@@ -182,7 +190,7 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
     cli = [str(ROOT / ".venv" / "bin" / "qlora-wizard"), "--preset", "presets/tiny-demo.yaml", "--detach",
            "--run-dir", str(run_dir)]
     loadavg = Path("/proc/loadavg").read_text().split()[:3]
-    if mode != "wizard":
+    if mode not in ("wizard", "beside"):
         subprocess.run(cli, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
 
     app = master = None
@@ -192,10 +200,11 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
     if mode != "none":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--driver", str(run_dir), "--driver-out", str(app_out),
                "--size", f"{size[0]}x{size[1]}"] + (["--headless"] if mode == "headless" else []) \
-            + (["--wizard"] if mode == "wizard" else []) + (["--tui-root", str(tui_root)] if tui_root else [])
+            + (["--wizard"] if mode in ("wizard", "beside") else []) + (["--no-start"] if mode == "beside" else []) \
+            + (["--tui-root", str(tui_root)] if tui_root else [])
         if mode == "console":
             cmd = [str(ROOT / ".venv" / "bin" / "qlora-wizard"), "attach", "--plain", str(run_dir)]
-        if mode in ("pty", "wizard", "console"):
+        if mode in ("pty", "wizard", "beside", "console"):
             import fcntl
             import pty
             import struct
@@ -210,6 +219,15 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
             with open(work / f"app-{tag}.err", "wb") as app_err:
                 app = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=app_err,
                                        stderr=app_err)
+
+    if mode == "beside":  # the idle wizard first, then the run as for ``none``
+        ready, deadline = app_out.with_suffix(".ready"), time.time() + 120
+        while not ready.exists():
+            if time.time() > deadline or os.wait4(app.pid, os.WNOHANG)[0]:
+                raise SystemExit("the idle wizard did not get ready")
+            if select.select([master], [], [], TICK_S)[0]:
+                os.read(master, 1 << 16)
+        subprocess.run(cli, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
 
     # Follow the training process (and drain the pseudo-terminal) until both are done.
     pid = None
@@ -249,6 +267,8 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
                 train_cpu = c
             if not _alive(pid):
                 train_exit_time = time.time()
+                if mode == "beside":
+                    app.terminate()
         if app is not None and app_rusage is None:
             wpid, status, ru = os.wait4(app.pid, os.WNOHANG)
             if wpid:
@@ -273,12 +293,14 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
         "train_cpu_s": train_cpu, "train_cores": (train_cpu / end["elapsed_s"]) if train_cpu else None,
         "loadavg_before": loadavg, "final_loss": steps[-1].get("loss"),
     }
-    if app is not None:
+    if app is not None and mode != "beside":
         if app_status != 0:
             err = ((work / f"app-{tag}.err").read_text(errors="replace") if mode == "headless"
                    else tail.decode(errors="replace"))
             raise SystemExit(f"the attached app failed (exit {app_status}):\n{err[-3000:]}")
-    if mode == "console":
+    if mode == "beside":
+        pass  # nothing attached; the wizard's own figures are the ``wizard`` mode's
+    elif mode == "console":
         cpu = app_rusage.ru_utime + app_rusage.ru_stime
         res.update({"app_cpu_s": cpu, "app_cpu_run_s": cpu, "app_share_of_run": cpu / end["elapsed_s"],
                     "app_cpu_steps_s": None, "app_maxrss": app_rusage.ru_maxrss * 1024, "pty_bytes": pty_bytes,
@@ -378,7 +400,7 @@ def _line(r: dict) -> str:
     s = (f"{r['mode']:8s} elapsed {r['elapsed_s']:6.2f} s, steps span {r['steps_span_s']:6.2f} s "
          f"({r['step_s_median'] * 1000:5.1f} ms/step median), training {r['train_cores']:.2f} cores, "
          f"load {' '.join(r['loadavg_before'])}")
-    if r["mode"] != "none":
+    if r["mode"] not in ("none", "beside"):
         s += (f"; app CPU {r['app_cpu_s']:.2f} s in all, {r['app_cpu_run_s']:.2f} s during the run "
               f"({r['app_share_of_run']:.1%} of elapsed), during steps "
               f"{r['app_cpu_steps_s'] if r['app_cpu_steps_s'] is None else round(r['app_cpu_steps_s'], 2)} s"
@@ -391,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--modes", nargs="+", default=["none", "wizard", "pty", "console"],
-                   choices=["none", "headless", "pty", "wizard", "console"])
+                   choices=["none", "headless", "pty", "wizard", "beside", "console"])
     p.add_argument("--size", default="120x40", help="columns x rows of the app's screen")
     p.add_argument("--json", type=Path, help="write every measurement here")
     p.add_argument("--no-warmup", action="store_true")
@@ -405,10 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--driver-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--headless", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--wizard", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-start", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     size = tuple(int(x) for x in a.size.lower().split("x"))
     if a.driver:
-        return driver(a.driver, a.driver_out, a.headless, size, a.tui_root, a.wizard)
+        return driver(a.driver, a.driver_out, a.headless, size, a.tui_root, a.wizard, a.no_start)
 
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="qlora-overhead-"))
@@ -437,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             m = {"elapsed_s_median": statistics.median(x["elapsed_s"] for x in rs),
                  "steps_span_s_median": statistics.median(x["steps_span_s"] for x in rs),
                  "elapsed_s": [x["elapsed_s"] for x in rs], "steps_span_s": [x["steps_span_s"] for x in rs]}
-            if mode != "none":
+            if mode not in ("none", "beside"):
                 m["app_cpu_s_median"] = statistics.median(x["app_cpu_s"] for x in rs)
                 m["app_cpu_run_s_median"] = statistics.median(x["app_cpu_run_s"] for x in rs)
                 m["app_share_of_run_median"] = statistics.median(x["app_share_of_run"] for x in rs)
@@ -454,9 +477,10 @@ def main(argv: list[str] | None = None) -> int:
             if base and mode != "none":
                 m["elapsed_ratio"] = m["elapsed_s_median"] / base["elapsed_s_median"]
                 m["steps_span_ratio"] = m["steps_span_s_median"] / base["steps_span_s_median"]
-                line += (f"; vs none: elapsed x{m['elapsed_ratio']:.3f}, steps x{m['steps_span_ratio']:.3f}; app CPU "
-                         f"{m['app_cpu_s_median']:.2f} s in all, {m['app_cpu_run_s_median']:.2f} s during the run = "
-                         f"{m['app_share_of_run_median']:.1%} of its time")
+                line += f"; vs none: elapsed x{m['elapsed_ratio']:.3f}, steps x{m['steps_span_ratio']:.3f}"
+                if "app_cpu_s_median" in m:
+                    line += (f"; app CPU {m['app_cpu_s_median']:.2f} s in all, {m['app_cpu_run_s_median']:.2f} s "
+                             f"during the run = {m['app_share_of_run_median']:.1%} of its time")
                 if "app_cpu_steps_s_median" in m:
                     line += (f", {m['app_cpu_steps_s_median']:.2f} s during the steps = "
                              f"{m['app_share_of_steps_median']:.1%} of their span")
