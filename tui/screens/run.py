@@ -38,7 +38,8 @@ from tui.format import duration, gib
 from tui.widgets.live import Curve, ProgressLine, TailLines
 
 POLL_S = 0.2
-"""Seconds between looks at the events file: a step shows well within a second of being written."""
+"""Seconds between looks at the events file (and the process and the log): what is written shows
+within a poll, or at the next redraw when news comes faster than ``SHOW_EVERY_S``."""
 
 LOG_LINES = 200
 """Lines of ``train.log`` kept for the log screen; the crash panel shows the last few."""
