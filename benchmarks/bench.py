@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the engine with plain SDPA on packed rows (a dense block-diagonal mask), as it "
                         "was before its per-example attention, for comparison")
     p.add_argument("--engine-full-loss", action="store_true",
-                   help="the engine with transformers' loss (every position's logits at once) instead of its own "
-                        "chunked loss on the trained positions, to measure that change")
+                   help="the engine with transformers' loss (every position's logits at once; the preset's "
+                        "training.chunked_loss false) instead of its own chunked loss, to measure that change")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--keep", type=Path, help="keep the work folder here instead of a temporary one")
     p.add_argument("--worker", choices=["plain"], help=argparse.SUPPRESS)
@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         preset["data"].update(train=str(data_file), validation_split=0.0)
         preset["training"].update(seq_len=a.seq_len, micro_batch_size=a.micro_batch, gradient_accumulation_steps=1,
                                   max_steps=a.steps, learning_rate=a.lr, gradient_checkpointing=gc,
-                                  save_steps=a.steps + 1000, eval_steps=None, logging_steps=1, seed=42)
+                                  save_steps=a.steps + 1000, eval_steps=None, logging_steps=1, seed=42,
+                                  chunked_loss=not a.engine_full_loss)
         preset["output"] = {"runs_dir": str(work / "runs")}
         preset_file = work / "preset.yaml"
         preset_file.write_text(yaml.safe_dump(preset, sort_keys=False))
@@ -425,8 +426,6 @@ def main(argv: list[str] | None = None) -> int:
                     patches = []
                     if a.engine_masked_sdpa:  # transformers' SDPA with its dense mask on packed rows
                         patches.append("t._attn_implementation = lambda preset, plan: plan.attn_implementation")
-                    if a.engine_full_loss:  # transformers' loss: every position's logits at once
-                        patches.append("import engine.loss as l; l.decoder_and_head = lambda model: (None, None)")
                     if patches:
                         cmd = [sys.executable, "-c", "import sys, engine.train as t; " + "; ".join(patches)
                                + "; sys.exit(t.main(sys.argv[1:]))", str(run_dir)]

@@ -652,7 +652,7 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
     full_loss = LOSS_BYTES_PER_LOGIT * t * info.vocab_size
     if s.loss_chunk is not None and full_loss - loss_peak > 256 * MIB:
         notes.append(
-            f"the loss runs {s.loss_chunk:,} positions at a time (engine.loss): {loss_peak / GIB:.1f} GiB instead "
+            f"the loss runs {s.loss_chunk:,} positions at a time (training.chunked_loss): {loss_peak / GIB:.1f} GiB instead "
             f"of {full_loss / GIB:.1f} GiB for the fp32 logits of all {t:,} tokens at once (transformers' loss)"
         )
     elif loss_peak > layer_backward and loss_peak > 0.25 * (sum(components.values())):

@@ -126,5 +126,5 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         # Trainer autocasts to bf16/fp16 on a GPU; on the CPU it computes in fp32.
         autocast=device.device == "cuda",
         # What engine.train does: the loss a chunk of positions at a time where it can.
-        loss_chunk=LOSS_CHUNK_TOKENS if chunked_loss_applies(info.model_type) else None,
+        loss_chunk=LOSS_CHUNK_TOKENS if t.chunked_loss and chunked_loss_applies(info.model_type) else None,
     )

@@ -545,7 +545,8 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
             return super().training_step(model, inputs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            decoder, head = decoder_and_head(self.accelerator.unwrap_model(model))
+            decoder, head = (decoder_and_head(self.accelerator.unwrap_model(model)) if t.chunked_loss
+                             else (None, None))
             if decoder is None or ("labels" not in inputs and "shift_labels" not in inputs):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)

@@ -148,10 +148,10 @@ def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks(
     if not configs.is_dir():
         pytest.skip("../shared/fixtures/hf-configs is not here")
 
-    def loss(name: str, tokens: int) -> tuple[int, object]:
+    def loss(name: str, tokens: int, chunked: bool = True) -> tuple[int, object]:
         info = inspect_model(str(configs / name))
         preset = preset_from_dict({"model": {"source": str(configs / name)}, "data": {"train": "builtin:demo"},
-                                   "training": {"seq_len": tokens, "micro_batch_size": 1}})
+                                   "training": {"seq_len": tokens, "micro_batch_size": 1, "chunked_loss": chunked}})
         s = memory_settings(preset, info)  # what the wizard and the training process use
         return estimate_training_memory(info, s).components["logits_and_loss"], info
 
@@ -162,6 +162,8 @@ def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks(
             + 3 * 2 * tokens * llama.hidden_size
     assert loss_positions(8192) == LOSS_CHUNK_TOKENS
     assert loss("meta-llama__Llama-3.1-8B", 8192)[0] < 0.15 * LOSS_BYTES_PER_LOGIT * 8192 * llama.vocab_size
+    # The preset can ask for transformers' loss; the estimate follows.
+    assert loss("meta-llama__Llama-3.1-8B", 8192, chunked=False)[0] == LOSS_BYTES_PER_LOGIT * 8192 * llama.vocab_size
     # Gemma-2 soft-caps its logits: transformers' loss, every position's logits.
     assert json.loads((configs / "google__gemma-2-9b" / "config.json").read_text())["final_logit_softcapping"]
     got, gemma2 = loss("google__gemma-2-9b", 8192)

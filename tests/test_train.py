@@ -26,6 +26,24 @@ pytestmark = pytest.mark.slow
 DEMO = ROOT / "presets" / "tiny-demo.yaml"
 
 
+def test_a_preset_can_ask_for_transformers_loss_instead(tmp_path, monkeypatch):
+    """training.chunked_loss: false trains through the model's own forward and loss."""
+    import engine.loss
+    from engine.preset import load_preset
+    from engine.runs import create_run
+    from engine.train import run_training
+
+    def never(*args, **kwargs):
+        raise AssertionError("engine.loss was used although the preset turned it off")
+
+    monkeypatch.setattr(engine.loss, "causal_lm_loss", never)
+    run_dir = create_run(load_preset(write_preset(tmp_path, training__max_steps=2, training__chunked_loss=False)),
+                         tmp_path / "run")
+    assert run_training(run_dir) == 0
+    end = [e for e in events_of(run_dir) if e["kind"] == "end"][-1]
+    assert end["status"] == "finished" and end["step"] == 2
+
+
 def write_preset(tmp_path: Path, name: str = "p.yaml", **overrides) -> Path:
     """The demo preset with dotted overrides (``training__max_steps=10``)."""
     data = yaml.safe_load(DEMO.read_text())
