@@ -42,11 +42,6 @@ def chunked_loss_applies(model_type: str | None) -> bool:
     return (model_type or "") in CHUNKED_LOSS_MODEL_TYPES
 
 
-def loss_positions(tokens: int, chunk: int = LOSS_CHUNK_TOKENS) -> int:
-    """Positions whose logits exist at once at the loss's peak, for a micro batch of ``tokens``."""
-    return min(tokens, chunk)
-
-
 def causal_lm_loss(hidden, head, labels=None, *, shift_labels=None, num_items_in_batch=None,
                    chunk: int = LOSS_CHUNK_TOKENS):
     """The causal-LM loss of ``hidden`` (batch x positions x hidden size) through ``head``.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.loss import LOSS_CHUNK_TOKENS, chunked_loss_applies, loss_positions
+from engine.loss import LOSS_CHUNK_TOKENS, chunked_loss_applies
 
 DEMO = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
 
@@ -160,7 +160,6 @@ def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks(
         got, llama = loss("meta-llama__Llama-3.1-8B", tokens)
         assert got == LOSS_BYTES_PER_LOGIT * min(tokens, LOSS_CHUNK_TOKENS) * llama.vocab_size \
             + 3 * 2 * tokens * llama.hidden_size
-    assert loss_positions(8192) == LOSS_CHUNK_TOKENS
     assert loss("meta-llama__Llama-3.1-8B", 8192)[0] < 0.15 * LOSS_BYTES_PER_LOGIT * 8192 * llama.vocab_size
     # The preset can ask for transformers' loss; the estimate follows.
     assert loss("meta-llama__Llama-3.1-8B", 8192, chunked=False)[0] == LOSS_BYTES_PER_LOGIT * 8192 * llama.vocab_size
