@@ -55,6 +55,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from engine.runs import pid_alive  # noqa: E402
 ENDED = ("finished", "failed", "crashed", "stopped")
 TICK_S = 0.2
 
@@ -168,16 +172,6 @@ def _proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return _proc_cpu_s(pid) is not None
-
-
 def _events(run_dir: Path) -> list[dict]:
     lines = (run_dir / "events.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines if x.strip()]
@@ -265,7 +259,7 @@ def one_run(mode: str, work: Path, tag: str, size: tuple[int, int], keep_events:
             c = _proc_cpu_s(pid)
             if c is not None:
                 train_cpu = c
-            if not _alive(pid):
+            if not pid_alive(pid):
                 train_exit_time = time.time()
                 if mode == "beside":
                     app.terminate()

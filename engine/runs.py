@@ -74,7 +74,7 @@ def _with_absolute_paths(preset: Preset) -> Preset:
     })
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists and is not a zombie."""
     try:
         os.kill(pid, 0)
@@ -147,7 +147,7 @@ def is_running(run_dir: str | os.PathLike) -> bool:
     if not rec:
         return False
     pid = rec.get("pid")
-    if not pid or not _pid_alive(pid):
+    if not pid or not pid_alive(pid):
         return False
     recorded = rec.get("start_time")
     return recorded is None or _process_start_time(pid) in (None, recorded)
