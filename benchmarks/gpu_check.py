@@ -1,7 +1,7 @@
 """Run this engine's real training process on a GPU and set its peak memory beside the estimate.
 
 Weights cannot be downloaded on the GPU machines, so each model is built with random weights from
-a real ``config.json`` (``../shared/fixtures/hf-configs/``) and saved locally with the demo's
+a real ``config.json`` (``tests/fixtures/hf-configs/``) and saved locally with the demo's
 character-level tokenizer (token ids stay far below every vocabulary, the logits still span the
 model's full vocabulary). The data are plain-text records long enough that every micro batch
 holds ``micro_batch x seq_len`` real tokens, which is what the estimate assumes.

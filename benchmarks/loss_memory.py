@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CONFIGS = ROOT.parent / "shared" / "fixtures" / "hf-configs"
+CONFIGS = ROOT / "tests" / "fixtures" / "hf-configs"
 DEFAULT_MODELS = ("meta-llama__Llama-3.2-1B", "Qwen__Qwen2.5-0.5B")
 MIB = 1024**2
 GIB = 1024**3

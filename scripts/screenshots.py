@@ -2,7 +2,7 @@
 
 The wizard's six steps are taken on the offline demo (the demo model is created locally on first
 use), with the GPU fixed to a 24 GB card so the memory step reads the same everywhere; the memory
-and LoRA-target steps once more for Llama-3.1-8B from its real config in ../shared (config only,
+and LoRA-target steps once more for Llama-3.1-8B from its real config in tests/fixtures (config only,
 no weights).
 
 The run screen is fed a recorded run (written here into a temporary directory, no training): a
@@ -35,7 +35,7 @@ SIZE = (120, 40)
 OUT = ROOT / "screenshots"
 GPU = GpuInfo(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, int(23.4 * 2**30), (8, 9))
 """The GPU the wizard's screenshots show."""
-LLAMA_CONFIG = ROOT.parent / "shared" / "fixtures" / "hf-configs" / "meta-llama__Llama-3.1-8B"
+LLAMA_CONFIG = ROOT / "tests" / "fixtures" / "hf-configs" / "meta-llama__Llama-3.1-8B"
 
 
 async def shoot_wizard(draft: Draft, steps: list[str], prefix: str) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real model configs in ../shared, an isolated cache, a CLI runner."""
+"""Shared fixtures: the real model configs in tests/fixtures, an isolated cache, a CLI runner."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "hf-configs"
+FIXTURES = ROOT / "tests" / "fixtures" / "hf-configs"
+"""Real config.json files of published models (one folder each) and their official parameter counts."""
 
 
 @pytest.fixture(scope="session")
 def hf_configs() -> Path:
     """The folder of real config.json files (one folder per model)."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"model config fixtures not found at {FIXTURES}")
     return FIXTURES
 
 

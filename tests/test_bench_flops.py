@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT.parent / "shared" / "fixtures" / "hf-configs"
+from conftest import FIXTURES as CONFIGS
+from conftest import ROOT
 
 
 def _bench():
@@ -20,7 +20,6 @@ def _bench():
     return module
 
 
-@pytest.mark.skipif(not CONFIGS.is_dir(), reason="../shared/fixtures/hf-configs is not here")
 def test_flops_per_token_of_llama_3_2_1b_is_the_hand_count():
     cfg = json.loads((CONFIGS / "meta-llama__Llama-3.2-1B" / "config.json").read_text())
     h, m, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]

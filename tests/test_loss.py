@@ -144,9 +144,7 @@ def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks(
     from engine.plan import memory_settings
     from engine.preset import preset_from_dict
 
-    configs = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "hf-configs"
-    if not configs.is_dir():
-        pytest.skip("../shared/fixtures/hf-configs is not here")
+    from conftest import FIXTURES as configs
 
     def loss(name: str, tokens: int, chunked: bool = True) -> tuple[int, object]:
         info = inspect_model(str(configs / name))

@@ -56,7 +56,7 @@ def llama_like(name: str, hidden: int, layers: int, heads: int, kv_heads: int, i
     )
 
 
-# Numbers from each model's config.json (shared/fixtures/hf-configs).
+# Numbers from each model's config.json (tests/fixtures/hf-configs).
 LLAMA2_7B = llama_like("meta-llama/Llama-2-7b-hf", 4096, 32, 32, 32, 11008, 32000, dtype="float16",
                        weight_bytes=13_476_839_424)
 LLAMA31_8B = llama_like("meta-llama/Llama-3.1-8B", 4096, 32, 32, 8, 14336, 128256, context=131072,

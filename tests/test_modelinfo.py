@@ -1,6 +1,6 @@
 """inspect_model: counts, targets and errors, from real config.json files, with no network.
 
-The fixtures are real ``config.json`` files of published models (shared/fixtures/hf-configs);
+The fixtures are real ``config.json`` files of published models (tests/fixtures/hf-configs);
 their README lists the official parameter counts, which these tests parse and check against.
 """
 
@@ -24,8 +24,8 @@ import pytest
 from engine.errors import NeedsRemoteCode, UserError
 from engine.modelinfo import ModelInfo, TargetLayer, inspect_model
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "hf-configs"
+from conftest import FIXTURES, ROOT
+
 FALCON = "tiiuae__falcon-7b"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,10 +42,6 @@ def _official_counts() -> dict[str, int]:
 
 
 OFFICIAL = _official_counts()
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"fixture configs not found at {FIXTURES} (shared/fixtures/hf-configs)"
-)
-pytestmark = needs_fixtures
 
 
 @functools.lru_cache(maxsize=None)

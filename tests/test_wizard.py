@@ -1,5 +1,5 @@
 """The wizard, driven through Pilot on the real engine: the offline demo model and data, real model
-configs from ../shared, a real training process. The one thing fixed is the GPU (a 24 GiB card),
+configs from tests/fixtures, a real training process. The one thing fixed is the GPU (a 24 GiB card),
 so what the memory step says does not depend on the machine the tests run on.
 """
 
