@@ -210,6 +210,7 @@ def inspect_model(source: str, revision: str | None = None, trust_remote_code: b
     with _quiet_transformers():
         config, remote, notes = _load_config(raw, loc, revision, bool(trust_remote_code))
         _check_causal(config, loc.name, remote)
+        _check_essential_sizes(config, raw, loc.config_path)
         model = _build_on_meta(config, loc.name, remote)
         return _analyse(model, config, raw, loc, notes)
 
@@ -561,13 +562,71 @@ def _load_config(raw: dict, loc: _Located, revision: str | None, trust: bool) ->
     return config, trust and bool(auto_map), notes
 
 
+_LEGACY_FALCON_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embed": "hidden_size",
+                        "n_head_kv": "num_kv_heads"}
+"""The 2023 Falcon format's own key names and transformers' FalconConfig names for them. FalconConfig
+reads none of the former (falcon-40b's ``n_layer: 60`` would silently become its default 32)."""
+
+
+def _native_falcon_dict(raw: dict) -> dict:
+    """A 2023-format Falcon config (RWForCausalLM) as transformers' built-in Falcon class reads it."""
+    d = {_LEGACY_FALCON_NAMES.get(k, k): v for k, v in raw.items() if k != "auto_map"}
+    d["model_type"] = "falcon"
+    d["architectures"] = ["FalconForCausalLM"]
+    return d
+
+
 def _native_falcon_config(raw: dict) -> Any:
     from transformers import FalconConfig
 
-    d = {k: v for k, v in raw.items() if k != "auto_map"}
-    d["model_type"] = "falcon"
-    d["architectures"] = ["FalconForCausalLM"]
-    return FalconConfig.from_dict(d)
+    return FalconConfig.from_dict(_native_falcon_dict(raw))
+
+
+ESSENTIAL_SIZES = {
+    "hidden_size": "the width of every layer",
+    "num_hidden_layers": "the number of layers",
+    "num_attention_heads": "the number of attention heads",
+    "vocab_size": "the vocabulary",
+    "intermediate_size": "the width of the MLP",
+}
+"""The sizes without which a config does not describe a model: a config class fills a missing one
+with its architecture's default (Llama: hidden_size 4096), which would describe another model."""
+
+
+def _check_essential_sizes(config: Any, raw: dict, path: Path) -> None:
+    """Refuse a config that lacks a size its class would otherwise fill with a default.
+
+    A size counts as given when the file has it under transformers' standard name or the name
+    the class maps it to (GPT-2's ``n_embd``). Sizes a class derives when absent (GPT-2's MLP
+    width, ``n_inner: null`` meaning 4 x hidden) have no default to fall into and are not asked.
+    A composite config (vision-language) is checked in its ``text_config`` when the file has one.
+    """
+    import inspect
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    given, legacy = raw, {}
+    if text is not config:
+        given = next((v for k, v in raw.items() if k.endswith("text_config") and isinstance(v, dict)), None)
+        if given is None:
+            return  # the composite's text part is its class's default by design, not a missing key
+    elif type(config).__name__ == "FalconConfig" and raw.get("model_type") != "falcon":
+        given, legacy = _native_falcon_dict(raw), {v: k for k, v in _LEGACY_FALCON_NAMES.items()}
+    try:
+        params = inspect.signature(type(text).__init__).parameters
+    except (TypeError, ValueError):
+        return
+    aliases = getattr(text, "attribute_map", None) or {}
+    for key, what in ESSENTIAL_SIZES.items():
+        names = [n for n in (key, aliases.get(key)) if n]
+        param = next((params[n] for n in names if n in params), None)
+        if param is None or param.default in (None, inspect.Parameter.empty) or any(n in given for n in names):
+            continue
+        shown = " or ".join(repr(n) for n in dict.fromkeys([legacy.get(key, ""), *reversed(names)]) if n)
+        raise UserError(
+            f"{path} has no {shown} ({what}); transformers would silently use {type(text).__name__}'s default "
+            f"{param.default}, which describes another model",
+            "fix or re-download the model's config.json",
+        )
 
 
 def _check_causal(config: Any, name: str, remote: bool) -> None:

@@ -54,6 +54,17 @@ def test_bad_input_is_one_line_and_exit_2(args, expected):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("command", ["inspect", "estimate"])
+def test_a_config_without_hidden_size_is_one_error_line_not_a_default_sized_model(tmp_path, hf_configs, command):
+    raw = json.loads((hf_configs / "meta-llama__Llama-3.2-1B" / "config.json").read_text())
+    del raw["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    r = run_cli(command, str(tmp_path))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'config.json'} has no 'hidden_size'")
+    assert len(r.stderr.strip().splitlines()) == 1 and not r.stdout
+
+
 def test_estimate_json_and_fit(hf_configs):
     src = str(hf_configs / "meta-llama__Llama-3.1-8B")
     r = run_cli("estimate", src, "--seq-len", "2048", "--micro-batch", "1", "--gpu-mem", "24", "--json")

@@ -664,3 +664,35 @@ def test_own_code_runs_only_with_consent(tmp_path):
     embed, layer = 100 * 64, 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3 + 2 * 64
     assert arch == "TinyForCausalLM" and int(total) == 2 * embed + 2 * layer + 64
     assert targets == ",".join(LLAMA_TARGETS)
+
+
+@pytest.mark.parametrize("folder,key,named", [
+    ("meta-llama__Llama-3.2-1B", "hidden_size", "'hidden_size' (the width of every layer)"),
+    ("meta-llama__Llama-3.2-1B", "intermediate_size", "'intermediate_size' (the width of the MLP)"),
+    ("Qwen__Qwen2.5-0.5B", "num_hidden_layers", "'num_hidden_layers' (the number of layers)"),
+    ("mistralai__Mistral-7B-v0.1", "num_attention_heads", "'num_attention_heads'"),
+    ("google__gemma-2b", "vocab_size", "'vocab_size' (the vocabulary)"),
+    ("openai-community__gpt2", "n_embd", "'n_embd' or 'hidden_size'"),
+    (FALCON, "n_layer", "'n_layer' or 'num_hidden_layers'"),
+])
+def test_a_config_without_an_essential_size_is_refused_naming_the_key(tmp_path, folder, key, named):
+    """A missing size would be filled with the architecture's default: a model of another size."""
+    raw = json.loads((FIXTURES / folder / "config.json").read_text())
+    del raw[key]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError) as excinfo:
+        inspect_model(str(tmp_path), trust_remote_code=True)
+    text = one_line_error(excinfo)
+    assert text.startswith(f"{tmp_path / 'config.json'} has no {named}")
+    assert "fix or re-download the model's config.json" in text
+
+
+def test_a_2023_falcon_config_is_read_with_its_own_key_names(tmp_path):
+    """The RW format's n_layer / n_head / n_head_kv reach transformers' Falcon class (which reads none of
+    them itself): a 60-layer falcon-40b-shaped config is 60 layers, not the class default 32."""
+    raw = json.loads((FIXTURES / FALCON / "config.json").read_text())
+    raw.update(n_layer=60, n_head=128, hidden_size=8192, n_head_kv=8, new_decoder_architecture=True)
+    raw.pop("multi_query", None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    info = inspect_model(str(tmp_path), trust_remote_code=True)  # the code is not here: built-in class
+    assert (info.num_hidden_layers, info.num_attention_heads, info.num_key_value_heads) == (60, 128, 8)
