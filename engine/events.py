@@ -37,30 +37,44 @@ def _clean(value: Any) -> Any:
 
 
 class EventWriter:
-    """Appends events to a run's ``events.jsonl``; each line is flushed and synced as it is written."""
+    """Appends events to a run's ``events.jsonl``; each line goes out in one ``write`` and is synced.
+
+    A write the disk cut short (full) leaves a torn line; the next event starts on a new line, so
+    readers skip the torn one and lose nothing after it.
+    """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / EVENTS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Line-buffered append: concurrent readers only ever see whole lines plus at most one partial.
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._torn = False
 
     def emit(self, kind: str, **payload: Any) -> dict:
-        """Write one event and return it."""
+        """Write one event and return it; ``OSError`` when the file cannot take it."""
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
         event = {"kind": kind, "time": time.time(), **_clean(payload)}
-        self._fh.write(json.dumps(event, separators=(",", ":")) + "\n")
-        self._fh.flush()
+        line = (json.dumps(event, separators=(",", ":")) + "\n").encode("utf-8")
+        if self._torn:
+            line = b"\n" + line
+        written = 0
         try:
-            os.fsync(self._fh.fileno())
+            while written < len(line):
+                written += os.write(self._fd, line[written:])
+        except OSError:
+            self._torn = self._torn or written > 0
+            raise
+        self._torn = False
+        try:
+            os.fsync(self._fd)
         except OSError:
             pass
         return event
 
     def close(self) -> None:
         """Close the file."""
-        self._fh.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class EventTail:
