@@ -8,6 +8,9 @@ show a traceback for it.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class UserError(Exception):
     """Bad input: one line that names the problem and says what to do about it."""
@@ -35,3 +38,27 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message cut to its first line (library errors often run to many), or its type."""
     lines = str(exc).strip().splitlines()
     return lines[0].strip()[:limit] if lines else type(exc).__name__
+
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full: free space on it or pick a folder on another disk",
+    errno.EDQUOT: "your disk quota is used up: free space or pick a folder on another disk",
+    errno.EROFS: "that file system is read-only: pick a folder on a writable one",
+    errno.EACCES: "you may not write there: pick a folder you own",
+    errno.EPERM: "you may not write there: pick a folder you own",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: pick another path",
+    errno.EEXIST: "a file of that name is in the way: pick another path",
+    errno.ENAMETOOLONG: "the path is too long: pick a shorter one",
+}
+"""What to do about the operating-system errors a person can meet when writing files."""
+
+
+def os_error(exc: OSError, doing: str, path: str | os.PathLike | None = None, hint: str | None = None) -> UserError:
+    """An ``OSError`` as one line: what was being done, to which path, the system's reason and what to try.
+
+    ``doing`` reads as "cannot <doing> <path>", e.g. ``os_error(exc, "create the run folder", path)``.
+    """
+    where = path if path is not None else exc.filename
+    reason = exc.strerror or first_line(exc)
+    return UserError(f"cannot {doing}{f' {where}' if where is not None else ''}: {reason}",
+                     hint or _OS_ERROR_HINTS.get(exc.errno))

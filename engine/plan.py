@@ -87,6 +87,49 @@ def total_steps(preset: Preset, examples: int) -> int:
     return max(1, math.ceil(t.epochs * steps_per_epoch(examples, t.micro_batch_size, t.gradient_accumulation_steps)))
 
 
+def with_init_adapter(preset: Preset) -> Preset:
+    """The preset with LoRA rank, alpha and targets taken from ``lora.init_from``'s adapter, whose
+    weights fix them; the preset itself when it starts from fresh adapters.
+
+    Raises :class:`UserError` (one line) when the folder is not a LoRA adapter in PEFT format.
+    """
+    import json
+    from pathlib import Path
+
+    folder = preset.lora.init_from
+    if not folder:
+        return preset
+    config_path = Path(folder) / "adapter_config.json"
+    if not Path(folder).is_dir():
+        raise UserError(f"lora.init_from: there is no adapter folder at {folder}",
+                        "name a folder in PEFT format, such as a finished run's adapter/")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except OSError:
+        raise UserError(f"lora.init_from: {folder} has no adapter_config.json, so it is not a PEFT adapter",
+                        "name a finished run's adapter/ folder") from None
+    except ValueError as exc:
+        raise UserError(f"lora.init_from: {config_path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise UserError(f"lora.init_from: {folder} is not a LoRA adapter (peft_type {kind!r})")
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        raise UserError(f"lora.init_from: {folder} names its target layers by a pattern ({targets!r})",
+                        "start from an adapter saved with a list of layer names")
+    from pydantic import ValidationError
+
+    from engine.preset import LoraSettings, describe_validation_error
+
+    adopted = {"r": config.get("r"), "alpha": config.get("lora_alpha"),
+               "targets": sorted(targets) if isinstance(targets, list) else targets}
+    try:
+        lora = LoraSettings.model_validate({**preset.lora.model_dump(), **adopted})
+    except ValidationError as exc:
+        raise UserError(describe_validation_error(exc, str(config_path))) from None
+    return preset.model_copy(update={"lora": lora})
+
+
 def resolve_targets(preset: Preset, info) -> tuple[str, ...]:
     """The layer names LoRA adapts: the preset's list (checked against the model) or all block linears."""
     targets = preset.lora.targets

@@ -106,6 +106,12 @@ class LoraSettings(_Section):
         description="Layer names to adapt (e.g. [q_proj, v_proj]) or all-linear for every linear layer "
         "inside the blocks (never lm_head).",
     )
+    init_from: str | None = Field(
+        None,
+        description="Start the adapters from a saved LoRA adapter (a folder in PEFT format, such as a finished "
+        "run's adapter/) instead of fresh weights, to train it further; its rank, alpha and target layers are "
+        "used. Empty for new adapters.",
+    )
 
     @field_validator("targets")
     @classmethod
@@ -342,8 +348,13 @@ def load_preset(path: str | os.PathLike) -> Preset:
     return preset_from_dict(data, str(p))
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that a crash mid-write never leaves a broken one: temp file, fsync, rename."""
+def atomic_write_text(path: str | os.PathLike, text: str, exclusive: bool = False) -> None:
+    """Write a file so that a crash mid-write never leaves a broken one: temp file, fsync, rename.
+
+    ``exclusive``: only if no file of that name exists (``FileExistsError`` otherwise). The temp
+    file is then linked into place, which is atomic, so of two writers racing for one name exactly
+    one wins, and a reader never sees half of it.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -352,7 +363,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, p)
+        if exclusive:
+            os.link(tmp, p)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, p)
     except BaseException:
         try:
             os.unlink(tmp)

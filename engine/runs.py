@@ -7,12 +7,26 @@
 The process is started in its own session (``start_new_session``) with no terminal attached: a
 dropped SSH connection, a closed wizard or Ctrl-C in the shell that started it never reaches it.
 Stopping is a signal (SIGTERM): it checkpoints and ends with ``end: stopped``.
+
+One run, one process, nothing lost:
+
+- a run directory is claimed atomically (``preset.yaml`` is linked into place, which fails if one
+  is there), so of two runs started into one directory at the same moment exactly one starts;
+- ``train.lock`` is locked (``flock``) by the launcher and handed to the training process, which
+  holds it for its whole life, so a second process (a second ``resume``) is refused at once;
+- every ``OSError`` on the way to a run is one line naming the path and the reason, and whatever
+  the attempt created is removed again;
+- a finished run is not trained again unless the person raises its ``max_steps`` explicitly, and
+  its adapter is then kept beside the new one.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +35,16 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from engine.errors import UserError
-from engine.events import fold_history, read_events
+from engine.errors import UserError, os_error
+from engine.events import EVENTS_FILE, fold_history, read_events
 from engine.preset import Preset, atomic_write_text, load_preset
 
+PRESET_FILE = "preset.yaml"
 PROCESS_FILE = "process.json"
 LOG_FILE = "train.log"
+LOCK_FILE = "train.lock"
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
 STATUSES = ("starting", "running", "finished", "stopped", "failed", "crashed")
 
 
@@ -42,19 +60,88 @@ def default_run_name(preset: Preset) -> str:
     return f"{slug(model)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def create_run(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path:
-    """Make a new run directory holding the preset; refuses to reuse a directory that has a run."""
-    if run_dir is None:
-        name = preset.output.name or default_run_name(preset)
-        run_dir = Path(preset.output.runs_dir) / name
-    run_dir = Path(run_dir)
-    if (run_dir / "events.jsonl").exists() or (run_dir / "preset.yaml").exists():
-        raise UserError(
-            f"{run_dir} already holds a run",
-            f"resume it with `qlora-wizard resume {run_dir}`, or pick another --run-dir",
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "preset.yaml", _with_absolute_paths(preset).to_yaml())
+def run_dir_for(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path:
+    """Where a new run of ``preset`` goes: ``run_dir``, or ``output.runs_dir/<output.name or model-time>``."""
+    if run_dir is not None:
+        return Path(run_dir)
+    return Path(preset.output.runs_dir) / (preset.output.name or default_run_name(preset))
+
+
+class _Undo:
+    """What one attempt to create or start a run made, so a failure can take exactly that back."""
+
+    def __init__(self) -> None:
+        self.dirs: list[Path] = []
+        self.files: list[Path] = []
+
+    def mkdirs(self, path: Path) -> None:
+        """``mkdir -p`` that remembers each folder it made (and only those)."""
+        missing = []
+        p = path
+        while not os.path.lexists(p):
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+                continue  # made a moment ago by someone else (a second start): theirs, not ours to remove
+            self.dirs.append(d)
+
+    def undo(self) -> None:
+        """Remove the files, then the folders, this attempt created; never anything that was there.
+
+        A folder goes only if it is empty then: one this attempt made may hold what a concurrent
+        start (the one that won the run directory) wrote into it a moment later."""
+        for f in reversed(self.files):
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        for d in reversed(self.dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def _already_a_run(run_dir: Path) -> UserError:
+    return UserError(f"{run_dir} already holds a run",
+                     f"resume it with `qlora-wizard resume {run_dir}`, or pick another --run-dir")
+
+
+def create_run(preset: Preset, run_dir: str | os.PathLike | None = None, undo: _Undo | None = None) -> Path:
+    """Make a new run directory holding the preset and an empty events file; returns it.
+
+    Refuses (one line) a directory that already holds a run, a path it cannot write (under a file,
+    read-only, full), and leaves nothing behind that was not there before the call.
+    """
+    run_dir = run_dir_for(preset, run_dir)
+    undo = undo if undo is not None else _Undo()
+    try:
+        if os.path.lexists(run_dir) and not run_dir.is_dir():
+            raise UserError(f"{run_dir} is a file, not a run directory", "pick another --run-dir")
+        if (run_dir / EVENTS_FILE).exists() or (run_dir / PRESET_FILE).exists():
+            raise _already_a_run(run_dir)
+        undo.mkdirs(run_dir)
+        try:
+            # Of two starts claiming this directory at the same moment, exactly one links its preset.
+            atomic_write_text(run_dir / PRESET_FILE, _with_absolute_paths(preset).to_yaml(), exclusive=True)
+            undo.files.append(run_dir / PRESET_FILE)
+            with open(run_dir / EVENTS_FILE, "x", encoding="utf-8"):
+                undo.files.append(run_dir / EVENTS_FILE)
+        except FileExistsError:
+            raise _already_a_run(run_dir) from None  # another start claimed it a moment ago
+    except UserError:
+        undo.undo()
+        raise
+    except OSError as exc:
+        undo.undo()
+        raise os_error(exc, "create the run directory", run_dir) from None
     return run_dir
 
 
@@ -69,10 +156,26 @@ def _with_absolute_paths(preset: Preset) -> Preset:
 
     return preset.model_copy(update={
         "model": preset.model.model_copy(update={"source": absolute(preset.model.source)}),
+        "lora": preset.lora.model_copy(update={"init_from": absolute(preset.lora.init_from)}),
         "data": preset.data.model_copy(update={"train": absolute(preset.data.train),
                                                "validation": absolute(preset.data.validation)}),
     })
 
+
+def launch_run(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path:
+    """Create a new run and start its training process: the one way every front end starts a run.
+
+    On any failure (the directory is taken, cannot be written, the process cannot start) nothing
+    the attempt created stays behind, and the problem is one :class:`UserError`.
+    """
+    undo = _Undo()
+    run_dir = create_run(preset, run_dir, undo)
+    try:
+        start_process(run_dir, undo=undo)
+    except BaseException:
+        undo.undo()
+        raise
+    return run_dir
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists and is not a zombie."""
@@ -98,34 +201,128 @@ def _process_start_time(pid: int) -> str | None:
         return None
 
 
-def start_process(run_dir: str | os.PathLike, resume: bool = False) -> int:
-    """Start the training process for ``run_dir``, detached in its own session; returns its pid."""
+class RunLock:
+    """The run's ``train.lock``, locked with ``flock``: whoever holds it is the run's one training process.
+
+    The launcher takes it, hands the open descriptor to the process it starts (which keeps it for
+    its whole life; the kernel drops the lock when the process is gone, however it ends) and closes
+    its own copy. A second launcher, or a training process started by hand, fails at once.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, fd: int | None = None) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd = fd
+        """The locked descriptor (inherited when the launcher passed one), or None."""
+
+    def acquire(self) -> RunLock:
+        """Lock it, or raise :class:`UserError` saying the run is already training."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise os_error(exc, "write", self.path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UserError(f"{self.path.parent} is already training",
+                                f"follow it with `qlora-wizard attach {self.path.parent}`") from None
+            raise os_error(exc, "lock", self.path) from None
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Close this process's copy (the lock goes when the last copy does)."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+def start_process(run_dir: str | os.PathLike, resume: bool = False, lock: RunLock | None = None,
+                  undo: _Undo | None = None) -> int:
+    """Start the training process for ``run_dir``, detached in its own session; returns its pid.
+
+    Takes the run's lock (unless the caller holds it already) and hands it to the process. Refuses
+    a directory that is not a run or that is training, and turns every ``OSError`` (the log, the
+    process record) into one line, taking back what it wrote.
+    """
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / "preset.yaml").exists():
-        raise UserError(f"{run_dir} is not a run directory (no preset.yaml)")
+    if not (run_dir / PRESET_FILE).exists():
+        raise UserError(f"{run_dir} is not a run directory (no {PRESET_FILE})")
     if is_running(run_dir):
         raise UserError(f"{run_dir} is already training", f"follow it with `qlora-wizard attach {run_dir}`")
-    cmd = [sys.executable, "-m", "engine.train", str(run_dir)] + (["--resume"] if resume else [])
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # The engine package must be importable by the child whatever the current directory is.
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with open(run_dir / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-            env=env,
-            start_new_session=True,  # its own session: no SIGHUP or terminal Ctrl-C ever reaches it
-            close_fds=True,
-        )
-    atomic_write_text(
-        run_dir / PROCESS_FILE,
-        json.dumps({"pid": proc.pid, "start_time": _process_start_time(proc.pid), "started": time.time(),
-                    "resume": resume, "command": cmd}),
-    )
+    own_undo = undo is None
+    undo = undo if undo is not None else _Undo()
+    own_lock = lock is None
+    if own_lock:
+        if not (run_dir / LOCK_FILE).exists():
+            undo.files.append(run_dir / LOCK_FILE)
+        try:
+            lock = RunLock(run_dir).acquire()
+        except BaseException:
+            if own_undo:
+                undo.undo()
+            raise
+    log_path = run_dir / LOG_FILE
+    log_size = log_path.stat().st_size if log_path.exists() else None
+    proc = None
+    try:
+        try:
+            log = open(log_path, "ab")
+        except OSError as exc:
+            raise os_error(exc, "write", log_path) from None
+        if log_size is None:
+            undo.files.append(log_path)
+        cmd = [sys.executable, "-m", "engine.train", str(run_dir), "--lock-fd", str(lock.fd)]
+        cmd += ["--resume"] if resume else []
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The engine package must be importable by the child whatever the current directory is.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        with log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=root,
+                env=env,
+                start_new_session=True,  # its own session: no SIGHUP or terminal Ctrl-C ever reaches it
+                close_fds=True,
+                pass_fds=(lock.fd,),  # the lock goes with it
+            )
+        record = run_dir / PROCESS_FILE
+        existed = record.exists()
+        try:
+            atomic_write_text(record, json.dumps({
+                "pid": proc.pid, "start_time": _process_start_time(proc.pid), "started": time.time(),
+                "resume": resume, "command": cmd}))
+        except OSError as exc:
+            raise os_error(exc, "write", record) from None
+        if not existed:
+            undo.files.append(record)
+    except BaseException:
+        if proc is not None:  # a process nobody can see or stop must not go on
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+        if log_size is not None:
+            try:
+                os.truncate(log_path, log_size)
+            except OSError:
+                pass
+        if own_lock:
+            lock.release()
+        if own_undo:
+            undo.undo()
+        raise
+    if own_lock:
+        lock.release()
     # Reap the child when it exits if we are still around, so it never lingers as a zombie.
     import threading
 
@@ -161,6 +358,162 @@ def wait_until_exited(run_dir: str | os.PathLike, timeout: float = 30.0) -> bool
             return False
         time.sleep(0.1)
     return True
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One ``checkpoints/checkpoint-N`` folder."""
+
+    step: int
+    path: Path
+    complete: bool
+    """Whether the trainer finished writing it: its ``trainer_state.json`` is whole and names its step.
+    The trainer writes that file after the weights, optimizer and random states, so a checkpoint
+    cut short (a kill, a full disk, an abandoned stop) never has it."""
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The optimizer step a ``checkpoint-N`` folder was saved at; ValueError for another name."""
+    return int(Path(path).name.rsplit("-", 1)[-1])
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
+    """The run's checkpoint folders, oldest step first."""
+    found = []
+    for d in (Path(run_dir) / CHECKPOINTS_DIR).glob("checkpoint-*"):
+        try:
+            step = checkpoint_step(d)
+        except ValueError:
+            continue
+        try:
+            state = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+            complete = isinstance(state, dict) and state.get("global_step") == step
+        except (OSError, ValueError):
+            complete = False
+        found.append(Checkpoint(step, d, complete))
+    return sorted(found, key=lambda c: c.step)
+
+
+def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The resumable checkpoint with the highest step, or None."""
+    complete = [c for c in list_checkpoints(run_dir) if c.complete]
+    return complete[-1].path if complete else None
+
+
+def remove_incomplete_checkpoints(run_dir: str | os.PathLike) -> list[str]:
+    """Delete checkpoint folders the trainer never finished writing; returns their names.
+
+    Only the run's lock holder may call this (the training process, or a launcher about to start
+    one): then no checkpoint is being written. A partial folder can never be resumed, and left in
+    place it would count towards ``save_total_limit`` and push out a complete one.
+    """
+    removed = []
+    for c in list_checkpoints(run_dir):
+        if not c.complete:
+            shutil.rmtree(c.path, ignore_errors=True)
+            removed.append(c.path.name)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------
+# Checking, resuming and stopping a run
+
+
+def require_run(run_dir: str | os.PathLike) -> Path:
+    """``run_dir`` as a Path if it holds a run; else one line saying there is no run there."""
+    run_dir = Path(run_dir)
+    if not os.path.lexists(run_dir):
+        raise UserError(f"there is no run at {run_dir}", "list runs with `qlora-wizard runs`")
+    if not (run_dir / PRESET_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {PRESET_FILE})", "list runs with `qlora-wizard runs`")
+    return run_dir
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What ``resume_run`` started from, to tell the person."""
+
+    pid: int
+    checkpoint: Path | None
+    """The checkpoint training continues from; None: from the beginning."""
+    removed: tuple[str, ...]
+    """Checkpoint folders cut short by the earlier process's end, removed."""
+    kept_adapter: Path | None
+    """Where a finished run's adapter went when ``max_steps`` was raised."""
+    max_steps: int | None
+    """The raised step target, when one was given."""
+
+
+def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None) -> Resumed:
+    """Continue a stopped, failed or crashed run from its newest checkpoint in a new training process.
+
+    A finished run is refused unless ``max_steps`` raises its target above the steps done: then the
+    preset's ``training.max_steps`` becomes that (the schedule stretches to it) and the finished
+    adapter moves to ``adapter-step-N/`` so the new one never overwrites it. Refusals change nothing
+    in the run directory; a failure after the first change takes the changes back.
+    """
+    run_dir = require_run(run_dir)
+    history = fold_history(read_events(run_dir))
+    if is_running(run_dir) and (history.end is None or not wait_until_exited(run_dir)):
+        raise UserError(f"{run_dir} is still training", f"follow it with `qlora-wizard attach {run_dir}`")
+    end = history.end or {}
+    done = int(end.get("step") or (history.last_step or {}).get("step") or 0)
+    finished = end.get("status") == "finished"
+    if finished and max_steps is None:
+        adapter = end.get("adapter") or str(run_dir / ADAPTER_DIR)
+        raise UserError(
+            f"{run_dir} is finished (step {done} of {history.total_steps or done}; its adapter is in {adapter})",
+            f"to train it longer, raise its target explicitly: `qlora-wizard resume {run_dir} --max-steps N` "
+            f"with N above {done}; or start a new run from its adapter (lora.init_from: {adapter} in a preset)",
+        )
+    ckpt = newest_checkpoint(run_dir)
+    ckpt_step = checkpoint_step(ckpt) if ckpt else 0
+    saved = done if finished else ckpt_step
+    if max_steps is not None and max_steps <= saved:
+        raise UserError(f"--max-steps {max_steps} is not above the {saved} steps this run has saved",
+                        f"pick a number above {saved}")
+    preset = load_preset(run_dir / PRESET_FILE)
+
+    undo = _Undo()
+    if not (run_dir / LOCK_FILE).exists():
+        undo.files.append(run_dir / LOCK_FILE)
+    try:
+        lock = RunLock(run_dir).acquire()
+    except BaseException:
+        undo.undo()
+        raise
+    preset_text = (run_dir / PRESET_FILE).read_text(encoding="utf-8")
+    adapter, kept = run_dir / ADAPTER_DIR, None
+    try:
+        if max_steps is not None:
+            raised = preset.model_copy(update={
+                "training": preset.training.model_copy(update={"max_steps": max_steps})})
+            try:
+                atomic_write_text(run_dir / PRESET_FILE, raised.to_yaml())
+                if finished and adapter.is_dir():
+                    kept = run_dir / f"{ADAPTER_DIR}-step-{done}"
+                    adapter.rename(kept)
+            except OSError as exc:
+                raise os_error(exc, "write", exc.filename or run_dir) from None
+        removed = remove_incomplete_checkpoints(run_dir)
+        pid = start_process(run_dir, resume=True, lock=lock, undo=undo)
+    except BaseException:
+        undo.undo()
+        if kept is not None and not adapter.exists():
+            kept.rename(adapter)
+        if max_steps is not None:
+            try:
+                atomic_write_text(run_dir / PRESET_FILE, preset_text)
+            except OSError:
+                pass
+        raise
+    finally:
+        lock.release()
+    return Resumed(pid, ckpt, tuple(removed), kept, max_steps)
 
 
 def stop_run(run_dir: str | os.PathLike, sig: int = signal.SIGTERM) -> bool:
@@ -218,12 +571,11 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
     if history.end is not None:
         status = history.end.get("status", "failed")
         message = history.end.get("message")
-    elif is_running(run_dir):
+    elif is_running(run_dir) or (_process_record(run_dir) is None and _lock_held(run_dir)):
         status = "running" if history.start else "starting"
     else:
         status = "crashed"
-        tail = log_tail(run_dir, 1)
-        message = "the training process ended without a word" + (f"; train.log ends: {tail[-1]}" if tail else "")
+        message = _crash_message(run_dir)
     model = None
     try:
         model = load_preset(run_dir / "preset.yaml").model.source
@@ -241,6 +593,51 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
         message=message,
         started=(history.start or {}).get("time"),
     )
+
+
+def _lock_held(run_dir: Path) -> bool:
+    """Whether a process holds the run's lock: a run whose launcher has not yet written
+    ``process.json`` is starting, not crashed. Asked only in that moment's window, since the test
+    itself takes the lock for an instant."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock if it was taken
+    return False
+
+
+def _crash_message(run_dir: Path) -> str:
+    """What a crashed run left: the log's last line, a checkpoint cut short, a full disk."""
+    tail = log_tail(run_dir, 1)
+    parts = ["the training process ended without a word" + (f"; train.log ends: {tail[-1]}" if tail else "")]
+    cut = [c.path.name for c in list_checkpoints(run_dir) if not c.complete]
+    if cut:
+        parts.append(f"{', '.join(cut)} was cut short and cannot be resumed (resume removes it)")
+    free = free_bytes(run_dir)
+    if free is not None and free < FULL_DISK_BYTES:
+        parts.append(f"the disk holding it is full ({free / 2**20:.1f} MiB left)")
+    return "; ".join(parts)
+
+
+FULL_DISK_BYTES = 64 * 2**20
+"""Free space under which a failed write is taken for a full disk. torch.save reports ENOSPC as a
+RuntimeError about the zip writer's position ("unexpected pos"), not as an OSError, so the free
+space of the run's file system decides (read before the part-written files are removed)."""
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an ordinary user may still write on the file system holding ``path``; None if unknown."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def list_runs(runs_dir: str | os.PathLike = "runs") -> list[RunSummary]:

@@ -5,8 +5,11 @@ It reads ``RUN_DIR/preset.yaml``, checks the data before any weights load, loads
 Trainer. Everything anyone needs to see goes to ``RUN_DIR/events.jsonl`` as it happens.
 
 It is started detached in its own session (see ``engine.runs``), so a dropped SSH connection or a
-closed wizard does not stop it. SIGTERM or SIGINT saves a checkpoint and ends with
-``end: stopped``; ``--resume`` continues from the newest checkpoint.
+closed wizard does not stop it, and holds the run's lock for its whole life. SIGTERM or SIGINT
+saves a checkpoint at the end of the step and ends with ``end: stopped``; a second signal changes
+nothing, a third abandons that checkpoint (the end event says what is saved). ``--resume``
+continues from the newest complete checkpoint. A checkpoint or adapter cut short by a full disk or
+an abandoned stop is removed, and the end event names it.
 
 Exit status: 0 finished, 1 failed, 2 bad input, 130 stopped.
 """
@@ -14,17 +17,28 @@ Exit status: 0 finished, 1 failed, 2 bad input, 130 stopped.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from engine.errors import UserError, first_line
+from engine.errors import UserError, first_line, os_error
 from engine.events import EventWriter
 from engine.preset import Preset, load_preset
+from engine.runs import (
+    ADAPTER_DIR,
+    FULL_DISK_BYTES,
+    RunLock,
+    checkpoint_step,
+    free_bytes,
+    newest_checkpoint,
+    remove_incomplete_checkpoints,
+)
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 
@@ -37,18 +51,42 @@ OPTIMIZERS = {
 }
 
 
-class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived before the trainer was running: there is nothing to checkpoint yet."""
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT arrived before the trainer was running: there is nothing to checkpoint yet.
+
+    A BaseException, like KeyboardInterrupt, so library code that catches ``Exception`` while the
+    model loads cannot swallow it."""
+
+
+class AbandonRequested(BaseException):
+    """A third signal: stop at once, without the checkpoint the first one asked for."""
+
+
+ABANDON_AFTER_SIGNALS = 3
+"""Signals it takes to abandon the checkpoint of a stop: one asks for it, a second (an impatient
+Ctrl-C, a supervisor's repeated TERM) must not throw away the steps trained since the last one."""
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT. Before training starts a signal aborts at once; during training the
-    events callback sees the flag at the end of the step, saves a checkpoint and stops."""
+    """What SIGTERM/SIGINT do depends on the phase of the run.
+
+    - ``setup`` (data, model loading): nothing is trained yet; the first signal ends the run at once.
+    - ``training``: the first signal asks the events callback to checkpoint at the end of the step
+      and stop; a second only says that this is under way; the third abandons the checkpoint.
+    - ``finishing`` (final validation, writing the adapter): a signal is noted and the run
+      finishes, which takes seconds; the third abandons it.
+    - ``ending`` (writing the end event): signals are ignored, so the end is always written.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
+        self.count = 0
         self.signal_name = ""
-        self.training = False
+        self.phase = "setup"
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was asked for."""
+        return self.count > 0
 
     def install(self) -> None:
         """Take over SIGTERM and SIGINT; ignore SIGHUP."""
@@ -64,30 +102,30 @@ class _StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        first = not self.requested
-        self.requested = True
+        if self.phase == "ending":
+            return
+        self.count += 1
         self.signal_name = signal.Signals(signum).name
-        if not self.training:
-            raise StopRequested()
-        if not first:
-            # A second signal while the checkpoint is being written: leave now.
-            raise StopRequested()
+        if self.phase == "setup":
+            if self.count == 1:
+                raise StopRequested()
+            return
+        if self.count == ABANDON_AFTER_SIGNALS:
+            raise AbandonRequested()
+        if self.count < ABANDON_AFTER_SIGNALS:
+            doing = ("saving a checkpoint at the end of this step" if self.phase == "training"
+                     else "finishing: writing the adapter")
+            _say(f"{self.signal_name} ({self.count} of {ABANDON_AFTER_SIGNALS}): {doing}; "
+                 f"signal {ABANDON_AFTER_SIGNALS - self.count} more time(s) to abandon it")
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The resumable checkpoint with the highest step, or None."""
-    ckpt_dir = run_dir / "checkpoints"
-    best = None
-    for d in ckpt_dir.glob("checkpoint-*"):
-        if not (d / "trainer_state.json").exists():
-            continue  # a checkpoint cut short by a kill: not resumable
-        try:
-            step = int(d.name.split("-")[-1])
-        except ValueError:
-            continue
-        if best is None or step > best[0]:
-            best = (step, d)
-    return best[1] if best else None
+def _say(line: str) -> None:
+    """One line to train.log from anywhere, a signal handler included: an unbuffered write, so it
+    cannot re-enter a buffered stream the interrupted code was writing, and never raises."""
+    try:
+        os.write(2, (line + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
 def _count_tokens(inputs: dict) -> int:
@@ -163,6 +201,7 @@ def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: 
             self.last_tokens = counter["tokens"]
 
         def on_step_end(self, args, state, control, **kw):
+            run["step"] = state.global_step
             if stop.requested:
                 control.should_save = True
                 control.should_training_stop = True
@@ -201,6 +240,7 @@ def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: 
             # Time spent validating is not training time: the next step's speed starts from here.
             self.last_time = time.time()
             metrics = metrics or {}
+            run["last_eval_step"] = state.global_step
             if "eval_loss" in metrics:
                 events.emit("eval", step=state.global_step, epoch=round(float(state.epoch or 0), 4),
                             eval_loss=float(metrics["eval_loss"]))
@@ -315,8 +355,18 @@ def _load_model(preset: Preset, source: str, device_plan):
 
 
 def _add_lora(model, preset: Preset, targets: tuple[str, ...]):
-    """Wrap the model with peft LoRA adapters on the chosen layers."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap the model with peft LoRA adapters on the chosen layers, fresh or from ``lora.init_from``."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if preset.lora.init_from:
+        config = LoraConfig.from_pretrained(preset.lora.init_from)
+        config.lora_dropout = preset.lora.dropout
+        config.inference_mode = False
+        try:
+            return PeftModel.from_pretrained(model, preset.lora.init_from, is_trainable=True, config=config)
+        except Exception as exc:  # shapes or names of another base model
+            raise UserError(f"the adapter in {preset.lora.init_from} does not fit {preset.model.source}: "
+                            f"{first_line(exc, 200)}", "start from an adapter trained on this base model") from None
 
     config = LoraConfig(
         r=preset.lora.r,
@@ -405,58 +455,153 @@ def _peak_memory(device: str, callback, used_before: int | None = None) -> dict:
     return {"peak_rss": _peak_rss_bytes()}
 
 
-def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = ()) -> int:
+def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), lock_fd: int | None = None) -> int:
     """Train the run in ``run_dir``; returns the exit status. Never raises for the run's own failures.
 
-    ``callbacks`` are extra ``TrainerCallback``s (tests use one to look at the weights).
+    ``lock_fd`` is the run's lock handed over by the launcher (``engine.runs.start_process``);
+    without one the lock is taken here, and a run that another process trains is refused before
+    anything is written. ``callbacks`` are extra ``TrainerCallback``s (tests use one to look at the
+    weights, or to send signals at exact moments).
     """
     run_dir = Path(run_dir)
-    events = EventWriter(run_dir)
+    lock = RunLock(run_dir, lock_fd)
+    try:
+        if lock_fd is None:
+            lock.acquire()
+        events = EventWriter(run_dir)
+    except UserError as exc:
+        _say(f"error: {exc.one_line()}")
+        lock.release()
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        _say(f"error: {os_error(exc, 'write', exc.filename or run_dir).one_line()}")
+        lock.release()
+        return EXIT_BAD_INPUT
     stop = _StopFlag()
     stop.install()
     started = time.time()
-    state: dict = {"estimate": None, "callback": None, "device": "cpu"}
+    state: dict = {"estimate": None, "callback": None, "device": "cpu", "step": 0}
     try:
         return _train(run_dir, resume, events, stop, started, state, callbacks)
     except StopRequested:
-        events.emit("end", status="stopped", signal=stop.signal_name, step=state.get("step", 0),
-                    message="stopped before training began; nothing to save",
-                    elapsed_s=time.time() - started)
+        stop.phase = "ending"
+        ckpt = newest_checkpoint(run_dir)
+        message = (f"stopped before training resumed; {ckpt.name} is as it was" if ckpt and resume
+                   else "stopped before training began; nothing to save")
+        _end(events, status="stopped", signal=stop.signal_name, step=state["step"], checkpoint=_str(ckpt),
+             message=message, elapsed_s=time.time() - started)
+        return EXIT_STOPPED
+    except AbandonRequested:
+        stop.phase = "ending"
+        saved = _clean_up_unfinished(run_dir, state)
+        doing = "writing the adapter" if state.get("writing_adapter") else f"step {state['step']}"
+        message = f"abandoned at {doing} by a {_ordinal(stop.count)} {stop.signal_name}: {saved}"
+        _end(events, status="stopped", signal=stop.signal_name, step=state["step"], abandoned=True,
+             checkpoint=_str(newest_checkpoint(run_dir)), message=message, elapsed_s=time.time() - started,
+             **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
         return EXIT_STOPPED
     except UserError as exc:
-        events.emit("error", message=exc.one_line(), bad_input=True)
-        events.emit("end", status="failed", message=exc.one_line(), elapsed_s=time.time() - started)
+        stop.phase = "ending"
+        _emit(events, "error", message=exc.one_line(), bad_input=True)
+        _end(events, status="failed", message=exc.one_line(), elapsed_s=time.time() - started)
         return EXIT_BAD_INPUT
     except Exception as exc:  # the run's own failure: report it in words, keep the traceback in train.log
-        traceback.print_exc()
-        message, exit_code = _describe_failure(exc, state)
-        events.emit("error", message=message, exception=type(exc).__name__)
-        events.emit("end", status="failed", message=message, elapsed_s=time.time() - started,
-                    **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
+        stop.phase = "ending"
+        try:
+            traceback.print_exc()
+        except OSError:
+            pass
+        message, exit_code = _describe_failure(exc, state, run_dir)
+        _emit(events, "error", message=message, exception=type(exc).__name__)
+        _end(events, status="failed", message=message, step=state["step"], elapsed_s=time.time() - started,
+             checkpoint=_str(newest_checkpoint(run_dir)),
+             **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
         return exit_code
     finally:
         stop.uninstall()
         events.close()
+        lock.release()
 
 
-def _describe_failure(exc: Exception, state: dict) -> tuple[str, int]:
-    """A failure in words a person can act on."""
+def _str(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _ordinal(n: int) -> str:
+    return {1: "first", 2: "second", 3: "third"}.get(n, f"{n}th")
+
+
+def _emit(events: EventWriter, kind: str, **payload) -> None:
+    """Write an event where a failure to write it must not hide the reason (a full disk): to train.log instead."""
+    try:
+        events.emit(kind, **payload)
+    except OSError as exc:
+        _say(f"could not write the {kind} event to {events.path}: {exc.strerror or exc}; it was: {payload}")
+
+
+def _end(events: EventWriter, **payload) -> None:
+    """The run's ``end`` event (see ``_emit``)."""
+    _emit(events, "end", **payload)
+
+
+def _clean_up_unfinished(run_dir: Path, state: dict) -> str:
+    """Remove what a cut-short write left (a part-written checkpoint or adapter) and say what is saved."""
+    removed = remove_incomplete_checkpoints(run_dir)
+    if state.get("writing_adapter"):
+        shutil.rmtree(run_dir / ADAPTER_PARTIAL, ignore_errors=True)
+        removed.append("adapter (part-written)")
+    ckpt = newest_checkpoint(run_dir)
+    saved_step = checkpoint_step(ckpt) if ckpt else 0
+    step = state["step"]
+    said = f"saved: {ckpt.name} (step {saved_step})" if ckpt else "nothing saved (no checkpoint yet)"
+    if step == saved_step + 1:
+        said += f"; step {step} was not saved and resume trains it again"
+    elif step > saved_step:
+        said += f"; steps {saved_step + 1}-{step} were not saved and resume trains them again"
+    if removed:
+        said += f"; removed the unfinished {', '.join(removed)}"
+    return said
+
+
+def _describe_failure(exc: Exception, state: dict, run_dir: Path) -> tuple[str, int]:
+    """A failure in words a person can act on, with what is saved. Removes a checkpoint or adapter
+    the failure cut short (it could never be resumed, and a full disk needs the space back)."""
     try:
         import torch
 
         oom = isinstance(exc, torch.OutOfMemoryError)
     except Exception:
         oom = False
-    if oom or "out of memory" in str(exc).lower():
+    oom = oom or "out of memory" in str(exc).lower()
+    free = None if oom else _free_bytes_if_full(exc, run_dir)  # before the clean-up frees space
+    saved = _clean_up_unfinished(run_dir, state)
+    if oom:
         advice = _oom_advice(state["preset"], state["estimate"]) if state.get("preset") else ""
-        return f"the GPU ran out of memory: {advice}", EXIT_FAILED
-    return f"{type(exc).__name__}: {first_line(exc)} (the full traceback is in train.log)", EXIT_FAILED
+        return f"the GPU ran out of memory: {advice}; {saved}", EXIT_FAILED
+    if free is not None:
+        return (f"the disk holding {run_dir} is full ({free / 2**20:.1f} MiB left; what failed is in train.log); "
+                f"{saved}; free space on it, then `qlora-wizard resume {run_dir}` continues"), EXIT_FAILED
+    if isinstance(exc, OSError):
+        return f"{os_error(exc, 'write', exc.filename).message}; {saved}", EXIT_FAILED
+    return f"{type(exc).__name__}: {first_line(exc)} (the full traceback is in train.log); {saved}", EXIT_FAILED
+
+
+def _free_bytes_if_full(exc: BaseException, run_dir: Path) -> int | None:
+    """The free bytes on the run's file system when the failure is (most likely) a full disk, else None."""
+    free = free_bytes(run_dir)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return free or 0
+    if "no space left" in str(exc).lower() or (free is not None and free < FULL_DISK_BYTES):
+        return free or 0
+    return None
 
 
 def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, started: float, state: dict,
            callbacks: tuple = ()) -> int:
     """The run, top to bottom: data check, tokenizer and data, estimate, model, adapters, Trainer."""
-    preset = load_preset(run_dir / "preset.yaml")
+    from engine.plan import with_init_adapter
+
+    preset = with_init_adapter(load_preset(run_dir / "preset.yaml"))
     state["preset"] = preset
 
     # 1. The data, checked before anything heavy loads, so a bad line is reported within seconds.
@@ -499,7 +644,8 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     spe = steps_per_epoch(prepared.stats.examples, t.micro_batch_size, t.gradient_accumulation_steps)
     steps = total_steps(preset, prepared.stats.examples)
     checkpoint = newest_checkpoint(run_dir) if resume else None
-    resumed_from = int(checkpoint.name.split("-")[-1]) if checkpoint else None
+    resumed_from = checkpoint_step(checkpoint) if checkpoint else None
+    state["step"] = resumed_from or 0
     if device_plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     events.emit(
@@ -532,8 +678,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     from engine.loss import causal_lm_loss, decoder_and_head
 
     counter = {"tokens": 0}
-    run: dict = {}
-    callback = _make_callback(events, stop, counter, device_plan.device, run)
+    callback = _make_callback(events, stop, counter, device_plan.device, state)
     state["callback"] = callback
 
     class CountingTrainer(Trainer):
@@ -569,39 +714,61 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         processing_class=tokenizer,
         callbacks=[callback, *callbacks],
     )
-    stop.training = True
-    if stop.requested:
-        raise StopRequested()
+    stop.phase = "training"
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    stop.training = False
+    stop.phase = "finishing"
     step = trainer.state.global_step
     state["step"] = step
     peak = _peak_memory(device_plan.device, callback, state.get("device_used_before"))
     estimate_bytes = {"estimate_total": estimate.total_bytes, "estimate_reserved": estimate.reserved_bytes}
 
-    if "nonfinite_step" in run:
-        msg = (f"the loss became non-finite at step {run['nonfinite_step']}; try a lower learning rate "
+    if "nonfinite_step" in state:
+        msg = (f"the loss became non-finite at step {state['nonfinite_step']}; try a lower learning rate "
                f"(now {t.learning_rate:g}), max_grad_norm 1.0, or compute dtype bfloat16 instead of float16")
+        stop.phase = "ending"
         events.emit("error", message=msg, step=step)
         events.emit("end", status="failed", message=msg, step=step, elapsed_s=time.time() - started,
-                    **peak, **estimate_bytes)
+                    checkpoint=_str(newest_checkpoint(run_dir)), **peak, **estimate_bytes)
         return EXIT_FAILED
-    if stop.requested:
+    if stop.requested and step < trainer.state.max_steps:
         ckpt = newest_checkpoint(run_dir)
-        events.emit("end", status="stopped", signal=stop.signal_name, step=step,
-                    checkpoint=str(ckpt) if ckpt else None, elapsed_s=time.time() - started,
-                    **peak, **estimate_bytes)
+        saved = f"saved: {ckpt.name}" if ckpt else "nothing saved"
+        stop.phase = "ending"
+        events.emit("end", status="stopped", signal=stop.signal_name, step=step, checkpoint=_str(ckpt),
+                    message=f"stopped at step {step} by {stop.signal_name}; {saved}",
+                    elapsed_s=time.time() - started, **peak, **estimate_bytes)
         return EXIT_STOPPED
 
-    # A last validation when the schedule did not end on one, so the curve has its final point.
-    if prepared.validation is not None and step % (trainer.args.eval_steps or 1) != 0:
+    # A last validation when the schedule did not end on one, so the curve has its final point
+    # (transformers' own end-of-training evaluation, where it makes one, counts).
+    if prepared.validation is not None and state.get("last_eval_step") != step:
         trainer.evaluate()
-    adapter_dir = run_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    adapter_dir = _write_adapter(run_dir, model, tokenizer, state)
+    stop.phase = "ending"
     events.emit("end", status="finished", step=step, adapter=str(adapter_dir),
                 elapsed_s=time.time() - started, **peak, **estimate_bytes)
     return EXIT_FINISHED
+
+
+ADAPTER_PARTIAL = f".{ADAPTER_DIR}.partial"
+"""Where the adapter is written before it is renamed into place: ``adapter/`` is always whole."""
+
+
+def _write_adapter(run_dir: Path, model, tokenizer, state: dict) -> Path:
+    """Save the LoRA adapter (PEFT format) and the tokenizer to ``adapter/``, whole or not at all.
+
+    An ``adapter/`` already there (a run whose target was raised keeps its earlier one as
+    ``adapter-step-N/``; anything else is renamed aside with the time) is never overwritten."""
+    final, partial = run_dir / ADAPTER_DIR, run_dir / ADAPTER_PARTIAL
+    shutil.rmtree(partial, ignore_errors=True)
+    state["writing_adapter"] = True
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if final.exists():
+        final.rename(run_dir / f"{ADAPTER_DIR}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    partial.rename(final)
+    state["writing_adapter"] = False
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -613,11 +780,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="the run directory (holds preset.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--lock-fd", type=int, help="the run's lock, taken by the launcher (engine.runs)")
     args = parser.parse_args(argv)
     if not (args.run_dir / "preset.yaml").exists():
         print(f"error: {args.run_dir} has no preset.yaml; create runs with qlora-wizard", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return run_training(args.run_dir, resume=args.resume)
+    return run_training(args.run_dir, resume=args.resume, lock_fd=args.lock_fd)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "hf-configs"
 """Real config.json files of published models (one folder each) and their official parameter counts."""
+DEMO_PRESET = ROOT / "presets" / "tiny-demo.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +54,87 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
         cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
         stdin=subprocess.DEVNULL if input is None else None, input=input,
     )
+
+
+@pytest.fixture
+def mount_tmpfs():
+    """Mount a small tmpfs (``mount_tmpfs(path, size="3m", readonly=False)``): a disk that fills up, or a
+    read-only one, for real. Needs root (CAP_SYS_ADMIN); skipped with the reason where mounting is refused.
+    Everything mounted is unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str = "3m", readonly: bool = False) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        opts = f"size={size}" + (",ro" if readonly else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({(r.stderr or r.stdout).strip() or 'mount failed'}); "
+                        "this test needs root in a machine that allows mounts")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def bind_readonly():
+    """Make an existing folder read-only in place (a read-only bind mount over itself), as a read-only
+    disk or a folder the user cannot write; skipped where mounting is refused. Undone afterwards."""
+    mounted: list[Path] = []
+
+    def bind(path: Path) -> Path:
+        for cmd in (["mount", "--bind", str(path), str(path)], ["mount", "-o", "remount,bind,ro", str(path)]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                if mounted[-1:] == [path]:
+                    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+                pytest.skip(f"cannot bind-mount read-only here ({(r.stderr or r.stdout).strip()})")
+            if cmd[1] == "--bind":
+                mounted.append(path)
+        return path
+
+    yield bind
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``folder`` with its size, modification time and contents: equal snapshots mean
+    nothing was written, renamed, added or removed."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(folder))] = (st.st_size, st.st_mtime_ns, p.read_bytes())
+    return out
+
+
+def write_preset(tmp_path: Path, name: str = "p.yaml", **overrides) -> Path:
+    """The demo preset with dotted overrides (``training__max_steps=10``)."""
+    data = yaml.safe_load(DEMO_PRESET.read_text())
+    data["output"] = {"runs_dir": str(tmp_path / "runs")}
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        data.setdefault(section, {})[field] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def events_of(run_dir: Path) -> list[dict]:
+    """Every line of events.jsonl parses on its own."""
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def wait_for(predicate, timeout: float = 240, poll: float = 0.2):
+    """Poll until ``predicate()`` is truthy and return its value; fail after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError("timed out waiting")

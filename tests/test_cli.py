@@ -178,7 +178,7 @@ def test_a_run_that_fails_exits_1_with_the_reason(tmp_path):
     assert summary["status"] == "failed" and summary["message"]
 
 
-def test_out_of_memory_becomes_advice_with_the_estimate():
+def test_out_of_memory_becomes_advice_with_the_estimate(tmp_path):
     import torch
 
     from engine.preset import load_preset
@@ -189,7 +189,7 @@ def test_out_of_memory_becomes_advice_with_the_estimate():
 
     preset = load_preset(ROOT / "presets" / "llama-3.1-8b-qlora.yaml")
     message, code = _describe_failure(torch.OutOfMemoryError("CUDA out of memory"),
-                                      {"preset": preset, "estimate": Est()})
+                                      {"preset": preset, "estimate": Est(), "step": 0}, tmp_path)
     assert code == 1
     assert message.startswith("the GPU ran out of memory: the estimate for these settings was 30.0 GiB")
     assert "sequence length 2048 -> 1024" in message

@@ -18,13 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import DEMO_PRESET as DEMO
+from conftest import ROOT, events_of, run_cli, wait_for, write_preset
 from engine.events import fold_history, read_events
 
 pytestmark = pytest.mark.slow
-
-DEMO = ROOT / "presets" / "tiny-demo.yaml"
-
 
 def test_a_preset_can_ask_for_transformers_loss_instead(tmp_path, monkeypatch):
     """training.chunked_loss: false trains through the model's own forward and loss."""
@@ -42,34 +40,6 @@ def test_a_preset_can_ask_for_transformers_loss_instead(tmp_path, monkeypatch):
     assert run_training(run_dir) == 0
     end = [e for e in events_of(run_dir) if e["kind"] == "end"][-1]
     assert end["status"] == "finished" and end["step"] == 2
-
-
-def write_preset(tmp_path: Path, name: str = "p.yaml", **overrides) -> Path:
-    """The demo preset with dotted overrides (``training__max_steps=10``)."""
-    data = yaml.safe_load(DEMO.read_text())
-    data["output"] = {"runs_dir": str(tmp_path / "runs")}
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        data.setdefault(section, {})[field] = value
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def events_of(run_dir: Path) -> list[dict]:
-    """Every line of events.jsonl parses on its own."""
-    lines = (run_dir / "events.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def wait_for(predicate, timeout: float = 240, poll: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError("timed out waiting")
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,9 @@ def _estimate_preset(args):
         lora["targets"] = "all-linear" if args.targets == "all" else [s.strip() for s in args.targets.split(",") if s.strip()]
     if args.no_double_quant:
         q["double_quant"] = False
-    return preset_from_dict(data, args.preset or "(command line)")
+    from engine.plan import with_init_adapter
+
+    return with_init_adapter(preset_from_dict(data, args.preset or "(command line)"))
 
 
 def cmd_estimate(args) -> int:
@@ -260,6 +262,11 @@ def cmd_lr(args) -> int:
 def cmd_runs(args) -> int:
     from engine.runs import list_runs
 
+    if args.runs_dir is None:
+        args.runs_dir = "runs"
+    elif not Path(args.runs_dir).is_dir():
+        what = "is not a folder" if Path(args.runs_dir).exists() else "does not exist"
+        raise UserError(f"--runs-dir {args.runs_dir} {what}", "name the folder that holds your runs")
     runs = list_runs(args.runs_dir)
     if args.json:
         _print_json([r.to_json() for r in runs])
@@ -298,27 +305,38 @@ def _follow(run_dir: Path, detach: bool) -> int:
 
 
 def cmd_resume(args) -> int:
-    from engine.runs import start_process, wait_until_exited
-    from engine.train import newest_checkpoint
+    from engine.runs import resume_run
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "preset.yaml").exists():
-        raise UserError(f"{run_dir} is not a run directory (no preset.yaml)", "list runs with `qlora-wizard runs`")
-    # A run that just wrote its end event may still be exiting: give it a moment.
-    if not wait_until_exited(run_dir):
-        raise UserError(f"{run_dir} is still training", f"follow it with `qlora-wizard attach {run_dir}`")
-    ckpt = newest_checkpoint(run_dir)
-    print(f"resuming {run_dir} from {ckpt.name if ckpt else 'the beginning (no checkpoint was saved)'}")
-    start_process(run_dir, resume=True)
-    return _follow(run_dir, args.detach)
+    r = resume_run(args.run_dir, max_steps=args.max_steps)
+    for name in r.removed:
+        print(f"removed {name}: the earlier process was cut short while writing it")
+    if r.kept_adapter is not None:
+        print(f"the finished adapter is kept in {r.kept_adapter}")
+    target = f" to step {r.max_steps}" if r.max_steps is not None else ""
+    print(f"resuming {args.run_dir} from "
+          f"{r.checkpoint.name if r.checkpoint else 'the beginning (no checkpoint was saved)'}{target}")
+    return _follow(Path(args.run_dir), args.detach)
+
+
+def _not_training(run_dir: Path) -> UserError:
+    """Why a run cannot be stopped: what it is doing instead, and what to do."""
+    from engine.runs import summarize_run
+
+    s = summarize_run(run_dir)
+    at = f"step {s.step}" + (f" of {s.total_steps}" if s.total_steps else "")
+    what = {"finished": f"it finished at {at}", "stopped": f"it was stopped at {at}",
+            "failed": f"it failed at {at}", "crashed": f"it crashed at {at}"}.get(s.status, s.status)
+    hint = (f"its adapter is in {run_dir / 'adapter'}" if s.status == "finished"
+            else f"continue it with `qlora-wizard resume {run_dir}`")
+    return UserError(f"{run_dir} is not training ({what})", hint)
 
 
 def cmd_stop(args) -> int:
-    from engine.runs import stop_run
+    from engine.runs import require_run, stop_run
 
-    run_dir = Path(args.run_dir)
+    run_dir = require_run(args.run_dir)
     if not stop_run(run_dir):
-        raise UserError(f"{run_dir} is not training", "list runs with `qlora-wizard runs`")
+        raise _not_training(run_dir)
     print(f"asked {run_dir} to save a checkpoint and stop")
     return EXIT_OK
 
@@ -326,11 +344,12 @@ def cmd_stop(args) -> int:
 def cmd_attach(args) -> int:
     from engine.runs import newest_run
 
+    from engine.runs import require_run
+
     run_dir = Path(args.run_dir) if args.run_dir else newest_run(args.runs_dir)
     if run_dir is None:
-        raise UserError(f"no runs in {args.runs_dir}/ to attach to")
-    if not (run_dir / "preset.yaml").exists():
-        raise UserError(f"{run_dir} is not a run directory (no preset.yaml)")
+        raise UserError(f"no runs in {args.runs_dir}/ to attach to", "start one with `qlora-wizard --preset FILE`")
+    require_run(run_dir)
     if args.plain or not (sys.stdout.isatty() and sys.stdin.isatty()):
         from tui.console import follow_run
 
@@ -344,20 +363,9 @@ def cmd_attach(args) -> int:
 def run_preset(preset_path: str, run_dir: str | None, detach: bool) -> int:
     """Headless: check the preset and the data, create the run, start the detached process, follow it."""
     from engine.preset import load_preset
+    from tui.draft import start_run
 
-    preset = load_preset(preset_path)
-    from engine import data as data_mod
-    from engine.runs import create_run, start_process
-
-    # Bad data is found here, before any weights load: one line, exit 2.
-    data_mod.check_records(preset.data)
-    if not preset.model.source.startswith("builtin:"):
-        from engine.modelinfo import inspect_model, require_weights
-
-        require_weights(inspect_model(preset.model.source, revision=preset.model.revision,
-                                      trust_remote_code=preset.model.trust_remote_code))
-    rd = create_run(preset, run_dir)
-    start_process(rd)
+    rd = start_run(load_preset(preset_path), run_dir)
     return _follow(rd, detach)
 
 
@@ -470,12 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_lr)
 
     s = sub.add_parser("runs", help="every run with its status, step and loss")
-    s.add_argument("--runs-dir", default="runs", metavar="DIR")
+    s.add_argument("--runs-dir", metavar="DIR", help="the folder that holds the runs (default: runs)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_runs)
 
-    s = sub.add_parser("resume", help="continue a stopped or crashed run from its newest checkpoint")
+    s = sub.add_parser("resume", help="continue a stopped, failed or crashed run from its newest checkpoint")
     s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--max-steps", type=int, metavar="N",
+                   help="raise the run's target to N optimizer steps (a finished run needs it; its learning-rate "
+                        "schedule is stretched to N, its adapter kept as adapter-step-DONE/)")
     s.add_argument("--detach", action="store_true")
     s.set_defaults(func=cmd_resume)
 

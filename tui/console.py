@@ -62,6 +62,8 @@ def describe(event: dict) -> str:
             return f"finished at step {event.get('step')} in {duration(event.get('elapsed_s'))}: " \
                    f"adapter in {event.get('adapter')}{peak_txt}"
         if status == "stopped":
+            if event.get("abandoned"):
+                return f"stopped: {event.get('message')}"
             ck = event.get("checkpoint")
             return f"stopped at step {event.get('step', 0)}" + (f"; checkpoint {ck}" if ck else "") + peak_txt
         return f"failed: {event.get('message')}"

@@ -417,20 +417,23 @@ def check_data(preset: Preset) -> DataReport:
     return DataReport(prepared.stats, examples, len(bad))
 
 
-def start_run(preset: Preset) -> Path:
-    """Create the run directory and start the detached training process; returns the run directory."""
+def start_run(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path:
+    """Check the data and the model's weights, create the run directory and start the detached
+    training process; returns the run directory. Every front end starts runs through this."""
     from engine import data as data_mod
-    from engine.runs import create_run, start_process
+    from engine.plan import with_init_adapter
+    from engine.runs import launch_run
 
+    # Bad data is found here, before any weights load: one line, exit 2.
     data_mod.check_records(preset.data)
+    # A run that starts from a saved adapter has that adapter's rank, alpha and targets, as run.
+    preset = with_init_adapter(preset)
     if not preset.model.source.startswith("builtin:"):
         from engine.modelinfo import inspect_model, require_weights
 
         require_weights(inspect_model(preset.model.source, revision=preset.model.revision,
                                       trust_remote_code=preset.model.trust_remote_code))
-    run_dir = create_run(preset)
-    start_process(run_dir)
-    return run_dir
+    return launch_run(preset, run_dir)
 
 
 @dataclass(frozen=True)

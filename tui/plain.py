@@ -21,7 +21,7 @@ import questionary
 from rich.console import Console
 from rich.text import Text
 
-from engine.errors import NeedsRemoteCode, UserError, first_line
+from engine.errors import NeedsRemoteCode, UserError, first_line, os_error
 from tui.draft import (
     OPTIMIZER_CHOICES,
     QUANT_CHOICES,
@@ -575,7 +575,7 @@ class PlainWizard:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_preset(self.draft.preset, path)
             except OSError as exc:
-                self.error(f"cannot write {path}: {exc.strerror or exc}")
+                self.error(os_error(exc, "write", path).one_line())
                 continue
             self.draft.exported_to = path
             self.say(f"exported {path}; run it with: qlora-wizard --preset {path}")

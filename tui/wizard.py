@@ -17,7 +17,7 @@ from textual import on, work
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
-from engine.errors import NeedsRemoteCode, UserError, first_line
+from engine.errors import NeedsRemoteCode, UserError, first_line, os_error
 from tui import messages as msg
 from tui.draft import STEPS, Draft, Services
 from tui.screens.step import StepScreen
@@ -221,7 +221,7 @@ class WizardApp(App[str]):
             target.parent.mkdir(parents=True, exist_ok=True)
             save_preset(self.draft.preset, target)
         except OSError as exc:
-            raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+            raise os_error(exc, "write", target) from None
         self.draft.exported_to = target
         return target
 

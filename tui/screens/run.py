@@ -389,6 +389,8 @@ class RunScreen(Screen[None]):
             tail = [f"train.log: {ln}" for ln in self.log_lines[-3:]]
             return [f"failed: {end.get('message', '?')}", *tail]
         if status == "stopped":
+            if end.get("abandoned"):
+                return [end.get("message", "stopped"), resume]
             ck = end.get("checkpoint")
             return [f"stopped at step {end.get('step', 0)}" + (f"; checkpoint {ck}" if ck else ""), resume]
         return []
