@@ -119,8 +119,9 @@ LOSS_FRAGMENTATION = 0.05
 rounding and splitting), as a share of the loss peak. Fitted to the reserved peaks of the H100
 runs (it puts all 26 within 5.5 %). Together with the two phases' blocks that torch keeps
 reserved (see the module docstring) this is the design notes' 10-30 % between allocated and
-reserved peaks: 3-47 % in those runs. ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` would
-shrink it; the training run does not set it."""
+reserved peaks: 3-47 % in those runs. Those runs used the default allocator; the engine's training
+process sets ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (``engine.train.main``), which
+shrinks this gap, so for the engine's own runs the constant errs high until it is refitted on them."""
 
 MOE_TOKENS_PER_EXPERT_FACTOR = 2
 """Mixture of experts: each token runs through top-k experts; k = 2 for Mixtral (Jiang et al.
