@@ -251,17 +251,16 @@ def plain_worker(spec: dict, out: Path) -> None:
 
 def engine_result(run_dir: Path) -> dict:
     """Steps, losses and peak memory from the engine's own events file."""
-    from engine.events import read_events
+    from engine.events import fold_history, read_events
 
-    events = read_events(run_dir)
-    start = next(e for e in events if e["kind"] == "start")
-    end = next(e for e in events if e["kind"] == "end")
-    if end.get("status") != "finished":
-        raise SystemExit(f"engine run {run_dir} ended {end.get('status')}: {end.get('message')}")
-    steps = [{"step": e["step"], "time": e["time"], "loss": float(e["loss"]), "tokens": e["tokens"]}
-             for e in events if e["kind"] == "step"]
-    mem = {k: end.get(k) for k in ("peak_rss", "peak_reserved", "peak_allocated") if end.get(k) is not None}
-    return {"steps": steps, "started": start["time"], "elapsed_s": end.get("elapsed_s"), **mem}
+    h = fold_history(read_events(run_dir))
+    end = h.end
+    if end is None or end.status != "finished":
+        raise SystemExit(f"engine run {run_dir} ended {end.status if end else 'without an end'}: "
+                         f"{end.message if end else ''}")
+    steps = [{"step": s.step, "time": s.time, "loss": float(s.loss), "tokens": s.tokens} for s in h.steps]
+    mem = {k: getattr(end, k) for k in ("peak_rss", "peak_reserved", "peak_allocated") if getattr(end, k) is not None}
+    return {"steps": steps, "started": h.start.time, "elapsed_s": end.elapsed_s, **mem}
 
 
 # --------------------------------------------------------------------------------------------

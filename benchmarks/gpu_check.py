@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.events import EndEvent, fold_history, read_events  # noqa: E402
+
 
 def build_random_model(config_dir: Path, out_dir: Path, tokenizer_dir: Path) -> Path:
     """A bf16 checkpoint with random weights from ``config_dir/config.json`` (made on the GPU, once)."""
@@ -75,22 +77,20 @@ def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int) -> 
     with open(run_dir / "train.log", "w") as log:
         code = subprocess.call([sys.executable, "-m", "engine.train", str(run_dir)], cwd=ROOT,
                                stdout=log, stderr=subprocess.STDOUT, timeout=900)
-    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-    start = next(e for e in events if e["kind"] == "start")
-    end = events[-1]
-    steps_ev = [e for e in events if e["kind"] == "step"]
-    speeds = sorted(e["tokens_per_s"] for e in steps_ev[1:]) or [0]
+    h = fold_history(read_events(run_dir))
+    start, end = h.start, h.end or EndEvent(status="crashed")
+    speeds = sorted(s.tokens_per_s or 0 for s in h.steps[1:]) or [0]
     out = {
-        "case": case, "exit": code, "status": end.get("status"), "message": end.get("message"),
+        "case": case, "exit": code, "status": end.status, "message": end.message,
         "seconds": round(time.time() - t0, 1),
-        "attn": start.get("attn_implementation"), "compute_dtype": start.get("compute_dtype"),
-        "device_name": start.get("device_name"), "versions": start.get("versions"),
-        "estimate_total": end.get("estimate_total"), "estimate_reserved": end.get("estimate_reserved"),
-        "peak_reserved": end.get("peak_reserved"), "peak_allocated": end.get("peak_allocated"),
-        "peak_device_used": end.get("peak_device_used"), "device_used_before": end.get("device_used_before"),
+        "attn": start and start.attn_implementation, "compute_dtype": start and start.compute_dtype,
+        "device_name": start and start.device_name, "versions": start and start.versions,
+        "estimate_total": end.estimate_total, "estimate_reserved": end.estimate_reserved,
+        "peak_reserved": end.peak_reserved, "peak_allocated": end.peak_allocated,
+        "peak_device_used": end.peak_device_used, "device_used_before": end.device_used_before,
         "median_tokens_per_s": speeds[len(speeds) // 2],
-        "tokens_per_step": steps_ev[-1].get("tokens") if steps_ev else None,
-        "final_loss": steps_ev[-1]["loss"] if steps_ev else None,
+        "tokens_per_step": h.steps[-1].tokens if h.steps else None,
+        "final_loss": h.steps[-1].loss if h.steps else None,
     }
     if out["peak_reserved"] and out["estimate_reserved"]:
         out["reserved_error"] = round(out["estimate_reserved"] / out["peak_reserved"] - 1, 4)

@@ -82,3 +82,14 @@ def diagnose(train: list[tuple[int, float]], validation: list[tuple[int, float]]
         f"training and validation loss both levelled off with a small gap ({gap:+.3f})",
         best_step,
     )
+
+
+def diagnose_history(history) -> Diagnosis | None:
+    """The diagnosis of a run's history (``engine.events.RunHistory``), once it has validation losses;
+    NaN losses (a diverged run) are left out."""
+    from engine.events import finite
+
+    if not history.evals:
+        return None
+    return diagnose([(s.step, v) for s in history.steps if (v := finite(s.loss)) is not None],
+                    [(e.step, v) for e in history.evals if (v := finite(e.eval_loss)) is not None])

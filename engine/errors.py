@@ -1,9 +1,9 @@
-"""Errors a person can act on.
+"""Errors a person can act on, and the exit statuses of every command.
 
 Every problem caused by the input (a wrong path, a broken config, a malformed dataset line, a
 preset with a typo, a model that needs its own code) is raised as a :class:`UserError`. Front
-ends print its message as one line starting with ``error:`` and exit with status 2; they never
-show a traceback for it.
+ends print its message as one line starting with ``error:`` and exit with its ``exit_code`` (2);
+they never show a traceback for it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,30 @@ import errno
 import os
 
 
+EXIT_OK = 0
+"""Success; a run that finished."""
+EXIT_FAILED = 1
+"""An unexpected failure; a run that failed or crashed."""
+EXIT_BAD_INPUT = 2
+"""Bad input: one ``error:`` line on stderr."""
+EXIT_STOPPED = 130
+"""Interrupted by Ctrl-C (the shell's 128 + SIGINT); a run stopped after saving a checkpoint."""
+
+
+def run_exit_status(status: str, bad_input: bool = False) -> int:
+    """The exit status a run's status stands for: finished 0, stopped 130, failed on bad input 2,
+    anything else (failed, crashed, still running when left) 1."""
+    if status == "finished":
+        return EXIT_OK
+    if status == "stopped":
+        return EXIT_STOPPED
+    return EXIT_BAD_INPUT if status == "failed" and bad_input else EXIT_FAILED
+
+
 class UserError(Exception):
     """Bad input: one line that names the problem and says what to do about it."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         self.message = " ".join(message.split())

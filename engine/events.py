@@ -16,13 +16,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 EVENTS_FILE = "events.jsonl"
-KINDS = ("start", "step", "eval", "checkpoint", "end", "error")
 END_STATUSES = ("finished", "stopped", "failed")
+RUN_STATUSES = ("starting", "running", *END_STATUSES, "crashed")
+"""What a run can be: before its start event, training, ended three ways, or gone without an end."""
 
 
 def _clean(value: Any) -> Any:
@@ -34,6 +35,215 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
+
+
+def finite(value: Any) -> float | None:
+    """A finite number as a float; None for anything else (None, NaN, infinity)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The events, one dataclass per kind
+
+
+@dataclass(frozen=True)
+class Event:
+    """What every event has. A field the file lacks (written by an older version) is None; a key
+    this version does not know (written by a newer one) is kept in ``extra``."""
+
+    kind: ClassVar[str] = ""
+    FLOATS: ClassVar[tuple[str, ...]] = ()
+    """Fields that are numbers the writer may have stored as "nan" / "inf" strings."""
+
+    time: float | None = None
+    """When it was written (seconds since the epoch)."""
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    """Keys this version does not know."""
+
+    def to_json(self) -> dict:
+        """The event as one line of ``events.jsonl`` holds it (fields that are None are left out)."""
+        out: dict = {"kind": self.kind}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and value is not None:
+                out[f.name] = _clean(value)
+        return out
+
+
+@dataclass(frozen=True)
+class StartEvent(Event):
+    """The training process has read the data and the model's config and is about to load it."""
+
+    kind: ClassVar[str] = "start"
+    preset: dict = field(default_factory=dict)
+    """The preset as run (``Preset.model_dump``)."""
+    model: dict = field(default_factory=dict)
+    """``ModelInfo.to_json()`` plus ``source`` and ``resolved_source``."""
+    targets: list = field(default_factory=list)
+    """The layer names LoRA adapts."""
+    data: dict = field(default_factory=dict)
+    """``DataStats.to_json()``."""
+    estimate: dict = field(default_factory=dict)
+    """``MemoryEstimate.to_json()``."""
+    device: str | None = None
+    """``cuda`` or ``cpu``."""
+    device_name: str | None = None
+    compute_dtype: str | None = None
+    attn_implementation: str | None = None
+    total_steps: int | None = None
+    steps_per_epoch: int | None = None
+    resumed_from_step: int | None = None
+    """The checkpoint's step a resume continues from; None for a fresh start (or a resume without one)."""
+    resume_requested: bool = False
+    pid: int | None = None
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def model_source(self) -> str:
+        """The model as the person named it (the preset's source), else as the process resolved it."""
+        return (self.preset.get("model") or {}).get("source") or self.model.get("source") or "?"
+
+    @property
+    def examples(self) -> int | None:
+        """Training examples after cleaning."""
+        return self.data.get("examples")
+
+    @property
+    def supervised_tokens(self) -> int | None:
+        """Tokens the loss is taken on, in one pass."""
+        return self.data.get("supervised_tokens")
+
+    @property
+    def estimate_total(self) -> int | None:
+        """The memory estimate's total (device footprint) in bytes."""
+        return self.estimate.get("total_bytes")
+
+    @property
+    def estimate_reserved(self) -> int | None:
+        """The memory estimate of torch's reserved peak in bytes."""
+        return self.estimate.get("reserved_bytes")
+
+
+@dataclass(frozen=True)
+class StepEvent(Event):
+    """An optimizer step (every ``logging_steps``)."""
+
+    kind: ClassVar[str] = "step"
+    FLOATS: ClassVar[tuple[str, ...]] = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch")
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float = 0.0
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens: int | None = None
+    """Real tokens (no padding) since the last step event."""
+    tokens_per_s: float | None = None
+    tokens_seen: int | None = None
+    mem_allocated: int | None = None
+    """CUDA: torch's allocated bytes now."""
+    mem_reserved: int | None = None
+    """CUDA: torch's reserved bytes now."""
+    mem_device_used: int | None = None
+    """CUDA: the device's used bytes as nvidia-smi counts them."""
+    mem_rss: int | None = None
+    """CPU: the process's resident bytes."""
+
+
+@dataclass(frozen=True)
+class EvalEvent(Event):
+    """A validation pass."""
+
+    kind: ClassVar[str] = "eval"
+    FLOATS: ClassVar[tuple[str, ...]] = ("eval_loss", "epoch")
+    step: int = 0
+    epoch: float = 0.0
+    eval_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointEvent(Event):
+    """A resumable checkpoint was written."""
+
+    kind: ClassVar[str] = "checkpoint"
+    step: int = 0
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class ErrorEvent(Event):
+    """What went wrong, in words, with what to try."""
+
+    kind: ClassVar[str] = "error"
+    message: str = ""
+    bad_input: bool = False
+    """The problem is the input (exit status 2), not the run."""
+    exception: str | None = None
+    """The Python exception's type name, for the log reader."""
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class EndEvent(Event):
+    """The run (or the latest resume of it) ended: ``finished``, ``stopped`` or ``failed``."""
+
+    kind: ClassVar[str] = "end"
+    FLOATS: ClassVar[tuple[str, ...]] = ("elapsed_s",)
+    status: str = "failed"
+    message: str | None = None
+    step: int | None = None
+    """The last optimizer step done."""
+    adapter: str | None = None
+    """Where the finished adapter is."""
+    checkpoint: str | None = None
+    """The newest complete checkpoint, when stopped or failed."""
+    signal: str | None = None
+    """The signal that stopped it."""
+    abandoned: bool = False
+    """A third signal abandoned the checkpoint of a stop; ``message`` says what is saved."""
+    elapsed_s: float | None = None
+    peak_reserved: int | None = None
+    peak_allocated: int | None = None
+    peak_device_used: int | None = None
+    device_used_before: int | None = None
+    peak_rss: int | None = None
+    estimate_total: int | None = None
+    estimate_reserved: int | None = None
+
+
+EVENT_TYPES: dict[str, type[Event]] = {cls.kind: cls for cls in
+                                       (StartEvent, StepEvent, EvalEvent, CheckpointEvent, ErrorEvent, EndEvent)}
+"""Every kind of event, by the ``kind`` its lines carry."""
+KINDS = tuple(EVENT_TYPES)
+
+
+def parse_event(raw: Any) -> Event | None:
+    """One line's object as its typed event; None for something that is not an event of a known kind.
+
+    Tolerant by design: files written by older versions lack fields (they read as None) and files
+    written by newer ones carry more (kept in ``extra``)."""
+    if isinstance(raw, Event):
+        return raw
+    if not isinstance(raw, dict):
+        return None
+    cls = EVENT_TYPES.get(raw.get("kind"))
+    if cls is None:
+        return None
+    known = {f.name for f in fields(cls)} - {"extra"}
+    values = {k: v for k, v in raw.items() if k in known}
+    for name in cls.FLOATS:
+        if isinstance(values.get(name), str):
+            try:
+                values[name] = float(values[name])
+            except ValueError:
+                values[name] = None
+    extra = {k: v for k, v in raw.items() if k not in known and k != "kind"}
+    try:
+        return cls(**values, extra=extra)
+    except TypeError:
+        return None
 
 
 class EventWriter:
@@ -48,12 +258,11 @@ class EventWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._torn = False
 
-    def emit(self, kind: str, **payload: Any) -> dict:
-        """Write one event and return it; ``OSError`` when the file cannot take it."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown event kind {kind!r}")
-        event = {"kind": kind, "time": time.time(), **_clean(payload)}
-        line = (json.dumps(event, separators=(",", ":")) + "\n").encode("utf-8")
+    def emit(self, kind: str, **payload: Any) -> Event:
+        """Write one event of ``kind`` with these fields and return it; ``OSError`` when the file cannot
+        take it. A field the kind does not have is a ``TypeError``: a misspelt key never reaches readers."""
+        event = EVENT_TYPES[kind](time=time.time(), **payload)
+        line = (json.dumps(event.to_json(), separators=(",", ":")) + "\n").encode("utf-8")
         if self._torn:
             line = b"\n" + line
         written = 0
@@ -84,7 +293,7 @@ class EventTail:
         self.path = Path(run_dir) / EVENTS_FILE
         self._offset = 0
 
-    def read_new(self) -> list[dict]:
+    def read_new(self) -> list[Event]:
         """Events written since the last call; a half-written last line waits for the next call."""
         try:
             with open(self.path, "rb") as fh:
@@ -101,15 +310,15 @@ class EventTail:
             if not raw.strip():
                 continue
             try:
-                event = json.loads(raw)
+                event = parse_event(json.loads(raw))
             except ValueError:
                 continue  # a line torn by a crash mid-write: skip it, the rest of the history stands
-            if isinstance(event, dict) and "kind" in event:
+            if event is not None:
                 events.append(event)
         return events
 
 
-def read_events(run_dir: str | os.PathLike) -> list[dict]:
+def read_events(run_dir: str | os.PathLike) -> list[Event]:
     """All complete events of a run, in order."""
     return EventTail(run_dir).read_new()
 
@@ -118,31 +327,59 @@ def read_events(run_dir: str | os.PathLike) -> list[dict]:
 class RunHistory:
     """A run's events folded into one history, across resumes."""
 
-    start: dict | None = None
+    start: StartEvent | None = None
     """The first ``start`` event (settings, data, estimate, device)."""
-    resumes: list[dict] = field(default_factory=list)
+    resumes: list[StartEvent] = field(default_factory=list)
     """Later ``start`` events, one per resume."""
-    steps: list[dict] = field(default_factory=list)
+    steps: list[StepEvent] = field(default_factory=list)
     """``step`` events in step order; steps redone after a resume replace the lost ones."""
-    evals: list[dict] = field(default_factory=list)
-    checkpoints: list[dict] = field(default_factory=list)
-    errors: list[dict] = field(default_factory=list)
-    end: dict | None = None
+    evals: list[EvalEvent] = field(default_factory=list)
+    checkpoints: list[CheckpointEvent] = field(default_factory=list)
+    errors: list[ErrorEvent] = field(default_factory=list)
+    end: EndEvent | None = None
     """The last ``end`` event, if the run (or its latest resume) ended."""
 
     @property
-    def last_step(self) -> dict | None:
+    def last_step(self) -> StepEvent | None:
         """The newest step event."""
         return self.steps[-1] if self.steps else None
 
     @property
+    def latest_start(self) -> StartEvent | None:
+        """The start event of the latest process (the last resume, else the first start)."""
+        return self.resumes[-1] if self.resumes else self.start
+
+    @property
     def total_steps(self) -> int | None:
         """Optimizer steps the run will take."""
-        latest = self.resumes[-1] if self.resumes else self.start
-        return (latest or {}).get("total_steps")
+        latest = self.latest_start
+        return latest.total_steps if latest else None
+
+    @property
+    def step(self) -> int:
+        """The last optimizer step done (that the history shows)."""
+        if self.steps:
+            return self.steps[-1].step
+        return (self.end.step if self.end and self.end.step is not None else 0)
+
+    @property
+    def bad_input(self) -> bool:
+        """Whether the run failed on its input (exit status 2)."""
+        return any(e.bad_input for e in self.errors)
+
+    def status(self, alive: bool) -> str:
+        """``starting``, ``running``, ``finished``, ``stopped``, ``failed`` or ``crashed``, given whether
+        its training process is alive. Crashed is a process gone without an ``end`` event; a reader
+        that looks at the process before it reads the file always sees an end written just before
+        the process exited."""
+        if self.end is not None:
+            return self.end.status
+        if alive:
+            return "running" if self.start else "starting"
+        return "crashed"
 
 
-def fold_history(events: list[dict]) -> RunHistory:
+def fold_history(events: list[Event | dict]) -> RunHistory:
     """Fold raw events into one history.
 
     A resume restarts from a checkpoint at step k: any step, eval or checkpoint event after k
@@ -152,29 +389,28 @@ def fold_history(events: list[dict]) -> RunHistory:
     return extend_history(RunHistory(), events)
 
 
-def extend_history(h: RunHistory, events: list[dict]) -> RunHistory:
+def extend_history(h: RunHistory, events: list[Event | dict]) -> RunHistory:
     """Fold more events into ``h`` (in place, and returned): a follower folds each poll's news
     instead of the whole file again. ``fold_history(a + b)`` equals ``extend_history(fold_history(a), b)``."""
-    for ev in events:
-        kind = ev.get("kind")
-        if kind == "start":
+    for ev in map(parse_event, events):
+        if isinstance(ev, StartEvent):
             if h.start is None:
                 h.start = ev
                 continue
             h.resumes.append(ev)
-            k = ev.get("resumed_from_step") or 0
-            h.steps = [s for s in h.steps if s.get("step", 0) <= k]
-            h.evals = [s for s in h.evals if s.get("step", 0) <= k]
-            h.checkpoints = [s for s in h.checkpoints if s.get("step", 0) <= k]
+            k = ev.resumed_from_step or 0
+            h.steps = [s for s in h.steps if s.step <= k]
+            h.evals = [s for s in h.evals if s.step <= k]
+            h.checkpoints = [s for s in h.checkpoints if s.step <= k]
             h.end = None
-        elif kind == "step":
+        elif isinstance(ev, StepEvent):
             h.steps.append(ev)
-        elif kind == "eval":
+        elif isinstance(ev, EvalEvent):
             h.evals.append(ev)
-        elif kind == "checkpoint":
+        elif isinstance(ev, CheckpointEvent):
             h.checkpoints.append(ev)
-        elif kind == "error":
+        elif isinstance(ev, ErrorEvent):
             h.errors.append(ev)
-        elif kind == "end":
+        elif isinstance(ev, EndEvent):
             h.end = ev
     return h

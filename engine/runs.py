@@ -36,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 
 from engine.errors import UserError, os_error
-from engine.events import EVENTS_FILE, fold_history, read_events
+from engine.events import EVENTS_FILE, _clean, fold_history, read_events
 from engine.preset import Preset, atomic_write_text, load_preset
 
 PRESET_FILE = "preset.yaml"
@@ -460,11 +460,10 @@ def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None) -> Resu
     history = fold_history(read_events(run_dir))
     if is_running(run_dir) and (history.end is None or not wait_until_exited(run_dir)):
         raise UserError(f"{run_dir} is still training", f"follow it with `qlora-wizard attach {run_dir}`")
-    end = history.end or {}
-    done = int(end.get("step") or (history.last_step or {}).get("step") or 0)
-    finished = end.get("status") == "finished"
+    done = history.step
+    finished = history.end is not None and history.end.status == "finished"
     if finished and max_steps is None:
-        adapter = end.get("adapter") or str(run_dir / ADAPTER_DIR)
+        adapter = history.end.adapter or str(run_dir / ADAPTER_DIR)
         raise UserError(
             f"{run_dir} is finished (step {done} of {history.total_steps or done}; its adapter is in {adapter})",
             f"to train it longer, raise its target explicitly: `qlora-wizard resume {run_dir} --max-steps N` "
@@ -554,8 +553,8 @@ class RunSummary:
     started: float | None
 
     def to_json(self) -> dict:
-        """The stable JSON form of ``qlora-wizard runs --json``."""
-        return asdict(self)
+        """The stable JSON form of ``qlora-wizard runs --json`` (a NaN loss as the string "nan")."""
+        return _clean(asdict(self))
 
 
 def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
@@ -566,32 +565,28 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
     """
     run_dir = Path(run_dir)
     history = fold_history(read_events(run_dir))
-    last = history.last_step or {}
-    message = None
-    if history.end is not None:
-        status = history.end.get("status", "failed")
-        message = history.end.get("message")
-    elif is_running(run_dir) or (_process_record(run_dir) is None and _lock_held(run_dir)):
-        status = "running" if history.start else "starting"
-    else:
-        status = "crashed"
+    alive = is_running(run_dir) or (_process_record(run_dir) is None and _lock_held(run_dir))
+    status = history.status(alive)
+    message = history.end.message if history.end is not None else None
+    if status == "crashed":
         message = _crash_message(run_dir)
     model = None
     try:
-        model = load_preset(run_dir / "preset.yaml").model.source
+        model = load_preset(run_dir / PRESET_FILE).model.source
     except UserError:
         pass
+    last = history.last_step
     return RunSummary(
         name=run_dir.name,
         path=str(run_dir),
         status=status,
-        step=int(last.get("step", 0)),
+        step=history.step,
         total_steps=history.total_steps,
-        loss=last.get("loss"),
-        eval_loss=history.evals[-1]["eval_loss"] if history.evals else None,
+        loss=last.loss if last else None,
+        eval_loss=history.evals[-1].eval_loss if history.evals else None,
         model=model,
         message=message,
-        started=(history.start or {}).get("time"),
+        started=history.start.time if history.start else None,
     )
 
 

@@ -27,7 +27,7 @@ import time
 import traceback
 from pathlib import Path
 
-from engine.errors import UserError, first_line, os_error
+from engine.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, UserError, first_line, os_error
 from engine.events import EventWriter
 from engine.preset import Preset, load_preset
 from engine.runs import (
@@ -40,7 +40,6 @@ from engine.runs import (
     remove_incomplete_checkpoints,
 )
 
-EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 
 # bitsandbytes' optimizer names in transformers' TrainingArguments.
 OPTIMIZERS = {
@@ -747,7 +746,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     stop.phase = "ending"
     events.emit("end", status="finished", step=step, adapter=str(adapter_dir),
                 elapsed_s=time.time() - started, **peak, **estimate_bytes)
-    return EXIT_FINISHED
+    return EXIT_OK
 
 
 ADAPTER_PARTIAL = f".{ADAPTER_DIR}.partial"

@@ -23,16 +23,16 @@ import pytest
 import yaml
 
 from conftest import ROOT, events_of, run_cli, snapshot, wait_for, write_preset
-from engine.events import fold_history, read_events
+from engine.events import EndEvent, fold_history, read_events
 
 pytestmark = pytest.mark.slow
 
 
 def _steps(run_dir: Path) -> list[int]:
-    return [e["step"] for e in read_events(run_dir) if e["kind"] == "step"]
+    return [e.step for e in read_events(run_dir) if e.kind == "step"]
 
 
-def _end(run_dir: Path) -> dict | None:
+def _end(run_dir: Path) -> EndEvent | None:
     return fold_history(read_events(run_dir)).end
 
 
@@ -80,7 +80,7 @@ def _wait_ended(run_dir: Path, timeout: float = 300) -> dict:
 def finished(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("finished")
     run_dir, preset = _start(tmp, detach=False, training__max_steps=6, training__save_steps=3)
-    assert _end(run_dir)["status"] == "finished"
+    assert _end(run_dir).status == "finished"
     return run_dir, preset
 
 
@@ -89,7 +89,7 @@ def crashed(tmp_path_factory) -> tuple[Path, Path]:
     """A run killed with SIGKILL after its second checkpoint (steps 3 and 6)."""
     tmp = tmp_path_factory.mktemp("crashed")
     run_dir, preset = _start(tmp, training__max_steps=2000, training__save_steps=3)
-    wait_for(lambda: len([e for e in read_events(run_dir) if e["kind"] == "checkpoint"]) >= 2)
+    wait_for(lambda: len([e for e in read_events(run_dir) if e.kind == "checkpoint"]) >= 2)
     os.killpg(_pid(run_dir), signal.SIGKILL)
     wait_for(lambda: _status(run_dir) == "crashed", timeout=30)
     return run_dir, preset
@@ -101,7 +101,7 @@ def stopped(tmp_path_factory) -> tuple[Path, Path]:
     run_dir, preset = _start(tmp, training__max_steps=2000, training__save_steps=1000)
     wait_for(lambda: len(_steps(run_dir)) >= 3)
     os.kill(_pid(run_dir), signal.SIGTERM)
-    assert _wait_ended(run_dir)["status"] == "stopped"
+    assert _wait_ended(run_dir).status == "stopped"
     return run_dir, preset
 
 
@@ -191,7 +191,7 @@ def test_a_running_run_refuses_a_second_process_and_stops_on_request(tmp_path):
         r = run_cli("stop", str(run_dir))
         assert r.returncode == 0 and f"asked {run_dir} to save a checkpoint and stop" in r.stdout
         end = _wait_ended(run_dir)
-        assert end["status"] == "stopped" and end["checkpoint"].endswith(f"checkpoint-{end['step']}")
+        assert end.status == "stopped" and end.checkpoint.endswith(f"checkpoint-{end.step}")
         assert [e["kind"] for e in events_of(run_dir)].count("start") == 1
     finally:
         try:
@@ -256,8 +256,8 @@ def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint_and_resume_
     r = run_cli("resume", str(run_dir), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     h = fold_history(read_events(run_dir))
-    assert h.resumes[-1]["resumed_from_step"] == 2
-    assert [s["step"] for s in h.steps] == list(range(1, 7)) and h.end["status"] == "finished"
+    assert h.resumes[-1].resumed_from_step == 2
+    assert [s.step for s in h.steps] == list(range(1, 7)) and h.end.status == "finished"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +280,8 @@ def test_a_finished_run_trains_longer_only_when_its_target_is_raised_and_keeps_i
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert yaml.safe_load((run_dir / "preset.yaml").read_text())["training"]["max_steps"] == 7
     h = fold_history(read_events(run_dir))
-    assert [s["step"] for s in h.steps] == list(range(1, 8))
-    assert h.resumes[-1]["resumed_from_step"] == 4 and h.end["status"] == "finished" and h.end["step"] == 7
+    assert [s.step for s in h.steps] == list(range(1, 8))
+    assert h.resumes[-1].resumed_from_step == 4 and h.end.status == "finished" and h.end.step == 7
 
 
 def test_a_checkpoint_cut_short_by_a_crash_is_named_and_resume_removes_it(crashed, tmp_path):
@@ -297,7 +297,7 @@ def test_a_checkpoint_cut_short_by_a_crash_is_named_and_resume_removes_it(crashe
     assert "removed checkpoint-6: the earlier process was cut short while writing it" in r.stdout
     assert f"resuming {run_dir} from checkpoint-3 to step 5" in r.stdout
     assert not (run_dir / "checkpoints" / "checkpoint-6").exists()
-    assert _end(run_dir)["status"] == "finished"
+    assert _end(run_dir).status == "finished"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,8 +362,8 @@ def test_two_signals_mid_step_still_save_every_step_trained(tmp_path, monkeypatc
     run_dir, code = _train_in_process(tmp_path, _Signals(monkeypatch, at_step=(3, 2)), training__save_steps=100)
     assert code == 130
     end = _end(run_dir)
-    assert end["status"] == "stopped" and end["step"] == 4
-    assert end["message"] == "stopped at step 4 by SIGTERM; saved: checkpoint-4"
+    assert end.status == "stopped" and end.step == 4
+    assert end.message == "stopped at step 4 by SIGTERM; saved: checkpoint-4"
     assert _steps(run_dir) == [1, 2, 3, 4]
     assert newest_checkpoint(run_dir) == run_dir / "checkpoints" / "checkpoint-4"
 
@@ -375,7 +375,7 @@ def test_a_second_signal_during_the_checkpoint_write_lets_it_finish(tmp_path, mo
     run_dir, code = _train_in_process(tmp_path, signals, training__save_steps=100)
     assert code == 130 and signals.left_in_checkpoint == 0  # the second signal did arrive mid-write
     end = _end(run_dir)
-    assert end["status"] == "stopped" and end["step"] == 4
+    assert end.status == "stopped" and end.step == 4
     assert newest_checkpoint(run_dir) == run_dir / "checkpoints" / "checkpoint-4"
 
 
@@ -385,10 +385,10 @@ def test_a_third_signal_abandons_the_checkpoint_and_the_end_says_what_is_saved(t
     run_dir, code = _train_in_process(tmp_path, _Signals(monkeypatch, at_step=(3, 3)), training__save_steps=2)
     assert code == 130
     end = _end(run_dir)
-    assert end["status"] == "stopped" and end["abandoned"] and end["step"] == 3
-    assert end["message"] == ("abandoned at step 3 by a third SIGTERM: saved: checkpoint-2 (step 2); "
+    assert end.status == "stopped" and end.abandoned and end.step == 3
+    assert end.message == ("abandoned at step 3 by a third SIGTERM: saved: checkpoint-2 (step 2); "
                               "step 3 was not saved and resume trains it again")
-    assert end["checkpoint"] == str(run_dir / "checkpoints" / "checkpoint-2")
+    assert end.checkpoint == str(run_dir / "checkpoints" / "checkpoint-2")
     assert _checkpoints(run_dir) == ["checkpoint-2"]
     assert newest_checkpoint(run_dir) == run_dir / "checkpoints" / "checkpoint-2"
 
@@ -398,8 +398,8 @@ def test_a_third_signal_during_the_checkpoint_write_removes_the_part_written_one
     run_dir, code = _train_in_process(tmp_path, signals, training__save_steps=2)
     assert code == 130 and signals.left_in_checkpoint == 0
     end = _end(run_dir)
-    assert end["abandoned"] and end["step"] == 3
-    assert end["message"] == ("abandoned at step 3 by a third SIGTERM: saved: checkpoint-2 (step 2); step 3 was "
+    assert end.abandoned and end.step == 3
+    assert end.message == ("abandoned at step 3 by a third SIGTERM: saved: checkpoint-2 (step 2); step 3 was "
                               "not saved and resume trains it again; removed the unfinished checkpoint-3")
     assert _checkpoints(run_dir) == ["checkpoint-2"]
 
@@ -408,8 +408,8 @@ def test_a_signal_before_training_begins_ends_the_run_at_once(tmp_path, monkeypa
     run_dir, code = _train_in_process(tmp_path, _Signals(monkeypatch, at_init=True))
     assert code == 130
     end = _end(run_dir)
-    assert end["status"] == "stopped" and end["step"] == 0
-    assert end["message"] == "stopped before training began; nothing to save"
+    assert end.status == "stopped" and end.step == 0
+    assert end.message == "stopped before training began; nothing to save"
     assert _steps(run_dir) == [] and _checkpoints(run_dir) == []
 
 
@@ -421,9 +421,9 @@ def test_two_quick_sigterms_to_a_detached_run_keep_its_steps(tmp_path):
     os.kill(pid, signal.SIGTERM)
     os.kill(pid, signal.SIGTERM)
     end = _wait_ended(run_dir)
-    assert end["status"] == "stopped" and end["step"] >= 3
-    assert end["checkpoint"] == str(run_dir / "checkpoints" / f"checkpoint-{end['step']}")
-    assert max(_steps(run_dir)) == end["step"]
+    assert end.status == "stopped" and end.step >= 3
+    assert end.checkpoint == str(run_dir / "checkpoints" / f"checkpoint-{end.step}")
+    assert max(_steps(run_dir)) == end.step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +472,7 @@ def test_two_headless_starts_into_one_run_directory_start_one_run(tmp_path):
     loser = next(r for r in results if r[0] == 2)
     assert loser[2].strip() == f"error: {run_dir} already holds a run; resume it with `qlora-wizard resume " \
                                f"{run_dir}`, or pick another --run-dir"
-    assert _wait_ended(run_dir)["status"] == "finished"
+    assert _wait_ended(run_dir).status == "finished"
     assert [e["kind"] for e in events_of(run_dir)].count("start") == 1
 
 
@@ -492,23 +492,23 @@ def test_two_resumes_at_once_start_one_process(stopped, tmp_path):
     assert loser in (f"error: {run_dir} is already training; follow it with `qlora-wizard attach {run_dir}`",
                      f"error: {run_dir} is still training; follow it with `qlora-wizard attach {run_dir}`",
                      ), loser
-    wait_for(lambda: [e["kind"] for e in read_events(run_dir)].count("start") == starts_before + 1)
-    assert _wait_ended(run_dir)["status"] == "finished"
+    wait_for(lambda: [e.kind for e in read_events(run_dir)].count("start") == starts_before + 1)
+    assert _wait_ended(run_dir).status == "finished"
     assert [e["kind"] for e in events_of(run_dir)].count("start") == starts_before + 1
 
 
 def test_a_new_run_can_start_from_a_finished_runs_adapter(finished, tmp_path):
     """The other way to train a finished run longer, as its refusal says: lora.init_from."""
     run_dir, _ = finished
-    old_steps = [e for e in read_events(run_dir) if e["kind"] == "step"]
+    old_steps = [e for e in read_events(run_dir) if e.kind == "step"]
     new_dir, _ = _start(tmp_path, detach=False, training__max_steps=2, lora__r=4,
                         lora__init_from=str(run_dir / "adapter"))
     saved = yaml.safe_load((new_dir / "preset.yaml").read_text())["lora"]
     assert (saved["r"], saved["init_from"]) == (16, str(run_dir / "adapter"))  # the adapter's rank, as run
-    first = [e for e in read_events(new_dir) if e["kind"] == "step"][0]
+    first = [e for e in read_events(new_dir) if e.kind == "step"][0]
     # The same first batch (same seed and data) costs far less with the trained adapter than with fresh ones.
-    assert first["loss"] < old_steps[0]["loss"] - 0.3, (first["loss"], old_steps[0]["loss"])
-    assert _end(new_dir)["status"] == "finished"
+    assert first.loss < old_steps[0].loss - 0.3, (first.loss, old_steps[0].loss)
+    assert _end(new_dir).status == "finished"
 
 
 def test_starting_from_something_that_is_not_an_adapter_is_one_line(tmp_path):

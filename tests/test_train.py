@@ -81,10 +81,10 @@ def test_start_event_has_settings_data_estimate_and_device(finished_run):
 
 def test_loss_falls_on_training_and_validation(finished_run):
     h = fold_history(read_events(finished_run))
-    losses = [s["loss"] for s in h.steps]
+    losses = [s.loss for s in h.steps]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
-    evals = [e["eval_loss"] for e in h.evals]
+    evals = [e.eval_loss for e in h.evals]
     assert len(evals) >= 3
     assert evals[-1] < evals[0]
 
@@ -255,7 +255,7 @@ def _start_detached(tmp_path: Path, **overrides) -> Path:
 
 
 def _steps(run_dir: Path) -> list[int]:
-    return [e["step"] for e in read_events(run_dir) if e["kind"] == "step"]
+    return [e.step for e in read_events(run_dir) if e.kind == "step"]
 
 
 def _pid(run_dir: Path) -> int:
@@ -267,37 +267,37 @@ def test_sigterm_checkpoints_and_ends_stopped_then_resume_finishes(tmp_path):
     wait_for(lambda: len(_steps(run_dir)) >= 5)
     os.kill(_pid(run_dir), signal.SIGTERM)
     end = wait_for(lambda: fold_history(read_events(run_dir)).end)
-    assert end["status"] == "stopped"
-    assert end["checkpoint"] and Path(end["checkpoint"]).is_dir()
-    stopped_at = end["step"]
-    assert Path(end["checkpoint"]).name == f"checkpoint-{stopped_at}"
+    assert end.status == "stopped"
+    assert end.checkpoint and Path(end.checkpoint).is_dir()
+    stopped_at = end.step
+    assert Path(end.checkpoint).name == f"checkpoint-{stopped_at}"
     r = run_cli("runs", "--runs-dir", str(tmp_path), "--json")
     assert json.loads(r.stdout)[0]["status"] == "stopped"
 
     r = run_cli("resume", str(run_dir), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     h = fold_history(read_events(run_dir))
-    assert [s["step"] for s in h.steps] == list(range(1, 61))
-    assert h.resumes[0]["resumed_from_step"] == stopped_at
-    assert h.end["status"] == "finished"
+    assert [s.step for s in h.steps] == list(range(1, 61))
+    assert h.resumes[0].resumed_from_step == stopped_at
+    assert h.end.status == "finished"
 
 
 def test_kill_9_is_reported_as_crashed_and_resume_continues_the_step_numbers(tmp_path):
     run_dir = _start_detached(tmp_path, training__max_steps=50, training__save_steps=10)
-    wait_for(lambda: any(e["kind"] == "checkpoint" for e in read_events(run_dir)) and len(_steps(run_dir)) >= 13)
+    wait_for(lambda: any(e.kind == "checkpoint" for e in read_events(run_dir)) and len(_steps(run_dir)) >= 13)
     os.kill(_pid(run_dir), signal.SIGKILL)
     wait_for(lambda: json.loads(run_cli("runs", "--runs-dir", str(tmp_path), "--json").stdout)[0]["status"]
              == "crashed", timeout=30)
     r = run_cli("runs", "--runs-dir", str(tmp_path))
     assert "crashed" in r.stdout
 
-    last_ckpt = max(e["step"] for e in read_events(run_dir) if e["kind"] == "checkpoint")
+    last_ckpt = max(e.step for e in read_events(run_dir) if e.kind == "checkpoint")
     r = run_cli("resume", str(run_dir), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming {run_dir} from checkpoint-{last_ckpt}" in r.stdout
     h = fold_history(read_events(run_dir))
-    assert [s["step"] for s in h.steps] == list(range(1, 51))
-    assert h.resumes[-1]["resumed_from_step"] == last_ckpt
+    assert [s.step for s in h.steps] == list(range(1, 51))
+    assert h.resumes[-1].resumed_from_step == last_ckpt
     # nothing before the checkpoint is trained twice: the resumed process starts right after it
     raw_steps = _steps(run_dir)
     second_start = len(raw_steps) - (50 - last_ckpt)
@@ -330,7 +330,7 @@ def test_ctrl_c_on_the_headless_runner_stops_with_130(tmp_path):
     assert proc.returncode == 130, out + err
     assert "stopped at step" in out
     assert f"qlora-wizard resume {run_dir}" in out
-    assert fold_history(read_events(run_dir)).end["status"] == "stopped"
+    assert fold_history(read_events(run_dir)).end.status == "stopped"
 
 
 def test_closing_the_follower_leaves_training_running(tmp_path):
@@ -345,7 +345,7 @@ def test_closing_the_follower_leaves_training_running(tmp_path):
     os.killpg(follower.pid, signal.SIGKILL)  # the whole terminal session goes away
     follower.wait()
     end = wait_for(lambda: fold_history(read_events(run_dir)).end)
-    assert end["status"] == "finished"
+    assert end.status == "finished"
     r = run_cli("attach", str(run_dir))
     assert r.returncode == 0
     assert "finished at step 25" in r.stdout
@@ -369,9 +369,9 @@ def test_a_non_finite_loss_stops_the_run_with_a_suggestion(tmp_path):
     run_dir = create_run(load_preset(write_preset(tmp_path, training__max_steps=20)), tmp_path / "run")
     assert run_training(run_dir, callbacks=(Poison(),)) == EXIT_FAILED
     h = fold_history(read_events(run_dir))
-    assert h.end["status"] == "failed"
-    assert h.end["message"].startswith("the loss became non-finite at step 4; try a lower learning rate")
-    assert [s["step"] for s in h.steps] == [1, 2, 3, 4]
+    assert h.end.status == "failed"
+    assert h.end.message.startswith("the loss became non-finite at step 4; try a lower learning rate")
+    assert [s.step for s in h.steps] == [1, 2, 3, 4]
     assert not (run_dir / "adapter").exists()
 
 

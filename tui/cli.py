@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from engine.errors import UserError
-from tui.format import gib
+from engine.errors import EXIT_OK, EXIT_STOPPED, UserError, run_exit_status
+from tui.format import STATUS_STYLES, gib
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 
 DEMO_PRESET = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
 
@@ -280,10 +279,9 @@ def cmd_runs(args) -> int:
     t = Table()
     for col in ("run", "status", "step", "loss", "val loss", "model"):
         t.add_column(col, justify="right" if col in ("step", "loss", "val loss") else "left")
-    colors = {"running": "cyan", "finished": "green", "stopped": "yellow", "failed": "red", "crashed": "red"}
     for r in runs:
         step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
-        t.add_row(r.name, f"[{colors.get(r.status, 'white')}]{r.status}[/]", step,
+        t.add_row(r.name, f"[{STATUS_STYLES.get(r.status, 'white')}]{r.status}[/]", step,
                   "-" if r.loss is None else f"{r.loss:.4f}", "-" if r.eval_loss is None else f"{r.eval_loss:.4f}",
                   r.model or "")
     Console().print(t)
@@ -377,7 +375,7 @@ def _report_run(run_dir: Path, result: str | None) -> int:
     print(f"{run_dir}: {result}; look at it again with: qlora-wizard attach {run_dir}")
     if result in ("stopped", "crashed"):
         print(f"continue it with: qlora-wizard resume {run_dir}")
-    return {"finished": EXIT_OK, "stopped": EXIT_STOPPED}.get(result, EXIT_FAILED)
+    return run_exit_status(result)
 
 
 def _need_terminal(what: str) -> None:
@@ -535,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             code = EXIT_OK
     except UserError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = EXIT_STOPPED

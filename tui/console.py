@@ -15,72 +15,78 @@ import sys
 import time
 from pathlib import Path
 
-from engine.events import EventTail, extend_history, fold_history
+from engine.errors import EXIT_FAILED, EXIT_STOPPED, run_exit_status
+from engine.events import (
+    CheckpointEvent,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    Event,
+    EventTail,
+    RunHistory,
+    StartEvent,
+    StepEvent,
+    extend_history,
+    finite,
+    fold_history,
+)
 from engine.runs import is_running, log_tail, stop_run
 from tui.format import duration, gib
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 POLL_S = 0.2
 
 
-def describe(event: dict) -> str:
+def _float(value, spec: str) -> str:
+    """A number as ``spec`` formats it; anything else (None, a NaN written as text) as it is."""
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def describe(event: Event) -> str:
     """One plain line for an event (what ``nohup`` logs show)."""
-    kind = event.get("kind")
-    if kind == "start":
-        d = event.get("data") or {}
-        est = (event.get("estimate") or {}).get("total_bytes")
-        resumed = event.get("resumed_from_step")
+    if isinstance(event, StartEvent):
+        resumed = event.resumed_from_step
         head = f"resumed from step {resumed}" if resumed else ("resumed from the beginning"
-                                                              if event.get("resume_requested") else "start")
-        return (f"{head}: {(event.get('model') or {}).get('source', '?')} on {event.get('device_name', '?')}, "
-                f"{d.get('examples', '?')} examples, {d.get('supervised_tokens', '?')} supervised tokens, "
-                f"{event.get('total_steps', '?')} steps, memory estimate {gib(est)}")
-    if kind == "step":
-        parts = [f"step {event.get('step')}/{event.get('total_steps')}", f"epoch {event.get('epoch', 0):.2f}",
-                 f"loss {event.get('loss'):.4f}" if isinstance(event.get("loss"), float) else f"loss {event.get('loss')}"]
-        if event.get("learning_rate") is not None:
-            parts.append(f"lr {event['learning_rate']:.2e}")
-        if event.get("grad_norm") is not None:
-            parts.append(f"grad {event['grad_norm']:.3f}")
-        parts.append(f"{event.get('tokens_per_s', 0):,.0f} tok/s")
-        if event.get("mem_reserved"):
-            parts.append(f"mem {gib(event['mem_reserved'])}")
+                                                              if event.resume_requested else "start")
+        return (f"{head}: {event.model_source} on {event.device_name or '?'}, "
+                f"{event.examples or '?'} examples, {event.supervised_tokens or '?'} supervised tokens, "
+                f"{event.total_steps or '?'} steps, memory estimate {gib(event.estimate_total)}")
+    if isinstance(event, StepEvent):
+        parts = [f"step {event.step}/{event.total_steps}", f"epoch {event.epoch:.2f}",
+                 f"loss {_float(event.loss, '.4f')}"]
+        if event.learning_rate is not None:
+            parts.append(f"lr {event.learning_rate:.2e}")
+        if event.grad_norm is not None:
+            parts.append(f"grad {_float(event.grad_norm, '.3f')}")
+        parts.append(f"{event.tokens_per_s or 0:,.0f} tok/s")
+        if event.mem_reserved:
+            parts.append(f"mem {gib(event.mem_reserved)}")
         return "  ".join(parts)
-    if kind == "eval":
-        return f"eval at step {event.get('step')}: validation loss {event.get('eval_loss'):.4f}"
-    if kind == "checkpoint":
-        return f"checkpoint at step {event.get('step')}: {event.get('path')}"
-    if kind == "error":
-        return f"error: {event.get('message')}"
-    if kind == "end":
-        status = event.get("status")
-        peak = event.get("peak_reserved") or event.get("peak_rss")
+    if isinstance(event, EvalEvent):
+        return f"eval at step {event.step}: validation loss {_float(event.eval_loss, '.4f')}"
+    if isinstance(event, CheckpointEvent):
+        return f"checkpoint at step {event.step}: {event.path}"
+    if isinstance(event, ErrorEvent):
+        return f"error: {event.message}"
+    if isinstance(event, EndEvent):
+        peak = event.peak_reserved or event.peak_rss
         peak_txt = f"; peak memory {gib(peak)}" if peak else ""
-        if event.get("estimate_total") and event.get("peak_reserved"):
-            peak_txt += f" (estimate {gib(event.get('estimate_reserved'))} reserved)"
-        if status == "finished":
-            return f"finished at step {event.get('step')} in {duration(event.get('elapsed_s'))}: " \
-                   f"adapter in {event.get('adapter')}{peak_txt}"
-        if status == "stopped":
-            if event.get("abandoned"):
-                return f"stopped: {event.get('message')}"
-            ck = event.get("checkpoint")
-            return f"stopped at step {event.get('step', 0)}" + (f"; checkpoint {ck}" if ck else "") + peak_txt
-        return f"failed: {event.get('message')}"
+        if event.estimate_total and event.peak_reserved:
+            peak_txt += f" (estimate {gib(event.estimate_reserved)} reserved)"
+        if event.status == "finished":
+            return f"finished at step {event.step} in {duration(event.elapsed_s)}: " \
+                   f"adapter in {event.adapter}{peak_txt}"
+        if event.status == "stopped":
+            if event.abandoned:
+                return f"stopped: {event.message}"
+            ck = event.checkpoint
+            return f"stopped at step {event.step or 0}" + (f"; checkpoint {ck}" if ck else "") + peak_txt
+        return f"failed: {event.message}"
     return str(event)
 
 
-def exit_status(history) -> int:
-    """The headless exit status a run's end stands for."""
-    end = history.end
-    if end is None:
-        return EXIT_FAILED
-    status = end.get("status")
-    if status == "finished":
-        return EXIT_OK
-    if status == "stopped":
-        return EXIT_STOPPED
-    return EXIT_BAD_INPUT if any(e.get("bad_input") for e in history.errors) else EXIT_FAILED
+def exit_status(history: RunHistory) -> int:
+    """The headless exit status a run's end stands for (a run with no end: failed)."""
+    return run_exit_status(history.end.status if history.end else "failed", bad_input=history.bad_input)
 
 
 class _Display:
@@ -122,23 +128,19 @@ class _Display:
         else:
             print(text, flush=True)
 
-    def show(self, event: dict, history) -> None:
-        kind = event["kind"]
+    def show(self, event: Event, history: RunHistory) -> None:
         if self.progress is None:
             self.line(describe(event))
             return
-        if kind == "step":
-            val = f"{history.evals[-1]['eval_loss']:.4f}" if history.evals else "-"
-            loss = event.get("loss")
-            self.progress.update(self.task, completed=event.get("step", 0), total=event.get("total_steps"),
-                                 loss=f"{loss:.4f}" if isinstance(loss, float) else str(loss), val=val,
-                                 speed=f"{event.get('tokens_per_s', 0):,.0f}")
-        elif kind == "start":
-            self.progress.update(self.task, total=event.get("total_steps"),
-                                 completed=event.get("resumed_from_step") or 0)
+        if isinstance(event, StepEvent):
+            val = _float(history.evals[-1].eval_loss, ".4f") if history.evals else "-"
+            self.progress.update(self.task, completed=event.step, total=event.total_steps,
+                                 loss=_float(event.loss, ".4f"), val=val, speed=f"{event.tokens_per_s or 0:,.0f}")
+        elif isinstance(event, StartEvent):
+            self.progress.update(self.task, total=event.total_steps, completed=event.resumed_from_step or 0)
             self.line(describe(event))
-        elif kind == "eval":
-            self.progress.update(self.task, val=f"{event.get('eval_loss'):.4f}")
+        elif isinstance(event, EvalEvent):
+            self.progress.update(self.task, val=_float(event.eval_loss, ".4f"))
             self.line(describe(event))
         else:
             self.line(describe(event))
@@ -193,8 +195,8 @@ def follow_run(run_dir: str | Path, tty: bool | None = None) -> int:
     if history.evals and history.steps:
         from engine.curves import diagnose
 
-        d = diagnose([(e["step"], e["loss"]) for e in history.steps if isinstance(e.get("loss"), float)],
-                     [(e["step"], e["eval_loss"]) for e in history.evals])
+        d = diagnose([(s.step, v) for s in history.steps if (v := finite(s.loss)) is not None],
+                     [(e.step, v) for e in history.evals if (v := finite(e.eval_loss)) is not None])
         if d.verdict != "too early to tell":
             print(f"learning curves: {d.verdict}: {d.message}")
     if code == EXIT_STOPPED:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+STATUS_STYLES = {"starting": "bold yellow", "running": "bold green", "finished": "bold green",
+                 "stopped": "bold yellow", "failed": "bold red", "crashed": "bold red"}
+"""How each run status is coloured, wherever it is shown (the run screen, ``qlora-wizard runs``)."""
+
 
 def gib(n: float | None) -> str:
     """Bytes as GiB with two decimals; ``-`` when unknown."""

@@ -21,7 +21,7 @@ import questionary
 from rich.console import Console
 from rich.text import Text
 
-from engine.errors import NeedsRemoteCode, UserError, first_line, os_error
+from engine.errors import EXIT_OK, EXIT_STOPPED, NeedsRemoteCode, UserError, first_line, os_error
 from tui.draft import (
     OPTIMIZER_CHOICES,
     QUANT_CHOICES,
@@ -45,7 +45,6 @@ from tui.draft import (
 )
 from tui.format import count, gib
 
-EXIT_OK, EXIT_INTERRUPTED = 0, 130
 
 STEP_NAMES = tuple(name for name, _ in STEPS)
 """The steps' names in order."""
@@ -623,7 +622,7 @@ def run_plain(
         where = (f"the draft is kept in {kept} (qlora-wizard plain {kept} continues)" if kept
                  else "the draft could not be saved")
         print(f"\ninterrupted; {where}", flush=True)
-        return EXIT_INTERRUPTED
+        return EXIT_STOPPED
     if run_dir is None:
         return EXIT_OK
     if not follow:

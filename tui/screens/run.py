@@ -8,7 +8,6 @@ goes on), ``l`` the whole log.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,11 +29,11 @@ from textual.widgets import (
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from engine.curves import diagnose
-from engine.events import EventTail, RunHistory, extend_history, fold_history
+from engine.curves import diagnose_history
+from engine.events import EventTail, RunHistory, extend_history, finite, fold_history
 from tui.console import describe
 from tui.dialogs.confirm import Confirm
-from tui.format import duration, gib
+from tui.format import STATUS_STYLES, duration, gib
 from tui.widgets.live import Curve, ProgressLine, TailLines
 
 POLL_S = 0.2
@@ -65,71 +64,34 @@ a 2-core machine, stretching its training by 11-15 %; with batching and the chea
 # What the screen says, as pure functions of the history (no widgets).
 
 
-def run_status(history: RunHistory, alive: bool) -> str:
-    """``starting``, ``running``, ``finished``, ``stopped``, ``failed`` or ``crashed``.
-
-    Crashed is a process gone without an ``end`` event. The worker checks the process before it
-    reads the file, so an ``end`` written just before the process exits is always seen with it.
-    """
-    if history.end is not None:
-        return history.end.get("status", "failed")
-    if alive:
-        return "running" if history.start else "starting"
-    return "crashed"
-
-
 def eta_seconds(history: RunHistory) -> float | None:
     """Seconds left, from the pace of the last ``ETA_WINDOW`` steps; None without two timed steps."""
     total = history.total_steps
-    steps = [s for s in history.steps[-ETA_WINDOW:] if isinstance(s.get("time"), (int, float))]
+    steps = [s for s in history.steps[-ETA_WINDOW:] if isinstance(s.time, (int, float))]
     if not total or len(steps) < 2:
         return None
-    done = steps[-1]["step"] - steps[0]["step"]
-    took = steps[-1]["time"] - steps[0]["time"]
+    done = steps[-1].step - steps[0].step
+    took = steps[-1].time - steps[0].time
     if done <= 0 or took <= 0:
         return None
-    return max(0, total - steps[-1]["step"]) * took / done
-
-
-def _number(value) -> float | None:
-    """A finite float, or None (the writer stores NaN and infinity as strings)."""
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return None
+    return max(0, total - steps[-1].step) * took / done
 
 
 def memory_line(history: RunHistory) -> str:
     """Memory in use against the estimate: reserved on CUDA, the process's RSS on the CPU."""
-    start = history.start or {}
-    step = history.last_step or {}
-    estimate = (start.get("estimate") or {}).get("reserved_bytes")
-    if step.get("mem_reserved") is not None or start.get("device") == "cuda":
-        used = step.get("mem_reserved")
-        return f"memory {gib(used)} reserved of {gib(estimate)} estimated"
-    if step.get("mem_rss") is not None:
-        return f"memory {gib(step['mem_rss'])} in use (CPU, the process's RSS; the estimate is for a GPU)"
+    start, step = history.start, history.last_step
+    estimate = start.estimate_reserved if start else None
+    if (step and step.mem_reserved is not None) or (start and start.device == "cuda"):
+        return f"memory {gib(step.mem_reserved if step else None)} reserved of {gib(estimate)} estimated"
+    if step and step.mem_rss is not None:
+        return f"memory {gib(step.mem_rss)} in use (CPU, the process's RSS; the estimate is for a GPU)"
     return "memory -"
-
-
-def model_name(history: RunHistory) -> str:
-    """The model as the person named it (the preset's source), else as the process resolved it."""
-    start = history.start or {}
-    return (((start.get("preset") or {}).get("model") or {}).get("source")
-            or (start.get("model") or {}).get("source") or "?")
 
 
 def diagnosis_line(history: RunHistory) -> str | None:
     """The guide's reading of the learning curves, once there are validation losses."""
-    if not history.evals:
-        return None
-    train = [(s["step"], v) for s in history.steps if (v := _number(s.get("loss"))) is not None]
-    val = [(e["step"], v) for e in history.evals if (v := _number(e.get("eval_loss"))) is not None]
-    d = diagnose(train, val)
-    return f"learning curves: {d.verdict}: {d.message}"
-
-
-STATUS_STYLE = {"starting": "bold yellow", "running": "bold green", "finished": "bold green",
-                "stopped": "bold yellow", "failed": "bold red", "crashed": "bold red"}
+    d = diagnose_history(history)
+    return f"learning curves: {d.verdict}: {d.message}" if d else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +251,7 @@ class RunScreen(Screen[None]):
             self.history = extend_history(self.history, message.events)
             self._unshown.extend(message.events)
         self.running = message.alive
-        self.status = run_status(self.history, message.alive)
+        self.status = self.history.status(message.alive)
         if self.history.end is not None:
             self.stopping = False
         self._schedule_show()
@@ -312,32 +274,34 @@ class RunScreen(Screen[None]):
             self.query_one("#events", TailLines).add(describe(event) for event in self._unshown)
             self._unshown = []
         h, status = self.history, self.status
-        last = h.last_step or {}
+        last = h.last_step
         total = h.total_steps
-        step = int(last.get("step", (h.end or {}).get("step", 0)) or 0)
+        step = h.step
 
-        head = Text.assemble((status.upper(), STATUS_STYLE.get(status, "bold")), "  ")
+        head = Text.assemble((status.upper(), STATUS_STYLES.get(status, "bold")), "  ")
         if self.stopping and status == "running":
             head.append("stopping: saving a checkpoint...  ", "yellow")
         head.append(f"step {step}/{total or '?'}  ")
-        head.append(f"{model_name(h)} on {(h.start or {}).get('device_name', '?')}", "dim")
+        start = h.start
+        head.append(f"{start.model_source if start else '?'} on {(start.device_name if start else None) or '?'}",
+                    "dim")
         self._update("#status", head, layout=False)  # one line, always
 
         eta = eta_seconds(h)
-        if h.end is not None and h.end.get("elapsed_s") is not None:
-            eta_text = f"took {duration(h.end['elapsed_s'])}"
+        if h.end is not None and h.end.elapsed_s is not None:
+            eta_text = f"took {duration(h.end.elapsed_s)}"
         elif status == "running" and eta is not None:
             eta_text = f"ETA {duration(eta)}"
         else:
             eta_text = "ETA -"
         self.query_one("#progress", ProgressLine).show(step, total, eta_text)
 
-        loss = _number(last.get("loss"))
-        val = _number(h.evals[-1].get("eval_loss")) if h.evals else None
-        lr = _number(last.get("learning_rate"))
-        speed = _number(last.get("tokens_per_s"))
+        loss = finite(last.loss) if last else None
+        val = finite(h.evals[-1].eval_loss) if h.evals else None
+        lr = finite(last.learning_rate) if last else None
+        speed = finite(last.tokens_per_s) if last else None
         metrics = Text.assemble(
-            "loss ", (f"{loss:.4f}" if loss is not None else str(last.get("loss", "-")), "bold cyan"),
+            "loss ", (f"{loss:.4f}" if loss is not None else str(last.loss if last else "-"), "bold cyan"),
             "  val ", (f"{val:.4f}" if val is not None else "-", "bold magenta"),
             "  lr ", (f"{lr:.2e}" if lr is not None else "-", "bold"),
             "  ", (f"{speed:,.0f}" if speed is not None else "-", "bold"), " tok/s",
@@ -346,9 +310,9 @@ class RunScreen(Screen[None]):
         self._update("#metrics", metrics, layout=False)  # two lines, always
 
         curves = {
-            "loss": [v for s in h.steps if (v := _number(s.get("loss"))) is not None],
-            "val": [v for e in h.evals if (v := _number(e.get("eval_loss"))) is not None],
-            "lr": [v for s in h.steps if (v := _number(s.get("learning_rate"))) is not None],
+            "loss": [v for s in h.steps if (v := finite(s.loss)) is not None],
+            "val": [v for e in h.evals if (v := finite(e.eval_loss)) is not None],
+            "lr": [v for s in h.steps if (v := finite(s.learning_rate)) is not None],
         }
         # The latest values are on the metrics line, in the curves' colours; the boxes' titles stay
         # fixed, so a new step redraws the curves' insides only.
@@ -381,18 +345,18 @@ class RunScreen(Screen[None]):
     def _alert_lines(self, status: str) -> list[str]:
         """What a run that stopped short needs said: why, the log's last words, how to go on."""
         resume = f"continue it with: qlora-wizard resume {self.run_dir}"
-        end = self.history.end or {}
+        end = self.history.end
         if status == "crashed":
             tail = [f"train.log: {ln}" for ln in self.log_lines[-4:]]
             return ["crashed: the training process is gone without an end event", *tail, resume]
         if status == "failed":
             tail = [f"train.log: {ln}" for ln in self.log_lines[-3:]]
-            return [f"failed: {end.get('message', '?')}", *tail]
-        if status == "stopped":
-            if end.get("abandoned"):
-                return [end.get("message", "stopped"), resume]
-            ck = end.get("checkpoint")
-            return [f"stopped at step {end.get('step', 0)}" + (f"; checkpoint {ck}" if ck else ""), resume]
+            return [f"failed: {end.message if end else '?'}", *tail]
+        if status == "stopped" and end is not None:
+            if end.abandoned:
+                return [end.message or "stopped", resume]
+            ck = end.checkpoint
+            return [f"stopped at step {end.step or 0}" + (f"; checkpoint {ck}" if ck else ""), resume]
         return []
 
     # ---- actions ----------------------------------------------------------------------------
