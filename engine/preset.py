@@ -387,13 +387,27 @@ def shipped_presets() -> list[Path]:
     return sorted(PRESETS_DIR.glob("*.yaml"))
 
 
-def field_help(path: str) -> str:
-    """The help text of a field given its dotted path (``training.seq_len``)."""
+def _field(path: str):
+    """The schema's field at a dotted path (``training.optimizer``); KeyError for no such field."""
     model: Any = Preset
     parts = path.split(".")
-    for i, part in enumerate(parts):
-        field = model.model_fields[part]
-        if i == len(parts) - 1:
-            return field.description or ""
-        model = field.annotation
-    return ""
+    for part in parts[:-1]:
+        model = model.model_fields[part].annotation
+    return model.model_fields[parts[-1]]
+
+
+def choices(path: str) -> tuple[str, ...]:
+    """The values a field with a fixed set of them allows, from its ``Literal`` in the schema: the one
+    source for the forms, the prompts, argparse and the engine (``choices("training.optimizer")``).
+    Empty for a field without a fixed set."""
+    from typing import get_args, get_origin
+
+    annotation = _field(path).annotation
+    if get_origin(annotation) is Literal:
+        return tuple(get_args(annotation))
+    return ()
+
+
+def field_help(path: str) -> str:
+    """The help text of a field given its dotted path (``training.seq_len``)."""
+    return _field(path).description or ""

@@ -489,7 +489,7 @@ def test_cache_hit_returns_same_data_without_tokenizing(tmp_path, tok, monkeypat
     def no_tokenizing(*a, **k):
         raise AssertionError("tokenized again on a cache hit")
 
-    monkeypatch.setattr(D, "_tokenize_examples", no_tokenizing)
+    monkeypatch.setattr(D, "tokenize_examples", no_tokenizing)
     again = D.prepare_data(s, tok, 128, 3, cache_dir=tmp_path / "cache")
     assert again.cache_hit and again.cache_path == first.cache_path
     assert again.train["input_ids"] == first.train["input_ids"]
@@ -569,3 +569,15 @@ def test_conversation_starting_with_assistant(tmp_path, tok):
     segments = D.preview(settings(path), tok, 512)[0]
     assert segments[0] == ("<s>### Assistant:\n", False)
     assert [s for s, trained in segments if trained] == ["Welcome</s>", "y</s>"]
+
+
+def test_every_record_format_is_a_preset_choice_and_every_choice_is_a_format():
+    """Adding a format is one class in engine.data.formats and one name in the schema; missing either fails here."""
+    from engine.preset import choices
+
+    assert set(choices("data.format")) == {"auto", *D.FORMATS}
+    for name, fmt in D.FORMATS.items():
+        assert fmt.name == name and fmt.keys and fmt.__doc__
+    assert [D.detect_format(k) for k in (["messages"], ["conversations"], ["instruction", "output"],
+                                         ["prompt", "completion"], ["input", "output"], ["text"])] == \
+        ["messages", "sharegpt", "alpaca", "prompt_completion", "input_output", "text"]

@@ -1,0 +1,443 @@
+"""Data in, tokenized examples out: ``engine.data`` is a package.
+
+- :mod:`engine.data.sources`: local files (JSON lines, JSON, CSV, Parquet), Hub datasets, the demo set.
+- :mod:`engine.data.formats`: one class per record format in a registry (keys, detection,
+  normalization, template, response text). Adding a format is one class there.
+- :mod:`engine.data.tokenize`: the tokenizer, masking, truncation, supervised-token counting.
+- :mod:`engine.data.cache`: the tokenized-data cache.
+- here: the pipeline that joins them (:func:`check_records`, :func:`prepare_data`, :func:`preview`)
+  and what it reports (:class:`DataStats`).
+
+Sources (``data.train`` and ``data.validation``)
+    A local ``.jsonl``/``.ndjson``, ``.json`` (a list of records; a file of JSON lines named
+    ``.json`` is read as JSON lines), ``.csv`` (a header row, one record per row) or ``.parquet``
+    file; a Hub dataset id (``org/name``, read with ``datasets.load_dataset(id, split=data.split)``);
+    or ``builtin:demo``, the bundled demo set. With a Hub ``data.train``, ``data.validation`` names
+    another split of the same dataset unless it is a local file.
+
+Record formats (``data.format``; ``auto`` detects them from the keys of the first records)
+    ``alpaca``            ``instruction``, optional ``input``, ``output``
+    ``input_output``      ``input``, ``output``
+    ``prompt_completion`` ``prompt``, ``completion``
+    ``text``              ``text``: every token is trained
+    ``messages``          ``messages``: a list of ``{role, content}`` (system, user, assistant)
+    ``sharegpt``          ``conversations``: a list of ``{from, value}`` (system, human, gpt)
+
+    Templates and the trained parts: :mod:`engine.data.formats`.
+
+Bad records
+    Invalid JSON, a record that is not an object, a missing field, text where a list was
+    expected (or the other way round) and an empty response are bad records, named by file and
+    line (CSV: row, the header being row 1; Parquet and Hub datasets: row, from 1; a JSON list:
+    record, from 1). By default the first one is refused with a :class:`UserError`; with
+    ``data.skip_bad_records`` they are skipped and counted.
+
+Cleaning, split, tokenization
+    Examples whose response (all assistant turns) contains one of ``data.drop_phrases``
+    (case-insensitive) are dropped, then exact duplicates (``data.dedupe``). The validation set
+    is ``data.validation`` or a ``data.validation_split`` share of the examples drawn with the
+    run's seed (the training examples keep their file order); ``data.max_examples`` then keeps the
+    first training examples. Masking and counting: :mod:`engine.data.tokenize`.
+
+Nothing here imports torch, transformers or datasets at module level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engine.data.cache import cache_key, default_data_cache_dir, load_cached, save_cached, source_identity, to_dataset
+from engine.data.formats import FORMATS, accepted_formats, detect_format, get_format, kind_of
+from engine.data.sources import Source, iter_raw, open_source, resolve_data_path, validation_source
+from engine.data.tokenize import (
+    load_tokenizer,
+    segments,
+    supervised_count,
+    tokenize_examples,
+    tokenizer_fingerprint,
+)
+from engine.errors import UserError
+from engine.preset import DataSettings
+
+__all__ = [
+    "FORMATS", "BadRecord", "DataStats", "PreparedData", "check_records", "default_data_cache_dir",
+    "detect_format", "load_tokenizer", "prepare_data", "preview", "resolve_data_path", "supervised_count",
+    "tokenizer_fingerprint",
+]
+
+_DETECT_SAMPLE = 100
+"""Records whose keys vote on the format when ``data.format`` is ``auto``."""
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that cannot be used, with where it is and what is wrong."""
+
+    source: str
+    """The file (as written in the settings) or the Hub dataset."""
+    unit: str
+    """``line`` (JSON lines), ``row`` (CSV, Parquet, Hub) or ``record`` (a JSON list)."""
+    number: int
+    """1-based line, row or record number."""
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.unit} {self.number}: {self.problem}"
+
+
+@dataclass
+class DataStats:
+    """What went into the training data, for the wizard, the start event and the LR rule."""
+
+    format: str
+    examples: int = 0
+    """Training examples after cleaning, split, cap and truncation."""
+    validation_examples: int = 0
+    tokens: int = 0
+    """Real tokens in the training examples (no padding)."""
+    supervised_tokens: int = 0
+    """Training label positions that are actually trained (first label of each example excluded)."""
+    validation_tokens: int = 0
+    truncated: int = 0
+    """Examples (training and validation) cut at seq_len."""
+    removed_duplicates: int = 0
+    removed_phrases: int = 0
+    removed_empty: int = 0
+    """Examples dropped because nothing trainable was left after truncation."""
+    skipped_bad: int = 0
+    """Bad records skipped (data.skip_bad_records)."""
+    max_len: int = 0
+    """Longest training example in tokens."""
+    mean_len: float = 0.0
+    """Mean training example length in tokens."""
+    seq_len: int = 0
+    """The sequence length the examples were cut at."""
+    validation_supervised_tokens: int = 0
+
+    def to_json(self) -> dict:
+        """The stats as a JSON-ready dict (what the ``start`` event carries)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DataStats":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def summary_lines(self) -> list[str]:
+        """A few human lines describing the data."""
+        share = f" ({100 * self.supervised_tokens / self.tokens:.0f} %)" if self.tokens else ""
+        lines = [
+            f"format: {self.format}",
+            f"{self.examples:,} training examples, {self.validation_examples:,} validation examples",
+            f"{self.tokens:,} training tokens, {self.supervised_tokens:,} of them trained{share}",
+            f"example length: mean {self.mean_len:,.0f}, longest {self.max_len:,} tokens",
+        ]
+        if self.validation_examples:
+            lines.append(
+                f"{self.validation_tokens:,} validation tokens, {self.validation_supervised_tokens:,} of them scored"
+            )
+        if self.truncated:
+            lines.append(f"{self.truncated:,} examples longer than {self.seq_len:,} tokens were truncated")
+        removed = []
+        if self.removed_duplicates:
+            removed.append(f"{self.removed_duplicates:,} duplicates")
+        if self.removed_phrases:
+            removed.append(f"{self.removed_phrases:,} containing a drop phrase")
+        if self.removed_empty:
+            removed.append(f"{self.removed_empty:,} with nothing left to train after truncation")
+        if self.skipped_bad:
+            removed.append(f"{self.skipped_bad:,} bad records")
+        if removed:
+            lines.append("removed: " + ", ".join(removed))
+        return lines
+
+
+@dataclass
+class PreparedData:
+    """Tokenized examples ready for the trainer."""
+
+    train: Any
+    """``datasets.Dataset`` with columns ``input_ids`` and ``labels`` (lists of int)."""
+    validation: Any | None
+    """The same for validation, or None."""
+    stats: DataStats
+    format: str
+    cache_path: Path | None = None
+    """The cache entry these came from or were saved to."""
+    cache_hit: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Reading records
+
+
+def _unknown_format_error(src: Source, unit: str, number: int, keys) -> UserError:
+    shown = ", ".join(sorted(map(str, keys))) or "(none)"
+    return UserError(
+        f"{src.display}: cannot tell the data format from the keys {shown} ({unit} {number}); "
+        f"accepted: {accepted_formats()}",
+        "rename the fields, or set data.format",
+    )
+
+
+@dataclass
+class _Loaded:
+    format: str
+    examples: list  # (BadRecord location as (unit, number), example dict)
+    bad: list = field(default_factory=list)
+    records: int = 0
+    removed_phrases: int = 0
+    removed_duplicates: int = 0
+
+
+def _read_sources(train_src: "Source", val_src: "Source | None", settings: DataSettings,
+                  clean: bool = True) -> "tuple[_Loaded, _Loaded | None, list[BadRecord]]":
+    """Read the training and validation sources; refuse bad records unless they may be skipped."""
+    train = _read_examples(train_src, settings, clean=clean)
+    val = _read_examples(val_src, settings, fmt=train.format, clean=clean) if val_src else None
+    bad = train.bad + (val.bad if val else [])
+    if bad and not settings.skip_bad_records:
+        raise _bad_records_error(bad)
+    _check_loaded(train, train_src, settings)
+    if val is not None:
+        _check_loaded(val, val_src, settings)
+    return train, val, bad
+
+
+def _read_examples(src: Source, settings: DataSettings, fmt: str | None = None, limit: int | None = None,
+                   clean: bool = True) -> _Loaded:
+    """Read, validate and normalize a source's records (and clean them when asked).
+
+    ``fmt`` forces a format (the validation set must match the training set); otherwise
+    ``settings.format``, or detection from the first records. With ``limit`` reading stops after
+    that many usable examples (for the preview)."""
+    raw = iter_raw(src)
+    fmt = fmt or (settings.format if settings.format != "auto" else None)
+    head: list = []
+    if fmt is None:
+        votes: Counter = Counter()
+        first_keys = None
+        objects = 0
+        for item in raw:
+            head.append(item)
+            rec = item[2]
+            if isinstance(rec, dict):
+                if first_keys is None:
+                    first_keys = (item[0], item[1], list(rec))
+                detected = detect_format(rec)
+                if detected:
+                    votes[detected] += 1
+                objects += 1
+                if objects >= _DETECT_SAMPLE:
+                    break
+        if votes:
+            fmt = votes.most_common(1)[0][0]
+        elif first_keys is not None:
+            raise _unknown_format_error(src, *first_keys)
+        elif not head:
+            raise UserError(f"{src.display} has no records", "check that it is the right file")
+        else:
+            fmt = "text"  # nothing parsed at all: every record is bad, reported below
+
+    form = get_format(fmt)
+
+    def records():
+        yield from head
+        yield from raw
+
+    phrases = [p.lower() for p in settings.drop_phrases if p.strip()] if clean else []
+    seen: set = set()
+    loaded = _Loaded(format=fmt, examples=[])
+    for unit, number, rec, problem in records():
+        loaded.records += 1
+        example = None
+        if problem is None:
+            if isinstance(rec, dict):
+                example, problem = form.normalize(rec)
+            else:
+                problem = f"a record must be an object with named fields, this is {kind_of(rec)}"
+        if problem is not None:
+            loaded.bad.append(BadRecord(src.display, unit, number, problem))
+            continue
+        if phrases:
+            response = form.response_text(example).lower()
+            if any(p in response for p in phrases):
+                loaded.removed_phrases += 1
+                continue
+        if clean and settings.dedupe:
+            key = hashlib.sha1(json.dumps(example, sort_keys=True, ensure_ascii=False).encode()).digest()
+            if key in seen:
+                loaded.removed_duplicates += 1
+                continue
+            seen.add(key)
+        loaded.examples.append(((unit, number), example))
+        if limit is not None and len(loaded.examples) >= limit:
+            break
+    return loaded
+
+
+def _bad_records_error(bad: list[BadRecord]) -> UserError:
+    more = len(bad) - 1
+    tail = f" (and {more} more bad record{'s' if more != 1 else ''})" if more else ""
+    return UserError(f"{bad[0]}{tail}", "fix the line or set data.skip_bad_records: true")
+
+
+def _check_loaded(loaded: _Loaded, src: Source, settings: DataSettings) -> None:
+    if loaded.bad and not settings.skip_bad_records:
+        raise _bad_records_error(loaded.bad)
+    if not loaded.examples:
+        if loaded.bad:
+            raise UserError(f"{src.display}: every record is bad ({loaded.bad[0]})", "check that it is the right file")
+        if loaded.records == 0:
+            raise UserError(f"{src.display} has no records", "check that it is the right file")
+        raise UserError(
+            f"{src.display}: no examples left after cleaning ({loaded.removed_phrases} with a drop phrase, "
+            f"{loaded.removed_duplicates} duplicates)",
+            "check data.drop_phrases",
+        )
+
+
+def check_records(settings: DataSettings) -> tuple[str, int, list[BadRecord]]:
+    """Read and validate the raw records, without any tokenizer (fast: run it first).
+
+    Returns the format (detected or set), the number of usable training records (before
+    cleaning and split) and the bad records of the training and validation sources. Raises
+    :class:`UserError` on the first bad record unless ``data.skip_bad_records``, and on a source
+    that cannot be read, has no usable record or whose format cannot be told.
+    """
+    train_src = open_source(settings.train, settings.split, "data.train")
+    val_src = validation_source(settings, train_src)
+    train, val, bad = _read_sources(train_src, val_src, settings, clean=False)
+    return train.format, len(train.examples), bad
+
+
+# --------------------------------------------------------------------------------------------
+# prepare_data
+
+
+def _split(examples: list, ratio: float, seed: int) -> tuple[list, list]:
+    """Hold out round(n * ratio) examples (at least one when ratio > 0 and n >= 2), drawn with seed;
+    both parts keep their file order."""
+    n = len(examples)
+    if ratio <= 0 or n < 2:
+        return examples, []
+    n_val = min(max(1, round(n * ratio)), n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def prepare_data(
+    settings: DataSettings, tokenizer, seq_len: int, seed: int, cache_dir: Path | None = None
+) -> PreparedData:
+    """Read, clean, split and tokenize the data; cached so a rerun does not tokenize again.
+
+    Raises :class:`UserError` for bad records (unless ``data.skip_bad_records``) and unusable
+    sources, as :func:`check_records` does.
+
+    ``cache_dir`` is the folder that holds prepared data sets (default: ``data`` in the
+    qlora-wizard cache, see :func:`engine.demo.cache_root`). The key covers the source bytes (or
+    the Hub id, split and dataset fingerprint), the data settings, seq_len, seed and the
+    tokenizer (name, size, chat template, vocabulary)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_data_cache_dir()
+    train_src = open_source(settings.train, settings.split, "data.train")
+    val_src = validation_source(settings, train_src)
+    entry = cache_dir / cache_key({
+        "train": source_identity(train_src),
+        "validation": source_identity(val_src),
+        "settings": settings.model_dump(mode="json"),
+        "seq_len": seq_len,
+        "seed": seed,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    })
+    hit = _from_cache(entry)
+    if hit is not None:
+        return hit
+
+    train_loaded, val_loaded, bad = _read_sources(train_src, val_src, settings)
+    fmt = train_loaded.format
+    if val_loaded is not None:
+        train_ex, val_ex = train_loaded.examples, val_loaded.examples
+    else:
+        train_ex, val_ex = _split(train_loaded.examples, settings.validation_split, seed)
+    if settings.max_examples is not None:
+        train_ex = train_ex[: settings.max_examples]
+
+    form = get_format(fmt)
+    tok_train = tokenize_examples(train_ex, form, tokenizer, seq_len, settings.train_on_inputs,
+                                  train_src.display, settings.skip_bad_records)
+    tok_val = (tokenize_examples(val_ex, form, tokenizer, seq_len, settings.train_on_inputs,
+                                  val_src.display if val_src else train_src.display, settings.skip_bad_records)
+               if val_ex else None)
+    if not tok_train.input_ids:
+        raise UserError(
+            f"{train_src.display}: no example has anything left to train at seq_len {seq_len}",
+            "raise training.seq_len or shorten the prompts",
+        )
+    lengths = [len(x) for x in tok_train.input_ids]
+    stats = DataStats(
+        format=fmt,
+        examples=len(tok_train.input_ids),
+        validation_examples=len(tok_val.input_ids) if tok_val else 0,
+        tokens=tok_train.tokens(),
+        supervised_tokens=tok_train.supervised(),
+        validation_tokens=tok_val.tokens() if tok_val else 0,
+        validation_supervised_tokens=tok_val.supervised() if tok_val else 0,
+        truncated=tok_train.truncated + (tok_val.truncated if tok_val else 0),
+        removed_duplicates=train_loaded.removed_duplicates + (val_loaded.removed_duplicates if val_loaded else 0),
+        removed_phrases=train_loaded.removed_phrases + (val_loaded.removed_phrases if val_loaded else 0),
+        removed_empty=tok_train.removed_empty + (tok_val.removed_empty if tok_val else 0),
+        skipped_bad=len(bad) + tok_train.skipped_bad + (tok_val.skipped_bad if tok_val else 0),
+        max_len=int(max(lengths)),
+        mean_len=round(sum(lengths) / len(lengths), 2),
+        seq_len=seq_len,
+    )
+    train_ds = to_dataset(tok_train)
+    val_ds = to_dataset(tok_val) if tok_val and tok_val.input_ids else None
+    if save_cached(entry, train_ds, val_ds, stats.to_json()):
+        saved = _from_cache(entry)  # memory-mapped from the cache, like a later run's
+        if saved is not None:
+            saved.cache_hit = False
+            return saved
+    return PreparedData(train=train_ds, validation=val_ds, stats=stats, format=fmt, cache_path=None, cache_hit=False)
+
+
+def _from_cache(entry: Path) -> PreparedData | None:
+    """The prepared data of a cache entry, or None."""
+    hit = load_cached(entry)
+    if hit is None:
+        return None
+    train, val, stats = hit
+    stats = DataStats.from_json(stats)
+    return PreparedData(train=train, validation=val, stats=stats, format=stats.format, cache_path=entry,
+                        cache_hit=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Preview
+
+
+def preview(settings: DataSettings, tokenizer, seq_len: int, n: int = 3) -> list[list[tuple[str, bool]]]:
+    """The first n usable examples as the model sees them: (text piece, trained?) segments.
+
+    Bad records are passed over (check_records reports them); drop phrases and duplicates are
+    applied, truncation at seq_len too. The first token is never marked trained (nothing
+    predicts it)."""
+    src = open_source(settings.train, settings.split, "data.train")
+    loaded = _read_examples(src, settings, limit=n)
+    tok = tokenize_examples(loaded.examples, get_format(loaded.format), tokenizer, seq_len,
+                            settings.train_on_inputs, src.display, skip_bad_records=True)
+    return [segments(ids.tolist(), labels.tolist(), tokenizer) for ids, labels in zip(tok.input_ids, tok.labels)]
+
+

@@ -1,0 +1,209 @@
+"""From rendered examples to token ids and labels: the tokenizer, masking and truncation.
+
+Prompt tokens get label -100 unless ``data.train_on_inputs``; examples longer than ``seq_len`` are
+truncated, and dropped when nothing trainable is left. Supervised tokens are the labels actually
+trained: a causal LM never predicts the first token of an example (labels shift by one, and the
+flattening collator masks each example's first label), so an example contributes
+``sum(labels[1:] != -100)``. Token counts are real tokens, no padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.data.formats import Rendered, RecordFormat, TemplateRefused
+from engine.errors import NeedsRemoteCode, UserError, first_line
+from engine.preset import ModelSettings
+
+
+def load_tokenizer(model: ModelSettings):
+    """The model's tokenizer (with a pad token: EOS when it has none); one-line UserError on failure."""
+    from engine.demo import resolve_model_source
+
+    source = resolve_model_source(model.source)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line
+        msg = first_line(exc)
+        if "trust_remote_code" in str(exc) and not model.trust_remote_code:
+            raise NeedsRemoteCode(
+                f"the tokenizer of {model.source} needs Python code shipped with the model",
+                "allow it with model.trust_remote_code: true if you trust the model's authors",
+            ) from None
+        raise UserError(
+            f"cannot load the tokenizer of {model.source}: {msg}",
+            "check the id or folder (and HF_TOKEN for private or gated models)",
+        ) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer of {model.source} has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise UserError(
+            f"the tokenizer of {model.source} has no end-of-sequence token",
+            "a model must learn where an answer ends; pick a model whose tokenizer defines one",
+        )
+    return tokenizer
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token in front of a text by itself."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bool(with_special) and with_special[0] == bos and (not without or without[0] != bos)
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What identifies a tokenizer for the data cache."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    template = tokenizer.chat_template
+    backend_hash = None
+    if backend is not None:
+        try:
+            backend_hash = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        except Exception:  # noqa: BLE001 - a backend that cannot serialize: fall back to the rest
+            backend_hash = None
+    return {
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "chat_template": template if isinstance(template, str) else repr(template),
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "backend": backend_hash,
+    }
+
+
+def _encode(rendered: list[Rendered], tokenizer) -> list[tuple[Any, Any]]:
+    """Token ids and a trained flag per token (numpy arrays) for each rendered example, BOS and
+    EOS not yet added. Fast tokenizers: the whole text at once, a token is trained when its
+    characters overlap a trained span. Slow tokenizers (no offsets): piece by piece."""
+    import numpy as np
+
+    if not rendered:
+        return []
+    out = []
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+            ids = np.asarray(ids, dtype=np.int64)
+            flags = np.zeros(len(ids), dtype=bool)
+            if len(ids):
+                off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+                starts, ends = off[:, 0], off[:, 1]
+                for a, b in r.spans:
+                    flags |= (ends > a) & (starts < b)
+                flags &= ends > starts
+            out.append((ids, flags))
+        return out
+    for r in rendered:
+        ids, flags, pos = [], [], 0
+        bounds = []
+        for a, b in r.spans:
+            bounds += [(pos, a, False), (a, b, True)]
+            pos = b
+        bounds.append((pos, len(r.text), False))
+        for a, b, trained in bounds:
+            if b > a:
+                piece = tokenizer(r.text[a:b], add_special_tokens=False)["input_ids"]
+                ids += piece
+                flags += [trained] * len(piece)
+        out.append((np.asarray(ids, dtype=np.int64), np.asarray(flags, dtype=bool)))
+    return out
+
+
+@dataclass
+class Tokenized:
+    """Token ids and labels of a set of examples, and what happened to the rest."""
+
+    input_ids: list = field(default_factory=list)
+    """numpy int32 arrays."""
+    labels: list = field(default_factory=list)
+    truncated: int = 0
+    removed_empty: int = 0
+    skipped_bad: int = 0
+
+    def tokens(self) -> int:
+        """Real tokens."""
+        return int(sum(len(x) for x in self.input_ids))
+
+    def supervised(self) -> int:
+        """Label positions trained (the first of each example excluded)."""
+        return int(sum(int((lab[1:] != -100).sum()) for lab in self.labels))
+
+
+def tokenize_examples(examples: list, fmt: RecordFormat, tokenizer, seq_len: int, train_on_inputs: bool,
+                      source: str, skip_bad_records: bool) -> Tokenized:
+    """Render, tokenize, mask and truncate; examples are ((unit, number), example dict)."""
+    import numpy as np
+
+    bos_first = adds_bos(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    result = Tokenized()
+    chunk = 1000
+    for start in range(0, len(examples), chunk):
+        rendered = []
+        for (unit, number), example in examples[start: start + chunk]:
+            try:
+                rendered.append(fmt.render(example, tokenizer, bos_first))
+            except TemplateRefused as exc:
+                if not skip_bad_records:
+                    raise UserError(
+                        f"{source} {unit} {number}: the chat template refused this conversation ({exc})",
+                        "fix the record or set data.skip_bad_records: true",
+                    ) from None
+                result.skipped_bad += 1
+        for r, (ids, flags) in zip(rendered, _encode(rendered, tokenizer)):
+            if r.bos:
+                ids, flags = np.concatenate([[bos], ids]), np.concatenate([[False], flags])
+            if r.eos:
+                ids, flags = np.concatenate([ids, [eos]]), np.concatenate([flags, [True]])
+            ids = ids.astype(np.int32)
+            labels = ids.copy() if train_on_inputs else np.where(flags, ids, -100).astype(np.int32)
+            if len(ids) > seq_len:
+                ids, labels = ids[:seq_len], labels[:seq_len]
+                result.truncated += 1
+            if not (labels[1:] != -100).any():
+                result.removed_empty += 1
+                continue
+            result.input_ids.append(ids)
+            result.labels.append(labels)
+    return result
+
+
+def supervised_count(labels) -> int:
+    """Label positions actually trained in one example: ``sum(labels[1:] != -100)``."""
+    return sum(1 for lab in list(labels)[1:] if lab != -100)
+
+
+def segments(ids: list[int], labels: list[int], tokenizer) -> list[tuple[str, bool]]:
+    """An example as (text piece, trained?) runs, decoded; the first token is never trained."""
+    trained = [i > 0 and lab != -100 for i, lab in enumerate(labels)]
+    runs, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or trained[i] != trained[start]:
+            runs.append((start, i, trained[start]))
+            start = i
+
+    def decode(part):
+        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    out, previous = [], ""
+    for a, b, flag in runs:
+        upto = decode(ids[:b])
+        piece = upto[len(previous):] if upto.startswith(previous) else decode(ids[a:b])
+        previous = upto
+        if out and out[-1][1] == flag:
+            out[-1] = (out[-1][0] + piece, flag)
+        elif piece:
+            out.append((piece, flag))
+    return out
