@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 from engine.errors import UserError
 
+RULE_FORMULA = "lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrain_batch)"
+"""The rule as every front end shows it above its arithmetic (80 columns wide with the screen's margin;
+``pretrain_batch`` is the pretraining batch in tokens)."""
+
 LORA_LR_BAND = (1e-5, 5e-4)
 """Learning rates LoRA runs usually use. QLoRA (Dettmers et al. 2023, Guanaco hyperparameters)
 trained at 2e-4 for 7B/13B and 1e-4 for 33B/65B; peft and trl examples sit between 1e-5 and 5e-4."""

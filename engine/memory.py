@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from engine.errors import UserError
 from engine.modelinfo import ModelInfo, TargetLayer
+from engine.preset import choices
 
 MIB = 1024**2
 GIB = 1024**3
@@ -42,14 +43,14 @@ GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of the dtypes a run can compute or load in."""
 
-QUANTIZATIONS = ("nf4", "fp4", "none")
-"""bitsandbytes 4-bit formats, or ``none`` for plain LoRA on a 16-bit base."""
+QUANTIZATIONS = choices("quantization.method")
+"""bitsandbytes 4-bit formats, or ``none`` for plain LoRA on a 16-bit base (the preset's choices)."""
 
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-"""Optimizers the estimate knows (names as in the preset; transformers' names for the torch ones)."""
+OPTIMIZERS = choices("training.optimizer")
+"""Optimizers the estimate knows: the preset's choices."""
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
-"""Attention kernels transformers can use."""
+ATTN_IMPLEMENTATIONS = tuple(a for a in choices("model.attn_implementation") if a != "auto")
+"""Attention kernels transformers can use (the preset's choices once ``auto`` is decided)."""
 
 COMPONENT_DESCRIPTIONS = {
     "quantized_weights": "the block's Linear weights in 4 bit, with their block scales",

@@ -41,13 +41,9 @@ from engine.runs import (
 )
 
 
-# bitsandbytes' optimizer names in transformers' TrainingArguments.
-OPTIMIZERS = {
-    "adamw_torch": "adamw_torch",
-    "adamw_8bit": "adamw_bnb_8bit",
-    "paged_adamw_8bit": "paged_adamw_8bit",
-    "paged_adamw_32bit": "paged_adamw_32bit",
-}
+TRANSFORMERS_OPTIMIZER_NAMES = {"adamw_8bit": "adamw_bnb_8bit"}
+"""The preset's optimizer names (``choices("training.optimizer")``) that transformers' TrainingArguments
+spells otherwise; the rest it spells the same."""
 
 
 class StopRequested(BaseException):
@@ -383,7 +379,7 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
     from transformers import TrainingArguments
 
     t = preset.training
-    optim = OPTIMIZERS[t.optimizer]
+    optim = TRANSFORMERS_OPTIMIZER_NAMES.get(t.optimizer, t.optimizer)
     if device_plan.device == "cpu" and optim.startswith("paged"):
         # Paged optimizers page between GPU and CPU memory; on the CPU there is nothing to page.
         optim = "adamw_bnb_8bit" if optim.endswith("8bit") else "adamw_torch"

@@ -86,7 +86,7 @@ def test_demo_walk_exports_the_preset_and_trains(here, started_runs, capsys):
     assert "the guide's inference rule (weights on disk x 1.2)" in out
     assert "example 1 of 3 as the model sees it" in out and "«" in out
     supervised = int(re.search(r"([\d,]+) of them trained", out).group(1).replace(",", ""))
-    assert "lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrained_batch_tokens)" in out
+    assert "lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrain_batch)" in out
     rule = re.search(r"   = 0\.003 x sqrt\(([\d,]+) / \(4 / ([\d.]+)\) / 2,064\) = ([\d.e-]+)", out)
     assert rule, out
     assert int(rule.group(1).replace(",", "")) == supervised
@@ -153,7 +153,7 @@ def test_no_gpu_budget_fit_layers_overwrite_and_finish_without_a_run(here, capsy
         ENTER, typed("0.2"), ENTER,                          # 4 data; validation share 0.2; continue
         ENTER, ENTER, "y",                                   # 5 max steps, grad accum; more settings: yes
         ENTER, ENTER, DOWN + ENTER, ENTER, ENTER, ENTER,     #   micro batch, seq len, linear, warmup, decay, norm
-        ENTER, ENTER, ENTER,                                 #   seed, eval, save
+        ENTER, ENTER, ENTER, ENTER,                          #   optimizer, seed, eval, save
         typed("0.002"), ENTER,                               #   learning rate 0.002; continue
         ENTER,                                               # 6 no run name
         ENTER, ENTER,                                        #   export to the default: exists, keep it

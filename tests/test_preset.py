@@ -155,3 +155,20 @@ def test_shipped_model_presets_fit_the_gpu_their_comment_names(preset_name, fixt
     assert out["fits"] is True
     claimed = float(text.splitlines()[1].split("memory: ")[1].split(" GiB")[0])
     assert abs(out["total_bytes"] / 2**30 - claimed) < 0.05
+
+
+def test_every_list_of_choices_comes_from_the_schema():
+    """Forms, prompts, argparse and the memory model take their choices from the preset's Literals."""
+    from engine import memory
+    from engine.preset import choices
+    from engine.train import TRANSFORMERS_OPTIMIZER_NAMES
+    from tui.cli import build_parser
+    from tui.draft import choice_options
+
+    estimate = next(a for a in build_parser()._subparsers._group_actions[0].choices["estimate"]._actions
+                    if a.dest == "optimizer")
+    assert tuple(estimate.choices) == choices("training.optimizer") == memory.OPTIMIZERS
+    assert memory.QUANTIZATIONS == choices("quantization.method")
+    assert set(TRANSFORMERS_OPTIMIZER_NAMES) <= set(choices("training.optimizer"))
+    assert [v for _, v in choice_options("quantization.method")] == list(choices("quantization.method"))
+    assert dict(choice_options("quantization.method"))["nf4 (QLoRA)"] == "nf4"

@@ -194,7 +194,7 @@ async def test_memory_step_says_fit_or_not_and_fills_the_largest_batch(hf_config
         budget.focus()
         await pilot.press("8")
         text = await wait_for(pilot, "DOES NOT FIT", region="#estimate-box")
-        assert "8.00 GiB there" in text
+        assert "8.00 GiB available" in text
         budget.value = ""
         await wait_for(pilot, "FITS")
 
@@ -365,3 +365,22 @@ def test_wizard_and_plain_need_a_terminal():
         assert r.returncode == 2
         assert r.stderr.strip().startswith("error:") and "terminal" in r.stderr
         assert "--preset" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("step,path", [("data", "data.format"), ("memory", "quantization.method"),
+                                       ("memory", "training.optimizer"), ("hyper", "training.lr_scheduler")])
+async def test_each_dropdown_offers_every_value_the_preset_schema_allows(step, path):
+    """The dropdowns come from the schema's Literals: a format or optimizer added there is offered here."""
+    from engine.preset import choices
+    from tui.widgets.fields import PresetSelect
+
+    app = _wizard(start=step)
+    async with app.run_test(size=LARGE) as pilot:
+        await _ready(pilot, data=step != "memory")
+        select = next(s for s in app.screen.query(PresetSelect) if s.path == path)
+        select.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        for value in choices(path):
+            assert value in text, (value, text)

@@ -181,10 +181,9 @@ def cmd_estimate(args) -> int:
         verdict = "[bold green]fits[/]" if fits else "[bold red]does not fit[/]"
         c.print(f"{verdict} in {budget_name}")
         if suggestion is not None:
-            mb = suggestion.max_micro_batch
-            sl = suggestion.max_seq_len
-            c.print(f"largest micro batch at {settings.seq_len} tokens: {mb if mb else 'none fits'}; "
-                    f"longest sequence at micro batch 1: {sl if sl else 'none fits'}")
+            from tui.draft import fit_line
+
+            c.print(fit_line(suggestion, settings.seq_len))
     return EXIT_OK
 
 
@@ -193,43 +192,36 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_lr(args) -> int:
-    from engine.lr import family_defaults, note_on_lora_range, suggest_learning_rate
+    from engine.lr import RULE_FORMULA, note_on_lora_range, suggest_learning_rate
 
     extra = {}
     if args.preset:
-        from engine import data as data_mod
-        from engine.plan import steps_per_epoch, total_steps
-        from engine.preset import load_preset
+        from tui.draft import Draft, check_data, load_draft, lr_view
 
-        preset = load_preset(args.preset)
-        data_mod.check_records(preset.data)
-        tokenizer = data_mod.load_tokenizer(preset.model)
-        prepared = data_mod.prepare_data(preset.data, tokenizer, preset.training.seq_len, preset.training.seed)
-        t = preset.training
-        steps = args.steps or total_steps(preset, prepared.stats.examples)
-        spe = steps_per_epoch(prepared.stats.examples, t.micro_batch_size, t.gradient_accumulation_steps)
-        epochs = args.epochs or (steps / spe if spe else 1)
-        # The rule takes the supervised tokens of one pass and the steps of one pass (steps / epochs).
-        supervised = args.supervised_tokens or prepared.stats.supervised_tokens
-        family = None
-        base_lr, bsz = args.base_lr or preset.model.base_lr, args.pretrained_batch_tokens or preset.model.pretrained_batch_tokens
-        if base_lr is None or bsz is None:
-            from engine.demo import resolve_model_source
-            from engine.modelinfo import inspect_model
+        draft: Draft = load_draft(args.preset)
+        for path, value in (("model.base_lr", args.base_lr), ("model.pretrained_batch_tokens",
+                                                              args.pretrained_batch_tokens)):
+            if value is not None:
+                draft.set(path, value)
+        draft.data = check_data(draft.preset)
+        m = draft.preset.model
+        if m.base_lr is None or m.pretrained_batch_tokens is None:
+            # The model family's published values fill what the preset leaves out.
+            from tui.draft import Services
 
-            info = inspect_model(resolve_model_source(preset.model.source), revision=preset.model.revision,
-                                 trust_remote_code=preset.model.trust_remote_code)
-            family = info.family
-            d = family_defaults(family)
-            if d is None:
-                raise UserError(
-                    f"no published base learning rate and pretraining batch for model family {family!r}",
-                    "set model.base_lr and model.pretrained_batch_tokens in the preset, or pass "
-                    "--base-lr and --pretrained-batch-tokens",
-                )
-            base_lr, bsz = base_lr or d.base_lr, bsz or d.pretrained_batch_tokens
-            extra["source"] = d.source
-        extra.update(examples=prepared.stats.examples, steps_per_epoch=spe, family=family)
+            draft.info = Services().inspect_model(m.source, m.revision, m.trust_remote_code)
+        view = lr_view(draft, steps=args.steps, epochs=args.epochs, supervised_tokens=args.supervised_tokens)
+        if view.suggestion is None:
+            family = draft.info.family if draft.info else None
+            raise UserError(
+                f"no published base learning rate and pretraining batch for model family {family!r}",
+                "set model.base_lr and model.pretrained_batch_tokens in the preset, or pass "
+                "--base-lr and --pretrained-batch-tokens",
+            )
+        s, base_lr, bsz = view.suggestion, view.base_lr, view.pretrained_batch_tokens
+        supervised, steps, epochs = view.supervised_tokens, view.steps, view.epochs
+        extra.update(examples=draft.data.stats.examples, steps_per_epoch=view.steps_per_epoch,
+                     family=draft.info.family if draft.info else None, source=view.source)
     else:
         missing = [n for n in ("base_lr", "supervised_tokens", "steps", "pretrained_batch_tokens")
                    if getattr(args, n) is None]
@@ -237,7 +229,7 @@ def cmd_lr(args) -> int:
             raise UserError(f"lr needs --{missing[0].replace('_', '-')} (or --preset FILE to work it out from the data)")
         base_lr, bsz, steps = args.base_lr, args.pretrained_batch_tokens, args.steps
         supervised, epochs = args.supervised_tokens, args.epochs or 1
-    s = suggest_learning_rate(base_lr, supervised, steps, epochs, bsz)
+        s = suggest_learning_rate(base_lr, supervised, steps, epochs, bsz)
     note = note_on_lora_range(s.learning_rate)
     if args.json:
         _print_json({"learning_rate": s.learning_rate, "arithmetic": s.arithmetic, "base_lr": base_lr,
@@ -245,7 +237,7 @@ def cmd_lr(args) -> int:
                      "pretrained_batch_tokens": bsz, "note": note, **extra})
         return EXIT_OK
     print(f"learning rate: {s.learning_rate:.3g}")
-    print("  lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrained_batch_tokens)")
+    print(f"  {RULE_FORMULA}")
     print(f"     = {s.arithmetic}")
     if extra.get("source"):
         print(f"  base rate and pretraining batch: {extra['source']}")
@@ -432,6 +424,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.preset import choices
+
     p = _Parser(prog="qlora-wizard", description="QLoRA fine-tuning of Hugging Face causal language models, "
                 "right about memory, with runs that survive a dropped connection.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -454,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--micro-batch", type=int, metavar="N")
     s.add_argument("--lora-r", type=int, metavar="N")
     s.add_argument("--targets", metavar="a,b,...|all", help="LoRA target layer names, or all")
-    s.add_argument("--optimizer", choices=["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
-    s.add_argument("--quant", choices=["nf4", "fp4", "none"])
+    s.add_argument("--optimizer", choices=choices("training.optimizer"))
+    s.add_argument("--quant", choices=choices("quantization.method"))
     s.add_argument("--no-double-quant", action="store_true")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None)

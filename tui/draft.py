@@ -31,15 +31,55 @@ STEPS: tuple[tuple[str, str], ...] = (
 SHORTCUTS = (("qv", "q + v"), ("attention", "attention"), ("all", "all linear"))
 """The LoRA target shortcuts both front ends offer: (key in :func:`target_shortcuts`, label)."""
 
-QUANT_CHOICES = (("nf4 (QLoRA)", "nf4"), ("fp4", "fp4"), ("none (16-bit LoRA)", "none"))
-"""quantization.method: (label, value)."""
-OPTIMIZER_CHOICES = tuple((o, o) for o in ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"))
-"""training.optimizer: (label, value)."""
-SCHEDULER_CHOICES = tuple((s, s) for s in ("cosine", "linear", "constant", "constant_with_warmup"))
-"""training.lr_scheduler: (label, value)."""
-FORMAT_CHOICES = tuple((f, f) for f in ("auto", "alpaca", "input_output", "prompt_completion", "text", "messages",
-                                        "sharegpt"))
-"""data.format: (label, value)."""
+CHOICE_LABELS = {("quantization.method", "nf4"): "nf4 (QLoRA)", ("quantization.method", "none"): "none (16-bit LoRA)"}
+"""How a few allowed values read in the forms and the prompts; every other value reads as itself."""
+
+
+def choice_options(path: str) -> list[tuple[str, str]]:
+    """(label, value) for each value the schema allows at ``path`` (its ``Literal``): the dropdowns of
+    the forms and the menus of the prompts both come from here, so a new choice appears in both."""
+    from engine.preset import choices
+
+    return [(CHOICE_LABELS.get((path, value), value), value) for value in choices(path)]
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One field of a form both front ends show: the screen as a labelled input, the prompts as a question."""
+
+    label: str
+    """What the field is called."""
+    path: str
+    """The dotted preset path it edits."""
+    kind: str
+    """``int``, ``float`` or ``str`` (``?`` when empty means none; see :func:`parse_field`), or ``choice``
+    for a field whose values the schema fixes (see :func:`choice_options`)."""
+    hint: str = ""
+    """What an answer means, where the label alone does not say (the prompts add it in brackets)."""
+
+    @property
+    def prompt(self) -> str:
+        """The question the plain prompts ask."""
+        return f"{self.label} ({self.hint})" if self.hint else self.label
+
+
+HYPER_FORM: tuple[FormField, ...] = (
+    FormField("epochs", "training.epochs", "float"),
+    FormField("max steps", "training.max_steps", "int?", "empty: train by epochs"),
+    FormField("micro batch", "training.micro_batch_size", "int"),
+    FormField("grad accumulation", "training.gradient_accumulation_steps", "int", "micro batches per step"),
+    FormField("sequence length", "training.seq_len", "int", "tokens"),
+    FormField("scheduler", "training.lr_scheduler", "choice"),
+    FormField("warmup ratio", "training.warmup_ratio", "float"),
+    FormField("weight decay", "training.weight_decay", "float"),
+    FormField("max grad norm", "training.max_grad_norm", "float", "0: no clipping"),
+    FormField("optimizer", "training.optimizer", "choice"),
+    FormField("seed", "training.seed", "int"),
+    FormField("eval every", "training.eval_steps", "int?", "steps; empty: once per epoch and at the end"),
+    FormField("save every", "training.save_steps", "int", "steps, a resumable checkpoint"),
+)
+"""The hyperparameter form, in order: the screen shows it whole; the prompts ask steps, epochs and
+accumulation first and the rest on request."""
 
 DEMO_DRAFT = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
 """The offline demo preset, which ``make run`` opens the wizard on."""
@@ -111,6 +151,65 @@ class Draft:
     def replace(self, preset: Preset) -> None:
         """Start over from another preset (a shipped one, say); derived facts are kept only where still valid."""
         self.preset = preset
+
+    # ---- actions: what both front ends do, done once here -------------------------------
+
+    def load_preset(self, path: str | os.PathLike) -> None:
+        """Start over from a preset file; a one-line UserError when it cannot be read."""
+        from engine.preset import load_preset
+
+        self.replace(load_preset(path))
+
+    def change_model(self, source: str) -> None:
+        """Point the draft at another model. Consent to run one model's code is not consent for
+        another's, and a revision belongs to its repository: both are reset with the model."""
+        source = source.strip()
+        if not source:
+            raise UserError("type a Hub id (org/name), a model folder, or builtin:tiny-llama")
+        if source != self.preset.model.source:
+            self.set("model.source", source)
+            self.set("model.trust_remote_code", False)
+            self.set("model.revision", None)
+
+    def accept_model(self, key: tuple, info: Any) -> str | None:
+        """Take the facts read for the model ``key``. Returns the line to show when the LoRA targets had
+        to go back to all linear layers (the draft named layers this model does not have)."""
+        self.info, self.info_key = info, key
+        targets = self.preset.lora.targets
+        if isinstance(targets, list) and not set(targets) <= set(info.lora_target_candidates):
+            self.set("lora.targets", "all-linear")
+            return "LoRA targets reset to all linear layers: this model names its layers differently"
+        return None
+
+    def export_path(self, text: str) -> Path:
+        """Where an export typed as ``text`` goes: ``~`` expanded, ``.yaml`` added to a bare name."""
+        text = text.strip()
+        if not text:
+            raise UserError("name a file to export to, e.g. my-run.yaml")
+        path = Path(text).expanduser()
+        if not path.suffix:
+            path = path.with_suffix(".yaml")
+        if path.is_dir():
+            raise UserError(f"{path} is a folder", "name a .yaml file")
+        return path
+
+    def export_overwrites(self, path: Path) -> bool:
+        """Whether exporting to ``path`` would replace a file this draft did not write (ask first)."""
+        return path.exists() and path != self.exported_to
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write the draft preset to ``path`` (atomically; see :meth:`export_path`); returns the path written."""
+        from engine.errors import os_error
+        from engine.preset import save_preset
+
+        target = self.export_path(str(path))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_preset(self.preset, target)
+        except OSError as exc:
+            raise os_error(exc, "write", target) from None
+        self.exported_to = target
+        return target
 
     # ---- readiness ----------------------------------------------------------------------
 
@@ -223,6 +322,31 @@ def recent_models(runs_dir: str | os.PathLike = "runs", limit: int = 5) -> list[
 # Step 2: memory
 
 
+NO_GPU_LINE = "no NVIDIA GPU found here: the estimate is for a bf16 GPU"
+"""What the memory step says on a machine without a GPU (the estimate assumes one that does bf16)."""
+
+
+def gpu_line(gpu) -> str:
+    """One detected GPU and its memory, as the memory step lists it."""
+    from tui.format import gib
+
+    return f"GPU {gpu.index}: {gpu.name}, {gib(gpu.free_bytes)} free of {gib(gpu.total_bytes)}"
+
+
+def parse_gib(text: str) -> int | None:
+    """GPU memory typed in GiB, as bytes; None when nothing is typed."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise UserError(f"GPU memory {text!r} is not a number of GiB above 0")
+    return int(value * 2**30)
+
+
 @dataclass(frozen=True)
 class MemoryView:
     """The memory step's figures for the draft."""
@@ -243,6 +367,19 @@ class MemoryView:
         """Whether the estimate fits the budget; None without a budget."""
         return self.estimate.fits(self.budget_bytes)
 
+    @property
+    def verdict(self) -> tuple[str | None, str]:
+        """``FITS`` / ``DOES NOT FIT`` (None without a budget) and the figures behind it, in words."""
+        from tui.format import gib
+
+        total = gib(self.estimate.total_bytes)
+        if self.fits is None:
+            return None, f"needs {total} at the peak"
+        if self.fits:
+            share = 100 * self.estimate.total_bytes / self.budget_bytes
+            return "FITS", f"{total} of {gib(self.budget_bytes)} ({share:.0f} %)"
+        return "DOES NOT FIT", f"needs {total}, {gib(self.budget_bytes)} available"
+
 
 def draft_estimate(draft: Draft) -> tuple[Any, Any]:
     """The memory settings of the draft on the first GPU (or an assumed bf16 one) and their estimate."""
@@ -253,6 +390,14 @@ def draft_estimate(draft: Draft) -> tuple[Any, Any]:
     device = plan_device(draft.preset, gpus, info.model_type) if gpus else assumed_gpu(draft.preset, info.model_type)
     settings = memory_settings(draft.preset, info, device)
     return settings, estimate_training_memory(info, settings)
+
+
+def fit_line(fit, seq_len: int) -> str:
+    """What fits a budget (``engine.memory.FitResult``), in one line: the largest micro batch at this
+    sequence length and the longest sequence at micro batch 1."""
+    mb, sl = fit.max_micro_batch, fit.max_seq_len
+    return (f"largest micro batch at {seq_len:,} tokens: {mb if mb else 'none fits'}; "
+            f"longest sequence at micro batch 1: {f'{sl:,}' if sl else 'none fits'}")
 
 
 def memory_view(draft: Draft, budget_bytes: int | None = None) -> MemoryView:
@@ -322,6 +467,27 @@ def lora_view(draft: Draft) -> LoraView:
 
 
 # ---------------------------------------------------------------------------------------------
+# Step 4: data
+
+EXAMPLE_LIMIT = 600
+"""Characters of an example shown; longer ones are cut in the middle."""
+
+
+def render_example(pieces: list[tuple[str, bool]], trained_style: str, marks: tuple[str, str] = ("", ""),
+                   limit: int = EXAMPLE_LIMIT):
+    """One example as the model sees it (a ``rich.text.Text``): the trained part in ``trained_style``
+    and between ``marks`` (for a terminal without colour), long ones cut in the middle."""
+    from rich.text import Text
+
+    text = Text()
+    for piece, trained in pieces:
+        text.append(f"{marks[0]}{piece}{marks[1]}" if trained else piece, trained_style if trained else "")
+    if len(text) > limit:
+        text = Text.assemble(text[: limit // 2], ("\n  ...\n", "dim"), text[-limit // 2:])
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
 # Step 5: learning rate
 
 
@@ -349,16 +515,20 @@ class LrView:
     """What has to be typed before the rule can be applied."""
 
 
-def lr_view(draft: Draft) -> LrView:
-    """Apply the guide's rule to the draft's data and batch (needs ``draft.data``)."""
+def lr_view(draft: Draft, steps: int | None = None, epochs: float | None = None,
+            supervised_tokens: int | None = None) -> LrView:
+    """Apply the guide's rule to the draft's data and batch (needs ``draft.data``). ``steps``, ``epochs``
+    and ``supervised_tokens`` put other numbers in place of the run's (``qlora-wizard lr`` flags)."""
     from engine.lr import family_defaults, suggest_learning_rate
     from engine.plan import steps_per_epoch, total_steps
 
     p, stats = draft.preset, draft.data.stats
     t = p.training
     spe = steps_per_epoch(stats.examples, t.micro_batch_size, t.gradient_accumulation_steps)
-    steps = total_steps(p, stats.examples)
-    epochs = steps / spe if t.max_steps else t.epochs
+    if epochs is None:
+        epochs = (steps or total_steps(p, stats.examples)) / spe if (steps or t.max_steps) else t.epochs
+    steps = steps or total_steps(p, stats.examples)
+    supervised = supervised_tokens or stats.supervised_tokens
     family = family_defaults(draft.info.family, draft.info.params_total) if draft.info else None
     base_lr = p.model.base_lr or (family.base_lr if family else None)
     bsz = p.model.pretrained_batch_tokens or (family.pretrained_batch_tokens if family else None)
@@ -379,8 +549,8 @@ def lr_view(draft: Draft) -> LrView:
         missing = "the pretraining batch in tokens"
     suggestion = None
     if missing is None:
-        suggestion = suggest_learning_rate(base_lr, stats.supervised_tokens, steps, epochs, bsz)
-    return LrView(base_lr, bsz, source, stats.supervised_tokens, steps, epochs, spe, suggestion, missing)
+        suggestion = suggest_learning_rate(base_lr, supervised, steps, epochs, bsz)
+    return LrView(base_lr, bsz, source, supervised, steps, epochs, spe, suggestion, missing)
 
 
 # ---------------------------------------------------------------------------------------------

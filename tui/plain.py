@@ -21,23 +21,28 @@ import questionary
 from rich.console import Console
 from rich.text import Text
 
-from engine.errors import EXIT_OK, EXIT_STOPPED, NeedsRemoteCode, UserError, first_line, os_error
+from engine.errors import EXIT_OK, EXIT_STOPPED, NeedsRemoteCode, UserError, first_line
 from tui.draft import (
-    OPTIMIZER_CHOICES,
-    QUANT_CHOICES,
-    SCHEDULER_CHOICES,
+    HYPER_FORM,
+    NO_GPU_LINE,
     SHORTCUTS,
     STEPS,
     Draft,
+    FormField,
     Services,
+    choice_options,
     default_export_path,
+    fit_line,
+    gpu_line,
     keep_draft,
     lora_view,
     lr_view,
     memory_view,
     model_facts,
     parse_field,
+    parse_gib,
     recent_models,
+    render_example,
     selected_targets,
     shown,
     target_shortcuts,
@@ -53,24 +58,11 @@ STEP_NAMES = tuple(name for name, _ in STEPS)
 TRAINED_STYLE = "bold green"
 """How the tokens the model is trained on are shown on a terminal (they are also put between « »)."""
 
-EXAMPLE_LIMIT = 600
-"""Characters of an example shown; longer ones are cut in the middle."""
+TRAINED_MARKS = ("«", "»")
+"""Around the trained part of an example, so it shows without colour too."""
 
 _FINISHED = "finished"
 """What the review step returns when the walk is over (a run started, or the person is done)."""
-
-
-def render_example(pieces: list[tuple[str, bool]], limit: int = EXAMPLE_LIMIT) -> Text:
-    """One example as the model sees it, the trained part between « » (and highlighted); long ones cut."""
-    text = Text()
-    for piece, trained in pieces:
-        if trained:
-            text.append(f"«{piece}»", TRAINED_STYLE)
-        else:
-            text.append(piece)
-    if len(text) > limit:
-        text = Text.assemble(text[: limit // 2], ("\n  ...\n", "dim"), text[-limit // 2:])
-    return text
 
 
 class PlainWizard:
@@ -135,9 +127,16 @@ class PlainWizard:
                 self.error(exc.one_line())
                 current = answer
 
-    def ask_choice_field(self, label: str, path: str, choices: tuple) -> None:
-        """Ask a preset field that has a fixed set of values."""
-        self.draft.set(path, self.select(label, choices, default=self.draft.get(path)))
+    def ask_choice_field(self, label: str, path: str) -> None:
+        """Ask a preset field that has a fixed set of values (the schema's)."""
+        self.draft.set(path, self.select(label, choice_options(path), default=self.draft.get(path)))
+
+    def ask_form_field(self, f: FormField) -> None:
+        """Ask one field of a form the full-screen wizard shows too."""
+        if f.kind == "choice":
+            self.ask_choice_field(f.prompt, f.path)
+        else:
+            self.ask_field(f.prompt, f.path, f.kind)
 
     # ---- the walk ----------------------------------------------------------------------
 
@@ -189,7 +188,7 @@ class PlainWizard:
 
     def pick_model(self, failed: bool) -> bool:
         """Ask which model; False when nothing usable was given."""
-        from engine.preset import load_preset, shipped_presets
+        from engine.preset import shipped_presets
 
         current = self.draft.preset.model.source
         choices = [(f"{'try again' if failed else 'keep'}: {current}", "keep"),
@@ -209,7 +208,7 @@ class PlainWizard:
                 return False
         elif kind == "preset":
             try:
-                self.draft.replace(load_preset(value))
+                self.draft.load_preset(value)
             except UserError as exc:
                 self.error(exc.one_line())
                 return False
@@ -218,11 +217,7 @@ class PlainWizard:
             value = self.draft.preset.model.source
         elif kind == "keep":
             value = current
-        if value != current:
-            self.draft.set("model.source", value)
-            # Consent to run one model's code is not consent for another's.
-            self.draft.set("model.trust_remote_code", False)
-            self.draft.set("model.revision", None)
+        self.draft.change_model(value)
         return True
 
     def read_model(self) -> bool:
@@ -248,11 +243,9 @@ class PlainWizard:
                 self.error(f"cannot read {key[0]}: {first_line(exc)}")
                 return False
             break
-        self.draft.info, self.draft.info_key = info, key
-        targets = self.draft.preset.lora.targets
-        if isinstance(targets, list) and not set(targets) <= set(info.lora_target_candidates):
-            self.draft.set("lora.targets", "all-linear")
-            self.say("LoRA targets reset to all linear layers: this model names its layers differently")
+        note = self.draft.accept_model(key, info)
+        if note:
+            self.say(note)
         return True
 
     def show_model(self) -> None:
@@ -274,12 +267,12 @@ class PlainWizard:
         self.show_gpus()
         self.show_memory()
         while True:
-            self.ask_choice_field("quantization", "quantization.method", QUANT_CHOICES)
+            self.ask_choice_field("quantization", "quantization.method")
             self.ask_field("sequence length (tokens)", "training.seq_len", "int")
             self.draft.set("training.gradient_checkpointing", self.confirm(
                 "gradient checkpointing (far less memory, about 30 % slower)?",
                 default=self.draft.get("training.gradient_checkpointing")))
-            self.ask_choice_field("optimizer", "training.optimizer", OPTIMIZER_CHOICES)
+            self.ask_choice_field("optimizer", "training.optimizer")
             view = memory_view(self.draft, self.budget_bytes)
             default = None
             largest = view.fit.max_micro_batch if view.fit is not None else None
@@ -304,37 +297,25 @@ class PlainWizard:
                 self.draft.gpus = []
             self.gpus_probed = True
         for g in self.draft.gpus:
-            self.say(f"GPU {g.index}: {g.name}, {gib(g.free_bytes)} free of {gib(g.total_bytes)}")
+            self.say(gpu_line(g))
         if self.draft.gpus:
             return
-        self.say(("no NVIDIA GPU found here: the estimate is for a bf16 GPU", "yellow"))
+        self.say((NO_GPU_LINE, "yellow"))
         shown = "" if self.budget_bytes is None else f"{self.budget_bytes / 2**30:g}"
         while True:
             answer = self.text("GPU memory in GiB to check against (empty to skip)", shown)
-            if not answer:
-                self.budget_bytes = None
-                return
             try:
-                value = float(answer)
-            except ValueError:
-                value = None
-            if value is not None and value > 0:
-                self.budget_bytes = int(value * 2**30)
+                self.budget_bytes = parse_gib(answer)
                 return
-            self.error(f"GPU memory {answer!r} is not a number of GiB above 0")
-            shown = answer
+            except UserError as exc:
+                self.error(exc.one_line())
+                shown = answer
 
     def verdict(self, view) -> Text:
-        """FITS or DOES NOT FIT against the budget, or what it needs when there is none."""
-        est = view.estimate
-        if view.fits is None:
-            return Text(f"needs {gib(est.total_bytes)} at the peak; {view.budget_name}")
-        if view.fits:
-            share = 100 * est.total_bytes / view.budget_bytes
-            return Text.assemble(("FITS", "bold green"), f": {gib(est.total_bytes)} of {gib(view.budget_bytes)} "
-                                 f"({share:.0f} %); {view.budget_name}")
-        return Text.assemble(("DOES NOT FIT", "bold red"), f": needs {gib(est.total_bytes)}, "
-                             f"{gib(view.budget_bytes)} available; {view.budget_name}")
+        """FITS or DOES NOT FIT against the budget, or what it needs when there is none; and the budget."""
+        badge, figures = view.verdict
+        head = [(badge, "bold green" if view.fits else "bold red"), ": "] if badge else []
+        return Text.assemble(*head, f"{figures}; {view.budget_name}")
 
     def show_memory(self):
         """The estimate by component, the total, the x1.2 rule, the verdict and the largest batch that fits."""
@@ -353,9 +334,7 @@ class PlainWizard:
             self.say(("note: ", "yellow"), note)
         self.say(self.verdict(view))
         if view.fit is not None:
-            mb, sl = view.fit.max_micro_batch, view.fit.max_seq_len
-            self.say(f"largest micro batch at {s.seq_len:,} tokens: {mb if mb else 'none fits'}; "
-                     f"longest sequence at micro batch 1: {f'{sl:,}' if sl else 'none fits'}")
+            self.say(fit_line(view.fit, s.seq_len))
         return view
 
     # ---- step 3: LoRA targets ----------------------------------------------------------
@@ -453,24 +432,29 @@ class PlainWizard:
         if report.examples:
             self.say((f"example 1 of {len(report.examples)} as the model sees it (trained part between « »):",
                       "bold"))
-            self.console.print(render_example(report.examples[0]))
+            self.console.print(render_example(report.examples[0], TRAINED_STYLE, TRAINED_MARKS))
 
     # ---- step 5: hyperparameters -------------------------------------------------------
 
+    FIRST_ASKED = ("training.max_steps", "training.epochs", "training.gradient_accumulation_steps")
+    """The hyperparameters asked every time; the rest of the form on request."""
+
     def step_hyper(self) -> str | None:
-        """Steps or epochs, gradient accumulation (and on request the rest), then the learning rate."""
+        """Steps or epochs, gradient accumulation (and on request the rest of the form), then the learning rate."""
         need = self._need("data")
         if need:
             return need
-        self.ask_field("max steps (empty: train by epochs)", "training.max_steps", "int?")
+        form = {f.path: f for f in HYPER_FORM}
+        self.ask_form_field(form["training.max_steps"])
         if self.draft.get("training.max_steps") is None:
-            self.ask_field("epochs", "training.epochs", "float")
-        self.ask_field("gradient accumulation (micro batches per step)", "training.gradient_accumulation_steps", "int")
+            self.ask_form_field(form["training.epochs"])
+        self.ask_form_field(form["training.gradient_accumulation_steps"])
         self.show_batch()
-        if self.confirm("change more settings (micro batch, sequence length, scheduler, warmup, seed, intervals)?",
-                        default=False):
+        more = [f for f in HYPER_FORM if f.path not in self.FIRST_ASKED]
+        if self.confirm(f"change more settings ({', '.join(f.label for f in more)})?", default=False):
             before = (self.draft.data_key, self.draft.get("training.micro_batch_size"))
-            self.ask_more()
+            for f in more:
+                self.ask_form_field(f)
             need = self._need("data")
             if need:
                 return need
@@ -478,18 +462,6 @@ class PlainWizard:
                 self.show_batch()
         self.ask_learning_rate()
         return None
-
-    def ask_more(self) -> None:
-        """The less common training settings."""
-        self.ask_field("micro batch", "training.micro_batch_size", "int")
-        self.ask_field("sequence length (tokens)", "training.seq_len", "int")
-        self.ask_choice_field("scheduler", "training.lr_scheduler", SCHEDULER_CHOICES)
-        self.ask_field("warmup ratio", "training.warmup_ratio", "float")
-        self.ask_field("weight decay", "training.weight_decay", "float")
-        self.ask_field("max grad norm (0: no clipping)", "training.max_grad_norm", "float")
-        self.ask_field("seed", "training.seed", "int")
-        self.ask_field("validate every N steps (empty: once per epoch and at the end)", "training.eval_steps", "int?")
-        self.ask_field("save a checkpoint every N steps", "training.save_steps", "int")
 
     def show_batch(self) -> None:
         """The effective batch and the run's steps."""
@@ -501,7 +473,7 @@ class PlainWizard:
 
     def ask_learning_rate(self) -> None:
         """The guide's rule with this run's numbers (asking for any it lacks); the rate, the suggestion by default."""
-        from engine.lr import note_on_lora_range
+        from engine.lr import RULE_FORMULA, note_on_lora_range
 
         view = lr_view(self.draft)
         while view.suggestion is None:
@@ -512,7 +484,7 @@ class PlainWizard:
                 self.ask_field("pretraining batch in tokens", "model.pretrained_batch_tokens", "int")
             view = lr_view(self.draft)
         s = view.suggestion
-        self.say(("lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrained_batch_tokens)", "bold"))
+        self.say((RULE_FORMULA, "bold"))
         self.say(f"   = {s.arithmetic}")
         per_step = (f"   {view.supervised_tokens:,} supervised tokens per epoch, {view.steps:,} steps over "
                     f"{view.epochs:g} epochs: {s.tokens_per_step:,.0f} tokens per step")
@@ -553,30 +525,21 @@ class PlainWizard:
 
     def export(self) -> None:
         """Ask where to write the preset (empty skips; an existing file is overwritten only when confirmed)."""
-        from engine.preset import save_preset
-
         shown = str(self.draft.exported_to or default_export_path(self.draft))
         while True:
             answer = self.text("export the preset to (empty: skip)", shown)
             if not answer:
                 return
             shown = answer
-            path = Path(answer).expanduser()
-            if not path.suffix:
-                path = path.with_suffix(".yaml")
-            if path.is_dir():
-                self.error(f"{path} is a folder; name a .yaml file")
-                continue
-            if path.exists() and path != self.draft.exported_to and not self.confirm(
-                    f"{path} exists: overwrite it?", default=False):
-                continue
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_preset(self.draft.preset, path)
-            except OSError as exc:
-                self.error(os_error(exc, "write", path).one_line())
+                path = self.draft.export_path(answer)
+                if self.draft.export_overwrites(path) and not self.confirm(f"{path} exists: overwrite it?",
+                                                                          default=False):
+                    continue
+                path = self.draft.export(path)
+            except UserError as exc:
+                self.error(exc.one_line())
                 continue
-            self.draft.exported_to = path
             self.say(f"exported {path}; run it with: qlora-wizard --preset {path}")
             return
 

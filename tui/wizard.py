@@ -17,7 +17,7 @@ from textual import on, work
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
-from engine.errors import NeedsRemoteCode, UserError, first_line, os_error
+from engine.errors import NeedsRemoteCode, UserError, first_line
 from tui import messages as msg
 from tui.draft import STEPS, Draft, Services
 from tui.screens.step import StepScreen
@@ -128,11 +128,9 @@ class WizardApp(App[str]):
         if message.key != self.draft.model_key():
             return  # the person has moved on to another model
         self.model_busy, self.model_error = False, None
-        self.draft.info, self.draft.info_key = message.info, message.key
-        targets = self.draft.preset.lora.targets
-        if isinstance(targets, list) and not set(targets) <= set(message.info.lora_target_candidates):
-            self.draft.set("lora.targets", "all-linear")
-            self.notify("LoRA targets reset to all linear layers: the new model names its layers differently")
+        note = self.draft.accept_model(message.key, message.info)
+        if note:
+            self.notify(note)
         self.refresh_step()
         # The data (perhaps a Hub download) is read when a step that shows it is on screen.
         if getattr(self.screen, "NEEDS_DATA", False):
@@ -209,21 +207,6 @@ class WizardApp(App[str]):
         self.refresh_step()
 
     # ---- export and start --------------------------------------------------------------
-
-    def export(self, path: str | os.PathLike) -> Path:
-        """Write the draft preset to ``path`` (atomically); returns the path written."""
-        from engine.preset import save_preset
-
-        target = Path(path).expanduser()
-        if target.is_dir():
-            raise UserError(f"{target} is a folder", "name a .yaml file")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save_preset(self.draft.preset, target)
-        except OSError as exc:
-            raise os_error(exc, "write", target) from None
-        self.draft.exported_to = target
-        return target
 
     def start_run(self) -> None:
         """Start training the draft in the background process; the run screen follows it."""
@@ -306,14 +289,11 @@ class WizardApp(App[str]):
 
     def load_preset(self, path: str | os.PathLike) -> None:
         """Replace the draft with a preset file and read its model."""
-        from engine.preset import load_preset
-
         try:
-            preset = load_preset(path)
+            self.draft.load_preset(path)
         except UserError as exc:
             self.notify(exc.one_line(), severity="error", timeout=10)
             return
-        self.draft.replace(preset)
         self.ask_model = False  # the model field shows the preset's model from now on
         self.notify(f"loaded {Path(path).name}")
         self.read_model()

@@ -12,7 +12,7 @@ from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import Button, Input, Label, Static
 
-from tui.draft import FORMAT_CHOICES
+from tui.draft import render_example
 from tui.screens.step import StepScreen
 from tui.widgets.fields import PresetInput, PresetSelect, PresetSwitch
 
@@ -21,16 +21,6 @@ TRAINED_STYLE = "bold black on green"
 """How the tokens the model is trained on are shown."""
 RECHECK_AFTER_S = 0.6
 """Pause after the last edit of a data setting before checking again."""
-
-
-def render_example(pieces: list[tuple[str, bool]], limit: int = 600) -> Text:
-    """One example as the model sees it, the trained part highlighted; long ones cut in the middle."""
-    text = Text()
-    for piece, trained in pieces:
-        text.append(piece, TRAINED_STYLE if trained else "")
-    if len(text) > limit:
-        text = Text.assemble(text[: limit // 2], ("\n  ...\n", "dim"), text[-limit // 2:])
-    return text
 
 
 class DataScreen(StepScreen):
@@ -48,7 +38,7 @@ class DataScreen(StepScreen):
             yield Button("Check", id="check", compact=True)
         with Grid(id="data-form", classes="form-row"):
             yield Label("format")
-            yield PresetSelect("data.format", list(FORMAT_CHOICES), d.get("data.format"))
+            yield PresetSelect("data.format", d.get("data.format"))
             yield Label("validation share")
             yield PresetInput("data.validation_split", "float", d.get("data.validation_split"))
             yield Label("train on prompts")
@@ -131,5 +121,5 @@ class DataScreen(StepScreen):
         parts = []
         for i, pieces in enumerate(report.examples, 1):
             parts.append(Text(f"example {i}", "bold underline"))
-            parts.append(render_example(pieces))
+            parts.append(render_example(pieces, TRAINED_STYLE))
         examples.update(Group(*parts) if parts else Text("no example to show", "dim"))

@@ -16,26 +16,10 @@ from textual.widgets import Button, Label, Static
 
 from engine.errors import UserError
 from engine.lr import note_on_lora_range
-from tui.draft import OPTIMIZER_CHOICES, SCHEDULER_CHOICES, lr_view
+from engine.lr import RULE_FORMULA
+from tui.draft import HYPER_FORM, lr_view
 from tui.screens.step import StepScreen
 from tui.widgets.fields import PresetInput, PresetSelect
-
-FORM: tuple[tuple[str, str, str], ...] = (
-    ("epochs", "training.epochs", "float"),
-    ("max steps", "training.max_steps", "int?"),
-    ("micro batch", "training.micro_batch_size", "int"),
-    ("grad accumulation", "training.gradient_accumulation_steps", "int"),
-    ("sequence length", "training.seq_len", "int"),
-    ("scheduler", "training.lr_scheduler", "select"),
-    ("warmup ratio", "training.warmup_ratio", "float"),
-    ("weight decay", "training.weight_decay", "float"),
-    ("max grad norm", "training.max_grad_norm", "float"),
-    ("optimizer", "training.optimizer", "select"),
-    ("seed", "training.seed", "int"),
-    ("eval every", "training.eval_steps", "int?"),
-    ("save every", "training.save_steps", "int"),
-)
-"""The form, in order: (label, preset path, kind); ``select`` fields offer the schema's choices."""
 
 RECOUNT = frozenset({"training.seq_len", "training.seed"})
 """Fields that change the tokenized data (truncation, split): the supervised tokens are counted again."""
@@ -57,13 +41,12 @@ class HyperScreen(StepScreen):
         with VerticalScroll(classes="step-body"):
             with Grid(id="hyper-form", classes="form4") as form:
                 form.border_title = "schedule and batch"
-                for label, path, kind in FORM:
-                    yield Label(label)
-                    if kind == "select":
-                        options = list(SCHEDULER_CHOICES if path.endswith("scheduler") else OPTIMIZER_CHOICES)
-                        yield PresetSelect(path, options, d.get(path))
+                for f in HYPER_FORM:
+                    yield Label(f.label)
+                    if f.kind == "choice":
+                        yield PresetSelect(f.path, d.get(f.path))
                     else:
-                        yield PresetInput(path, kind, d.get(path), placeholder="(none)" if kind.endswith("?") else "")
+                        yield PresetInput(f.path, f.kind, d.get(f.path), placeholder="(none)" if f.kind.endswith("?") else "")
             yield Static(id="batch-line")
             with Grid(id="lr-form", classes="form4") as form:
                 form.border_title = "learning rate"
@@ -128,7 +111,7 @@ class HyperScreen(StepScreen):
             use.disabled = True
             return
         text = Text.assemble(
-            ("lr = base_lr x sqrt(supervised_tokens / (steps / epochs) / pretrain_batch)\n", "bold"),
+            (RULE_FORMULA + "\n", "bold"),
         )
         if view.suggestion is None:
             text.append(f"type {view.missing}: {view.source}", "yellow")

@@ -16,7 +16,7 @@ from textual.widgets import Input, Label, Static
 
 from engine.errors import UserError
 from engine.memory import COMPONENT_DESCRIPTIONS
-from tui.draft import OPTIMIZER_CHOICES, QUANT_CHOICES, memory_view
+from tui.draft import NO_GPU_LINE, gpu_line, memory_view, parse_gib
 from tui.format import gib, size
 from tui.screens.step import StepScreen
 from tui.widgets.fields import PresetInput, PresetSelect, PresetSwitch
@@ -59,7 +59,7 @@ class MemoryScreen(StepScreen):
                 form.border_title = "settings"
                 d = self.draft
                 yield Label("quantization")
-                yield PresetSelect("quantization.method", list(QUANT_CHOICES), d.get("quantization.method"))
+                yield PresetSelect("quantization.method", d.get("quantization.method"))
                 yield Label("micro batch")
                 yield PresetInput("training.micro_batch_size", "int", d.get("training.micro_batch_size"))
                 yield Label("sequence length")
@@ -67,7 +67,7 @@ class MemoryScreen(StepScreen):
                 yield Label("grad checkpointing")
                 yield PresetSwitch("training.gradient_checkpointing", d.get("training.gradient_checkpointing"))
                 yield Label("optimizer")
-                yield PresetSelect("training.optimizer", list(OPTIMIZER_CHOICES), d.get("training.optimizer"))
+                yield PresetSelect("training.optimizer", d.get("training.optimizer"))
                 yield Label("GPU memory (GiB)")
                 yield Input(placeholder="the GPU's free memory", id="budget", compact=True,
                             tooltip="Check against this much memory instead of the detected GPU's free memory")
@@ -87,16 +87,7 @@ class MemoryScreen(StepScreen):
         return self.draft.model_ready
 
     def _budget(self) -> int | None:
-        text = self.query_one("#budget", Input).value.strip()
-        if not text:
-            return None
-        try:
-            value = float(text)
-        except ValueError:
-            raise UserError(f"GPU memory {text!r} is not a number of GiB") from None
-        if value <= 0:
-            raise UserError("GPU memory must be above 0 GiB")
-        return int(value * 2**30)
+        return parse_gib(self.query_one("#budget", Input).value)
 
     @on(Input.Changed, "#budget")
     def _budget_changed(self) -> None:
@@ -107,11 +98,9 @@ class MemoryScreen(StepScreen):
         draft = self.draft
         gpus = self.query_one("#gpus", Static)
         if draft.gpus:
-            gpus.update(Text("  ".join(f"GPU {g.index}: {g.name}, {gib(g.free_bytes)} free of {gib(g.total_bytes)}"
-                                       for g in draft.gpus)))
+            gpus.update(Text("  ".join(gpu_line(g) for g in draft.gpus)))
         else:
-            gpus.update(Text("no NVIDIA GPU found here: the estimate is for a bf16 GPU; type its memory to check",
-                             "yellow"))
+            gpus.update(Text(f"{NO_GPU_LINE}; type its memory to check", "yellow"))
         verdict, bar, table = (self.query_one(f"#{n}", Static) for n in ("verdict", "bar", "components"))
         if not draft.model_ready:
             verdict.update(Text("read a model first (step 1)", "yellow"))
@@ -125,15 +114,9 @@ class MemoryScreen(StepScreen):
             return
         est = view.estimate
         self.view = view
-        if view.fits is None:
-            verdict.update(Text.assemble("needs ", (gib(est.total_bytes), "bold"), " at the peak"))
-        elif view.fits:
-            share = 100 * est.total_bytes / view.budget_bytes
-            verdict.update(Text.assemble(("FITS", "bold black on green"), " ", (gib(est.total_bytes), "bold"),
-                                         f" of {gib(view.budget_bytes)} ({share:.0f} %)"))
-        else:
-            verdict.update(Text.assemble(("DOES NOT FIT", "bold white on red"), " needs ",
-                                         (gib(est.total_bytes), "bold"), f", {gib(view.budget_bytes)} there"))
+        badge, figures = view.verdict
+        style = "bold black on green" if view.fits else "bold white on red"
+        verdict.update(Text.assemble(*([(badge, style), " "] if badge else []), figures))
         width = max(20, self.query_one("#estimate-box").size.width - 4)
         lines = [memory_bar(est.total_bytes, view.budget_bytes, est.inference_rule_bytes, width),
                  Text.assemble(("| ", "bold yellow"), "guide's rule, weights x 1.2: ",

@@ -12,6 +12,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
+from engine.errors import UserError
 from engine.preset import shipped_presets
 from tui.draft import model_facts, recent_models
 from tui.screens.step import StepScreen
@@ -64,14 +65,11 @@ class ModelScreen(StepScreen):
         return self.draft.model_ready and self._typed() == self.draft.preset.model.source
 
     def _read(self, source: str) -> None:
-        if not source:
-            self.set_error("type a Hub id (org/name), a model folder, or builtin:tiny-llama")
+        try:
+            self.draft.change_model(source)
+        except UserError as exc:
+            self.set_error(exc.one_line())
             return
-        if source != self.draft.preset.model.source:
-            self.draft.set("model.source", source)
-            # Consent to run one model's code is not consent for another's.
-            self.draft.set("model.trust_remote_code", False)
-            self.draft.set("model.revision", None)
         self.set_error(None)
         if self.draft.model_ready:
             self.refresh_view()

@@ -3,8 +3,6 @@ start the run, which opens the live run screen."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.syntax import Syntax
 from rich.text import Text
 from textual import on
@@ -88,20 +86,18 @@ class ReviewScreen(StepScreen):
         self.action_start()
 
     def action_export(self) -> None:
-        """Write the preset, asking first when the file exists."""
-        text = self.query_one("#export-path", Input).value.strip()
-        if not text:
-            self.set_error("name a file to export to, e.g. my-run.yaml")
+        """Write the preset, asking first when that would replace a file."""
+        try:
+            path = self.draft.export_path(self.query_one("#export-path", Input).value)
+        except UserError as exc:
+            self.set_error(exc.one_line())
             return
-        path = Path(text).expanduser()
-        if not path.suffix:
-            path = path.with_suffix(".yaml")
 
         def write(ok: bool | None = True) -> None:
             if not ok:
                 return
             try:
-                written = self.app.export(path)
+                written = self.draft.export(path)
             except UserError as exc:
                 self.set_error(exc.one_line())
                 return
@@ -109,7 +105,7 @@ class ReviewScreen(StepScreen):
             self.notify(f"exported {written}; rerun it with: qlora-wizard --preset {written}")
             self.refresh_view()
 
-        if path.exists():
+        if self.draft.export_overwrites(path):
             self.app.push_screen(Confirm(f"Overwrite {path}?", "The file exists; exporting replaces it.",
                                          yes="Overwrite", no="Keep it", danger=True), write)
         else:

@@ -12,7 +12,7 @@ from typing import Any
 from textual.widgets import Checkbox, Input, Select
 
 from engine.preset import field_help
-from tui.draft import parse_field, shown
+from tui.draft import choice_options, parse_field, shown
 
 
 class PresetInput(Input):
@@ -38,10 +38,10 @@ class PresetInput(Input):
 
 
 class PresetSelect(Select):
-    """A choice among the schema's allowed values for one preset field."""
+    """A choice among the schema's allowed values for one preset field (``tui.draft.choice_options``)."""
 
-    def __init__(self, path: str, options: list[tuple[str, Any]], value: Any, **kwargs) -> None:
-        super().__init__(options, value=value, allow_blank=False, compact=True, **kwargs)
+    def __init__(self, path: str, value: Any, **kwargs) -> None:
+        super().__init__(choice_options(path), value=value, allow_blank=False, compact=True, **kwargs)
         self.path = path
         """The dotted preset path this field edits."""
         self.tooltip = field_help(path)
