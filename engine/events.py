@@ -26,14 +26,14 @@ RUN_STATUSES = ("starting", "running", *END_STATUSES, "crashed")
 """What a run can be: before its start event, training, ended three ways, or gone without an end."""
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN or infinity: write them as strings a reader can still recognise."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -68,7 +68,7 @@ class Event:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name != "extra" and value is not None:
-                out[f.name] = _clean(value)
+                out[f.name] = json_safe(value)
         return out
 
 

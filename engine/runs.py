@@ -36,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 
 from engine.errors import UserError, os_error
-from engine.events import EVENTS_FILE, _clean, fold_history, read_events
+from engine.events import EVENTS_FILE, fold_history, json_safe, read_events
 from engine.preset import Preset, atomic_write_text, load_preset
 
 PRESET_FILE = "preset.yaml"
@@ -45,7 +45,6 @@ LOG_FILE = "train.log"
 LOCK_FILE = "train.lock"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
-STATUSES = ("starting", "running", "finished", "stopped", "failed", "crashed")
 
 
 def slug(text: str) -> str:
@@ -176,6 +175,7 @@ def launch_run(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path
         undo.undo()
         raise
     return run_dir
+
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists and is not a zombie."""
@@ -554,7 +554,7 @@ class RunSummary:
 
     def to_json(self) -> dict:
         """The stable JSON form of ``qlora-wizard runs --json`` (a NaN loss as the string "nan")."""
-        return _clean(asdict(self))
+        return json_safe(asdict(self))
 
 
 def summarize_run(run_dir: str | os.PathLike) -> RunSummary:

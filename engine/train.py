@@ -483,22 +483,22 @@ def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), loc
         ckpt = newest_checkpoint(run_dir)
         message = (f"stopped before training resumed; {ckpt.name} is as it was" if ckpt and resume
                    else "stopped before training began; nothing to save")
-        _end(events, status="stopped", signal=stop.signal_name, step=state["step"], checkpoint=_str(ckpt),
-             message=message, elapsed_s=time.time() - started)
+        _emit(events, "end", status="stopped", signal=stop.signal_name, step=state["step"],
+              checkpoint=_str(ckpt), message=message, elapsed_s=time.time() - started)
         return EXIT_STOPPED
     except AbandonRequested:
         stop.phase = "ending"
         saved = _clean_up_unfinished(run_dir, state)
         doing = "writing the adapter" if state.get("writing_adapter") else f"step {state['step']}"
         message = f"abandoned at {doing} by a {_ordinal(stop.count)} {stop.signal_name}: {saved}"
-        _end(events, status="stopped", signal=stop.signal_name, step=state["step"], abandoned=True,
-             checkpoint=_str(newest_checkpoint(run_dir)), message=message, elapsed_s=time.time() - started,
-             **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
+        _emit(events, "end", status="stopped", signal=stop.signal_name, step=state["step"], abandoned=True,
+              checkpoint=_str(newest_checkpoint(run_dir)), message=message, elapsed_s=time.time() - started,
+              **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
         return EXIT_STOPPED
     except UserError as exc:
         stop.phase = "ending"
         _emit(events, "error", message=exc.one_line(), bad_input=True)
-        _end(events, status="failed", message=exc.one_line(), elapsed_s=time.time() - started)
+        _emit(events, "end", status="failed", message=exc.one_line(), elapsed_s=time.time() - started)
         return EXIT_BAD_INPUT
     except Exception as exc:  # the run's own failure: report it in words, keep the traceback in train.log
         stop.phase = "ending"
@@ -508,9 +508,9 @@ def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), loc
             pass
         message, exit_code = _describe_failure(exc, state, run_dir)
         _emit(events, "error", message=message, exception=type(exc).__name__)
-        _end(events, status="failed", message=message, step=state["step"], elapsed_s=time.time() - started,
-             checkpoint=_str(newest_checkpoint(run_dir)),
-             **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
+        _emit(events, "end", status="failed", message=message, step=state["step"],
+              elapsed_s=time.time() - started, checkpoint=_str(newest_checkpoint(run_dir)),
+              **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
         return exit_code
     finally:
         stop.uninstall()
@@ -532,11 +532,6 @@ def _emit(events: EventWriter, kind: str, **payload) -> None:
         events.emit(kind, **payload)
     except OSError as exc:
         _say(f"could not write the {kind} event to {events.path}: {exc.strerror or exc}; it was: {payload}")
-
-
-def _end(events: EventWriter, **payload) -> None:
-    """The run's ``end`` event (see ``_emit``)."""
-    _emit(events, "end", **payload)
 
 
 def _clean_up_unfinished(run_dir: Path, state: dict) -> str:

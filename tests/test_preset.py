@@ -165,9 +165,11 @@ def test_every_list_of_choices_comes_from_the_schema():
     from tui.cli import build_parser
     from tui.draft import choice_options
 
-    estimate = next(a for a in build_parser()._subparsers._group_actions[0].choices["estimate"]._actions
-                    if a.dest == "optimizer")
-    assert tuple(estimate.choices) == choices("training.optimizer") == memory.OPTIMIZERS
+    with pytest.raises(UserError) as refused:  # what a person who mistypes it is told
+        build_parser().parse_args(["estimate", "x/y", "--optimizer", "adamw"])
+    allowed = "', '".join(choices("training.optimizer"))
+    assert f"(choose from '{allowed}')" in refused.value.one_line()
+    assert choices("training.optimizer") == memory.OPTIMIZERS
     assert memory.QUANTIZATIONS == choices("quantization.method")
     assert set(TRANSFORMERS_OPTIMIZER_NAMES) <= set(choices("training.optimizer"))
     assert [v for _, v in choice_options("quantization.method")] == list(choices("quantization.method"))

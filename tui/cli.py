@@ -196,9 +196,9 @@ def cmd_lr(args) -> int:
 
     extra = {}
     if args.preset:
-        from tui.draft import Draft, check_data, load_draft, lr_view
+        from tui.draft import Services, check_data, load_draft, lr_view
 
-        draft: Draft = load_draft(args.preset)
+        draft = load_draft(args.preset)
         for path, value in (("model.base_lr", args.base_lr), ("model.pretrained_batch_tokens",
                                                               args.pretrained_batch_tokens)):
             if value is not None:
@@ -207,8 +207,6 @@ def cmd_lr(args) -> int:
         m = draft.preset.model
         if m.base_lr is None or m.pretrained_batch_tokens is None:
             # The model family's published values fill what the preset leaves out.
-            from tui.draft import Services
-
             draft.info = Services().inspect_model(m.source, m.revision, m.trust_remote_code)
         view = lr_view(draft, steps=args.steps, epochs=args.epochs, supervised_tokens=args.supervised_tokens)
         if view.suggestion is None:

@@ -51,11 +51,17 @@ class FormField:
     """What the field is called."""
     path: str
     """The dotted preset path it edits."""
-    kind: str
-    """``int``, ``float`` or ``str`` (``?`` when empty means none; see :func:`parse_field`), or ``choice``
-    for a field whose values the schema fixes (see :func:`choice_options`)."""
+    kind: str = "str"
+    """``int``, ``float`` or ``str`` (``?`` when empty means none; see :func:`parse_field`)."""
     hint: str = ""
     """What an answer means, where the label alone does not say (the prompts add it in brackets)."""
+
+    @property
+    def is_choice(self) -> bool:
+        """Whether the schema fixes the field's values (a dropdown, a menu: :func:`choice_options`)."""
+        from engine.preset import choices
+
+        return bool(choices(self.path))
 
     @property
     def prompt(self) -> str:
@@ -69,11 +75,11 @@ HYPER_FORM: tuple[FormField, ...] = (
     FormField("micro batch", "training.micro_batch_size", "int"),
     FormField("grad accumulation", "training.gradient_accumulation_steps", "int", "micro batches per step"),
     FormField("sequence length", "training.seq_len", "int", "tokens"),
-    FormField("scheduler", "training.lr_scheduler", "choice"),
+    FormField("scheduler", "training.lr_scheduler"),
     FormField("warmup ratio", "training.warmup_ratio", "float"),
     FormField("weight decay", "training.weight_decay", "float"),
     FormField("max grad norm", "training.max_grad_norm", "float", "0: no clipping"),
-    FormField("optimizer", "training.optimizer", "choice"),
+    FormField("optimizer", "training.optimizer"),
     FormField("seed", "training.seed", "int"),
     FormField("eval every", "training.eval_steps", "int?", "steps; empty: once per epoch and at the end"),
     FormField("save every", "training.save_steps", "int", "steps, a resumable checkpoint"),

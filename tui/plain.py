@@ -133,7 +133,7 @@ class PlainWizard:
 
     def ask_form_field(self, f: FormField) -> None:
         """Ask one field of a form the full-screen wizard shows too."""
-        if f.kind == "choice":
+        if f.is_choice:
             self.ask_choice_field(f.prompt, f.path)
         else:
             self.ask_field(f.prompt, f.path, f.kind)

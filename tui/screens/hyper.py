@@ -43,7 +43,7 @@ class HyperScreen(StepScreen):
                 form.border_title = "schedule and batch"
                 for f in HYPER_FORM:
                     yield Label(f.label)
-                    if f.kind == "choice":
+                    if f.is_choice:
                         yield PresetSelect(f.path, d.get(f.path))
                     else:
                         yield PresetInput(f.path, f.kind, d.get(f.path), placeholder="(none)" if f.kind.endswith("?") else "")
