@@ -202,10 +202,10 @@ def predicted(config_dir: Path, tokens: int, chunks: list[int] = ()) -> dict:
     info = inspect_model(str(config_dir))
     est = memory.estimate_training_memory(info, memory.MemorySettings(micro_batch_size=1, seq_len=tokens))
     engine = {f"engine-{c}": memory.estimate_training_memory(
-        info, memory.MemorySettings(micro_batch_size=1, seq_len=tokens, loss_chunk=c)).components["logits_and_loss"]
+        info, memory.MemorySettings(micro_batch_size=1, seq_len=tokens, loss_chunk=c)).loss_peak_bytes
         for c in chunks}
     return {"loss_bytes_per_logit": memory.LOSS_BYTES_PER_LOGIT,
-            "logits_and_loss": est.components["logits_and_loss"], "engine_logits_and_loss": engine,
+            "logits_and_loss": est.loss_peak_bytes, "engine_logits_and_loss": engine,
             "allocator_overhead_of_loss": int(memory.LOSS_FRAGMENTATION * est.loss_peak_bytes),
             "formula": f"{memory.LOSS_BYTES_PER_LOGIT} x {tokens} x {info.vocab_size}"}
 

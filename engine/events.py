@@ -92,6 +92,10 @@ class StartEvent(Event):
     device_name: str | None = None
     compute_dtype: str | None = None
     attn_implementation: str | None = None
+    kernels: str | None = None
+    """Which attention and loss kernels run and why, in words (``DevicePlan.kernels_note``)."""
+    fused_kernels: bool | None = None
+    """Liger Kernel's fused blocks and loss run."""
     total_steps: int | None = None
     steps_per_epoch: int | None = None
     resumed_from_step: int | None = None

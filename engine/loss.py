@@ -42,25 +42,48 @@ def chunked_loss_applies(model_type: str | None) -> bool:
     return (model_type or "") in CHUNKED_LOSS_MODEL_TYPES
 
 
+def _shifted(labels, shift_labels):
+    """The labels of each position's next token, flat (-100 where nothing is trained)."""
+    import torch.nn.functional as F
+
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def trained_positions(labels=None, shift_labels=None):
+    """Flat indices of the positions whose next token is trained; computed by the engine's collator
+    on the host, where finding them costs no read-back from the GPU. None without labels."""
+    if labels is None and shift_labels is None:
+        return None
+    return _shifted(labels, shift_labels).ne(IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def causal_lm_loss(hidden, head, labels=None, *, shift_labels=None, num_items_in_batch=None,
-                   chunk: int = LOSS_CHUNK_TOKENS):
+                   chunk: int = LOSS_CHUNK_TOKENS, positions=None, fused: bool = False):
     """The causal-LM loss of ``hidden`` (batch x positions x hidden size) through ``head``.
 
     ``labels`` are the input ids with ``-100`` where nothing is trained (shifted here, as
     transformers does), or ``shift_labels`` already shifted. ``num_items_in_batch``: the sum is
     divided by it (the Trainer's count over the accumulated micro batches); without it, the mean.
+    ``positions``: the trained positions (``trained_positions``), found from the labels when not
+    given. ``fused``: Liger's fused linear cross-entropy instead of chunks (CUDA, ``engine.kernels``).
     """
     import torch
-    import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    targets = shift_labels.reshape(-1).to(hidden.device)
-    keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    targets = _shifted(labels, shift_labels).to(hidden.device)
+    if positions is None:
+        keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    else:
+        keep = positions.to(hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     if keep.numel() == 0:
         total = flat.sum() * 0.0  # nothing trained in this micro batch; keeps the graph connected
+    elif fused:
+        from engine.kernels import fused_linear_loss
+
+        total = fused_linear_loss(flat.index_select(0, keep), head, targets.index_select(0, keep))
     else:
         picked = flat.index_select(0, keep)
         picked_targets = targets.index_select(0, keep)

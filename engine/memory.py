@@ -15,15 +15,25 @@ totals within 5.5 %. ``tests/test_memory.py`` holds those measurements.
 There are two moments in a step where memory peaks, and they never hold memory at the same time:
 
 * the loss: the logits in fp32 and their gradients (``logits_and_loss``), for one chunk of positions
-  where the engine computes the loss itself (``engine.loss``), else for the whole micro batch;
+  where the engine computes the loss itself (``engine.loss``; with Liger's fused linear
+  cross-entropy only a small chunk of compute-dtype logits), else for the whole micro batch;
 * the backward pass through one decoder layer: its recomputed activations, its gradients and a
   dequantized weight (part of ``activations``).
 
-``torch.cuda.max_memory_allocated`` sees only the larger of the two. The caching allocator keeps
-the blocks of both reserved (the loss's 1 GB blocks are cut from fresh segments; the layer reuses
-the blocks of the forward pass), so ``max_memory_reserved`` — the number a run reports and an OOM
-is decided by — holds both. That is what ``total_bytes``, ``reserved_bytes`` and the components
-add up to; ``allocated_bytes`` subtracts the overlap.
+``torch.cuda.max_memory_allocated`` sees only the larger of the two. What ``max_memory_reserved``
+(the number a run reports and an OOM is decided by) sees depends on the caching allocator:
+
+* with ``expandable_segments`` (what the engine's training process sets, ``engine.train.main``)
+  the allocator maps pages into one growing segment per stream and hands the pages the loss freed
+  to the layer's backward: reserved is the allocated peak plus a fragmentation of about a third of
+  the loss's peak (``EXPANDABLE_FRAGMENTATION``, measured on an H200 and an H100). The loss's
+  component is then only what it needs beyond the layer's backward;
+* with the default allocator the loss's large blocks are cut from fresh segments and stay cached
+  while the layer reuses the blocks of the forward pass, so reserved holds both phases
+  (``expandable_segments=False``; the 26 calibration runs of ``tests/test_memory.py`` ran so).
+
+``total_bytes``, ``reserved_bytes`` and the components add up to the reserved peak plus the CUDA
+context; ``allocated_bytes`` takes the allocator's share back out.
 
 No torch import: pure arithmetic, fast enough to search for the largest batch that fits.
 """
@@ -33,6 +43,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from engine.attention import PACKED_KERNELS
 from engine.errors import UserError
 from engine.modelinfo import ModelInfo, TargetLayer
 from engine.preset import choices
@@ -49,8 +60,10 @@ QUANTIZATIONS = choices("quantization.method")
 OPTIMIZERS = choices("training.optimizer")
 """Optimizers the estimate knows: the preset's choices."""
 
-ATTN_IMPLEMENTATIONS = tuple(a for a in choices("model.attn_implementation") if a != "auto")
-"""Attention kernels transformers can use (the preset's choices once ``auto`` is decided)."""
+ATTN_IMPLEMENTATIONS = tuple(a for a in choices("model.attn_implementation") if a != "auto") + PACKED_KERNELS
+"""Attention kernels a run can load: the preset's choices once ``auto`` is decided, and the engine's
+own kernels for packed rows (``engine.attention``). ``sdpa`` here means transformers' SDPA with a
+materialized mask, which the engine no longer uses for packed rows."""
 
 COMPONENT_DESCRIPTIONS = {
     "quantized_weights": "the block's Linear weights in 4 bit, with their block scales",
@@ -60,7 +73,7 @@ COMPONENT_DESCRIPTIONS = {
     "optimizer_states": "AdamW's two moments per adapter weight (fp32 or 8 bit)",
     "cublas_workspace": "cuBLAS/cuBLASLt scratch space",
     "activations": "tensors kept for the backward pass, plus one layer's backward",
-    "logits_and_loss": "fp32 logits and their gradients at the loss",
+    "logits_and_loss": "logits and their gradients at the loss (beyond what a layer's backward frees for them)",
     "allocator_overhead": "memory PyTorch's caching allocator holds but does not use",
     "cuda_context": "CUDA context and kernels, outside PyTorch's counters",
 }
@@ -123,6 +136,21 @@ reserved (see the module docstring) this is the design notes' 10-30 % between al
 reserved peaks: 3-47 % in those runs. Those runs used the default allocator; the engine's training
 process sets ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (``engine.train.main``), which
 shrinks this gap, so for the engine's own runs the constant errs high until it is refitted on them."""
+
+EXPANDABLE_FRAGMENTATION = 0.30
+"""Reserved-but-unused memory with ``expandable_segments:True``, as a share of the loss's peak: the
+loss's short-lived tensors come in several sizes (compute-dtype logits, their fp32 copy, the
+log-softmax, gradients) and leave holes in the segment that later, larger requests cannot use.
+Fitted to the engine's own runs: on an H200 (chunked loss; Llama-3.1-8B 2048 x1, Qwen2.5-0.5B and
+Qwen2.5-7B 4096 x4) the reserved peak is the estimated allocated peak plus 0.16-0.43 of the loss
+peak; on an H100 (transformers' loss, six cases) 0.07-0.34. 0.30 puts all nine within 10 %, none
+more than 5 % under (``tests/test_gpu_results.py``)."""
+
+LIGER_FLCE_MAX_CHUNK = 65536 // 2
+"""Liger Kernel's fused linear cross-entropy: rows per chunk are the next power of two of
+tokens / ceil(vocabulary / hidden size) (``fused_linear_cross_entropy_forward``: ``inc_factor``,
+``chunk_size``), so a chunk's logits are about the size of the hidden states; they are computed in
+the compute dtype and the kernel writes their gradient in place."""
 
 MOE_TOKENS_PER_EXPERT_FACTOR = 2
 """Mixture of experts: each token runs through top-k experts; k = 2 for Mixtral (Jiang et al.
@@ -238,6 +266,14 @@ class MemorySettings:
     (``engine.loss.LOSS_CHUNK_TOKENS``, for the architectures it does that for); None for
     transformers' own loss, every position's logits at once (what the H100 measurements in
     ``benchmarks/GPU-RESULTS.md`` ran)."""
+    liger: bool = False
+    """Liger Kernel's fused RMSNorm, SwiGLU and RoPE in the blocks and its fused linear
+    cross-entropy at the loss (``engine.kernels``, on CUDA where installed): the norms save their
+    input in its own dtype, the MLP saves gate and up only, and the loss never holds fp32 logits."""
+    expandable_segments: bool = True
+    """PyTorch's caching allocator runs with ``expandable_segments:True`` (the engine's training
+    process sets it): the loss and a layer's backward share pages. False: the default allocator,
+    which keeps both phases' blocks reserved (see the module docstring)."""
 
     def __post_init__(self) -> None:
         _choice("quantization", self.quantization, QUANTIZATIONS)
@@ -260,6 +296,8 @@ class MemorySettings:
                 or not 0 <= self.lora_dropout < 1:
             raise UserError(f"memory settings: lora_dropout must be at least 0 and below 1, not {self.lora_dropout!r}")
         _flag("autocast", self.autocast)
+        _flag("liger", self.liger)
+        _flag("expandable_segments", self.expandable_segments)
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -282,11 +320,15 @@ class MemoryEstimate:
     paged_bytes: int = 0
     """The part of ``optimizer_states`` in managed memory."""
     loss_peak_bytes: int = 0
-    """Memory the loss adds at its peak (equal to ``components['logits_and_loss']``)."""
+    """Memory the loss adds at its peak (``components['logits_and_loss']`` with the default allocator;
+    with expandable segments that component is only what exceeds ``layer_backward_bytes``)."""
     layer_backward_bytes: int = 0
     """Memory the backward pass through one layer adds at its peak (part of ``activations``)."""
     notes: tuple[str, ...] = ()
     """Things a person should know about this estimate."""
+    phases_share_memory: bool = True
+    """The loss and one layer's backward reuse each other's pages (expandable segments): the
+    components already hold only the larger of the two."""
 
     @property
     def total_bytes(self) -> int:
@@ -301,8 +343,9 @@ class MemoryEstimate:
     @property
     def allocated_bytes(self) -> int:
         """What ``torch.cuda.max_memory_allocated()`` should show: reserved minus the allocator's
-        overhead and minus the smaller of the two peaks that never coexist (loss, one layer's backward)."""
-        overlap = min(self.loss_peak_bytes, self.layer_backward_bytes)
+        overhead and, where the allocator keeps both reserved, the smaller of the two peaks that never
+        coexist (loss, one layer's backward)."""
+        overlap = 0 if self.phases_share_memory else min(self.loss_peak_bytes, self.layer_backward_bytes)
         return self.reserved_bytes - self.components["allocator_overhead"] - overlap
 
     def fits(self, budget_bytes: int | None) -> bool | None:
@@ -324,6 +367,7 @@ class MemoryEstimate:
             "paged_bytes": self.paged_bytes,
             "loss_peak_bytes": self.loss_peak_bytes,
             "layer_backward_bytes": self.layer_backward_bytes,
+            "phases_share_memory": self.phases_share_memory,
             "notes": list(self.notes),
         }
 
@@ -490,13 +534,16 @@ def layer_saved_bytes(info: ModelInfo, s: MemorySettings, layers: tuple[TargetLa
     h, q, kv, inter = w.hidden, w.q, w.kv, w.intermediate * w.mlp_factor
 
     block = _BLOCKS.get(info.model_type, _RMSNORM_BLOCK)
+    attn = s.attn_implementation
     # dtype of the block's projections and MLP activations (fp32 after a LayerNorm, see _Block)
     fp32_flow = _fp32_flow(info, s)
     m = 4 if fp32_flow else c
 
-    per_token = block.norms * (NORM_FP32_BYTES * h + 8)  # fp32 copy of the input + fp32 mean/rstd
+    if s.liger and not block.layernorm:
+        per_token = block.norms * (c * h + 4)  # Liger's RMSNorm saves its input as it is, and fp32 rstd
+    else:
+        per_token = block.norms * (NORM_FP32_BYTES * h + 8)  # fp32 copy of the input + fp32 mean/rstd
     per_token += block.dropout_masks * h  # residual dropout masks, 1 byte each
-    attn = s.attn_implementation
     if attn == "eager" or _sdpa_with_mask(s):
         k_and_v = 2 * c * q  # repeat_kv copies k and v to every head
     else:
@@ -510,7 +557,11 @@ def layer_saved_bytes(info: ModelInfo, s: MemorySettings, layers: tuple[TargetLa
         quadratic_per_row = c  # the boolean mask converted to the compute dtype, saved per call
     elif attn == "eager":
         quadratic_per_row = (4 + c) * w.heads  # fp32 softmax + its compute-dtype copy
-    per_token += 3 * m * inter if w.gated else block.act_saves * m * inter  # gate/act/up, or the activation's
+    if w.gated:
+        # gate, activation and up; Liger's SwiGLU saves gate and up and recomputes the activation
+        per_token += (2 if s.liger else 3) * m * inter
+    else:
+        per_token += block.act_saves * m * inter  # the activation's saved intermediates
 
     # What LoRA adds: the adapters' inputs (lora_A needs them for its weight gradient).
     dropout = s.lora_dropout > 0
@@ -595,10 +646,17 @@ def loss_peak_bytes(info: ModelInfo, s: MemorySettings) -> int:
     of those and of all the final hidden states (compute dtype), at most every position each.
     """
     t = s.tokens_per_micro_batch
+    c = DTYPE_BYTES[s.compute_dtype]
+    gathered = 3 * c * t * info.hidden_size  # trained positions' hidden states, their and all positions' gradients
+    if s.liger:
+        # Liger's fused linear cross-entropy: its gradient of the input (compute dtype), a per-token
+        # fp32 loss, and one chunk of compute-dtype logits with its in-place gradient and a temporary.
+        inc = max(1, math.ceil(info.vocab_size / max(1, info.hidden_size)))
+        chunk = min(t, LIGER_FLCE_MAX_CHUNK, 1 << max(0, math.ceil(t / inc) - 1).bit_length())
+        return gathered + c * t * info.hidden_size + 4 * t + 2 * c * chunk * info.vocab_size
     if s.loss_chunk is None:
         return LOSS_BYTES_PER_LOGIT * t * info.vocab_size
-    return (LOSS_BYTES_PER_LOGIT * min(t, s.loss_chunk) * info.vocab_size
-            + 3 * DTYPE_BYTES[s.compute_dtype] * t * info.hidden_size)
+    return LOSS_BYTES_PER_LOGIT * min(t, s.loss_chunk) * info.vocab_size + gathered
 
 
 def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> MemoryEstimate:
@@ -631,7 +689,13 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
     layer_backward = working + (saved_layer if s.gradient_checkpointing else 0)
     loss_peak = loss_peak_bytes(info, s)
     activations = stash + layer_backward
-    overhead = int(LOSS_FRAGMENTATION * loss_peak)
+    if s.expandable_segments:
+        # The loss and the layer's backward share pages: the loss adds only what it needs beyond.
+        loss_component = max(0, loss_peak - layer_backward)
+        overhead = int(EXPANDABLE_FRAGMENTATION * loss_peak)
+    else:
+        loss_component = loss_peak
+        overhead = int(LOSS_FRAGMENTATION * loss_peak)
 
     components = {
         "quantized_weights": quantized,
@@ -641,7 +705,7 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
         "optimizer_states": opt_device + opt_paged,
         "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
         "activations": activations,
-        "logits_and_loss": loss_peak,
+        "logits_and_loss": loss_component,
         "allocator_overhead": overhead,
         "cuda_context": CUDA_CONTEXT_BYTES,
     }
@@ -652,7 +716,12 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
             "nvidia-smi counts it (page granularity can make it show more), torch's reserved counter does not"
         )
     full_loss = LOSS_BYTES_PER_LOGIT * t * info.vocab_size
-    if s.loss_chunk is not None and full_loss - loss_peak > 256 * MIB:
+    if s.liger:
+        notes.append(
+            f"Liger Kernel: fused linear cross-entropy ({loss_peak / GIB:.2f} GiB at the loss instead of "
+            f"{full_loss / GIB:.1f} GiB of fp32 logits), fused RMSNorm, SwiGLU and RoPE in the blocks"
+        )
+    elif s.loss_chunk is not None and full_loss - loss_peak > 256 * MIB:
         notes.append(
             f"the loss runs {s.loss_chunk:,} positions at a time (training.chunked_loss): {loss_peak / GIB:.1f} GiB instead "
             f"of {full_loss / GIB:.1f} GiB for the fp32 logits of all {t:,} tokens at once (transformers' loss)"
@@ -685,6 +754,7 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
         loss_peak_bytes=loss_peak,
         layer_backward_bytes=layer_backward,
         notes=tuple(notes),
+        phases_share_memory=s.expandable_segments,
     )
 
 

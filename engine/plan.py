@@ -27,30 +27,49 @@ class DevicePlan:
     load_dtype: str
     """The dtype of everything not quantized: embeddings, head, norms (never upcast to fp32)."""
     attn_implementation: str
-    """``flash_attention_2``, ``sdpa`` or ``eager``."""
+    """The kernel the model loads with: ``flash_attention_2``, ``sdpa``, ``eager``, or one of the
+    engine's kernels for packed rows (``engine.attention.PACKED_SDPA``, ``VARLEN_TORCH``)."""
     name: str
     """The device in words (GPU name, or ``CPU``)."""
+    liger: bool = False
+    """Liger Kernel's fused blocks and loss run (``engine.kernels``)."""
+    kernels_note: str = ""
+    """Which attention and loss kernels run and why, in words (memory step, start event)."""
 
 
 SOFTCAPPED_ATTENTION = frozenset({"gemma2"})
 """Model types whose attention logit softcapping SDPA cannot do: they need eager (or flash-attn)."""
 
 
-def plan_device(preset: Preset, gpus: list | None = None, model_type: str | None = None) -> DevicePlan:
-    """Pick precision and attention for the first detected GPU, or the CPU when there is none.
+def plan_device(preset: Preset, gpus: list | None = None, model_type: str | None = None, *,
+                assumed: bool = False) -> DevicePlan:
+    """Pick precision, attention and fused kernels for the first detected GPU, or the CPU when there is none.
 
-    ``gpus`` is ``engine.gpu.probe_gpus()``'s list; it is probed when not given.
+    ``gpus`` is ``engine.gpu.probe_gpus()``'s list; it is probed when not given. Packed rows never
+    get transformers' dense block mask: flash-attn's varlen kernel where installed, else PyTorch's
+    varlen kernel on a GPU that has it, else SDPA once per example (``engine.attention``).
+    ``assumed``: the GPU is not this machine's (an estimate made elsewhere); what the preset asks
+    to install there (``fused_kernels: liger``) is taken as installed.
     """
+    from engine.attention import PACKED_SDPA, VARLEN_TORCH, describe_kernel, torch_varlen_supported
+    from engine.kernels import liger_decision
+
     fallback = "eager" if model_type in SOFTCAPPED_ATTENTION else "sdpa"
     if gpus is None:
         from engine.gpu import probe_gpus
 
         gpus = probe_gpus()
-    q, m = preset.quantization, preset.model
+    q, m, t = preset.quantization, preset.model, preset.training
+    from engine.loss import chunked_loss_applies
+
+    own_loss = t.chunked_loss and chunked_loss_applies(model_type)
     if not gpus:
         compute = CPU_DTYPE if q.compute_dtype == "auto" else q.compute_dtype
         attn = fallback if m.attn_implementation in ("auto", "flash_attention_2") else m.attn_implementation
-        return DevicePlan("cpu", compute, CPU_DTYPE, attn, "CPU")
+        if attn == "sdpa" and t.packing:
+            attn = PACKED_SDPA
+        liger, why = liger_decision(t.fused_kernels, "cpu", model_type, own_loss=own_loss)
+        return DevicePlan("cpu", compute, CPU_DTYPE, attn, "CPU", liger, f"{describe_kernel(attn)}; {why}")
     gpu = gpus[0]
     # bnb_4bit_compute_dtype defaults to float32, which is slow; bf16 needs compute capability 8.0+.
     best16 = "bfloat16" if gpu.bf16_supported else "float16"
@@ -61,14 +80,18 @@ def plan_device(preset: Preset, gpus: list | None = None, model_type: str | None
 
         # flash-attn 2 runs on Ampere (8.0) and newer.
         attn = "flash_attention_2" if flash_attn_available() and gpu.compute_capability >= (8, 0) else fallback
-    return DevicePlan("cuda", compute, best16, attn, gpu.name)
+    if attn == "sdpa" and t.packing:
+        attn = VARLEN_TORCH if torch_varlen_supported(gpu.compute_capability) else PACKED_SDPA
+    liger, why = liger_decision(t.fused_kernels, "cuda", model_type, own_loss=own_loss,
+                                installed=True if assumed and t.fused_kernels == "liger" else None)
+    return DevicePlan("cuda", compute, best16, attn, gpu.name, liger, f"{describe_kernel(attn)}; {why}")
 
 
 def assumed_gpu(preset: Preset, model_type: str | None = None) -> DevicePlan:
     """What an estimate assumes when it is made away from the GPU it is for: a bf16-capable one."""
     from engine.gpu import GpuInfo
 
-    return plan_device(preset, [GpuInfo(0, "a bf16-capable GPU", 0, 0, (8, 0))], model_type)
+    return plan_device(preset, [GpuInfo(0, "a bf16-capable GPU", 0, 0, (8, 0))], model_type, assumed=True)
 
 
 def steps_per_epoch(examples: int, micro_batch_size: int, grad_accum: int) -> int:
@@ -170,4 +193,5 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         autocast=device.device == "cuda",
         # What engine.train does: the loss a chunk of positions at a time where it can.
         loss_chunk=LOSS_CHUNK_TOKENS if t.chunked_loss and chunked_loss_applies(info.model_type) else None,
+        liger=device.liger,
     )

@@ -59,7 +59,9 @@ class ModelSettings(_Section):
         "whose architecture transformers does not know.",
     )
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
-        "auto", description="Attention kernel: auto picks flash_attention_2 when installed and supported, else sdpa."
+        "auto",
+        description="Attention kernel: auto picks flash_attention_2 when installed and supported, else sdpa; packed "
+        "rows never go through a dense mask (PyTorch's varlen kernel or SDPA per example instead).",
     )
     base_lr: float | None = Field(
         None,
@@ -189,6 +191,12 @@ class TrainingSettings(_Section):
         description="The loss on trained positions only, 1,024 at a time, for models whose output head is plain "
         "(Llama, Mistral, Qwen, Gemma, Phi...): 1.5 GiB at most with a 128k vocabulary instead of 1.5 MiB per "
         "token. false: transformers' loss, every position's logits at once.",
+    )
+    fused_kernels: Literal["auto", "liger", "off"] = Field(
+        "auto",
+        description="Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy (no logits held) on a "
+        "CUDA GPU: auto uses them where installed (the gpu extra) for the models it supports; off keeps "
+        "the engine's own chunked loss.",
     )
     seed: int = Field(42, ge=0, description="Seed for the data split, shuffling and adapter initialisation.")
     logging_steps: int = Field(1, ge=1, description="Log loss and speed every this many optimizer steps.")

@@ -269,43 +269,32 @@ def _oom_advice(preset: Preset, estimate) -> str:
     return est + "try: " + "; ".join(tips or ["a GPU with more free memory"])
 
 
-PACKED_SDPA = "sdpa_packed"
-"""The attention the engine registers for packed micro batches on the CPU: SDPA run per example."""
-
-
-def _packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                           **kwargs):
-    """SDPA over a packed row one example at a time, causal within each, using the boundaries the
-    flattening collator sends (``cu_seq_lens_q``), as flash-attn's varlen kernel does.
-
-    With plain ``sdpa``, transformers turns packed ``position_ids`` into a dense block-diagonal
-    mask over the whole row, so attention costs (sum of lengths)^2 instead of the sum of squares,
-    and the masked kernel cannot skip anything: on two CPU cores that was over half of a step.
-    Anything else (a padding mask, no boundaries, a batch of several rows) is plain SDPA."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or attention_mask is not None or query.shape[0] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal)
-    bounds = cu.tolist()
-    outs = [
-        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                               dropout=dropout, scaling=scaling, is_causal=True)[0]
-        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
-    ]
-    return torch.cat(outs, dim=1), None
-
-
 def _attn_implementation(preset: Preset, device_plan) -> str:
-    """The attention kernel the model is loaded with: per-example SDPA for packed batches on the CPU."""
-    if preset.training.packing and device_plan.device == "cpu" and device_plan.attn_implementation == "sdpa":
-        from transformers import AttentionInterface
+    """The attention kernel the model loads with (the plan's; the engine's own kernels for packed
+    rows are registered with transformers first)."""
+    from engine.attention import PACKED_KERNELS, register_kernels
 
-        AttentionInterface.register(PACKED_SDPA, _packed_sdpa_attention)
-        return PACKED_SDPA
+    if device_plan.attn_implementation in PACKED_KERNELS:
+        register_kernels()
     return device_plan.attn_implementation
+
+
+def _checked_plan(device_plan):
+    """The plan, with PyTorch's varlen kernel checked on this GPU against per-example SDPA first;
+    where it fails or differs, per-example SDPA instead, and the reason in the plan's note."""
+    from dataclasses import replace
+
+    from engine.attention import PACKED_SDPA, VARLEN_TORCH, describe_kernel, probe_varlen
+
+    if device_plan.attn_implementation != VARLEN_TORCH:
+        return device_plan
+    problem = probe_varlen(device_plan.compute_dtype)
+    if problem is None:
+        return device_plan
+    rest = device_plan.kernels_note.split("; ", 1)[-1]
+    return replace(device_plan, attn_implementation=PACKED_SDPA,
+                   kernels_note=f"{describe_kernel(PACKED_SDPA)}, because PyTorch's varlen kernel failed its check "
+                                f"on this GPU ({problem}); {rest}")
 
 
 def _load_model(preset: Preset, source: str, device_plan):
@@ -331,6 +320,10 @@ def _load_model(preset: Preset, source: str, device_plan):
     if device_plan.device == "cuda":
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if device_plan.liger:
+        from engine.kernels import apply_liger
+
+        apply_liger(model)  # before the adapters wrap the Linear layers it leaves alone
     # The KV cache path ignores packed position_ids and lets packed examples attend to each other.
     model.config.use_cache = False
     # peft's prepare_model_for_kbit_training would cast embeddings, head and norms to fp32
@@ -383,6 +376,9 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
     if device_plan.device == "cpu" and optim.startswith("paged"):
         # Paged optimizers page between GPU and CPU memory; on the CPU there is nothing to page.
         optim = "adamw_bnb_8bit" if optim.endswith("8bit") else "adamw_torch"
+    cuda = device_plan.device == "cuda"
+    if cuda and optim == "adamw_torch":
+        optim = "adamw_torch_fused"  # one kernel for all adapter tensors instead of a launch per tensor
     eval_every = t.eval_steps or spe
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
@@ -411,7 +407,11 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        # On a GPU, collation runs in a worker and batches come from pinned memory, so the host
+        # prepares the next micro batch while the GPU computes; on the CPU a worker only competes.
+        dataloader_num_workers=1 if cuda else 0,
+        dataloader_pin_memory=cuda,
+        dataloader_persistent_workers=cuda,
         report_to="none",
         disable_tqdm=True,
         save_only_model=False,
@@ -420,20 +420,52 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
     )
 
 
-def _collator(preset: Preset, tokenizer, device_plan):
-    """Padding-free packing (one row per micro batch, positions restarting per example) or padding."""
+TRAINED_POSITIONS_KEY = "trained_positions"
+"""The batch key the engine's collator adds where the engine computes the loss: the flat indices of
+the positions whose next token is trained, found on the host so the loss never reads labels back
+from the GPU."""
+
+
+class _EngineCollator:
+    """transformers' collator, plus what the engine's kernels need as host-side values: the packed
+    examples' boundaries as ints (``engine.attention.PACKED_BOUNDS_KEY``) and the trained positions."""
+
+    def __init__(self, inner, bounds: bool, positions: bool) -> None:
+        self.inner, self.bounds, self.positions = inner, bounds, positions
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        if self.bounds:
+            from engine.attention import add_packed_bounds
+
+            add_packed_bounds(batch)
+        if self.positions:
+            from engine.loss import trained_positions
+
+            batch[TRAINED_POSITIONS_KEY] = trained_positions(batch.get("labels"), batch.get("shift_labels"))
+        return batch
+
+
+def _collator(preset: Preset, tokenizer, device_plan, own_loss: bool = False):
+    """Padding-free packing (one row per micro batch, positions restarting per example) or padding.
+    ``own_loss``: the engine computes the loss (it gets the trained positions with each batch)."""
+    from engine.attention import PACKED_KERNELS
+
+    attn = _attn_implementation(preset, device_plan)
     if preset.training.packing:
         from transformers import DataCollatorWithFlattening
 
-        return DataCollatorWithFlattening(
+        inner = DataCollatorWithFlattening(
             return_position_ids=True,
             separator_id=-100,
-            # Example boundaries for flash-attn's varlen kernel and for the packed SDPA above.
-            return_flash_attn_kwargs=_attn_implementation(preset, device_plan) in ("flash_attention_2", PACKED_SDPA),
+            # Example boundaries for flash-attn's varlen kernel and for the engine's packed kernels.
+            return_flash_attn_kwargs=attn == "flash_attention_2" or attn in PACKED_KERNELS,
         )
-    from transformers import DataCollatorForSeq2Seq
+    else:
+        from transformers import DataCollatorForSeq2Seq
 
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+        inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    return _EngineCollator(inner, bounds=preset.training.packing and attn in PACKED_KERNELS, positions=own_loss)
 
 
 def _peak_memory(device: str, callback, used_before: int | None = None) -> dict:
@@ -615,7 +647,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     # What the device held before this process touched it (driver reserve, other processes), so the
     # end event can tell this run's own footprint from the device total nvidia-smi shows.
     state["device_used_before"] = _nvml_used_bytes() if gpus else None
-    device_plan = plan_device(preset, gpus, info.model_type)
+    device_plan = _checked_plan(plan_device(preset, gpus, info.model_type))
     state["device"] = device_plan.device
 
     tokenizer = data_mod.load_tokenizer(preset.model)
@@ -649,6 +681,8 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         device_name=device_plan.name,
         compute_dtype=device_plan.compute_dtype,
         attn_implementation=_attn_implementation(preset, device_plan),
+        kernels=device_plan.kernels_note,
+        fused_kernels=device_plan.liger,
         total_steps=steps,
         steps_per_epoch=spe,
         resumed_from_step=resumed_from,
@@ -665,34 +699,38 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     # 3. The trainer.
     from transformers import Trainer
 
-    from engine.loss import causal_lm_loss, decoder_and_head
+    from engine.loss import causal_lm_loss, chunked_loss_applies, decoder_and_head
 
+    own_loss = t.chunked_loss and chunked_loss_applies(info.model_type)
     counter = {"tokens": 0}
     callback = _make_callback(events, stop, counter, device_plan.device, state)
     state["callback"] = callback
 
     class CountingTrainer(Trainer):
         """Trainer that counts the real tokens of each training micro batch (not evaluation's) and
-        computes the loss itself where ``engine.loss`` can (trained positions only, in chunks)."""
+        computes the loss itself where ``engine.loss`` can (trained positions only, in chunks, or
+        through Liger's fused linear cross-entropy)."""
 
         def training_step(self, model, inputs, *args, **kwargs):
             counter["tokens"] += _count_tokens(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            decoder, head = (decoder_and_head(self.accelerator.unwrap_model(model)) if t.chunked_loss
+            inputs = dict(inputs)
+            positions = inputs.pop(TRAINED_POSITIONS_KEY, None)
+            decoder, head = (decoder_and_head(self.accelerator.unwrap_model(model)) if own_loss
                              else (None, None))
             if decoder is None or ("labels" not in inputs and "shift_labels" not in inputs):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
-            inputs = dict(inputs)
             labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
             # The model's forward runs under the mixed-precision autocast accelerate wraps it in;
             # the decoder called directly needs the same.
             with self.accelerator.autocast():
                 hidden = decoder(**inputs).last_hidden_state
                 loss = causal_lm_loss(hidden, head, labels, shift_labels=shift_labels,
-                                      num_items_in_batch=num_items_in_batch)
+                                      num_items_in_batch=num_items_in_batch, positions=positions,
+                                      fused=device_plan.liger)
             return (loss, {"loss": loss}) if return_outputs else loss
 
     trainer = CountingTrainer(
@@ -700,7 +738,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         args=_training_args(preset, run_dir, device_plan, steps, spe, prepared.validation is not None),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation,
-        data_collator=_collator(preset, tokenizer, device_plan),
+        data_collator=_collator(preset, tokenizer, device_plan, own_loss=own_loss),
         processing_class=tokenizer,
         callbacks=[callback, *callbacks],
     )

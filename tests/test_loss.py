@@ -59,8 +59,8 @@ def _grads(model) -> dict:
 def test_chunked_loss_gives_transformers_loss_and_adapter_gradients(demo_batches, layout, items):
     import torch
 
-    from engine.loss import causal_lm_loss, decoder_and_head
-    from engine.train import PACKED_SDPA
+    from engine.attention import PACKED_SDPA
+    from engine.loss import causal_lm_loss, decoder_and_head, trained_positions
 
     packed, padded = demo_batches
     batch = dict(packed if layout == "packed" else padded)
@@ -78,7 +78,9 @@ def test_chunked_loss_gives_transformers_loss_and_adapter_gradients(demo_batches
 
     decoder, head = decoder_and_head(model)
     hidden = decoder(**batch).last_hidden_state
-    got = causal_lm_loss(hidden, head, labels, num_items_in_batch=n, chunk=8)
+    # the trained positions as the engine's collator finds them on the host, or found here
+    positions = trained_positions(labels) if items == "counted" else None
+    got = causal_lm_loss(hidden, head, labels, num_items_in_batch=n, chunk=8, positions=positions)
     got.backward()
     have = _grads(model)
 
@@ -91,8 +93,8 @@ def test_chunked_loss_gives_transformers_loss_and_adapter_gradients(demo_batches
 def test_without_gradients_the_chunks_are_not_checkpointed_and_the_loss_is_the_same(demo_batches):
     import torch
 
+    from engine.attention import PACKED_SDPA
     from engine.loss import causal_lm_loss, decoder_and_head
-    from engine.train import PACKED_SDPA
 
     batch = dict(demo_batches[0])
     labels = batch.pop("labels")
@@ -107,8 +109,8 @@ def test_without_gradients_the_chunks_are_not_checkpointed_and_the_loss_is_the_s
 def test_a_micro_batch_with_nothing_trained_gives_zero_and_zero_gradients(demo_batches):
     import torch
 
+    from engine.attention import PACKED_SDPA
     from engine.loss import causal_lm_loss, decoder_and_head
-    from engine.train import PACKED_SDPA
 
     batch = dict(demo_batches[0])
     labels = torch.full_like(batch.pop("labels"), -100)
@@ -151,7 +153,7 @@ def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks(
         preset = preset_from_dict({"model": {"source": str(configs / name)}, "data": {"train": "builtin:demo"},
                                    "training": {"seq_len": tokens, "micro_batch_size": 1, "chunked_loss": chunked}})
         s = memory_settings(preset, info)  # what the wizard and the training process use
-        return estimate_training_memory(info, s).components["logits_and_loss"], info
+        return estimate_training_memory(info, s).loss_peak_bytes, info
 
     # Llama: one chunk of logits whatever the micro batch, plus the hidden states and their gradients (bf16).
     for tokens in (512, 2048, 8192):

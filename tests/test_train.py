@@ -213,7 +213,8 @@ def test_packed_sdpa_on_the_cpu_matches_padded_batches_and_is_what_the_engine_lo
     from engine.demo import ensure_demo_model
     from engine.plan import plan_device
     from engine.preset import load_preset
-    from engine.train import PACKED_SDPA, _attn_implementation, _collator
+    from engine.attention import PACKED_BOUNDS_KEY, PACKED_SDPA
+    from engine.train import _attn_implementation, _collator
 
     preset = load_preset(DEMO)
     cpu = plan_device(preset, [])
@@ -233,6 +234,8 @@ def test_packed_sdpa_on_the_cpu_matches_padded_batches_and_is_what_the_engine_lo
 
     packed = _collator(preset, tok, cpu)(feats)
     assert "cu_seq_lens_q" in packed
+    # the boundaries travel as ints: the kernel never reads them back from the device
+    assert packed[PACKED_BOUNDS_KEY] == tuple(packed["cu_seq_lens_q"].tolist())
     out_p, grad_p = run(PACKED_SDPA, packed)
     padded = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")(feats)
     out_d, grad_d = run("sdpa", padded)
