@@ -9,7 +9,13 @@ holds ``micro_batch x seq_len`` real tokens, which is what the estimate assumes.
 Each case is one ``python -m engine.train RUN_DIR`` process, so each peak is that run's own.
 
     python benchmarks/gpu_check.py --configs DIR --out results.json \
-        --case Llama-3.2-1B:2048:1:ckpt:all:16 --case Qwen2.5-0.5B:4096:4:nockpt:qv:8
+        --case Llama-3.2-1B:2048:1:ckpt:all:16 --case Qwen2.5-0.5B:4096:4:nockpt:qv:8:opt=adamw_8bit
+
+A case is NAME:SEQ:MICRO_BATCH:ckpt|nockpt:all|qv:RANK, then optional KEY=VALUE fields:
+``opt=`` an optimizer of the preset (default adamw_torch), ``quant=nf4|none``, ``attn=`` a kernel
+(``eager``; ``sdpa_packed`` forces per-example SDPA where PyTorch's varlen kernel would be chosen),
+``liger=on|off`` (``training.fused_kernels`` liger or off; default auto), ``dropout=``.
+``benchmarks/gpu_suite.py`` runs the matrix of these.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +43,7 @@ def build_random_model(config_dir: Path, out_dir: Path, tokenizer_dir: Path) -> 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(config_dir)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir, max_shard_size="5GB")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
@@ -56,27 +63,63 @@ def write_long_text_data(path: Path, records: int = 600, chars: int = 9000, seed
     return path
 
 
-def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int) -> dict:
+def parse_case(case: str) -> dict:
+    """A case string as its fields (see the module docstring); ValueError for a malformed one."""
+    parts = case.split(":")
+    if len(parts) < 6:
+        raise ValueError(f"case {case!r}: want NAME:SEQ:MICRO_BATCH:ckpt|nockpt:all|qv:RANK[:KEY=VALUE...]")
+    name, seq, mb, ckpt, targets, rank = parts[:6]
+    extra = dict(p.split("=", 1) for p in parts[6:])
+    unknown = set(extra) - {"opt", "quant", "attn", "liger", "dropout"}
+    if unknown or ckpt not in ("ckpt", "nockpt") or targets not in ("all", "qv"):
+        raise ValueError(f"case {case!r}: unknown field(s) {sorted(unknown)}" if unknown else f"case {case!r}")
+    return {"name": name, "seq": int(seq), "mb": int(mb), "ckpt": ckpt == "ckpt", "targets": targets,
+            "rank": int(rank), "opt": extra.get("opt", "adamw_torch"), "quant": extra.get("quant", "nf4"),
+            "attn": extra.get("attn", "auto"), "liger": extra.get("liger", "auto"),
+            "dropout": float(extra.get("dropout", 0.05))}
+
+
+FORCE_PACKED_SDPA = (
+    "import sys, runpy, engine.attention as a; a.torch_varlen_supported = lambda cc: False; "
+    "sys.argv = ['engine.train', *sys.argv[1:]]; runpy.run_module('engine.train', run_name='__main__')"
+)
+"""The training process with PyTorch's varlen kernel ruled out, so per-example SDPA is measured."""
+
+
+def case_preset(model_dir: Path, data: Path, case: str, steps: int) -> dict:
+    """The preset a case trains with."""
+    c = parse_case(case)
+    attn = c["attn"] if c["attn"] in ("eager", "flash_attention_2") else ("sdpa" if c["attn"] != "auto" else "auto")
+    return {
+        "model": {"source": str(model_dir), "attn_implementation": attn},
+        "quantization": {"method": c["quant"]},
+        "lora": {"r": c["rank"], "alpha": 2 * c["rank"], "dropout": c["dropout"],
+                 "targets": "all-linear" if c["targets"] == "all" else ["q_proj", "v_proj"]},
+        "data": {"train": str(data), "format": "text", "validation_split": 0.0, "dedupe": False},
+        "training": {"seq_len": c["seq"], "micro_batch_size": c["mb"], "gradient_accumulation_steps": 1,
+                     "max_steps": steps, "gradient_checkpointing": c["ckpt"], "save_steps": 10_000,
+                     "optimizer": c["opt"], "logging_steps": 1,
+                     "fused_kernels": {"on": "liger", "off": "off"}.get(c["liger"], "auto")},
+    }
+
+
+def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int, timeout: int = 900) -> dict:
     """Train ``steps`` optimizer steps for one case; returns estimate and measurement."""
     import yaml
 
-    name, seq, mb, ckpt, targets, rank = case.split(":")
-    preset = {
-        "model": {"source": str(model_dir)},
-        "lora": {"r": int(rank), "alpha": 2 * int(rank), "dropout": 0.05,
-                 "targets": "all-linear" if targets == "all" else ["q_proj", "v_proj"]},
-        "data": {"train": str(data), "format": "text", "validation_split": 0.0, "dedupe": False},
-        "training": {"seq_len": int(seq), "micro_batch_size": int(mb), "gradient_accumulation_steps": 1,
-                     "max_steps": steps, "gradient_checkpointing": ckpt == "ckpt", "save_steps": 10_000,
-                     "optimizer": "adamw_torch", "logging_steps": 1},
-    }
-    run_dir = runs / case.replace(":", "_")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    preset = case_preset(model_dir, data, case, steps)
+    run_dir = runs / case.replace(":", "_").replace("=", "-")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     (run_dir / "preset.yaml").write_text(yaml.safe_dump(preset))
+    command = ([sys.executable, "-c", FORCE_PACKED_SDPA, str(run_dir)] if parse_case(case)["attn"] == "sdpa_packed"
+               else [sys.executable, "-m", "engine.train", str(run_dir)])
     t0 = time.time()
     with open(run_dir / "train.log", "w") as log:
-        code = subprocess.call([sys.executable, "-m", "engine.train", str(run_dir)], cwd=ROOT,
-                               stdout=log, stderr=subprocess.STDOUT, timeout=900)
+        try:
+            code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = 124
     h = fold_history(read_events(run_dir))
     start, end = h.start, h.end or EndEvent(status="crashed")
     speeds = sorted(s.tokens_per_s or 0 for s in h.steps[1:]) or [0]
@@ -84,10 +127,13 @@ def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int) -> 
         "case": case, "exit": code, "status": end.status, "message": end.message,
         "seconds": round(time.time() - t0, 1),
         "attn": start and start.attn_implementation, "compute_dtype": start and start.compute_dtype,
+        "kernels": start and start.kernels, "fused_kernels": start and start.fused_kernels,
+        "estimate_allocated": start and start.estimate.get("allocated_bytes"),
         "device_name": start and start.device_name, "versions": start and start.versions,
         "estimate_total": end.estimate_total, "estimate_reserved": end.estimate_reserved,
         "peak_reserved": end.peak_reserved, "peak_allocated": end.peak_allocated,
         "peak_device_used": end.peak_device_used, "device_used_before": end.device_used_before,
+        "peak_rss": end.peak_rss,
         "median_tokens_per_s": speeds[len(speeds) // 2],
         "tokens_per_step": h.steps[-1].tokens if h.steps else None,
         "final_loss": h.steps[-1].loss if h.steps else None,

@@ -736,8 +736,13 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
         notes.append("eager attention stores the full seq x seq attention matrix per layer; sdpa or "
                      "flash_attention_2 do not")
     if info.is_moe:
-        notes.append("mixture of experts: activations assume each token visits 2 experts (top-2); expert "
-                     "weights that are fused parameters are counted unquantized, as bitsandbytes leaves them")
+        notes.append("mixture of experts: modelled are the weights (fused expert parameters counted unquantized, "
+                     "as bitsandbytes leaves them) and activations as if each token visits 2 experts (top-2); "
+                     "not modelled: the router's choices (an unbalanced batch holds more), its auxiliary loss, "
+                     "and LoRA on the fused experts. No run of one has been measured: treat the total as +-20 %")
+    if info.vision:
+        notes.append(f"vision-language model ({info.architecture}): the estimate is for text-only training; the "
+                     "vision tower's weights are counted, images and their activations are not modelled")
     if not _widths(info).gated and info.model_type not in _BLOCKS:
         notes.append(f"{info.model_type}: a non-gated MLP this estimate has no measurements for; its "
                      "activations are approximate (GELU variants save different intermediates)")

@@ -111,6 +111,9 @@ class ModelInfo:
     """Mixture of experts."""
     num_experts: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    vision: bool = False
+    """A vision-language model (its config has a ``vision_config``) that transformers loads as a causal
+    LM: the estimate covers text-only training; images are not modelled (``engine.memory`` says so)."""
     """Things a person should know (e.g. expert weights are fused parameters, not LoRA targets)."""
     family: str | None = None
     """Model family for the learning-rate table (``llama``, ``mistral``, ``qwen2`` ...)."""
@@ -641,6 +644,13 @@ def _check_causal(config: Any, name: str, remote: bool) -> None:
     what = archs[0] if archs else config.model_type
     if getattr(config, "is_encoder_decoder", False):
         why = f"{what} is an encoder-decoder model"
+    elif not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and \
+            getattr(config, "vision_config", None) is not None:
+        raise UserError(
+            f"{name} is a vision-language model ({what}); qlora-wizard trains, and estimates the memory of, "
+            "text-only causal language models: neither its vision tower nor image data are modelled",
+            "pick a text-only model, such as the language model this one is built on",
+        )
     elif not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         why = f"{what} has no causal language model head in transformers"
     elif (
@@ -925,6 +935,7 @@ def _analyse(model: Any, config: Any, raw: dict, loc: _Located, notes: list[str]
         num_experts=num_experts if is_moe else 0,
         notes=tuple(notes),
         family=_family(raw.get("model_type"), str(config.model_type)),
+        vision=getattr(config, "vision_config", None) is not None,
     )
 
 

@@ -444,3 +444,34 @@ def test_memory_lr_gpu_import_no_torch_or_pynvml():
             "print([m for m in ('torch', 'transformers', 'pynvml', 'textual', 'rich') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_mixtral_says_what_is_and_is_not_modelled(hf_configs):
+    info = _inspect(hf_configs, "mistralai__Mixtral-8x7B-v0.1")
+    note = next(n for n in estimate_training_memory(info, MemorySettings(seq_len=512)).notes if "mixture" in n)
+    assert "not modelled" in note and "+-20 %" in note
+
+
+def test_vision_language_models_are_stated_never_silently_estimated(tmp_path):
+    """A VLM transformers loads as a causal LM gets an estimate that says it is text-only; one it
+    does not is refused with one line naming what is not modelled."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    from engine.errors import UserError
+    from engine.modelinfo import inspect_model
+
+    gemma3 = tmp_path / "gemma3"
+    gemma3.mkdir()
+    (gemma3 / "config.json").write_text(json.dumps(CONFIG_MAPPING["gemma3"]().to_dict()))
+    info = inspect_model(str(gemma3))
+    assert info.vision
+    notes = estimate_training_memory(info, MemorySettings(seq_len=512)).notes
+    assert any("text-only training" in n and "images and their activations are not modelled" in n for n in notes)
+
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    (llava / "config.json").write_text(json.dumps(CONFIG_MAPPING["llava"]().to_dict()))
+    with pytest.raises(UserError, match="is a vision-language model .*neither its vision tower nor image data"):
+        inspect_model(str(llava))
