@@ -123,6 +123,10 @@ def _say(line: str) -> None:
         pass
 
 
+REAL_TOKENS_KEY = "real_tokens"
+"""The batch key the engine's collator adds: the micro batch's real tokens, counted on the host."""
+
+
 def _count_tokens(inputs: dict) -> int:
     """Real tokens in a micro batch: the attention mask's ones when padded, every token when packed."""
     mask = inputs.get("attention_mask")
@@ -427,14 +431,16 @@ from the GPU."""
 
 
 class _EngineCollator:
-    """transformers' collator, plus what the engine's kernels need as host-side values: the packed
-    examples' boundaries as ints (``engine.attention.PACKED_BOUNDS_KEY``) and the trained positions."""
+    """transformers' collator, plus what the engine needs as host-side values, so nothing is read
+    back from the GPU per micro batch: the real tokens (``REAL_TOKENS_KEY``), the packed examples'
+    boundaries as ints (``engine.attention.PACKED_BOUNDS_KEY``) and the trained positions."""
 
     def __init__(self, inner, bounds: bool, positions: bool) -> None:
         self.inner, self.bounds, self.positions = inner, bounds, positions
 
     def __call__(self, features):
         batch = self.inner(features)
+        batch[REAL_TOKENS_KEY] = _count_tokens(batch)  # here, before the batch is on the GPU
         if self.bounds:
             from engine.attention import add_packed_bounds
 
@@ -712,11 +718,14 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         through Liger's fused linear cross-entropy)."""
 
         def training_step(self, model, inputs, *args, **kwargs):
-            counter["tokens"] += _count_tokens(inputs)
+            inputs = dict(inputs)
+            tokens = inputs.pop(REAL_TOKENS_KEY, None)
+            counter["tokens"] += _count_tokens(inputs) if tokens is None else tokens
             return super().training_step(model, inputs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
+            inputs.pop(REAL_TOKENS_KEY, None)  # evaluation batches carry it too
             positions = inputs.pop(TRAINED_POSITIONS_KEY, None)
             decoder, head = (decoder_and_head(self.accelerator.unwrap_model(model)) if own_loss
                              else (None, None))
