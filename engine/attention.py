@@ -130,8 +130,31 @@ def register_kernels() -> None:
 
 def torch_varlen_supported(compute_capability: tuple[int, int] | None) -> bool:
     """Whether this torch has a varlen kernel the engine can use on a GPU of this capability
-    (flash kernels need Ampere, 8.0, or newer)."""
-    return compute_capability is not None and tuple(compute_capability) >= (8, 0) and _varlen_function() is not None
+    (flash kernels need Ampere, 8.0, or newer). Where torch is not imported yet (the wizard's
+    planning, on the UI thread) its source is read instead of importing it; a run checks the
+    kernel itself on the GPU (``probe_varlen``)."""
+    if compute_capability is None or tuple(compute_capability) < (8, 0):
+        return False
+    import sys
+
+    if "torch" in sys.modules:
+        return _varlen_function() is not None
+    return _varlen_source_takes_gqa()
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_source_takes_gqa() -> bool:
+    """Whether the installed torch's ``varlen_attn`` takes ``enable_gqa``, read from its source file."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        text = (Path(spec.origin).parent / "nn" / "attention" / "varlen.py").read_text(encoding="utf-8")
+    except (AttributeError, ImportError, OSError, TypeError, ValueError):
+        return False
+    start = text.find("def varlen_attn(")
+    return start >= 0 and "enable_gqa" in text[start:text.find("->", start)]
 
 
 def probe_varlen(dtype_name: str = "bfloat16") -> str | None:

@@ -87,6 +87,55 @@ def test_estimate_table_says_fits_or_not(hf_configs):
     assert "inference rule" in r.stdout
 
 
+def test_estimate_fit_prints_the_fastest_settings_that_fit_and_why(hf_configs):
+    src = str(hf_configs / "meta-llama__Llama-3.1-8B")
+    args = ("estimate", src, "--seq-len", "2048", "--micro-batch", "1", "--grad-accum", "16", "--gpu-mem", "79",
+            "--fit")
+    r = run_cli(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    fastest = json.loads(r.stdout)["fastest_fit"]
+    choice = fastest["choice"]
+    assert fastest["found"] is True and fastest["effective_batch"] == 16
+    assert fastest["usable_bytes"] == int(79 * 2**30 * 0.9) and fastest["margin"] == 0.1
+    assert choice["gradient_checkpointing"] is False and choice["micro_batch_size"] > 1
+    assert choice["micro_batch_size"] * choice["gradient_accumulation_steps"] == 16
+    assert all(a["micro_batch_size"] * a["gradient_accumulation_steps"] == 16 for a in fastest["alternatives"])
+
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    mb, acc = choice["micro_batch_size"], choice["gradient_accumulation_steps"]
+    assert f"fastest that fits: checkpointing off, micro batch {mb} x accumulation {acc}: " in out
+    assert f"~{choice['tokens_per_s']:,.0f} tokens/s modelled" in out
+    assert "  - checkpointing off: fits with" in out and "saves the recompute" in out
+    assert f"  - micro batch {mb} x accumulation {acc} keeps your effective batch of 16" in out
+    assert "  - pass --mean-len TOKENS with the data's mean example length" in out
+    assert "what fits in 71.10 GiB, fastest first (modelled)" in out
+    rows = [line for line in out.splitlines() if line.startswith(("│ on ", "│ off "))]
+    assert len(rows) == 1 + len(fastest["alternatives"])
+    assert rows[0].split("│")[1:4] == [" off           ", f" {mb:>5} ", f" {acc:>5} "] and "chosen" in rows[0]
+
+    r = run_cli("estimate", src, "--seq-len", "2048", "--gpu-mem", "4", "--fit")
+    assert r.returncode == 0, r.stderr
+    assert "nothing fits in 3.6 GiB (4.0 GiB less the 10% margin): even micro batch 1 with checkpointing on needs" \
+        in r.stdout
+    assert "what fits in" not in r.stdout
+
+
+def test_estimate_fit_arguments_are_checked(hf_configs):
+    src = str(hf_configs / "meta-llama__Llama-3.1-8B")
+    r = run_cli("estimate", src, "--mean-len", "300")
+    assert r.returncode == 2 and r.stderr.startswith("error: --mean-len is for --fit")
+    r = run_cli("estimate", src, "--gpu-mem", "24", "--fit", "--mean-len", "0")
+    assert r.returncode == 2 and "mean example length must be a number of tokens above 0" in r.stderr
+    from engine.gpu import probe_gpus
+
+    if not probe_gpus():
+        r = run_cli("estimate", src, "--fit")
+        assert r.returncode == 2 and r.stderr.startswith("error: --fit needs the GPU's memory")
+        assert "--gpu-mem" in r.stderr
+
+
 def test_estimate_unknown_target_names_the_models_layers(hf_configs):
     r = run_cli("estimate", str(hf_configs / "openai-community__gpt2"), "--targets", "q_proj")
     assert r.returncode == 2

@@ -105,3 +105,24 @@ def test_the_memory_model_follows_the_kernels_that_run(hf_configs):
     assert liger.loss_peak_bytes < 0.5 * varlen.loss_peak_bytes
     assert liger.components["activations"] < varlen.components["activations"]
     assert any("Liger Kernel" in n for n in liger.notes)
+
+
+def test_planning_a_gpu_run_does_not_import_torch():
+    """The wizard plans on its UI thread: whether PyTorch has a varlen kernel is read, not imported."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "\n".join([
+        "import sys",
+        "from engine.attention import torch_varlen_supported",
+        "planned = torch_varlen_supported((9, 0))",
+        "imported = 'torch' in sys.modules",
+        "import torch",
+        "from engine.attention import _varlen_function",
+        "print(planned, imported, planned == (_varlen_function() is not None))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    _, imported_before, agrees = out.stdout.split()
+    assert imported_before == "False" and agrees == "True"

@@ -183,6 +183,33 @@ def test_no_gpu_budget_fit_layers_overwrite_and_finish_without_a_run(here, capsy
     assert not (here / "runs").exists()
 
 
+def test_memory_step_takes_f_for_the_fastest_settings_that_fit(here, hf_configs, capsys):
+    from engine.demo import cache_root
+    from engine.preset import preset_from_dict
+    from tui.draft import Draft
+
+    draft = Draft(preset_from_dict({
+        "model": {"source": str(hf_configs / "meta-llama__Llama-3.1-8B")}, "data": {"train": "builtin:demo"},
+        "training": {"seq_len": 2048, "micro_batch_size": 1, "gradient_accumulation_steps": 8,
+                     "fused_kernels": "off"}}))
+    keys = [
+        ENTER, ENTER,                                        # 1 model: keep the 8B config; continue
+        ENTER, ENTER, ENTER, ENTER,                          # 2 memory: quant, seq len, checkpointing, optimizer
+        typed("f"),                                          #   micro batch: f, the fastest that fit
+    ]                                                        #   (the input ends at the menu after the step)
+    code = drive(draft, keys, services=Services(probe_gpus=lambda: [GPU_24]))
+    out = capsys.readouterr().out
+    assert code == 130
+    kept = load_preset(cache_root() / "last-draft.yaml").training
+    mb, acc = kept.micro_batch_size, kept.gradient_accumulation_steps
+    assert kept.gradient_checkpointing is True and mb * acc == 8 and mb > 1
+    assert f"fastest that fits: checkpointing on, micro batch {mb} x accumulation {acc}: " in out
+    assert "  - checkpointing on: without it even micro batch 1 needs" in out
+    assert f"  - micro batch {mb} x accumulation {acc} keeps your effective batch of 8" in out
+    assert "  - check the data (step 4) for its real lengths" in out
+    assert "now FITS: " in out
+
+
 def test_a_model_that_needs_its_own_code_asks_first(here, hf_configs, capsys):
     falcon = str(hf_configs / "tiiuae__falcon-7b")
     keys = [

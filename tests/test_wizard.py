@@ -198,7 +198,7 @@ async def test_memory_step_says_fit_or_not_and_fills_the_largest_batch(hf_config
         budget.value = ""
         await wait_for(pilot, "FITS")
 
-        await pilot.press("ctrl+f")
+        await pilot.press("ctrl+g")
         await pilot.pause(0.2)
         assert app.draft.preset.training.micro_batch_size == want.fit.max_micro_batch > 1
         assert _field(app, "training.micro_batch_size").value == str(want.fit.max_micro_batch)
@@ -210,6 +210,48 @@ async def test_memory_step_says_fit_or_not_and_fills_the_largest_batch(hf_config
         after = memory_view(app.draft).estimate.total_bytes
         assert after > before
         assert f"{after / 2**30:,.2f} GiB" in region_text(app, "#estimate-box")
+
+
+async def test_ctrl_f_sets_the_fastest_settings_that_fit_and_says_why(hf_configs):
+    draft = _config_draft(hf_configs, "meta-llama__Llama-3.1-8B")
+    draft.set_many({"training.gradient_accumulation_steps": 8, "training.fused_kernels": "off"})
+    app = _wizard(draft, start="memory")
+    async with app.run_test(size=LARGE) as pilot:
+        await _ready(pilot, data=False)
+        await wait_for(pilot, "FITS", region="#estimate-box")
+        assert "^f Fastest fit" in screen_text(app) and "^g Largest batch" in screen_text(app)
+
+        # The test GPU has 23 GiB free: without checkpointing even micro batch 1 is too big.
+        await pilot.press("ctrl+f")
+        t = app.draft.preset.training
+        text = await wait_for(pilot, "fastest that fits:", region="#estimate-box")
+        assert t.gradient_checkpointing is True and t.micro_batch_size * t.gradient_accumulation_steps == 8
+        assert t.micro_batch_size > 1  # bigger micro batches amortise the host's launches
+        assert (f"fastest that fits: checkpointing on, micro batch {t.micro_batch_size} x accumulation "
+                f"{t.gradient_accumulation_steps}: ") in text
+        assert "checkpointing on: without it even micro batch 1 needs" in text
+        assert "more than the 20.7 GiB usable" in text
+        assert (f"micro batch {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} keeps your "
+                "effective batch of 8") in text
+        assert "check the data (step 4) for its real lengths" in text
+        assert _field(app, "training.micro_batch_size").value == str(t.micro_batch_size)
+
+        # On an 80 GB card checkpointing goes off and the micro batch stays above 1.
+        budget = app.screen.query_one("#budget")
+        budget.focus()
+        await pilot.press(*"79")
+        await wait_for(pilot, "79.00 GiB", region="#estimate-box", absent=("fastest that fits",))
+        await pilot.press("ctrl+f")
+        text = await wait_for(pilot, "fastest that fits: checkpointing off", region="#estimate-box")
+        t = app.draft.preset.training
+        assert t.gradient_checkpointing is False and t.micro_batch_size > 1
+        assert t.micro_batch_size * t.gradient_accumulation_steps == 8
+        assert "checkpointing off: fits with" in text and "saves the recompute" in text
+        assert "grad checkpointing" in flat(screen_text(app)) and "off" in flat(screen_text(app))
+
+        # Any change of the settings afterwards takes the explanation away: it no longer describes them.
+        await _type(pilot, "training.seq_len", "4096")
+        assert "fastest that fits" not in region_text(app, "#estimate-box")
 
 
 async def test_a_refused_value_is_named_in_place_and_the_draft_keeps_the_last_good_one():

@@ -29,6 +29,7 @@ examples:
   qlora-wizard --preset presets/tiny-demo.yaml     train the offline demo (no GPU needed)
   qlora-wizard inspect meta-llama/Llama-3.1-8B     what is this model (reads config.json only)
   qlora-wizard estimate Qwen/Qwen2.5-7B --seq-len 4096 --micro-batch 2
+  qlora-wizard estimate meta-llama/Llama-3.1-8B --micro-batch 1 --grad-accum 16 --gpu-mem 80 --fit
   qlora-wizard lr --preset my.yaml                 the guide's learning rate for your data
   qlora-wizard runs                                every run and its status
 """
@@ -110,6 +111,7 @@ def _estimate_preset(args):
     t, lora, q = data.setdefault("training", {}), data.setdefault("lora", {}), data.setdefault("quantization", {})
     overrides = [
         (t, "seq_len", args.seq_len), (t, "micro_batch_size", args.micro_batch), (lora, "r", args.lora_r),
+        (t, "gradient_accumulation_steps", args.grad_accum),
         (t, "optimizer", args.optimizer), (q, "method", args.quant), (t, "gradient_checkpointing", args.grad_ckpt),
     ]
     for section, key, value in overrides:
@@ -131,6 +133,8 @@ def cmd_estimate(args) -> int:
     from engine.modelinfo import inspect_model
     from engine.plan import assumed_gpu, memory_settings, plan_device
 
+    if args.mean_len is not None and not args.fit:
+        raise UserError("--mean-len is for --fit (the speed model); the memory estimate is for full-length examples")
     preset = _estimate_preset(args)
     info = inspect_model(resolve_model_source(preset.model.source), revision=preset.model.revision,
                          trust_remote_code=preset.model.trust_remote_code)
@@ -148,12 +152,24 @@ def cmd_estimate(args) -> int:
         budget, budget_name = None, None
     fits = None if budget is None else est.total_bytes <= budget
     suggestion = fit(info, settings, budget) if budget is not None else None
+    fastest = None
+    if args.fit:
+        if budget is None:
+            raise UserError("--fit needs the GPU's memory to fit in: there is no NVIDIA GPU here",
+                            "pass --gpu-mem GIB")
+        from engine.speed import fastest_fit
+
+        fastest = fastest_fit(info, settings, budget,
+                              gradient_accumulation_steps=preset.training.gradient_accumulation_steps,
+                              mean_len=args.mean_len, gpu=gpus[0].name if gpus else None)
     if args.json:
         out = est.to_json()
         out["fits"] = fits
         out["budget_bytes"] = budget
         if suggestion is not None:
             out["fit"] = {"max_micro_batch": suggestion.max_micro_batch, "max_seq_len": suggestion.max_seq_len}
+        if fastest is not None:
+            out["fastest_fit"] = fastest.to_json()
         _print_json(out)
         return EXIT_OK
     from rich.console import Console
@@ -184,7 +200,30 @@ def cmd_estimate(args) -> int:
             from tui.draft import fit_line
 
             c.print(fit_line(suggestion, settings.seq_len))
+    if fastest is not None:
+        _print_fastest(c, fastest)
     return EXIT_OK
+
+
+def _print_fastest(c, fastest) -> None:
+    """``estimate --fit``: the choice, why, and every way of splitting the effective batch that fits."""
+    from rich.table import Table
+
+    from tui.draft import fastest_fit_lines
+
+    c.print()
+    for line in fastest_fit_lines(fastest, "pass --mean-len TOKENS with the data's mean example length"):
+        c.print(line, soft_wrap=True, markup=False, highlight=False)
+    if not fastest.found:
+        return
+    t = Table(title=f"what fits in {gib(fastest.usable_bytes)}, fastest first (modelled)", title_justify="left")
+    for col in ("checkpointing", "micro", "accum", "tokens/s", "s/step", "peak GiB", ""):
+        t.add_column(col, justify="left" if col in ("checkpointing", "") else "right")
+    for cand in (fastest.choice, *fastest.alternatives):
+        t.add_row("on" if cand.gradient_checkpointing else "off", str(cand.micro_batch_size),
+                  str(cand.gradient_accumulation_steps), f"{cand.tokens_per_s:,.0f}", f"{cand.step_s:.2f}",
+                  f"{cand.total_bytes / 2**30:.2f}", "chosen" if cand is fastest.choice else "")
+    c.print(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None)
     g.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
+    s.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps (with --micro-batch: "
+                   "the effective batch --fit keeps)")
     s.add_argument("--gpu-mem", type=float, metavar="GIB", help="check against this much GPU memory")
+    s.add_argument("--fit", action="store_true",
+                   help="the fastest checkpointing, micro batch and accumulation that fit with a margin to "
+                        "spare, keeping the effective batch (micro batch x accumulation), and why")
+    s.add_argument("--mean-len", type=float, metavar="TOKENS",
+                   help="with --fit: the data's mean example length (default: every example --seq-len long)")
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_estimate)

@@ -146,9 +146,14 @@ class Draft:
 
     def set(self, path: str, value: Any) -> None:
         """Set one field, validated; a bad value raises a one-line :class:`UserError` and changes nothing."""
+        self.set_many({path: value})
+
+    def set_many(self, values: dict[str, Any]) -> None:
+        """Set several fields at once, validated together; on a bad value nothing changes."""
         data = self.preset.model_dump(mode="json")
-        section, name = path.split(".")
-        data[section][name] = value
+        for path, value in values.items():
+            section, name = path.split(".")
+            data[section][name] = value
         try:
             self.preset = Preset.model_validate(data)
         except ValidationError as exc:
@@ -186,6 +191,18 @@ class Draft:
             self.set("lora.targets", "all-linear")
             return "LoRA targets reset to all linear layers: this model names its layers differently"
         return None
+
+    def apply_fastest_fit(self, budget_bytes: int | None = None):
+        """Set checkpointing, micro batch and accumulation to the fastest that fit (``fastest_fit_for``),
+        keeping the effective batch; returns the ``engine.speed.FastestFit`` with what was chosen and
+        why. When nothing fits, the draft stays as it was. A UserError when there is no budget."""
+        result = fastest_fit_for(self, budget_bytes)
+        c = result.choice
+        if c is not None:
+            self.set_many({"training.gradient_checkpointing": c.gradient_checkpointing,
+                           "training.micro_batch_size": c.micro_batch_size,
+                           "training.gradient_accumulation_steps": c.gradient_accumulation_steps})
+        return result
 
     def export_path(self, text: str) -> Path:
         """Where an export typed as ``text`` goes: ``~`` expanded, ``.yaml`` added to a bare name."""
@@ -406,22 +423,61 @@ def fit_line(fit, seq_len: int) -> str:
             f"longest sequence at micro batch 1: {f'{sl:,}' if sl else 'none fits'}")
 
 
+def _budget(draft: Draft, budget_bytes: int | None) -> tuple[int | None, str]:
+    """The memory to check against (typed, else the first GPU's free memory) and it in words."""
+    from tui.format import gib
+
+    gpus = draft.gpus
+    if budget_bytes is not None:
+        return budget_bytes, f"{gib(budget_bytes)} (typed)"
+    if gpus:
+        return gpus[0].free_bytes, f"{gpus[0].name}: {gib(gpus[0].free_bytes)} free of {gib(gpus[0].total_bytes)}"
+    return None, "no NVIDIA GPU here: type the GPU's memory to check against"
+
+
 def memory_view(draft: Draft, budget_bytes: int | None = None) -> MemoryView:
     """Estimate the draft's training memory against ``budget_bytes`` (else the first GPU's free memory)."""
     from engine.memory import fit
-    from tui.format import gib
 
-    info, gpus = draft.info, draft.gpus
     settings, est = draft_estimate(draft)
-    if budget_bytes is not None:
-        name = f"{gib(budget_bytes)} (typed)"
-    elif gpus:
-        budget_bytes = gpus[0].free_bytes
-        name = f"{gpus[0].name}: {gib(gpus[0].free_bytes)} free of {gib(gpus[0].total_bytes)}"
-    else:
-        name = "no NVIDIA GPU here: type the GPU's memory to check against"
-    result = fit(info, settings, budget_bytes) if budget_bytes else None
+    budget_bytes, name = _budget(draft, budget_bytes)
+    result = fit(draft.info, settings, budget_bytes) if budget_bytes else None
     return MemoryView(est, settings, budget_bytes, name, result)
+
+
+FASTEST_FIT_NO_DATA = "check the data (step 4) for its real lengths"
+"""What the memory step adds when the fastest fit had to assume every example is seq_len long."""
+
+
+def fastest_fit_for(draft: Draft, budget_bytes: int | None = None):
+    """The fastest checkpointing, micro batch and accumulation that fit (``engine.speed.fastest_fit``)
+    for the draft on the first GPU (or an assumed one) against ``budget_bytes`` (else the GPU's free
+    memory), keeping the draft's effective batch and using the checked data's lengths when the data
+    check is current. A UserError when there is no budget to fit."""
+    from engine.speed import fastest_fit
+
+    budget, _ = _budget(draft, budget_bytes)
+    if not budget:
+        raise UserError("no GPU memory to fit against", "type the GPU's memory in GiB")
+    settings, _ = draft_estimate(draft)
+    stats = draft.data.stats if draft.data_ready else None
+    return fastest_fit(
+        draft.info, settings, budget,
+        gradient_accumulation_steps=draft.preset.training.gradient_accumulation_steps,
+        mean_len=(stats.mean_len or None) if stats else None,
+        max_len=(stats.max_len or None) if stats else None,
+        gpu=draft.gpus[0].name if draft.gpus else None,
+    )
+
+
+def fastest_fit_lines(result, lengths_hint: str = FASTEST_FIT_NO_DATA) -> list[str]:
+    """What both front ends show of a ``FastestFit``: the choice in one line, then each reason, and
+    ``lengths_hint`` when the data's lengths were not known."""
+    head = f"fastest that fits: {result.summary}" if result.found else result.reasons[0]
+    reasons = list(result.reasons if result.found else result.reasons[1:])
+    if result.found and not result.lengths_known:
+        reasons.append(lengths_hint)
+    return [head, *(f"  - {r}" for r in reasons)]
 
 
 # ---------------------------------------------------------------------------------------------

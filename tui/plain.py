@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import questionary
 from rich.console import Console
@@ -32,6 +32,7 @@ from tui.draft import (
     Services,
     choice_options,
     default_export_path,
+    fastest_fit_lines,
     fit_line,
     gpu_line,
     keep_draft,
@@ -110,8 +111,10 @@ class PlainWizard:
         """Ask yes or no; Enter takes ``default``."""
         return bool(questionary.confirm(message, default=default, **self.io).unsafe_ask())
 
-    def ask_field(self, label: str, path: str, kind: str, default: Any = None) -> None:
-        """Ask one preset field until the draft takes it (a refused value is said, then asked again)."""
+    def ask_field(self, label: str, path: str, kind: str, default: Any = None,
+                  shortcuts: dict[str, Callable[[], bool]] | None = None) -> None:
+        """Ask one preset field until the draft takes it (a refused value is said, then asked again).
+        An answer in ``shortcuts`` runs its action instead; the question is done when that returns True."""
         from engine.preset import field_help
 
         current = shown(self.draft.get(path) if default is None else default)
@@ -119,6 +122,10 @@ class PlainWizard:
             answer = self.text(label, current)
             if answer == "?":
                 self.say(("  " + field_help(path), "dim"))
+                continue
+            if shortcuts and answer.lower() in shortcuts:
+                if shortcuts[answer.lower()]():
+                    return
                 continue
             try:
                 self.draft.set(path, parse_field(answer, kind, label))
@@ -280,13 +287,32 @@ class PlainWizard:
                 default = largest
                 self.say(f"micro batch {self.draft.get('training.micro_batch_size')} does not fit; "
                          f"the default below is the largest that fits: {largest}")
-            self.ask_field("micro batch", "training.micro_batch_size", "int", default=default)
+            if view.fit is not None:
+                self.ask_field("micro batch (f: the fastest that fit, with checkpointing and accumulation)",
+                               "training.micro_batch_size", "int", default=default,
+                               shortcuts={"f": self.apply_fastest_fit})
+            else:
+                self.ask_field("micro batch", "training.micro_batch_size", "int", default=default)
             view = memory_view(self.draft, self.budget_bytes)
             self.say("now ", self.verdict(view))
             if view.fits is False and self.confirm("it does not fit: change the settings again?", default=True):
                 self.show_memory()
                 continue
             return None
+
+    def apply_fastest_fit(self) -> bool:
+        """Set the fastest checkpointing, micro batch and accumulation that fit and say what and why;
+        False (said) when nothing fits or there is no memory to fit in."""
+        try:
+            result = self.draft.apply_fastest_fit(self.budget_bytes)
+        except UserError as exc:
+            self.error(exc.one_line())
+            return False
+        head, *reasons = fastest_fit_lines(result)
+        self.say((head, "bold green" if result.found else "bold red"))
+        for reason in reasons:
+            self.say(reason)
+        return result.found
 
     def show_gpus(self) -> None:
         """Look for GPUs (once) and say what was found; without one, ask what memory to check against."""

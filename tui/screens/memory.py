@@ -1,7 +1,8 @@
 """Step 2, Memory: will it fit? The detected GPUs, the estimate by component, a bar against the
 GPU's free memory with the guide's size x 1.2 figure for reference, updated on every change of
-quantization, micro batch, sequence length, checkpointing or optimizer; ``ctrl+f`` fills the
-largest micro batch that fits."""
+quantization, micro batch, sequence length, checkpointing or optimizer. ``ctrl+f`` sets the fastest
+checkpointing, micro batch and accumulation that fit (keeping the effective batch) and says why;
+``ctrl+g`` fills the largest micro batch that fits."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from textual.widgets import Input, Label, Static
 
 from engine.errors import UserError
 from engine.memory import COMPONENT_DESCRIPTIONS
-from tui.draft import NO_GPU_LINE, gpu_line, memory_view, parse_gib
+from tui.draft import NO_GPU_LINE, fastest_fit_lines, gpu_line, memory_view, parse_gib
 from tui.format import gib, size
 from tui.screens.step import StepScreen
 from tui.widgets.fields import PresetInput, PresetSelect, PresetSwitch
@@ -49,8 +50,17 @@ class MemoryScreen(StepScreen):
     STEP = "memory"
 
     BINDINGS = [
-        Binding("ctrl+f", "fill_batch", "Largest batch", tooltip="Set the largest micro batch that fits"),
+        Binding("ctrl+f", "fastest_fit", "Fastest fit",
+                tooltip="Set checkpointing, micro batch and accumulation to the fastest that fit, keeping "
+                        "the effective batch"),
+        Binding("ctrl+g", "fill_batch", "Largest batch", tooltip="Set the largest micro batch that fits"),
     ]
+
+    fastest = None
+    """The last ``ctrl+f`` result (``engine.speed.FastestFit``), shown while the draft and the
+    budget are as it left them."""
+    fastest_for = None
+    """(draft preset, typed budget) right after ``fastest`` was applied."""
 
     def compose_step(self) -> ComposeResult:
         yield Static(id="gpus")
@@ -75,6 +85,7 @@ class MemoryScreen(StepScreen):
                 box.border_title = "estimated peak"
                 yield Static(id="verdict")
                 yield Static(id="bar")
+                yield Static(id="fastest")
                 yield Static(id="components")
 
     def on_mount(self) -> None:
@@ -125,9 +136,10 @@ class MemoryScreen(StepScreen):
         if fit is not None:
             mb, sl = fit.max_micro_batch, fit.max_seq_len
             lines.append(Text.assemble(f"largest micro batch at {view.settings.seq_len:,}: ",
-                                       (str(mb) if mb else "none fits", "bold"), (" ^f", "dim")))
+                                       (str(mb) if mb else "none fits", "bold"), (" ^g", "dim")))
             lines.append(Text.assemble("longest sequence at batch 1: ", (f"{sl:,}" if sl else "none", "bold")))
         bar.update(Group(*lines))
+        self._show_fastest()
         wide = width >= 70  # room for what each component is
         t = Table(box=None, show_header=False, padding=(0, 1), expand=False)
         t.add_column(no_wrap=True, min_width=19)
@@ -141,12 +153,43 @@ class MemoryScreen(StepScreen):
         notes = [Text(f"note: {note}", "italic") for note in est.notes]
         table.update(Group(t, *notes) if notes else t)
 
+    def _show_fastest(self) -> None:
+        """What ``ctrl+f`` chose and why, while the draft is as it left it."""
+        box = self.query_one("#fastest", Static)
+        current = (self.draft.preset, self.query_one("#budget", Input).value)
+        box.display = self.fastest is not None and self.fastest_for == current
+        if not box.display:
+            return
+        head, *reasons = fastest_fit_lines(self.fastest)
+        style = "bold green" if self.fastest.found else "bold red"
+        why = Table.grid()
+        why.add_column(no_wrap=True)
+        why.add_column(ratio=1)
+        for reason in reasons:
+            why.add_row("  - ", reason.removeprefix("  - "))
+        box.update(Group(Text(head, style), why))
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """``ctrl+f`` applies once there is a budget to fit."""
-        if action == "fill_batch":
+        """``ctrl+f`` and ``ctrl+g`` apply once there is a budget to fit."""
+        if action in ("fill_batch", "fastest_fit"):
             view = getattr(self, "view", None)
             return True if self.draft.model_ready and view is not None and view.fit is not None else None
         return super().check_action(action, parameters)
+
+    def action_fastest_fit(self) -> None:
+        """Set the fastest checkpointing, micro batch and accumulation that fit, and show why."""
+        try:
+            result = self.draft.apply_fastest_fit(self._budget())
+        except UserError as exc:
+            self.notify(exc.one_line(), severity="warning")
+            return
+        self.fastest = result
+        self.fastest_for = (self.draft.preset, self.query_one("#budget", Input).value)
+        if result.found:
+            self.notify(f"fastest that fits: {result.choice.words}")
+        else:
+            self.notify(result.reasons[0], severity="error", timeout=10)
+        self.refresh_view()
 
     def action_fill_batch(self) -> None:
         """Set the largest micro batch that fits the budget."""
