@@ -87,6 +87,28 @@ def test_estimate_table_says_fits_or_not(hf_configs):
     assert "inference rule" in r.stdout
 
 
+def test_a_16_and_a_24_gb_card_get_the_same_arithmetic_and_are_told_what_is_left(tmp_path, hf_configs):
+    """The shipped Llama-3.1-8B preset claims a 16 GB card: the estimate is the same for every card;
+    each is told the room left and what the CUDA context in the total costs, and which kernels run."""
+    data = yaml.safe_load((ROOT / "presets" / "llama-3.1-8b-qlora.yaml").read_text())
+    data["model"]["source"] = str(hf_configs / "meta-llama__Llama-3.1-8B")
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump(data))
+    totals, lefts = [], []
+    for card_gib in (14.9, 22.5):  # what a 16 GB and a 24 GB card have free
+        r = run_cli("estimate", "--preset", str(preset), "--gpu-mem", str(card_gib), "--json")
+        totals.append(json.loads(r.stdout)["total_bytes"])
+        r = run_cli("estimate", "--preset", str(preset), "--gpu-mem", str(card_gib))
+        text = " ".join(r.stdout.split())
+        left = text.split("fits in ")[1].split(" left")[0].split(": ")[1]
+        lefts.append(float(left.split()[0]))
+        assert "the total counts 0.75 GiB of CUDA context" in text
+        assert "kernels: " in text and "no mask" in text
+    assert totals[0] == totals[1]
+    assert abs((lefts[1] - lefts[0]) - (22.5 - 14.9)) < 0.02
+    assert abs(lefts[0] - (14.9 - totals[0] / 2**30)) < 0.01
+
+
 def test_estimate_fit_prints_the_fastest_settings_that_fit_and_why(hf_configs):
     src = str(hf_configs / "meta-llama__Llama-3.1-8B")
     args = ("estimate", src, "--seq-len", "2048", "--micro-batch", "1", "--grad-accum", "16", "--gpu-mem", "79",

@@ -82,7 +82,8 @@ def test_demo_walk_exports_the_preset_and_trains(here, started_runs, capsys):
         assert step in out
     assert "LlamaForCausalLM (llama)" in out and "616,832" in out
     assert "GPU 0: Test GPU 24GB, 23.00 GiB free of 24.00 GiB" in out
-    assert re.search(r"FITS: [\d.]+ GiB of 23\.00 GiB \(\d+ %\); Test GPU 24GB", out)
+    assert re.search(r"FITS: [\d.]+ GiB of 23\.00 GiB \(\d+ %\), [\d.]+ GiB left; Test GPU 24GB", out)
+    assert "the total counts 0.75 GiB of CUDA context" in out and "(packed rows, no mask)" in out
     assert "the guide's inference rule (weights on disk x 1.2)" in out
     assert "example 1 of 3 as the model sees it" in out and "«" in out
     supervised = int(re.search(r"([\d,]+) of them trained", out).group(1).replace(",", ""))
@@ -164,7 +165,8 @@ def test_no_gpu_budget_fit_layers_overwrite_and_finish_without_a_run(here, capsy
     out = capsys.readouterr().out
     assert code == 0, out
     assert "no NVIDIA GPU found here" in out
-    assert re.search(r"DOES NOT FIT: needs [\d,.]+ GiB, 1\.00 GiB available; 1\.00 GiB \(typed\)", out)
+    assert re.search(r"DOES NOT FIT: needs [\d,.]+ GiB, 1\.00 GiB available \([\d.]+ GiB short\); "
+                     r"1\.00 GiB \(typed\)", out)
     assert "micro batch 4000 does not fit; the default below is the largest that fits" in out
     largest = int(re.search(r"largest micro batch at 128 tokens: (\d+)", out).group(1))
     assert "now FITS: " in out                               # at the largest micro batch

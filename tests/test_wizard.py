@@ -186,6 +186,9 @@ async def test_memory_step_says_fit_or_not_and_fills_the_largest_batch(hf_config
         want = memory_view(app.draft)
         text = await wait_for(pilot, "FITS", region="#estimate-box")
         assert f"FITS {want.estimate.total_bytes / 2**30:,.2f} GiB of 23.00 GiB" in text
+        assert f"{23 - want.estimate.total_bytes / 2**30:,.2f} GiB left" in text
+        assert "the total counts 0.75 GiB of CUDA context" in text
+        assert "kernels: " in text and "(packed rows, no mask)" in text
         for part in ("quantized weights", "activations", "logits and loss", "cuda context", "total"):
             assert part in text
         assert f"weights x 1.2: {want.estimate.inference_rule_bytes / 2**30:,.2f} GiB" in text

@@ -189,13 +189,19 @@ def cmd_estimate(args) -> int:
             f"{'on' if settings.gradient_checkpointing else 'off'}, {settings.optimizer}, {device.compute_dtype}")
     c.print(f"torch reserved peak (estimate): {gib(est.reserved_bytes)}; "
             f"the guide's inference rule (weights on disk x 1.2): {gib(est.inference_rule_bytes)}")
+    c.print(f"kernels: {device.kernels_note}", markup=False)
     for note in getattr(est, "notes", []):
         c.print(f"note: {note}")
     if budget is None:
         c.print("no NVIDIA GPU found here: pass --gpu-mem GIB to check against a GPU's memory")
     else:
-        verdict = "[bold green]fits[/]" if fits else "[bold red]does not fit[/]"
-        c.print(f"{verdict} in {budget_name}")
+        room = budget - est.total_bytes
+        verdict = (f"[bold green]fits[/] in {budget_name}: {gib(room)} left" if fits
+                   else f"[bold red]does not fit[/] in {budget_name}: {gib(-room)} short")
+        c.print(verdict)
+        from tui.draft import cuda_context_line
+
+        c.print(cuda_context_line(), markup=False)
         if suggestion is not None:
             from tui.draft import fit_line
 

@@ -384,6 +384,8 @@ class MemoryView:
     """The budget in words."""
     fit: Any
     """``engine.memory.FitResult`` against the budget; None without one."""
+    kernels: str = ""
+    """Which attention and loss kernels the run gets and why (``DevicePlan.kernels_note``)."""
 
     @property
     def fits(self) -> bool | None:
@@ -398,21 +400,41 @@ class MemoryView:
         total = gib(self.estimate.total_bytes)
         if self.fits is None:
             return None, f"needs {total} at the peak"
+        room = self.budget_bytes - self.estimate.total_bytes
         if self.fits:
             share = 100 * self.estimate.total_bytes / self.budget_bytes
-            return "FITS", f"{total} of {gib(self.budget_bytes)} ({share:.0f} %)"
-        return "DOES NOT FIT", f"needs {total}, {gib(self.budget_bytes)} available"
+            return "FITS", f"{total} of {gib(self.budget_bytes)} ({share:.0f} %), {gib(room)} left"
+        return "DOES NOT FIT", f"needs {total}, {gib(self.budget_bytes)} available ({gib(-room)} short)"
+
+    context_line = property(lambda self: cuda_context_line())
+    """What the CUDA context costs (``cuda_context_line``)."""
 
 
-def draft_estimate(draft: Draft) -> tuple[Any, Any]:
-    """The memory settings of the draft on the first GPU (or an assumed bf16 one) and their estimate."""
-    from engine.memory import estimate_training_memory
-    from engine.plan import assumed_gpu, memory_settings, plan_device
+def cuda_context_line() -> str:
+    """What the CUDA context costs, which the total includes and torch's counters never show: the
+    same on a 16 GB, a 24 GB or an 80 GB card, only the room left differs."""
+    from engine.memory import CUDA_CONTEXT_BYTES
+    from tui.format import gib
+
+    return (f"the total counts {gib(CUDA_CONTEXT_BYTES)} of CUDA context (measured on an H100 and an H200, "
+            "CUDA 13); other cards and drivers take a few hundred MiB more or less")
+
+
+def draft_device(draft: Draft):
+    """The device plan of the draft: the first GPU, or an assumed bf16 one (``engine.plan.DevicePlan``)."""
+    from engine.plan import assumed_gpu, plan_device
 
     info, gpus = draft.info, draft.gpus
-    device = plan_device(draft.preset, gpus, info.model_type) if gpus else assumed_gpu(draft.preset, info.model_type)
-    settings = memory_settings(draft.preset, info, device)
-    return settings, estimate_training_memory(info, settings)
+    return plan_device(draft.preset, gpus, info.model_type) if gpus else assumed_gpu(draft.preset, info.model_type)
+
+
+def draft_estimate(draft: Draft, device=None) -> tuple[Any, Any]:
+    """The memory settings of the draft on the first GPU (or an assumed bf16 one) and their estimate."""
+    from engine.memory import estimate_training_memory
+    from engine.plan import memory_settings
+
+    settings = memory_settings(draft.preset, draft.info, device or draft_device(draft))
+    return settings, estimate_training_memory(draft.info, settings)
 
 
 def fit_line(fit, seq_len: int) -> str:
@@ -439,10 +461,11 @@ def memory_view(draft: Draft, budget_bytes: int | None = None) -> MemoryView:
     """Estimate the draft's training memory against ``budget_bytes`` (else the first GPU's free memory)."""
     from engine.memory import fit
 
-    settings, est = draft_estimate(draft)
+    device = draft_device(draft)
+    settings, est = draft_estimate(draft, device)
     budget_bytes, name = _budget(draft, budget_bytes)
     result = fit(draft.info, settings, budget_bytes) if budget_bytes else None
-    return MemoryView(est, settings, budget_bytes, name, result)
+    return MemoryView(est, settings, budget_bytes, name, result, f"kernels: {device.kernels_note}")
 
 
 FASTEST_FIT_NO_DATA = "check the data (step 4) for its real lengths"

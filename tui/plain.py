@@ -359,6 +359,9 @@ class PlainWizard:
         for note in est.notes:
             self.say(("note: ", "yellow"), note)
         self.say(self.verdict(view))
+        if view.budget_bytes is not None:
+            self.say((view.context_line, "dim"))
+        self.say((view.kernels, "dim"))
         if view.fit is not None:
             self.say(fit_line(view.fit, s.seq_len))
         return view

@@ -150,8 +150,10 @@ class MemoryScreen(StepScreen):
             t.add_row(name.replace("_", " "), size(b), *([COMPONENT_DESCRIPTIONS.get(name, "")] if wide else []))
         t.add_row(Text("total", "bold"), Text(gib(est.total_bytes), "bold"),
                   *([f"torch reserved {gib(est.reserved_bytes)}"] if wide else []))
-        notes = [Text(f"note: {note}", "italic") for note in est.notes]
-        table.update(Group(t, *notes) if notes else t)
+        below = [Text(view.context_line, "dim")] if view.budget_bytes is not None else []
+        below.append(Text(view.kernels, "dim"))
+        below += [Text(f"note: {note}", "italic") for note in est.notes]
+        table.update(Group(t, *below))
 
     def _show_fastest(self) -> None:
         """What ``ctrl+f`` chose and why, while the draft is as it left it."""
