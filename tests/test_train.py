@@ -77,6 +77,9 @@ def test_start_event_has_settings_data_estimate_and_device(finished_run):
     assert start["data"]["supervised_tokens"] > 0
     assert start["estimate"]["total_bytes"] > 0
     assert start["preset"]["model"]["source"] == "builtin:tiny-llama"
+    # which kernels run, and why: packed rows per example on the CPU, the engine's loss, no Liger here
+    assert start["attn_implementation"] == "sdpa_packed" and start["fused_kernels"] is False
+    assert start["kernels"].startswith("SDPA per example (packed rows, no mask); engine's chunked loss")
 
 
 def test_loss_falls_on_training_and_validation(finished_run):
