@@ -1,17 +1,22 @@
-"""This engine against the plain QLoRA recipe, side by side: ``make bench`` or ``python benchmarks/bench.py``.
+"""This engine against the plain QLoRA recipe and TRL, side by side: ``make bench`` or ``python benchmarks/bench.py``.
 
-Both train the same Llama-architecture model (NF4 + double quantization through bitsandbytes,
+All train the same Llama-architecture model (NF4 + double quantization through bitsandbytes,
 LoRA through peft, transformers' Trainer) on the same tokenized data, with the same seed, the same
 label masking, the same LoRA settings and optimizer, for the same number of optimizer steps:
 
-- plain: the recipe as tutorials write it: ``prepare_model_for_kbit_training`` (its defaults:
-  gradient checkpointing on, non-4-bit weights upcast to fp32), padded micro batches through
-  ``DataCollatorForSeq2Seq``, default TrainingArguments otherwise;
+- plain (``--baseline plain``, the default): the recipe as tutorials write it:
+  ``prepare_model_for_kbit_training`` (its defaults: gradient checkpointing on, non-4-bit weights
+  upcast to fp32), padded micro batches through ``DataCollatorForSeq2Seq``, default
+  TrainingArguments otherwise;
+- trl (``--baseline trl``; ``pip install -e '.[bench]'``): TRL's ``SFTTrainer`` in its documented
+  padding-free QLoRA setup (``quantization_config`` + ``peft_config``, ``SFTConfig(padding_free=True)``,
+  completion-only loss on TRL's pre-tokenized prompt/completion form), see ``trl_worker``;
 - engine: this project's real training process, ``python -m engine.train RUN_DIR`` on a preset
   (padding-free packing, no fp32 upcast, cached tokenization, events file).
 
-Each run is a separate process; the two alternate over ``--rounds`` rounds (the order flips every
-round) so a disturbance on the machine hits both. Throughput counts real tokens only (no padding)
+``--baseline plain,trl`` runs both baselines against the engine in the same rounds. Each run is a
+separate process; they alternate over ``--rounds`` rounds (the order reverses every round) so a
+disturbance on the machine hits all of them. Throughput counts real tokens only (no padding)
 and leaves out the first ``--warmup`` steps. The data is a deterministic generator of alpaca-style
 records whose lengths spread from about 40 to 1000 tokens, as real instruction data does; it is
 written to a temporary folder and removed afterwards.
@@ -107,7 +112,9 @@ def build_random_model(config_dir: Path, out_dir: Path, tokenizer_dir: Path, dty
     torch.manual_seed(seed)
     torch.set_default_dtype(getattr(torch, dtype))
     try:
-        model = AutoModelForCausalLM.from_config(config)
+        # On the GPU where there is one: an 8B init takes seconds there and minutes on its CPU.
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(torch.float32)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -246,6 +253,144 @@ def plain_worker(spec: dict, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# TRL's SFTTrainer, padding-free (a worker process)
+
+
+def trl_worker(spec: dict, out: Path) -> None:
+    """TRL's ``SFTTrainer`` in its documented padding-free QLoRA setup: the model given by path with
+    ``quantization_config`` (NF4 + double quantization) and ``peft_config`` (LoRA), ``SFTConfig(padding_free=True)``
+    (its own ``DataCollatorForLanguageModeling`` flattens each micro batch into one row with per-example
+    ``position_ids``), completion-only loss, its own chunked log-prob loss (``add_fused_lm_head``). The data are the
+    same token ids: TRL's pre-tokenized form (``input_ids`` + ``completion_mask``), from which TRL builds the labels
+    itself; the worker checks that they are the engine's labels, token for token.
+
+    Two deliberate departures from TRL's defaults, both to train the same thing as the other two: ``bf16`` only on
+    CUDA (on the CPU everything is fp32, as in the plain recipe), and (unless ``trl_bf16_adapters``) the LoRA weights
+    put back to their fp32 values as created after TRL casts them to bf16 for quantized models (the engine and the
+    plain recipe train fp32 adapters, and bf16 ones train different losses)."""
+    import importlib.util
+    import resource
+
+    import datasets
+    import torch
+    import transformers
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    transformers.logging.set_verbosity_error()
+    cuda = torch.cuda.is_available()
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    tokenized = datasets.load_from_disk(spec["tokenized"])
+    engine_labels = [list(x) for x in tokenized["labels"]]
+    # TRL's pre-tokenized prompt-completion form: the trained positions are the completion.
+    train = datasets.Dataset.from_dict({
+        "input_ids": [list(x) for x in tokenized["input_ids"]],
+        "completion_mask": [[int(v != -100) for v in lab] for lab in engine_labels],
+    })
+    compute = torch.bfloat16 if cuda else torch.float32
+    # TRL documents padding-free for FlashAttention; without flash-attn (and no Hub kernels offline) it is SDPA,
+    # where transformers builds a block-diagonal mask from the packed position_ids.
+    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    model_init_kwargs = {"dtype": compute, "attn_implementation": attn}
+    if cuda:
+        model_init_kwargs["device_map"] = {"": 0}
+    args = SFTConfig(
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["micro_batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["steps"],
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type=spec["lr_scheduler"],
+        warmup_steps=spec["warmup_ratio"],
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        seed=spec["seed"],
+        bf16=cuda,
+        use_cpu=not cuda,
+        report_to="none",
+        disable_tqdm=True,
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        padding_free=True,
+        max_length=None,  # already truncated to seq_len; TRL refuses max_length with padding_free and no packing
+        completion_only_loss=True,
+        model_init_kwargs=model_init_kwargs,
+    )
+    steps: list[dict] = []
+    counter = {"tokens": 0, "padded": 0}
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                steps.append({"step": state.global_step, "time": time.time(), "loss": float(logs["loss"]),
+                              "tokens": counter["tokens"], "padded": counter["padded"]})
+
+    class CountingTrainer(SFTTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            # One flattened row per micro batch, no attention mask and no padding (pad_to_multiple_of is
+            # TRL's "auto": none off Neuron); main() checks the tokens per step against the engine's.
+            if "attention_mask" in inputs:
+                counter["tokens"] += int(inputs["attention_mask"].sum())
+            else:
+                counter["tokens"] += int(inputs["input_ids"].numel())
+            counter["padded"] += int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    # TRL casts the adapters of a quantized model to bf16 right after creating them (QLoRA paper, section 3);
+    # keep their fp32 values as created, to put them back unless TRL's own cast is asked for.
+    import trl.trainer.sft_trainer as sft_module
+
+    created: dict = {}
+    make_peft_model = sft_module.get_peft_model
+
+    def get_peft_model(model, config, **kwargs):
+        model = make_peft_model(model, config, **kwargs)
+        created.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return model
+
+    sft_module.get_peft_model = get_peft_model
+    try:
+        trainer = CountingTrainer(
+            model=spec["model"], args=args, train_dataset=train, processing_class=tokenizer,
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+            peft_config=LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+                                   target_modules=spec["targets"], bias="none", task_type="CAUSAL_LM"),
+            callbacks=[Recorder()],
+        )
+    finally:
+        sft_module.get_peft_model = make_peft_model
+    if list(trainer.train_dataset["labels"]) != engine_labels:
+        raise SystemExit("TRL's labels differ from the engine's")
+    adapter_dtypes = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
+    if not spec.get("trl_bf16_adapters"):
+        for n, p in trainer.model.named_parameters():
+            if n in created:
+                p.data = created[n].to(p.device)
+        if not created:
+            raise SystemExit("TRL created no adapters where expected (its get_peft_model was not called)")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    train_start = time.time()
+    trainer.train()
+    prev_t, prev_p = 0, 0
+    for s in steps:
+        s["tokens"], prev_t = s["tokens"] - prev_t, s["tokens"]
+        s["padded"], prev_p = s["padded"] - prev_p, s["padded"]
+    mem = ({"peak_reserved": torch.cuda.max_memory_reserved(), "peak_allocated": torch.cuda.max_memory_allocated()}
+           if cuda else {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    import trl
+
+    out.write_text(json.dumps({"train_start": train_start, "started": started, "steps": steps, **mem,
+                               "elapsed_s": time.time() - started, "trl_version": trl.__version__,
+                               "attn_implementation": attn, "adapter_dtype_from_trl": adapter_dtypes,
+                               "adapter_dtype_trained": sorted({str(p.dtype) for p in trainer.model.parameters()
+                                                                if p.requires_grad})}))
+
+
+# --------------------------------------------------------------------------------------------
 # The engine (its real training process)
 
 
@@ -287,6 +432,73 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+WORKERS = {"plain": plain_worker, "trl": trl_worker}
+"""The baselines, each a worker process of its own."""
+
+
+def parse_baselines(text: str) -> list[str]:
+    """``plain``, ``trl`` or both (``plain,trl``), in the order given, each once."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in WORKERS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: baselines are {', '.join(WORKERS)}, or several joined by commas")
+    return names
+
+
+def summarize(results: dict[str, list[dict]], baselines: list[str], cuda: bool) -> dict:
+    """Medians over rounds and the engine's ratios to each baseline; losses and tokens from the first round.
+    The keys of a plain-only run are as before (``throughput_ratio``, ``ratio``, ``max_step_diff`` and
+    ``padding_share`` against the first baseline); ``*_ratios``, ``max_step_diffs`` and ``padding_shares`` have
+    one entry per baseline."""
+    sides = [*baselines, "engine"]
+    summary: dict = {}
+    for k in sides:
+        med, lo, hi = _stats([x["tokens_per_s"] for x in results[k]])
+        summary[k] = {"median": med, "min": lo, "max": hi}
+    ratios = {b: summary["engine"]["median"] / summary[b]["median"] for b in baselines}
+    summary["throughput_ratios"] = ratios
+    summary["throughput_ratio"] = ratios[baselines[0]]
+    for key in (("peak_reserved", "peak_allocated") if cuda else ("peak_rss",)):
+        pk = {k: statistics.median([x[key] for x in results[k]]) for k in sides}
+        mem_ratios = {b: pk["engine"] / pk[b] for b in baselines}
+        summary[key] = pk | {"ratio": mem_ratios[baselines[0]], "ratios": mem_ratios}
+    en = results["engine"][0]["steps"]
+    diffs, same, padding = {}, {}, {}
+    for b in baselines:
+        bl = results[b][0]["steps"]
+        diffs[b] = max(abs(x["loss"] - y["loss"]) for x, y in zip(bl, en)) if len(bl) == len(en) else math.inf
+        same[b] = [x["tokens"] for x in bl] == [y["tokens"] for y in en]
+        padded = sum(s["padded"] for s in bl)
+        padding[b] = (padded - sum(s["tokens"] for s in bl)) / padded
+    summary["final_loss"] = ({k: results[k][0]["steps"][-1]["loss"] for k in sides}
+                             | {"max_step_diff": diffs[baselines[0]], "max_step_diffs": diffs})
+    summary["same_tokens"] = same
+    summary["padding_share"] = padding[baselines[0]]
+    summary["padding_shares"] = padding
+    return summary
+
+
+def results_table(summary: dict, baselines: list[str], cuda: bool, steps: int) -> str:
+    """The summary as a Markdown table: one column per baseline, then the engine."""
+    sides = [*baselines, "engine"]
+    names = {"plain": "plain recipe", "trl": "TRL SFTTrainer", "engine": "engine"}
+    rows = [["", *(names[k] for k in sides)], ["---", *("---:" for _ in sides)]]
+    rows.append(["real tokens/s, median (min-max)",
+                 *(f"{summary[k]['median']:,.0f} ({summary[k]['min']:,.0f}-{summary[k]['max']:,.0f})" for k in sides)])
+    rows.append(["engine / this, throughput", *(f"**{summary['throughput_ratios'][b]:.2f}x**" for b in baselines), ""])
+    for key in (("peak_reserved", "peak_allocated") if cuda else ("peak_rss",)):
+        label = {"peak_rss": "peak RSS", "peak_reserved": "peak reserved", "peak_allocated": "peak allocated"}[key]
+        rows.append([f"{label}, median", *(_gib(summary[key][k]) for k in sides)])
+        rows.append([f"engine / this, {label}", *(f"**{summary[key]['ratios'][b]:.2f}**" for b in baselines), ""])
+    rows.append([f"loss at step {steps} (same examples)", *(f"{summary['final_loss'][k]:.4f}" for k in sides)])
+    rows.append(["largest per-step loss difference from the engine",
+                 *(f"{summary['final_loss']['max_step_diffs'][b]:.1e}" for b in baselines), ""])
+    rows.append(["real tokens per step as the engine's",
+                 *("yes" if summary["same_tokens"][b] else "**no**" for b in baselines), ""])
+    rows.append(["padding computed", *(f"{summary['padding_shares'][b]:.0%}" for b in baselines), "0%"])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each runs both)")
@@ -298,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--no-gradient-checkpointing", action="store_true",
-                   help="turn it off in both (prepare_model_for_kbit_training turns it on by default)")
+                   help="turn it off everywhere (prepare_model_for_kbit_training and TRL turn it on by default)")
     p.add_argument("--config", type=Path, help="build the model with random weights from this config folder")
     p.add_argument("--engine-masked-sdpa", action="store_true",
                    help="run the engine with plain SDPA on packed rows (a dense block-diagonal mask), as it "
@@ -308,13 +520,26 @@ def main(argv: list[str] | None = None) -> int:
                         "training.chunked_loss false) instead of its own chunked loss, to measure that change")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--keep", type=Path, help="keep the work folder here instead of a temporary one")
-    p.add_argument("--worker", choices=["plain"], help=argparse.SUPPRESS)
+    p.add_argument("--baseline", type=parse_baselines, default=["plain"], metavar="NAMES",
+                   help="what the engine is measured against: plain (the recipe as tutorials write it, the "
+                        "default), trl (TRL's SFTTrainer, padding-free; needs the 'bench' extra), or plain,trl "
+                        "(both, in the same interleaved rounds)")
+    p.add_argument("--trl-bf16-adapters", action="store_true",
+                   help="keep TRL's cast of the LoRA weights to bf16 (its default for quantized models) instead of "
+                        "training fp32 adapters as the engine and the plain recipe do")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.worker == "plain":
-        plain_worker(json.loads(a.spec.read_text()), a.out)
+    if a.worker:
+        WORKERS[a.worker](json.loads(a.spec.read_text()), a.out)
         return 0
+    baselines = a.baseline
+    if "trl" in baselines:
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            raise SystemExit("--baseline trl needs TRL: pip install -e '.[bench]' (or 'trl>=1.0')")
 
     import resource
     import signal
@@ -348,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
 
         gc = not a.no_gradient_checkpointing
         preset = yaml.safe_load((ROOT / "presets" / "tiny-demo.yaml").read_text())
-        preset["description"] = "benchmark against the plain recipe"
+        preset["description"] = "benchmark against " + " and ".join(baselines)
         preset["model"]["source"] = str(model_dir)
         preset["lora"].update(r=a.lora_r, alpha=2 * a.lora_r, dropout=0.0, targets="all-linear")
         preset["data"].update(train=str(data_file), validation_split=0.0)
@@ -382,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             "gradient_checkpointing": gc, "lora_r": a.lora_r, "lora_alpha": 2 * a.lora_r, "targets": targets,
             "micro_batch_size": a.micro_batch, "steps": a.steps, "learning_rate": a.lr,
             "lr_scheduler": pr.training.lr_scheduler, "warmup_ratio": pr.training.warmup_ratio,
-            "output_dir": str(work / "plain-out"),
+            "output_dir": str(work / "baseline-out"), "trl_bf16_adapters": a.trl_bf16_adapters,
         }
         spec_file = work / "spec.json"
         spec_file.write_text(json.dumps(spec))
@@ -395,25 +620,26 @@ def main(argv: list[str] | None = None) -> int:
               f"{int(statistics.median(lengths))} / mean {sum(lengths) / len(lengths):.0f} / max {max(lengths)}; "
               f"engine tokenization {tokenize_s:.2f} s (cached afterwards)")
         print(f"runs: {a.steps} optimizer steps x micro batch {a.micro_batch}, seed {pr.training.seed}, lr {a.lr}, "
-              f"gradient checkpointing {'on' if gc else 'off'} in both, {a.rounds} rounds, "
+              f"gradient checkpointing {'on' if gc else 'off'} in all; engine against {' and '.join(baselines)}, {a.rounds} rounds, "
               f"first {a.warmup} steps left out; device {'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'CPU'} "
               f"({os.cpu_count()} cores)", flush=True)
 
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        results: dict[str, list[dict]] = {"plain": [], "engine": []}
+        sides = [*baselines, "engine"]
+        results: dict[str, list[dict]] = {k: [] for k in sides}
         for r in range(a.rounds):
-            order = ["plain", "engine"] if r % 2 == 0 else ["engine", "plain"]
+            order = sides if r % 2 == 0 else sides[::-1]
             for which in order:
                 w0 = time.time()
                 ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                if which == "plain":
-                    out = work / f"plain-{r}.json"
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "plain",
+                if which in WORKERS:
+                    out = work / f"{which}-{r}.json"
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", which,
                            "--spec", str(spec_file), "--out", str(out)]
                     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                     if proc.returncode:
                         print(proc.stderr[-4000:], file=sys.stderr)
-                        raise SystemExit(f"the plain recipe failed (exit {proc.returncode})")
+                        raise SystemExit(f"the {which} baseline failed (exit {proc.returncode})")
                     res = json.loads(out.read_text())
                 else:
                     run_dir = work / "runs" / f"engine-{r}"
@@ -447,40 +673,31 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
 
         print()
-        tps = {k: [x["tokens_per_s"] for x in v] for k, v in results.items()}
-        summary: dict = {}
-        for k in ("plain", "engine"):
-            med, lo, hi = _stats(tps[k])
-            summary[k] = {"median": med, "min": lo, "max": hi}
-            print(f"{k:6s} real tokens/s: median {med:.0f}  min {lo:.0f}  max {hi:.0f}")
-        ratio = summary["engine"]["median"] / summary["plain"]["median"]
-        print(f"throughput ratio engine / plain (medians): {ratio:.2f}x")
-        summary["throughput_ratio"] = ratio
-
-        keys = ("peak_reserved", "peak_allocated") if cuda else ("peak_rss",)
-        for key in keys:
-            pk = {k: statistics.median([x[key] for x in results[k]]) for k in results}
-            summary[key] = pk | {"ratio": pk["engine"] / pk["plain"]}
-            print(f"{key} (median over rounds): plain {_gib(pk['plain'])}  engine {_gib(pk['engine'])}  "
-                  f"ratio {pk['engine'] / pk['plain']:.2f}")
-
-        pl, en = results["plain"][0]["steps"], results["engine"][0]["steps"]
-        diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(pl, en)]
-        same_tokens = [x["tokens"] for x in pl] == [y["tokens"] for y in en]
-        print(f"final loss (step {pl[-1]['step']}, same examples): plain {pl[-1]['loss']:.4f}  engine "
-              f"{en[-1]['loss']:.4f}; largest per-step difference {max(diffs):.2e} over {len(diffs)} steps; "
-              f"real tokens per step identical: {same_tokens}")
-        padded = sum(s["padded"] for s in pl)
-        real = sum(s["tokens"] for s in pl)
-        print(f"plain recipe's padding: {padded - real:,} of {padded:,} computed positions "
-              f"({(padded - real) / padded:.0%})")
-        summary["final_loss"] = {"plain": pl[-1]["loss"], "engine": en[-1]["loss"], "max_step_diff": max(diffs)}
-        summary["padding_share"] = (padded - real) / padded
+        summary = summarize(results, baselines, cuda)
+        for k in sides:
+            s = summary[k]
+            print(f"{k:6s} real tokens/s: median {s['median']:.0f}  min {s['min']:.0f}  max {s['max']:.0f}")
+        for b in baselines:
+            print(f"throughput ratio engine / {b} (medians): {summary['throughput_ratios'][b]:.2f}x")
+        for key in (("peak_reserved", "peak_allocated") if cuda else ("peak_rss",)):
+            pk = summary[key]
+            print(f"{key} (median over rounds): " + "  ".join(f"{k} {_gib(pk[k])}" for k in sides) + "  "
+                  + "  ".join(f"engine / {b} {pk['ratios'][b]:.2f}" for b in baselines))
+        en = results["engine"][0]["steps"]
+        for b in baselines:
+            bl = results[b][0]["steps"]
+            fl_b = summary["final_loss"]
+            print(f"final loss (step {bl[-1]['step']}, same examples): {b} {bl[-1]['loss']:.4f}  engine "
+                  f"{en[-1]['loss']:.4f}; largest per-step difference {fl_b['max_step_diffs'][b]:.2e} over "
+                  f"{len(bl)} steps; real tokens per step identical: {summary['same_tokens'][b]}")
+            padded = sum(s["padded"] for s in bl)
+            real = sum(s["tokens"] for s in bl)
+            print(f"{b} padding: {padded - real:,} of {padded:,} computed positions ({(padded - real) / padded:.0%})")
         f = fl["flops_per_token"]
         peak = matmul_flops(cuda)
         summary["matmul_flops_measured"] = peak
         where = "this GPU's bf16" if cuda else "this CPU's fp32"
-        for k in ("plain", "engine"):
+        for k in sides:
             achieved = summary[k]["median"] * f
             summary[k]["model_flops_per_s"] = achieved
             summary[k]["mfu_vs_measured_matmul"] = achieved / peak
@@ -490,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
                 summary[k]["mfu"] = achieved / H100_PEAK_FLOPS
                 line += f"; {achieved / H100_PEAK_FLOPS:.2%} of the H100's 989 TFLOP/s bf16 peak"
             print(line)
+        print()
+        print(results_table(summary, baselines, cuda, a.steps))
+        print()
         print(f"benchmark wall time {time.time() - t0:.0f} s")
         if a.json:
             a.json.write_text(json.dumps({"summary": summary, "flops": fl, "spec": spec, "lengths": lengths,
