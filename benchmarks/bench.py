@@ -173,6 +173,27 @@ def flops_per_token(model_dir: Path, lora_r: int, lengths: list[int]) -> dict:
 # The plain recipe (a worker process)
 
 
+def _trainer_args(spec: dict, cuda: bool) -> dict:
+    """The TrainingArguments both baselines share: the engine's batch, schedule, optimizer and seed."""
+    return dict(
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["micro_batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["steps"],
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type=spec["lr_scheduler"],
+        warmup_steps=spec["warmup_ratio"],
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        seed=spec["seed"],
+        bf16=cuda,
+        use_cpu=not cuda,
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
 def plain_worker(spec: dict, out: Path) -> None:
     """The plain recipe as tutorials write it, with a callback that only records time, tokens and loss."""
     import resource
@@ -217,23 +238,7 @@ def plain_worker(spec: dict, out: Path) -> None:
             counter["padded"] += int(inputs["input_ids"].numel())
             return super().training_step(model, inputs, *args, **kwargs)
 
-    args = TrainingArguments(
-        output_dir=spec["output_dir"],
-        per_device_train_batch_size=spec["micro_batch_size"],
-        gradient_accumulation_steps=1,
-        max_steps=spec["steps"],
-        learning_rate=spec["learning_rate"],
-        lr_scheduler_type=spec["lr_scheduler"],
-        warmup_steps=spec["warmup_ratio"],
-        optim="adamw_torch",
-        logging_steps=1,
-        save_strategy="no",
-        seed=spec["seed"],
-        bf16=cuda,
-        use_cpu=not cuda,
-        report_to="none",
-        disable_tqdm=True,
-    )
+    args = TrainingArguments(**_trainer_args(spec, cuda))
     trainer = CountingTrainer(
         model=model, args=args, train_dataset=train,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"),
@@ -297,21 +302,7 @@ def trl_worker(spec: dict, out: Path) -> None:
     if cuda:
         model_init_kwargs["device_map"] = {"": 0}
     args = SFTConfig(
-        output_dir=spec["output_dir"],
-        per_device_train_batch_size=spec["micro_batch_size"],
-        gradient_accumulation_steps=1,
-        max_steps=spec["steps"],
-        learning_rate=spec["learning_rate"],
-        lr_scheduler_type=spec["lr_scheduler"],
-        warmup_steps=spec["warmup_ratio"],
-        optim="adamw_torch",
-        logging_steps=1,
-        save_strategy="no",
-        seed=spec["seed"],
-        bf16=cuda,
-        use_cpu=not cuda,
-        report_to="none",
-        disable_tqdm=True,
+        **_trainer_args(spec, cuda),
         gradient_checkpointing=spec["gradient_checkpointing"],
         padding_free=True,
         max_length=None,  # already truncated to seq_len; TRL refuses max_length with padding_free and no packing

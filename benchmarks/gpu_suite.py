@@ -377,14 +377,12 @@ def markdown(rows: list[dict]) -> str:
         lines += [f"## Profile of one engine step ({r['case']})", "",
                   f"wall {r.get('wall_ms_per_step')} ms/step, process CPU {r.get('process_cpu_ms_per_step')} ms/step "
                   f"({r.get('cpu_cores_busy')} cores busy), kernel launches {r.get('kernel_launches_per_step')}/step, "
-                  f"GPU idle {r.get('gpu_idle_share')}", "",
-                  "| top CUDA kernels | ms/step | calls/step |", "|---|---:|---:|"]
-        lines += [f"| `{k['name']}` | {k['self_ms_per_step']} | {k['calls_per_step']} |"
-                  for k in r.get("top_cuda_kernels", [])[:10]]
-        lines += ["", "| top CPU ops | ms/step | calls/step |", "|---|---:|---:|"]
-        lines += [f"| `{k['name']}` | {k['self_ms_per_step']} | {k['calls_per_step']} |"
-                  for k in r.get("top_cpu_ops", [])[:10]]
-        lines.append("")
+                  f"GPU idle {r.get('gpu_idle_share')}", ""]
+        for title, key in (("top CUDA kernels", "top_cuda_kernels"), ("top CPU ops", "top_cpu_ops")):
+            lines += [f"| {title} | ms/step | calls/step |", "|---|---:|---:|"]
+            lines += [f"| `{k['name']}` | {k['self_ms_per_step']} | {k['calls_per_step']} |"
+                      for k in r.get(key, [])[:10]]
+            lines.append("")
     memory = [r for r in rows if r["section"] == "memory"]
     if memory:
         lines += ["## Memory: estimate against the engine's own runs", "",
