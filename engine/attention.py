@@ -72,11 +72,18 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     if bounds is None or attention_mask is not None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal)
-    outs = [
-        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                               dropout=dropout, scaling=scaling, is_causal=True)[0]
-        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
-    ]
+    window = kwargs.get("sliding_window")
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b <= a:
+            continue
+        mask = None
+        if window and b - a > window:  # Mistral-style sliding window: each token sees the last `window`
+            pos = torch.arange(b - a, device=query.device)
+            distance = pos[:, None] - pos[None, :]
+            mask = (distance >= 0) & (distance < window)
+        outs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask,
+                                           dropout=dropout, scaling=scaling, is_causal=mask is None)[0])
     return torch.cat(outs, dim=1), None
 
 
@@ -111,6 +118,12 @@ def varlen_torch_attention(module, query, key, value, attention_mask, dropout=0.
         return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout,
                                      scaling=scaling, is_causal=is_causal, **kwargs)
     varlen_attn, causal = fn
+    window = kwargs.get("sliding_window")
+    if window:
+        if "window_size" not in causal:  # this torch's kernel takes no window: per example instead
+            return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout,
+                                         scaling=scaling, is_causal=is_causal, **kwargs)
+        causal = {"window_size": (window - 1, 0)}
     max_len = kwargs.get("max_length_q")
     if max_len is None:
         max_len = int((cu[1:] - cu[:-1]).max())

@@ -126,3 +126,33 @@ def test_planning_a_gpu_run_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     _, imported_before, agrees = out.stdout.split()
     assert imported_before == "False" and agrees == "True"
+
+
+def test_per_example_sdpa_keeps_a_sliding_window_exact():
+    """Mistral-style sliding windows: an example longer than the window sees only the last `window`
+    tokens, in the packed kernel as in transformers' own masked path."""
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from engine.attention import PACKED_BOUNDS_KEY, register_kernels
+
+    register_kernels()
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=50, sliding_window=5, use_cache=False)
+    torch.manual_seed(0)
+    lengths = (12, 4, 9)
+    ids = [torch.randint(0, 50, (n,)) for n in lengths]
+
+    def model(attn):
+        torch.manual_seed(1)
+        config._attn_implementation = attn
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+    with torch.no_grad():
+        alone = [model("sdpa")(input_ids=x[None]).logits[0] for x in ids]
+        bounds = (0, 12, 16, 25)
+        packed = model(PACKED_SDPA)(input_ids=torch.cat(ids)[None],
+                                    position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                                    **{PACKED_BOUNDS_KEY: bounds}).logits[0]
+    for (a, b), want in zip(zip(bounds[:-1], bounds[1:]), alone):
+        torch.testing.assert_close(packed[a:b], want, atol=1e-5, rtol=1e-4)
