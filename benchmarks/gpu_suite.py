@@ -62,7 +62,7 @@ MEMORY_MATRIX = [
     "Llama-3.2-1B:4096:2:ckpt:all:16:attn=sdpa_packed",        # per-example SDPA (varlen ruled out)
     "Llama-3.2-1B:2048:2:ckpt:all:16:attn=eager",              # eager attention (dense scores)
     "Llama-3.1-8B:4096:2:nockpt:all:16:liger=on",              # Liger on ...
-    "Llama-3.1-8B:4096:2:nockpt:all:16:liger=off",             # ... and off, same settings
+    "Llama-3.1-8B:4096:2:nockpt:all:16:liger=off",             # ... and off: same data and seed, so equal losses
 ]
 """At least one case per family (Llama, Qwen, Mistral, Gemma, Phi), 0.5B to 8B, sequence 512 to
 8,192, micro batch 1 to 8, checkpointing on and off, q,v and all-linear, rank 8 to 64, nf4 and
@@ -386,13 +386,16 @@ def markdown(rows: list[dict]) -> str:
     memory = [r for r in rows if r["section"] == "memory"]
     if memory:
         lines += ["## Memory: estimate against the engine's own runs", "",
-                  "| case | attention | estimate reserved GiB | measured reserved GiB | error | allocated est/meas GiB | device error | status |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+                  "| case | attention | estimate reserved GiB | measured reserved GiB | error | allocated est/meas GiB "
+                  "| device error | tok/s | final loss | status |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in memory:
             lines.append(f"| {r['case']} | {r.get('attn') or ''} | {_gib(r.get('estimate_reserved'))} | "
                          f"{_gib(r.get('peak_reserved'))} | {_pct(r.get('reserved_error'))} | "
                          f"{_gib(r.get('estimate_allocated'))} / {_gib(r.get('peak_allocated'))} | "
-                         f"{_pct(r.get('device_error'))} | {r.get('status') or r.get('skipped', '')} |")
+                         f"{_pct(r.get('device_error'))} | {r.get('median_tokens_per_s') or 0:,.0f} | "
+                         f"{'' if r.get('final_loss') is None else format(r['final_loss'], '.4f')} | "
+                         f"{r.get('status') or r.get('skipped', '')} |")
         lines.append("")
     return "\n".join(lines)
 
