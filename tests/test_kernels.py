@@ -156,3 +156,18 @@ def test_per_example_sdpa_keeps_a_sliding_window_exact():
                                     **{PACKED_BOUNDS_KEY: bounds}).logits[0]
     for (a, b), want in zip(zip(bounds[:-1], bounds[1:]), alone):
         torch.testing.assert_close(packed[a:b], want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_varlen_kernel_that_fails_its_check_hands_over_to_per_example_sdpa_and_says_why():
+    """At the start of a GPU run PyTorch's varlen kernel is checked against per-example SDPA; where
+    it cannot run (here: no GPU at all) the run uses per-example SDPA and the start event says why."""
+    from engine.train import _checked_plan
+
+    plan = plan_device(preset(packing=True), [H100], "llama")
+    if plan.attn_implementation != VARLEN_TORCH:
+        pytest.skip("this torch has no varlen kernel with grouped heads")
+    checked = _checked_plan(plan)
+    assert checked.attn_implementation == PACKED_SDPA
+    assert checked.kernels_note.startswith(
+        "SDPA per example (packed rows, no mask), because PyTorch's varlen kernel failed its check on this GPU (")
+    assert checked.kernels_note.endswith(plan.kernels_note.split("; ", 1)[1])
