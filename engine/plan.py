@@ -153,6 +153,24 @@ def with_init_adapter(preset: Preset) -> Preset:
     return preset.model_copy(update={"lora": lora})
 
 
+def report_to(preset: Preset) -> list[str]:
+    """transformers' ``report_to`` for ``training.report_to``: auto is tensorboard where the tensorboard
+    package is installed (the tensorboard extra), else nothing; a named one must be installed."""
+    import importlib.util
+
+    choice = preset.training.report_to
+    if choice == "none":
+        return []
+    installed = importlib.util.find_spec("tensorboard" if choice == "auto" else choice) is not None
+    if choice == "auto":
+        return ["tensorboard"] if installed else []
+    if not installed:
+        extra = "pip install 'qlora-wizard[tensorboard]'" if choice == "tensorboard" else f"pip install {choice}"
+        raise UserError(f"training.report_to: {choice} needs the {choice} package, which is not installed",
+                        f"install it ({extra}) or set training.report_to: none")
+    return [choice]
+
+
 def resolve_targets(preset: Preset, info) -> tuple[str, ...]:
     """The layer names LoRA adapts: the preset's list (checked against the model) or all block linears."""
     targets = preset.lora.targets

@@ -205,6 +205,13 @@ class TrainingSettings(_Section):
     )
     save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
     save_total_limit: int = Field(3, ge=1, le=1000, description="Keep at most this many checkpoints.")
+    report_to: Literal["auto", "tensorboard", "wandb", "none"] = Field(
+        "auto",
+        description="Where the trainer also logs its curves, besides events.jsonl: tensorboard writes "
+        "RUN_DIR/tensorboard/ (view it with `tensorboard --logdir RUN_DIR/tensorboard`), wandb sends them to "
+        "Weights & Biases (needs wandb and its login); auto is tensorboard when the tensorboard package is "
+        "installed (the tensorboard extra), else none.",
+    )
 
 
 class OutputSettings(_Section):

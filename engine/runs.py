@@ -1,7 +1,8 @@
 """Runs: a directory plus a detached process.
 
 ``runs/<name>/`` holds ``preset.yaml`` (the settings, exactly as run), ``events.jsonl``,
-``train.log`` (the process's own output), ``checkpoints/`` and, at the end, ``adapter/``.
+``train.log`` (the process's own output), ``checkpoints/``, ``tensorboard/`` (with ``training.report_to``)
+and, at the end, ``adapter/``.
 ``process.json`` records the training process so a reader can tell running from crashed.
 
 The process is started in its own session (``start_new_session``) with no terminal attached: a
@@ -45,6 +46,8 @@ LOG_FILE = "train.log"
 LOCK_FILE = "train.lock"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
+TENSORBOARD_DIR = "tensorboard"
+"""Where the trainer's TensorBoard event files go (``training.report_to``)."""
 
 
 def slug(text: str) -> str:

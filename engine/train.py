@@ -33,6 +33,7 @@ from engine.preset import Preset, load_preset
 from engine.runs import (
     ADAPTER_DIR,
     FULL_DISK_BYTES,
+    TENSORBOARD_DIR,
     RunLock,
     checkpoint_step,
     free_bytes,
@@ -375,6 +376,8 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
     """transformers TrainingArguments for this preset and device."""
     from transformers import TrainingArguments
 
+    from engine.plan import report_to
+
     t = preset.training
     optim = TRANSFORMERS_OPTIMIZER_NAMES.get(t.optimizer, t.optimizer)
     if device_plan.device == "cpu" and optim.startswith("paged"):
@@ -416,12 +419,24 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
         dataloader_num_workers=1 if cuda else 0,
         dataloader_pin_memory=cuda,
         dataloader_persistent_workers=cuda,
-        report_to="none",
+        # training.report_to; TensorBoard's folder is set on its callback (_log_tensorboard_to), as
+        # transformers 5 has no logging_dir argument.
+        report_to=report_to(preset) or "none",
         disable_tqdm=True,
         save_only_model=False,
         # Keep evaluation from holding every logit (batch x seq x vocab) on the device.
         prediction_loss_only=True,
     )
+
+
+def _log_tensorboard_to(trainer, run_dir: Path) -> None:
+    """Point transformers' TensorBoard callback (when ``report_to`` has one) at ``RUN_DIR/tensorboard``
+    instead of a time-stamped folder under the checkpoints."""
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback):
+            cb.logging_dir = str(run_dir / TENSORBOARD_DIR)
 
 
 TRAINED_POSITIONS_KEY = "trained_positions"
@@ -631,6 +646,9 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
 
     preset = with_init_adapter(load_preset(run_dir / "preset.yaml"))
     state["preset"] = preset
+    from engine.plan import report_to
+
+    report_to(preset)  # a logger that is not installed is said now, not after the model has loaded
 
     # 1. The data, checked before anything heavy loads, so a bad line is reported within seconds.
     from engine import data as data_mod
@@ -751,6 +769,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         processing_class=tokenizer,
         callbacks=[callback, *callbacks],
     )
+    _log_tensorboard_to(trainer, run_dir)
     stop.phase = "training"
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     stop.phase = "finishing"

@@ -89,8 +89,9 @@ async def test_finished_run_shows_status_final_loss_full_bar_and_diagnosis(tmp_p
         assert "learning curves: good fit" in text
         assert "CPU" in text and "RSS" in text
         assert "finished at step 80" in text  # the events panel's last line
-        # Nothing to stop: the binding is disabled.
+        # Nothing to stop: the binding is disabled; the finished run's model can be tried.
         assert app.screen.check_action("stop", ()) is None
+        assert "t Try it" in text
         await pilot.press("d")
     assert app.return_value == "finished"
 
@@ -109,6 +110,7 @@ async def test_crashed_run_shows_log_line_and_how_to_resume(tmp_path):
         assert "RuntimeError: CUDA error: an illegal memory access" in text
         assert f"qlora-wizard resume {run_dir}" in text
         assert "step 30/80" in text and "38%" in text
+        assert "Try it" not in text  # no adapter to try
 
 
 async def test_overfitting_run_names_the_best_step(tmp_path):

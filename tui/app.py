@@ -1,4 +1,4 @@
-"""The Textual app: hosts the wizard's screens. ``qlora-wizard attach`` opens it on the run screen.
+"""The Textual apps of ``qlora-wizard attach`` (the run screen) and ``qlora-wizard try`` (the try screen).
 
 The app takes what it reads and does to a run in its constructor (where the events come from, how
 often to look, how to tell the process is alive, how to stop it), so tests feed it a recorded run.
@@ -44,3 +44,22 @@ class RunApp(App[str]):
     def on_mount(self) -> None:
         """Open the run screen."""
         self.push_screen(RunScreen(self.run_dir, **self._screen_args))
+
+
+class TryApp(App[None]):
+    """Tries one finished run: its fine-tuned model against the base model (``qlora-wizard try RUN_DIR``)."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "qlora-wizard"
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        """The run tried."""
+        self.sub_title = f"try {self.run_dir}"
+
+    def on_mount(self) -> None:
+        """Open the try screen (it loads the model in the background)."""
+        from tui.screens.try_model import TryScreen
+
+        self.push_screen(TryScreen(self.run_dir))

@@ -1,7 +1,8 @@
 """The command line: ``qlora-wizard``.
 
-Subcommands plan (``inspect``, ``estimate``, ``lr``) and manage runs (``runs``, ``resume``,
-``stop``); ``--preset FILE`` runs a preset headless. Nothing heavy is imported at module level:
+Subcommands plan (``inspect``, ``estimate``, ``lr``), manage runs (``runs``, ``resume``,
+``stop``) and use a finished one (``try``, ``eval``, ``merge``, ``card``, ``push``, ``plot``);
+``--preset FILE`` runs a preset headless. Nothing heavy is imported at module level:
 ``qlora-wizard --help`` answers without loading torch.
 
 Exit status: 0 success (a run finished), 1 an unexpected failure (a run failed), 2 bad input
@@ -32,6 +33,10 @@ examples:
   qlora-wizard estimate meta-llama/Llama-3.1-8B --micro-batch 1 --grad-accum 16 --gpu-mem 80 --fit
   qlora-wizard lr --preset my.yaml                 the guide's learning rate for your data
   qlora-wizard runs                                every run and its status
+  qlora-wizard try runs/NAME --prompt "..."        the fine-tuned and the base model's answers
+  qlora-wizard eval runs/NAME                      validation loss of base and fine-tuned, side by side
+  qlora-wizard merge runs/NAME --out merged/       the adapter merged into its base, for from_pretrained
+  qlora-wizard push runs/NAME you/my-adapter       the adapter and its model card to the Hub
 """
 
 
@@ -323,6 +328,10 @@ def cmd_runs(args) -> int:
     for r in runs:
         if r.status in ("crashed", "failed") and r.message:
             print(f"{r.name}: {r.message}")
+    finished = [r for r in runs if r.status == "finished"]
+    if finished:
+        print(f"try a finished run beside its base model: qlora-wizard try {finished[0].path}   "
+              f"(then: eval, merge, push, plot)")
     return EXIT_OK
 
 
@@ -464,6 +473,141 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# After the run: try, eval, merge, card, push, plot
+
+
+def _say(line: str) -> None:
+    """Progress on stderr, so that stdout holds only the result (and --json stays parseable)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_try(args) -> int:
+    import importlib.util
+
+    from engine.after import Decoding, TrySession, finished_run
+
+    if args.prompt is None:
+        finished_run(args.run_dir)  # the one-line refusal before any screen opens
+        if importlib.util.find_spec("tui.try_screen") is None:
+            raise UserError("pass --prompt TEXT: the interactive try screen is not in this version",
+                            f'e.g. qlora-wizard try {args.run_dir} --prompt "..."')
+        from tui.try_screen import run_try_app
+
+        return run_try_app(Path(args.run_dir), plain=args.plain)
+    decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p)
+    with TrySession.open(args.run_dir) as session:
+        who = (("fine_tuned", True, f"fine-tuned ({session.run_dir.name}, adapter on)"),
+               ("base", False, f"base ({session.preset.model.source}, adapter off)"))
+        if args.json:
+            out = {"prompt": args.prompt, "rendered": session.render(args.prompt),
+                   "decoding": {"max_new_tokens": decoding.max_new_tokens, "temperature": decoding.temperature,
+                                "top_p": decoding.top_p}}
+            for key, adapter, _ in who:
+                out[key] = session.answer(args.prompt, adapter=adapter, decoding=decoding)
+            _print_json(out)
+            return EXIT_OK
+        for i, (_, adapter, label) in enumerate(who):
+            print(("\n" if i else "") + f"── {label} ──", flush=True)
+            for piece in session.stream(args.prompt, adapter=adapter, decoding=decoding):
+                print(piece, end="", flush=True)
+            print()
+    return EXIT_OK
+
+
+def _cell(text: str, width: int = 48) -> str:
+    """One line of an answer for a table cell."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def cmd_eval(args) -> int:
+    from engine.after import Decoding, evaluate_run
+
+    result = evaluate_run(args.run_dir, generations=args.generations,
+                          decoding=Decoding(max_new_tokens=args.max_new_tokens, temperature=0), progress=_say)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(value, fmt="{:.4f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    c = Console()
+    base, tuned = result["base"], result["fine_tuned"]
+    t = Table(title=f"{Path(args.run_dir).name}: base against fine-tuned on "
+                    f"{result['validation']['examples']:,} validation examples", title_justify="left")
+    for col in ("", "base", "fine-tuned"):
+        t.add_column(col, justify="left" if not col else "right")
+    t.add_row("validation loss", num(base["loss"]), num(tuned["loss"]))
+    t.add_row("perplexity", num(base["perplexity"], "{:,.2f}"), num(tuned["perplexity"], "{:,.2f}"))
+    n = len(result["generations"])
+    if n:
+        t.add_row("answers equal to the reference", f"{result['exact_matches']['base']}/{n}",
+                  f"{result['exact_matches']['fine_tuned']}/{n}")
+    c.print(t)
+    if result["validation"]["examples"] == 0:
+        c.print("the run had no validation split: no losses; the answers are for training examples")
+    if n:
+        g = Table(title=f"answers ({result['generations_from']} examples, greedy)", title_justify="left")
+        for col in ("prompt", "reference", "base", "fine-tuned"):
+            g.add_column(col)
+        for a in result["generations"]:
+            g.add_row(_cell(a["prompt"]), _cell(a["reference"], 24), _cell(a["base"], 24), _cell(a["fine_tuned"], 24))
+        c.print(g)
+    c.print(f"written to {Path(result['run_dir']) / 'eval.json'}", markup=False, highlight=False)
+    return EXIT_OK
+
+
+def cmd_merge(args) -> int:
+    from engine.after import merge_run, plan_merge
+
+    plan = plan_merge(args.run_dir, args.out, args.dtype)
+    print(plan.summary(), flush=True)
+    out = merge_run(plan, progress=_say)
+    print(f"merged model in {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return EXIT_OK
+
+
+def cmd_card(args) -> int:
+    from engine.after import write_card
+
+    path = write_card(args.run_dir, repo_id=args.repo_id, merged=args.merged)
+    print(f"model card written to {path} (the loss curves beside it: {path.parent / 'curves.svg'})")
+    return EXIT_OK
+
+
+def cmd_push(args) -> int:
+    from engine.after import push_run
+
+    url = push_run(args.run_dir, args.repo_id, merged=args.merged, private=args.private, progress=_say)
+    print(f"pushed {'the merged model' if args.merged else 'the adapter'} of {args.run_dir} to {url}")
+    return EXIT_OK
+
+
+def cmd_plot(args) -> int:
+    from engine.after import write_curves
+
+    svg, png = write_curves(args.run_dir, args.out)
+    print(f"loss curves written to {svg} and {png}")
+    return EXIT_OK
+
+
+def _add_decoding(s: argparse.ArgumentParser, temperature: bool = True) -> None:
+    from engine.after.session import Decoding
+
+    d = Decoding()
+    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N",
+                   help=f"longest answer in tokens (default {d.max_new_tokens})")
+    if temperature:
+        s.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
+                       help=f"sampling temperature, 0 for greedy (default {d.temperature:g})")
+        s.add_argument("--top-p", type=float, default=d.top_p, metavar="P",
+                       help=f"nucleus sampling share (default {d.top_p:g})")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -542,6 +686,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plain", action="store_true",
                    help="print one line per event instead of the full-screen view (the default without a terminal)")
     s.set_defaults(func=cmd_attach)
+
+    s = sub.add_parser("try", help="a finished run's answer to a prompt next to its base model's")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--prompt", metavar="TEXT", help="what to ask, laid out as the run's data was (alpaca: a blank "
+                   "line separates the instruction from its input); without it, the interactive screen")
+    _add_decoding(s)
+    s.add_argument("--json", action="store_true", help="print both answers as JSON")
+    s.add_argument("--plain", action="store_true", help="line-by-line prompts instead of the full-screen screen")
+    s.set_defaults(func=cmd_try)
+
+    s = sub.add_parser("eval", help="validation loss and perplexity of base and fine-tuned, and answers against "
+                       "references (writes RUN_DIR/eval.json)")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--generations", type=int, default=5, metavar="N",
+                   help="held-out prompts answered by both models (default 5; greedy)")
+    _add_decoding(s, temperature=False)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("merge", help="merge the adapter into its base (reloaded in 16 bits or fp32) and save a "
+                       "model AutoModelForCausalLM.from_pretrained loads")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the merged model")
+    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="weights of the merged model (default: the run's load dtype: fp32 for a CPU run, "
+                        "the GPU's 16-bit type for a GPU run)")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("card", help="write the run's model card (RUN_DIR/README.md) and its loss curves")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--repo-id", metavar="ORG/NAME", help="the Hub repo the card's load command names")
+    s.add_argument("--merged", metavar="DIR", help="describe this merged folder instead of the adapter")
+    s.set_defaults(func=cmd_card)
+
+    s = sub.add_parser("push", help="upload the adapter (or a merged folder) with its model card to the Hub")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, e.g. you/my-adapter (created if missing)")
+    s.add_argument("--merged", metavar="DIR", help="upload this merged folder (from `merge`) instead")
+    s.add_argument("--private", action="store_true", help="create the repo private")
+    s.set_defaults(func=cmd_push)
+
+    s = sub.add_parser("plot", help="the loss curves as SVG and PNG (RUN_DIR/curves.svg and .png)")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--out", metavar="PATH", help="where to write them (its suffix becomes .svg and .png)")
+    s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("wizard", help="the full-screen wizard (the default with no arguments in a terminal)")
     s.add_argument("preset", nargs="?", metavar="PRESET", help="start from this preset (e.g. presets/tiny-demo.yaml)")

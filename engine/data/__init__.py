@@ -67,8 +67,8 @@ from engine.preset import DataSettings
 
 __all__ = [
     "FORMATS", "BadRecord", "DataStats", "PreparedData", "check_records", "default_data_cache_dir",
-    "detect_format", "load_tokenizer", "prepare_data", "preview", "resolve_data_path", "supervised_count",
-    "tokenizer_fingerprint",
+    "detect_format", "held_out_examples", "load_tokenizer", "prepare_data", "preview", "resolve_data_path",
+    "supervised_count", "tokenizer_fingerprint",
 ]
 
 _DETECT_SAMPLE = 100
@@ -411,6 +411,26 @@ def prepare_data(
             saved.cache_hit = False
             return saved
     return PreparedData(train=train_ds, validation=val_ds, stats=stats, format=fmt, cache_path=None, cache_hit=False)
+
+
+def held_out_examples(settings: DataSettings, seed: int, n: int) -> tuple[str, list[dict], bool]:
+    """Up to ``n`` of the run's validation examples, normalized (not tokenized), from the same split
+    :func:`prepare_data` makes (``data.validation``, or the ``validation_split`` share drawn with
+    ``seed``); where there is no validation set, the last ``n`` training examples instead.
+
+    Returns the format, the examples (dicts in the format's shape) and whether they were held out."""
+    train_src = open_source(settings.train, settings.split, "data.train")
+    val_src = validation_source(settings, train_src)
+    train_loaded, val_loaded, _ = _read_sources(train_src, val_src, settings)
+    if val_loaded is not None:
+        train_ex, val_ex = train_loaded.examples, val_loaded.examples
+    else:
+        train_ex, val_ex = _split(train_loaded.examples, settings.validation_split, seed)
+    if val_ex:
+        return train_loaded.format, [e for _, e in val_ex[:n]], True
+    if settings.max_examples is not None:
+        train_ex = train_ex[: settings.max_examples]
+    return train_loaded.format, [e for _, e in train_ex[-n:]] if n > 0 else [], False
 
 
 def _from_cache(entry: Path) -> PreparedData | None:

@@ -29,6 +29,13 @@ located by rendering the conversation prefix by prefix (the text between "everyt
 the generation prompt" and "everything up to this turn"). Without a chat template they use the
 plain layout ``### System:`` / ``### User:`` / ``### Assistant:``, each header line followed by the
 turn and a blank line, each assistant turn ending with the EOS token.
+
+Trying a trained model (``engine.after``), what a person types is rendered as the prompt part of a
+one-turn example of the run's format (``render_prompt``), exactly as training rendered it: alpaca
+reads a blank line as the end of the instruction and the start of its input; input_output and
+prompt_completion take the text as the input or the prompt; text is continued as it is; a
+conversation is one user turn followed by the assistant's header (the chat template's generation
+prompt).
 """
 
 from __future__ import annotations
@@ -98,6 +105,16 @@ class RecordFormat:
 
     def response_text(self, example: dict) -> str:
         """The text the model is trained to produce (what the drop phrases are matched against)."""
+        raise NotImplementedError
+
+    def render_prompt(self, prompt: str, tokenizer, adds_bos: bool) -> Rendered:
+        """What a person typed as the model sees it in a one-turn exchange: the prompt part of
+        ``render`` exactly as training rendered it, up to where the response starts (no spans)."""
+        raise NotImplementedError
+
+    def typed_prompt(self, example: dict) -> tuple[str, str]:
+        """An example as (what a person would type, the reference answer): ``render_prompt`` of the
+        first gives the prompt part of the example as trained (its first exchange, for conversations)."""
         raise NotImplementedError
 
 
@@ -195,6 +212,13 @@ class _PromptResponse(RecordFormat):
     def response_text(self, example: dict) -> str:
         return example[self.response_key]
 
+    def one_turn(self, prompt: str) -> dict:
+        """The example whose prompt fields hold what a person typed (the response empty)."""
+        raise NotImplementedError
+
+    def render_prompt(self, prompt: str, tokenizer, adds_bos: bool) -> Rendered:
+        return Rendered(self.prompt(self.one_turn(prompt)), [], adds_bos, False)
+
 
 @register
 class Alpaca(_PromptResponse):
@@ -216,6 +240,15 @@ class Alpaca(_PromptResponse):
         template = ALPACA_TEMPLATE if example["input"].strip() else ALPACA_TEMPLATE_NO_INPUT
         return template.format(instruction=example["instruction"], input=example["input"])
 
+    def one_turn(self, prompt: str) -> dict:
+        # A blank line separates the instruction from its input, as the template itself does.
+        instruction, _, rest = prompt.partition("\n\n")
+        return {"instruction": instruction, "input": rest, "output": ""}
+
+    def typed_prompt(self, example: dict) -> tuple[str, str]:
+        typed = example["instruction"] + (f"\n\n{example['input']}" if example["input"].strip() else "")
+        return typed, example["output"]
+
 
 @register
 class InputOutput(_PromptResponse):
@@ -229,6 +262,12 @@ class InputOutput(_PromptResponse):
     def prompt(self, example: dict) -> str:
         return INPUT_OUTPUT_TEMPLATE.format(input=example["input"])
 
+    def one_turn(self, prompt: str) -> dict:
+        return {"input": prompt, "output": ""}
+
+    def typed_prompt(self, example: dict) -> tuple[str, str]:
+        return example["input"], example["output"]
+
 
 @register
 class PromptCompletion(_PromptResponse):
@@ -241,6 +280,12 @@ class PromptCompletion(_PromptResponse):
 
     def prompt(self, example: dict) -> str:
         return example["prompt"]
+
+    def one_turn(self, prompt: str) -> dict:
+        return {"prompt": prompt, "completion": ""}
+
+    def typed_prompt(self, example: dict) -> tuple[str, str]:
+        return example["prompt"], example["completion"]
 
 
 @register
@@ -267,6 +312,16 @@ class Text(RecordFormat):
 
     def response_text(self, example: dict) -> str:
         return example["text"]
+
+    def render_prompt(self, prompt: str, tokenizer, adds_bos: bool) -> Rendered:
+        return Rendered(prompt, [], adds_bos, False)  # plain text: the model continues it
+
+    def typed_prompt(self, example: dict) -> tuple[str, str]:
+        # No prompt in a text: its first third (at a space) is the start, the rest the continuation.
+        text = example["text"]
+        cut = text.rfind(" ", 0, max(1, len(text) // 3) + 1)
+        cut = cut if cut > 0 else max(1, len(text) // 3)
+        return text[:cut], text[cut:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +383,20 @@ class _Conversation(RecordFormat):
 
     def response_text(self, example: dict) -> str:
         return "\n".join(c for r, c in example["messages"] if r == "assistant")
+
+    def render_prompt(self, prompt: str, tokenizer, adds_bos: bool) -> Rendered:
+        messages = [{"role": "user", "content": prompt}]
+        if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template:
+            return Rendered(_apply_template(tokenizer, messages, add_generation_prompt=True), [], False, False)
+        return Rendered(PLAIN_TURN_HEADERS["user"] + prompt + PLAIN_TURN_END + PLAIN_TURN_HEADERS["assistant"],
+                        [], adds_bos, False)
+
+    def typed_prompt(self, example: dict) -> tuple[str, str]:
+        # The first exchange: the last user turn before the first answer, and that answer.
+        messages = example["messages"]
+        first = next(i for i, (role, _) in enumerate(messages) if role == "assistant")
+        user = next((c for r, c in reversed(messages[:first]) if r == "user"), "")
+        return user, messages[first][1]
 
 
 @register

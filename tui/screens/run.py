@@ -3,7 +3,7 @@
 A thread worker polls the events file (``engine.events.EventTail``), whether the process is alive
 and the tail of ``train.log``, and posts one message per poll that found something new; the
 handlers own every widget. Keys: ``s`` stop (after a confirmation), ``d``/``q`` detach (the run
-goes on), ``l`` the whole log.
+goes on), ``l`` the whole log, and once the run has finished ``t`` tries its model (the try screen).
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ class RunScreen(Screen[None]):
         Binding("s", "stop", "Stop", tooltip="Save a checkpoint and end the run (asks first)"),
         Binding("d", "detach", "Detach", tooltip="Leave; the run goes on in the background"),
         Binding("l", "show_log", "Log", tooltip="The tail of train.log"),
+        Binding("t", "try_model", "Try it", tooltip="Prompt the fine-tuned model next to the base model"),
         Binding("q", "detach", "Quit", tooltip="Same as detach: the run goes on"),
     ]
 
@@ -154,6 +155,8 @@ class RunScreen(Screen[None]):
     """Whether the training process is alive (``s`` is enabled only then)."""
     stopping: reactive[bool] = reactive(False, bindings=True)
     """Whether a stop was asked for and the run has not ended yet."""
+    finished: reactive[bool] = reactive(False, bindings=True)
+    """Whether the run's end event says ``finished`` (``t`` shows only then)."""
 
     def __init__(
         self,
@@ -254,6 +257,7 @@ class RunScreen(Screen[None]):
         self.status = self.history.status(message.alive)
         if self.history.end is not None:
             self.stopping = False
+        self.finished = self.history.end is not None and self.history.end.status == "finished"
         self._schedule_show()
 
     def _schedule_show(self) -> None:
@@ -362,9 +366,12 @@ class RunScreen(Screen[None]):
     # ---- actions ----------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """``s`` applies only to a running process not already asked to stop (dimmed otherwise)."""
+        """``s`` applies only to a running process not already asked to stop (dimmed otherwise); ``t`` shows
+        only once the run has finished."""
         if action == "stop":
             return True if self.running and not self.stopping else None
+        if action == "try_model":
+            return self.finished
         return True
 
     def action_stop(self) -> None:
@@ -388,6 +395,12 @@ class RunScreen(Screen[None]):
     def action_detach(self) -> None:
         """Leave; the training process goes on in its own session."""
         self.app.exit("detached" if self.status in ("running", "starting") else self.status)
+
+    def action_try_model(self) -> None:
+        """Open the try screen on this run's model (``escape`` there comes back here)."""
+        from tui.screens.try_model import TryScreen
+
+        self.app.push_screen(TryScreen(self.run_dir))
 
     def action_show_log(self) -> None:
         """Open the tail of ``train.log``."""
