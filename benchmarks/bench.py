@@ -173,6 +173,19 @@ def flops_per_token(model_dir: Path, lora_r: int, lengths: list[int]) -> dict:
 # The plain recipe (a worker process)
 
 
+def _recorder(steps: list[dict], counter: dict):
+    """A TrainerCallback that appends each logged step's loss, time and token counts to ``steps``."""
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                steps.append({"step": state.global_step, "time": time.time(), "loss": float(logs["loss"]),
+                              "tokens": counter["tokens"], "padded": counter["padded"]})
+
+    return Recorder()
+
+
 def _trainer_args(spec: dict, cuda: bool) -> dict:
     """The TrainingArguments both baselines share: the engine's batch, schedule, optimizer and seed."""
     return dict(
@@ -203,7 +216,7 @@ def plain_worker(spec: dict, out: Path) -> None:
     import transformers
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                              Trainer, TrainerCallback, TrainingArguments)
+                              Trainer, TrainingArguments)
 
     transformers.logging.set_verbosity_error()
     cuda = torch.cuda.is_available()
@@ -226,12 +239,6 @@ def plain_worker(spec: dict, out: Path) -> None:
     steps: list[dict] = []
     counter = {"tokens": 0, "padded": 0}
 
-    class Recorder(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                steps.append({"step": state.global_step, "time": time.time(), "loss": float(logs["loss"]),
-                              "tokens": counter["tokens"], "padded": counter["padded"]})
-
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, *args, **kwargs):
             counter["tokens"] += int(inputs["attention_mask"].sum())
@@ -242,7 +249,7 @@ def plain_worker(spec: dict, out: Path) -> None:
     trainer = CountingTrainer(
         model=model, args=args, train_dataset=train,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"),
-        callbacks=[Recorder()],
+        callbacks=[_recorder(steps, counter)],
     )
     train_start = time.time()
     trainer.train()
@@ -280,7 +287,7 @@ def trl_worker(spec: dict, out: Path) -> None:
     import torch
     import transformers
     from peft import LoraConfig
-    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
     transformers.logging.set_verbosity_error()
@@ -311,12 +318,6 @@ def trl_worker(spec: dict, out: Path) -> None:
     )
     steps: list[dict] = []
     counter = {"tokens": 0, "padded": 0}
-
-    class Recorder(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                steps.append({"step": state.global_step, "time": time.time(), "loss": float(logs["loss"]),
-                              "tokens": counter["tokens"], "padded": counter["padded"]})
 
     class CountingTrainer(SFTTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
@@ -349,7 +350,7 @@ def trl_worker(spec: dict, out: Path) -> None:
                                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
             peft_config=LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
                                    target_modules=spec["targets"], bias="none", task_type="CAUSAL_LM"),
-            callbacks=[Recorder()],
+            callbacks=[_recorder(steps, counter)],
         )
     finally:
         sft_module.get_peft_model = make_peft_model

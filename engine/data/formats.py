@@ -213,8 +213,12 @@ class _PromptResponse(RecordFormat):
         return example[self.response_key]
 
     def one_turn(self, prompt: str) -> dict:
-        """The example whose prompt fields hold what a person typed (the response empty)."""
-        raise NotImplementedError
+        """The example whose prompt field holds what a person typed (the response empty); formats with
+        several prompt fields say how a typed prompt splits into them."""
+        return {self.fields[0]: prompt, self.response_key: ""}
+
+    def typed_prompt(self, example: dict) -> tuple[str, str]:
+        return example[self.fields[0]], example[self.response_key]
 
     def render_prompt(self, prompt: str, tokenizer, adds_bos: bool) -> Rendered:
         return Rendered(self.prompt(self.one_turn(prompt)), [], adds_bos, False)
@@ -262,12 +266,6 @@ class InputOutput(_PromptResponse):
     def prompt(self, example: dict) -> str:
         return INPUT_OUTPUT_TEMPLATE.format(input=example["input"])
 
-    def one_turn(self, prompt: str) -> dict:
-        return {"input": prompt, "output": ""}
-
-    def typed_prompt(self, example: dict) -> tuple[str, str]:
-        return example["input"], example["output"]
-
 
 @register
 class PromptCompletion(_PromptResponse):
@@ -280,12 +278,6 @@ class PromptCompletion(_PromptResponse):
 
     def prompt(self, example: dict) -> str:
         return example["prompt"]
-
-    def one_turn(self, prompt: str) -> dict:
-        return {"prompt": prompt, "completion": ""}
-
-    def typed_prompt(self, example: dict) -> tuple[str, str]:
-        return example["prompt"], example["completion"]
 
 
 @register
