@@ -186,6 +186,21 @@ def _recorder(steps: list[dict], counter: dict):
     return Recorder()
 
 
+def _per_step_tokens_and_peak(steps: list[dict], cuda: bool) -> dict:
+    """Turn the recorder's running token totals into per-step counts (in place); the run's peak memory."""
+    import resource
+
+    import torch
+
+    prev_t, prev_p = 0, 0
+    for s in steps:
+        s["tokens"], prev_t = s["tokens"] - prev_t, s["tokens"]
+        s["padded"], prev_p = s["padded"] - prev_p, s["padded"]
+    if cuda:
+        return {"peak_reserved": torch.cuda.max_memory_reserved(), "peak_allocated": torch.cuda.max_memory_allocated()}
+    return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
 def _trainer_args(spec: dict, cuda: bool) -> dict:
     """The TrainingArguments both baselines share: the engine's batch, schedule, optimizer and seed."""
     return dict(
@@ -209,7 +224,6 @@ def _trainer_args(spec: dict, cuda: bool) -> dict:
 
 def plain_worker(spec: dict, out: Path) -> None:
     """The plain recipe as tutorials write it, with a callback that only records time, tokens and loss."""
-    import resource
 
     import datasets
     import torch
@@ -253,13 +267,7 @@ def plain_worker(spec: dict, out: Path) -> None:
     )
     train_start = time.time()
     trainer.train()
-    # Per-step tokens from the running totals.
-    prev_t, prev_p = 0, 0
-    for s in steps:
-        s["tokens"], prev_t = s["tokens"] - prev_t, s["tokens"]
-        s["padded"], prev_p = s["padded"] - prev_p, s["padded"]
-    mem = ({"peak_reserved": torch.cuda.max_memory_reserved(), "peak_allocated": torch.cuda.max_memory_allocated()}
-           if cuda else {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    mem = _per_step_tokens_and_peak(steps, cuda)
     out.write_text(json.dumps({"train_start": train_start, "started": started, "steps": steps, **mem,
                                "elapsed_s": time.time() - started}))
 
@@ -281,7 +289,6 @@ def trl_worker(spec: dict, out: Path) -> None:
     put back to their fp32 values as created after TRL casts them to bf16 for quantized models (the engine and the
     plain recipe train fp32 adapters, and bf16 ones train different losses)."""
     import importlib.util
-    import resource
 
     import datasets
     import torch
@@ -367,12 +374,7 @@ def trl_worker(spec: dict, out: Path) -> None:
         torch.cuda.reset_peak_memory_stats()
     train_start = time.time()
     trainer.train()
-    prev_t, prev_p = 0, 0
-    for s in steps:
-        s["tokens"], prev_t = s["tokens"] - prev_t, s["tokens"]
-        s["padded"], prev_p = s["padded"] - prev_p, s["padded"]
-    mem = ({"peak_reserved": torch.cuda.max_memory_reserved(), "peak_allocated": torch.cuda.max_memory_allocated()}
-           if cuda else {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    mem = _per_step_tokens_and_peak(steps, cuda)
     import trl
 
     out.write_text(json.dumps({"train_start": train_start, "started": started, "steps": steps, **mem,
