@@ -103,6 +103,17 @@ class StartEvent(Event):
     resume_requested: bool = False
     pid: int | None = None
     versions: dict = field(default_factory=dict)
+    world: dict | None = None
+    """Several processes (``engine.distributed``): ``strategy``, ``reason``, ``world_size``,
+    ``procs_per_node``, ``nodes``, ``device``, ``describe`` (``2 GPUs``); None for one process."""
+
+    @property
+    def world_words(self) -> str | None:
+        """``2 GPUs, DDP`` for a multi-process run; None for one process."""
+        if not self.world:
+            return None
+        strategy = str(self.world.get("strategy") or "").upper()
+        return f"{self.world.get('describe') or self.world.get('world_size')}, {strategy}".rstrip(", ")
 
     @property
     def model_source(self) -> str:
@@ -154,6 +165,9 @@ class StepEvent(Event):
     """CUDA: the device's used bytes as nvidia-smi counts them."""
     mem_rss: int | None = None
     """CPU: the process's resident bytes."""
+    ranks: list | None = None
+    """Several processes: each rank's ``{"rank", "tokens", "mem_*"}`` now; the ``mem_*`` fields above
+    are then the highest of any rank and ``tokens`` the sum."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +229,11 @@ class EndEvent(Event):
     peak_rss: int | None = None
     estimate_total: int | None = None
     estimate_reserved: int | None = None
+    ranks: list | None = None
+    """Several processes: each rank's peak memory (``{"rank", "peak_*"}``); the ``peak_*`` fields above
+    are then the highest of any rank."""
+    failed_rank: int | None = None
+    """The rank whose death or failure ended a multi-process run."""
 
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.kind: cls for cls in
@@ -258,13 +277,28 @@ class EventWriter:
     """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
+        import threading
+
         self.path = Path(run_dir) / EVENTS_FILE
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._torn = False
+        self._lock = threading.Lock()
+        self.ended = False
+        """An ``end`` event was written: the process's last word; later ones are dropped (a watchdog
+        thread and the training thread may both try to end a multi-process run)."""
 
-    def emit(self, kind: str, **payload: Any) -> Event:
+    def emit(self, kind: str, **payload: Any) -> Event | None:
         """Write one event of ``kind`` with these fields and return it; ``OSError`` when the file cannot
-        take it. A field the kind does not have is a ``TypeError``: a misspelt key never reaches readers."""
+        take it. A field the kind does not have is a ``TypeError``: a misspelt key never reaches readers.
+        Nothing is written after the ``end`` event (None is returned)."""
+        with self._lock:
+            if self.ended:
+                return None
+            event = self._write(kind, payload)
+            self.ended = kind == "end"
+            return event
+
+    def _write(self, kind: str, payload: dict) -> Event:
         event = EVENT_TYPES[kind](time=time.time(), **payload)
         line = (json.dumps(event.to_json(), separators=(",", ":")) + "\n").encode("utf-8")
         if self._torn:
@@ -288,6 +322,21 @@ class EventWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class NoEvents:
+    """The writer of a rank that writes no events (every rank of a multi-process run but local rank 0):
+    the same calls, checked the same way, nothing written."""
+
+    path = None
+    ended = False
+
+    def emit(self, kind: str, **payload: Any) -> None:
+        """Check the event as ``EventWriter.emit`` would, and drop it."""
+        EVENT_TYPES[kind](time=None, **payload)
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 class EventTail:

@@ -35,6 +35,33 @@ class DevicePlan:
     """Liger Kernel's fused blocks and loss run (``engine.kernels``)."""
     kernels_note: str = ""
     """Which attention and loss kernels run and why, in words (memory step, start event)."""
+    strategy: str = "single"
+    """``single``, ``ddp`` or ``fsdp`` (``engine.distributed.choose_strategy``)."""
+    world_size: int = 1
+    """Processes training the run, on all machines: the effective batch counts them."""
+    nodes: int = 1
+    """Machines."""
+    rank: int = 0
+    """This process's rank among all (0 when planning, and in a single-process run)."""
+    local_rank: int = 0
+    """This process's rank on its machine: the GPU it uses."""
+    strategy_reason: str = ""
+    """Why this strategy, in words."""
+
+    @property
+    def distributed(self) -> bool:
+        """More than one process trains the run."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0."""
+        return self.rank == 0
+
+    @property
+    def fsdp(self) -> bool:
+        """The model is sharded across the ranks (FSDP-QLoRA)."""
+        return self.strategy == "fsdp"
 
 
 SOFTCAPPED_ATTENTION = frozenset({"gemma2"})
@@ -94,20 +121,68 @@ def assumed_gpu(preset: Preset, model_type: str | None = None) -> DevicePlan:
     return plan_device(preset, [GpuInfo(0, "a bf16-capable GPU", 0, 0, (8, 0))], model_type, assumed=True)
 
 
-def steps_per_epoch(examples: int, micro_batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps in one pass over ``examples``, counted as transformers' Trainer counts them."""
+def steps_per_epoch(examples: int, micro_batch_size: int, grad_accum: int, world_size: int = 1) -> int:
+    """Optimizer steps in one pass over ``examples``, counted as transformers' Trainer counts them.
+
+    With several processes accelerate deals the micro batches out in turn (``BatchSamplerShard``,
+    even batches: the last round is filled from the start), so each process sees
+    ceil(batches / world_size) of them, and every optimizer step takes
+    micro batch x accumulation x world size examples."""
     if examples <= 0:
         return 0
-    batches = math.ceil(examples / micro_batch_size)
+    batches = math.ceil(math.ceil(examples / micro_batch_size) / max(1, world_size))
     return max(1, math.ceil(batches / grad_accum))
 
 
-def total_steps(preset: Preset, examples: int) -> int:
+def effective_batch(preset: Preset, world_size: int = 1) -> int:
+    """Examples per optimizer step: micro batch x gradient accumulation x processes (GPUs x machines)."""
+    t = preset.training
+    return t.micro_batch_size * t.gradient_accumulation_steps * max(1, world_size)
+
+
+def total_steps(preset: Preset, examples: int, world_size: int = 1) -> int:
     """Optimizer steps the run will take: ``max_steps`` if set, else epochs x steps per epoch."""
     t = preset.training
     if t.max_steps:
         return t.max_steps
-    return max(1, math.ceil(t.epochs * steps_per_epoch(examples, t.micro_batch_size, t.gradient_accumulation_steps)))
+    spe = steps_per_epoch(examples, t.micro_batch_size, t.gradient_accumulation_steps, world_size)
+    return max(1, math.ceil(t.epochs * spe))
+
+
+def planned_world_size(preset: Preset, gpus: list | None = None) -> int:
+    """The processes a run of ``preset`` would start here (GPUs x machines), for the planners; 1
+    where the preset asks for more GPUs than this machine shows (the run itself refuses that)."""
+    from engine.distributed import plan_world
+
+    try:
+        return plan_world(preset, gpus).size
+    except UserError:
+        return 1
+
+
+def with_world(plan: DevicePlan, preset: Preset, info, world, rank=None, strategy: str | None = None,
+               budget_bytes: int | None = None) -> DevicePlan:
+    """``plan`` for one process of ``world`` (``engine.distributed.World``): its rank, the world's
+    size and the strategy (``strategy`` when already decided, as on resume; else
+    ``engine.distributed.choose_strategy`` against ``budget_bytes`` per GPU)."""
+    from dataclasses import replace
+
+    from engine.distributed import choose_strategy
+
+    if strategy is None:
+        def fits(candidate: str) -> bool | None:
+            if budget_bytes is None or info is None:
+                return None
+            from engine.memory import estimate_training_memory
+
+            trial = replace(plan, strategy=candidate, world_size=world.size)
+            return estimate_training_memory(info, memory_settings(preset, info, trial)).total_bytes <= budget_bytes
+
+        strategy, why = choose_strategy(preset, world, fits)
+    else:
+        why = "as the run began"
+    return replace(plan, strategy=strategy, strategy_reason=why, world_size=world.size, nodes=world.nodes,
+                   rank=getattr(rank, "rank", 0), local_rank=getattr(rank, "local_rank", 0))
 
 
 def with_init_adapter(preset: Preset) -> Preset:
@@ -212,4 +287,7 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         # What engine.train does: the loss a chunk of positions at a time where it can.
         loss_chunk=LOSS_CHUNK_TOKENS if t.chunked_loss and chunked_loss_applies(info.model_type) else None,
         liger=device.liger,
+        # Per GPU: the strategy decides what each GPU holds (engine.memory), the world what it shares.
+        strategy=device.strategy,
+        world_size=device.world_size,
     )

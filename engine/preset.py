@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.errors import UserError
 
@@ -214,6 +214,45 @@ class TrainingSettings(_Section):
     )
 
 
+class DistributedSettings(_Section):
+    """How many GPUs and machines train one run, and how they share the model."""
+
+    gpus: Union[Literal["auto"], int] = Field(
+        "auto",
+        description="GPUs per machine: auto is every GPU this machine shows (CUDA_VISIBLE_DEVICES narrows it); "
+        "a number uses that many. On a machine without a GPU, a number above 1 trains that many CPU processes "
+        "(gloo), which tests the multi-GPU path anywhere.",
+    )
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = Field(
+        "auto",
+        description="single: one GPU. ddp: every GPU holds the whole 4-bit model and trains its share of each "
+        "batch (fastest when the model fits on one). fsdp: the model, adapters and optimizer states are "
+        "sharded across the GPUs (FSDP-QLoRA), for a model too large for one. auto: one GPU when there is "
+        "one, ddp when the model fits on each, fsdp when it fits only sharded.",
+    )
+    nodes: int = Field(
+        1, ge=1, le=1024,
+        description="Machines training together (each runs `qlora-wizard --preset FILE --nodes N --node-rank R "
+        "--master HOST:PORT`); the effective batch is micro batch x accumulation x GPUs x machines.",
+    )
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus_auto_or_count(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v.strip())
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024):
+            return v
+        raise ValueError("must be auto or a number of GPUs from 1 to 1024")
+
+    @model_validator(mode="after")
+    def _strategy_fits_count(self) -> "DistributedSettings":
+        if self.strategy == "single" and (self.nodes > 1 or (isinstance(self.gpus, int) and self.gpus > 1)):
+            raise ValueError("strategy single trains on one GPU of one machine: set gpus: 1 and nodes: 1, "
+                             "or strategy auto, ddp or fsdp")
+        return self
+
+
 class OutputSettings(_Section):
     """Where the run goes."""
 
@@ -243,6 +282,9 @@ class Preset(_Section):
     data: DataSettings = Field(description="The training (and validation) examples.")
     training: TrainingSettings = Field(
         default_factory=TrainingSettings, description="Batch, schedule, optimizer and intervals."
+    )
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings, description="GPUs and machines: one GPU, DDP or FSDP, over one or more machines."
     )
     output: OutputSettings = Field(default_factory=OutputSettings, description="Where the run directory goes.")
 
@@ -317,7 +359,10 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
         else:
             value = err.get("input")
             shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-            problems.append(f"{path} = {shown} is not valid ({_allowed_text(err)})")
+            if isinstance(value, dict) and err["type"] == "value_error":  # a section's own check of its fields together
+                problems.append(f"{path}: {_allowed_text(err)}")
+            else:
+                problems.append(f"{path} = {shown} is not valid ({_allowed_text(err)})")
     # Union errors repeat one problem per branch; keep each once, in order.
     unique = list(dict.fromkeys(problems))
     more = f" (and {len(unique) - 1} more)" if len(unique) > 1 else ""

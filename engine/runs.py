@@ -48,6 +48,8 @@ CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 TENSORBOARD_DIR = "tensorboard"
 """Where the trainer's TensorBoard event files go (``training.report_to``)."""
+RANK_LOGS_DIR = "logs"
+"""Each rank's own log in a multi-process run (``engine.distributed.log_path``)."""
 
 
 def slug(text: str) -> str:
@@ -164,16 +166,20 @@ def _with_absolute_paths(preset: Preset) -> Preset:
     })
 
 
-def launch_run(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path:
+def launch_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_rank: int = 0,
+               master: str | None = None) -> Path:
     """Create a new run and start its training process: the one way every front end starts a run.
 
-    On any failure (the directory is taken, cannot be written, the process cannot start) nothing
-    the attempt created stays behind, and the problem is one :class:`UserError`.
+    Several processes (``distributed``): torchrun starts them; ``node_rank`` and ``master`` place
+    this machine among several. On any failure (the directory is taken, cannot be written, the
+    process cannot start, more GPUs asked for than shown) nothing the attempt created stays
+    behind, and the problem is one :class:`UserError`.
     """
+    launch = launch_for(preset, node_rank, master)  # refused before anything is created
     undo = _Undo()
     run_dir = create_run(preset, run_dir, undo)
     try:
-        start_process(run_dir, undo=undo)
+        start_process(run_dir, undo=undo, launch=launch)
     except BaseException:
         undo.undo()
         raise
@@ -195,7 +201,7 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def _process_start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The kernel's start time of a process, to tell it from a later process that reused its pid."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -244,19 +250,34 @@ class RunLock:
             self.fd = None
 
 
+def launch_for(preset: Preset, node_rank: int = 0, master: str | None = None):
+    """How a run of ``preset`` starts on this machine (``engine.distributed.Launch``): the processes
+    ``distributed.gpus`` x ``distributed.nodes`` ask for against the GPUs it shows; None for one process."""
+    from engine.distributed import Launch, plan_world
+
+    world = plan_world(preset)
+    if not world.distributed:
+        return None
+    return Launch(world, node_rank, master)
+
+
 def start_process(run_dir: str | os.PathLike, resume: bool = False, lock: RunLock | None = None,
-                  undo: _Undo | None = None) -> int:
+                  undo: _Undo | None = None, launch=None) -> int:
     """Start the training process for ``run_dir``, detached in its own session; returns its pid.
 
-    Takes the run's lock (unless the caller holds it already) and hands it to the process. Refuses
-    a directory that is not a run or that is training, and turns every ``OSError`` (the log, the
-    process record) into one line, taking back what it wrote.
+    ``launch`` (``engine.distributed.Launch``): several processes, started by torchrun, which is
+    then the detached process (it holds the lock for its ranks); None: one process,
+    ``python -m engine.train``. Takes the run's lock (unless the caller holds it already) and hands
+    it to the process. Refuses a directory that is not a run or that is training, and turns every
+    ``OSError`` (the log, the process record) into one line, taking back what it wrote.
     """
     run_dir = Path(run_dir).resolve()
     if not (run_dir / PRESET_FILE).exists():
         raise UserError(f"{run_dir} is not a run directory (no {PRESET_FILE})")
     if is_running(run_dir):
         raise UserError(f"{run_dir} is already training", f"follow it with `qlora-wizard attach {run_dir}`")
+    if launch is not None and not launch.world.distributed:
+        launch = None
     own_undo = undo is None
     undo = undo if undo is not None else _Undo()
     own_lock = lock is None
@@ -279,9 +300,17 @@ def start_process(run_dir: str | os.PathLike, resume: bool = False, lock: RunLoc
             raise os_error(exc, "write", log_path) from None
         if log_size is None:
             undo.files.append(log_path)
-        cmd = [sys.executable, "-m", "engine.train", str(run_dir), "--lock-fd", str(lock.fd)]
-        cmd += ["--resume"] if resume else []
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if launch is None:
+            cmd = [sys.executable, "-m", "engine.train", str(run_dir), "--lock-fd", str(lock.fd)]
+            cmd += ["--resume"] if resume else []
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+        else:
+            cmd = launch.command(run_dir, resume=resume)
+            env = dict(os.environ, PYTHONUNBUFFERED="1", **launch.environment())
+            try:
+                (run_dir / RANK_LOGS_DIR).mkdir(exist_ok=True)
+            except OSError as exc:
+                raise os_error(exc, "write", run_dir / RANK_LOGS_DIR) from None
         # The engine package must be importable by the child whatever the current directory is.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -301,8 +330,10 @@ def start_process(run_dir: str | os.PathLike, resume: bool = False, lock: RunLoc
         existed = record.exists()
         try:
             atomic_write_text(record, json.dumps({
-                "pid": proc.pid, "start_time": _process_start_time(proc.pid), "started": time.time(),
-                "resume": resume, "command": cmd}))
+                "pid": proc.pid, "pgid": proc.pid,  # its own session: its pid is its process group
+                "start_time": process_start_time(proc.pid), "started": time.time(),
+                "resume": resume, "command": cmd,
+                "launch": launch.to_json() if launch is not None else None}))
         except OSError as exc:
             raise os_error(exc, "write", record) from None
         if not existed:
@@ -350,7 +381,7 @@ def is_running(run_dir: str | os.PathLike) -> bool:
     if not pid or not pid_alive(pid):
         return False
     recorded = rec.get("start_time")
-    return recorded is None or _process_start_time(pid) in (None, recorded)
+    return recorded is None or process_start_time(pid) in (None, recorded)
 
 
 def wait_until_exited(run_dir: str | os.PathLike, timeout: float = 30.0) -> bool:
@@ -451,7 +482,29 @@ class Resumed:
     """The raised step target, when one was given."""
 
 
-def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None) -> Resumed:
+def _same_world(run_dir: Path, preset: Preset, master: str | None = None):
+    """The launch a resume uses: the one the run began with (its checkpoints hold that many ranks'
+    states), checked against the GPUs this machine shows now. ``master`` replaces machine 0's address."""
+    from dataclasses import replace
+
+    from engine.distributed import visible_gpus
+    from engine.gpu import probe_gpus
+
+    launch = recorded_launch(run_dir)
+    if launch is None:
+        return None
+    if master is not None:
+        launch = replace(launch, master=master)
+    if launch.world.device == "cuda":
+        shown = len(visible_gpus(probe_gpus()))
+        if shown < launch.world.procs_per_node:
+            raise UserError(f"{run_dir} trained on {launch.world.describe()}; this machine shows {shown} GPU(s)",
+                            f"resume it where {launch.world.procs_per_node} GPUs are visible (its checkpoints "
+                            "hold that many ranks' states)")
+    return launch
+
+
+def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None, master: str | None = None) -> Resumed:
     """Continue a stopped, failed or crashed run from its newest checkpoint in a new training process.
 
     A finished run is refused unless ``max_steps`` raises its target above the steps done: then the
@@ -479,6 +532,7 @@ def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None) -> Resu
         raise UserError(f"--max-steps {max_steps} is not above the {saved} steps this run has saved",
                         f"pick a number above {saved}")
     preset = load_preset(run_dir / PRESET_FILE)
+    launch = _same_world(run_dir, preset, master)
 
     undo = _Undo()
     if not (run_dir / LOCK_FILE).exists():
@@ -502,7 +556,7 @@ def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None) -> Resu
             except OSError as exc:
                 raise os_error(exc, "write", exc.filename or run_dir) from None
         removed = remove_incomplete_checkpoints(run_dir)
-        pid = start_process(run_dir, resume=True, lock=lock, undo=undo)
+        pid = start_process(run_dir, resume=True, lock=lock, undo=undo, launch=launch)
     except BaseException:
         undo.undo()
         if kept is not None and not adapter.exists():
@@ -519,12 +573,34 @@ def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None) -> Resu
 
 
 def stop_run(run_dir: str | os.PathLike, sig: int = signal.SIGTERM) -> bool:
-    """Ask the training process to checkpoint and stop; False if it was not running."""
+    """Ask the training process to checkpoint and stop; False if it was not running.
+
+    A multi-process run: the signal goes to each of this machine's ranks (``ranks.json``), which
+    agree on the step to stop at, checkpoint it together and end; not to torchrun, which would
+    give them 30 seconds before killing them. Before the ranks have recorded themselves it goes
+    to torchrun, which passes it on (nothing is trained yet then)."""
+    from engine.distributed import rank_alive, read_ranks
+
     rec = _process_record(Path(run_dir))
     if not rec or not is_running(run_dir):
         return False
-    os.kill(rec["pid"], sig)
+    ranks = [r for r in read_ranks(run_dir) if rank_alive(r)] if rec.get("launch") else []
+    for r in ranks:
+        try:
+            os.kill(r.pid, sig)
+        except ProcessLookupError:
+            pass
+    if not ranks:
+        os.kill(rec["pid"], sig)
     return True
+
+
+def recorded_launch(run_dir: str | os.PathLike):
+    """How the run's newest process was launched (``engine.distributed.Launch``); None for one process."""
+    from engine.distributed import Launch
+
+    rec = _process_record(Path(run_dir)) or {}
+    return Launch.from_json(rec.get("launch"))
 
 
 def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> list[str]:

@@ -25,10 +25,13 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from engine.distributed import Control, Rank, describe_dead
 from engine.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, UserError, first_line, os_error
-from engine.events import EventWriter
+from engine.events import EventWriter, NoEvents
 from engine.preset import Preset, load_preset
 from engine.runs import (
     ADAPTER_DIR,
@@ -124,6 +127,44 @@ def _say(line: str) -> None:
         pass
 
 
+@dataclass
+class RunState:
+    """What one training process knows of its run so far: the callback and every path that ends the
+    run (finished, stopped, abandoned, failed, a rank lost) read and write this one object."""
+
+    rank: Rank = field(default_factory=Rank)
+    """This process's place among the run's processes."""
+    control: Control = None
+    """The ranks' agreement channel (answers locally in a single-process run)."""
+    preset: Any = None
+    """The preset as run (``Preset``), once read."""
+    estimate: Any = None
+    """The memory estimate (``MemoryEstimate``), once made."""
+    callback: Any = None
+    """The events callback, once the trainer exists (it keeps the device's peak)."""
+    device: str = "cpu"
+    device_index: int = 0
+    """The NVML index of this process's GPU."""
+    step: int = 0
+    """The last optimizer step done."""
+    tokens: int = 0
+    """Real tokens this process trained on."""
+    device_used_before: int | None = None
+    """What the GPU held before this process touched it."""
+    writing_adapter: bool = False
+    nonfinite_step: int | None = None
+    last_eval_step: int | None = None
+    stop_agreed: bool = False
+    """Every rank agreed to checkpoint and stop at this step (a stop reached at least one of them)."""
+    ranks: list = field(default_factory=list)
+    """Every rank's ``engine.distributed.RankRecord`` (several processes only)."""
+    watchdog: Any = None
+
+    def __post_init__(self) -> None:
+        if self.control is None:
+            self.control = Control(self.rank)
+
+
 REAL_TOKENS_KEY = "real_tokens"
 """The batch key the engine's collator adds: the micro batch's real tokens, counted on the host."""
 
@@ -134,7 +175,7 @@ def _count_tokens(inputs: dict) -> int:
     return int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
 
 
-def _memory_now(device: str) -> dict:
+def _memory_now(device: str, index: int = 0) -> dict:
     """Memory in use right now: torch's counters and the device total on CUDA, RSS on the CPU."""
     if device == "cuda":
         import torch
@@ -143,7 +184,7 @@ def _memory_now(device: str) -> dict:
             "mem_allocated": torch.cuda.memory_allocated(),
             "mem_reserved": torch.cuda.memory_reserved(),
         }
-        used = _nvml_used_bytes()
+        used = _nvml_used_bytes(index)
         if used is not None:
             out["mem_device_used"] = used
         return out
@@ -169,23 +210,31 @@ def _peak_rss_bytes() -> int:
 _NVML_HANDLE = None
 
 
-def _nvml_used_bytes() -> int | None:
-    """Memory used on GPU 0 as nvidia-smi shows it (includes the CUDA context and managed memory)."""
+def _nvml_index(local_rank: int = 0) -> int:
+    """The NVML index of CUDA device ``local_rank`` (CUDA_VISIBLE_DEVICES renumbers from 0)."""
+    visible = [v.strip() for v in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if v.strip()]
+    if visible and all(v.isdigit() for v in visible) and local_rank < len(visible):
+        return int(visible[local_rank])
+    return local_rank
+
+
+def _nvml_used_bytes(index: int = 0) -> int | None:
+    """Memory used on this process's GPU as nvidia-smi shows it (includes the CUDA context and managed memory)."""
     global _NVML_HANDLE
     try:
         import pynvml
 
         if _NVML_HANDLE is None:
             pynvml.nvmlInit()
-            index = int((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
             _NVML_HANDLE = pynvml.nvmlDeviceGetHandleByIndex(index)
         return int(pynvml.nvmlDeviceGetMemoryInfo(_NVML_HANDLE).used)
     except Exception:
         return None
 
 
-def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: str, run: dict):
-    """A TrainerCallback that turns the trainer's progress into events."""
+def _make_callback(events: EventWriter, stop: _StopFlag, run: RunState):
+    """A TrainerCallback that turns the trainer's progress into events (on the rank that writes them)
+    and a stop asked of any rank into checkpoint-and-stop on all of them at the same step."""
     from transformers import TrainerCallback
 
     class EventsCallback(TrainerCallback):
@@ -198,11 +247,17 @@ def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: 
 
         def on_train_begin(self, args, state, control, **kw):
             self.last_time = time.time()
-            self.last_tokens = counter["tokens"]
+            self.last_tokens = self._all_tokens(run.tokens)
+
+        def _all_tokens(self, mine: int) -> int:
+            return sum(run.control.gather(mine)) if run.rank.distributed else mine
 
         def on_step_end(self, args, state, control, **kw):
-            run["step"] = state.global_step
-            if stop.requested:
+            run.step = state.global_step
+            # Every rank asks every step (a one-integer gloo all-reduce, no GPU sync): a stop that
+            # reached one rank is seen by all before the next step, so they checkpoint the same step.
+            if run.control.any(stop.requested):
+                run.stop_agreed = True
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -212,10 +267,15 @@ def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: 
             if "loss" not in logs:
                 return control
             now = time.time()
-            tokens = counter["tokens"] - self.last_tokens
+            mem = _memory_now(run.device, run.device_index)
+            mine = {"rank": run.rank.rank, "tokens": run.tokens, **mem}
+            every = run.control.gather(mine)  # every rank logs the same steps (the loss is all-reduced)
+            seen = sum(r["tokens"] for r in every)
+            tokens = seen - self.last_tokens
             dt = max(now - self.last_time, 1e-9)
-            self.last_time, self.last_tokens = now, counter["tokens"]
-            mem = _memory_now(device)
+            self.last_time, self.last_tokens = now, seen
+            if run.rank.distributed:
+                mem = {k: max(r.get(k) or 0 for r in every) for k in mem}
             self.peak_device_used = max(self.peak_device_used, mem.get("mem_device_used", 0))
             loss = float(logs["loss"])
             events.emit(
@@ -228,11 +288,12 @@ def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: 
                 grad_norm=logs.get("grad_norm"),
                 tokens=tokens,
                 tokens_per_s=tokens / dt,
-                tokens_seen=counter["tokens"],
+                tokens_seen=seen,
+                ranks=every if run.rank.distributed else None,
                 **mem,
             )
             if not math.isfinite(loss):
-                run["nonfinite_step"] = state.global_step
+                run.nonfinite_step = state.global_step
                 control.should_training_stop = True
             return control
 
@@ -240,7 +301,7 @@ def _make_callback(events: EventWriter, stop: _StopFlag, counter: dict, device: 
             # Time spent validating is not training time: the next step's speed starts from here.
             self.last_time = time.time()
             metrics = metrics or {}
-            run["last_eval_step"] = state.global_step
+            run.last_eval_step = state.global_step
             if "eval_loss" in metrics:
                 events.emit("eval", step=state.global_step, epoch=round(float(state.epoch or 0), 4),
                             eval_loss=float(metrics["eval_loss"]))
@@ -314,16 +375,28 @@ def _load_model(preset: Preset, source: str, device_plan):
         revision=preset.model.revision,
         trust_remote_code=preset.model.trust_remote_code,
     )
+    if device_plan.fsdp:
+        # FSDP-QLoRA as bitsandbytes, peft and accelerate document it: the 4-bit weights are packed
+        # in the compute dtype (FSDP shards only float tensors, and every tensor of a unit must share
+        # a dtype), the model loads in that dtype, and only rank 0 reads the weights from disk
+        # (the others start on the meta device and get them from rank 0 when FSDP wraps the model).
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+        storage = getattr(torch, device_plan.compute_dtype)
+        kwargs["dtype"] = storage
+    else:
+        storage = torch.uint8
     if preset.quantization.method != "none":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=preset.quantization.method,
             bnb_4bit_use_double_quant=preset.quantization.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, device_plan.compute_dtype),
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=storage,
         )
-    if device_plan.device == "cuda":
-        kwargs["device_map"] = {"": 0}
+    if device_plan.device == "cuda" and not device_plan.fsdp:
+        # Each DDP rank holds the whole 4-bit model on its own GPU; FSDP places the shards itself.
+        kwargs["device_map"] = {"": device_plan.local_rank}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if device_plan.liger:
         from engine.kernels import apply_liger
@@ -414,6 +487,7 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
+        **_distributed_args(preset, device_plan),
         # On a GPU, collation runs in a worker and batches come from pinned memory, so the host
         # prepares the next micro batch while the GPU computes; on the CPU a worker only competes.
         dataloader_num_workers=1 if cuda else 0,
@@ -427,6 +501,36 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
         # Keep evaluation from holding every logit (batch x seq x vocab) on the device.
         prediction_loss_only=True,
     )
+
+
+FSDP_CONFIG = {
+    # FSDP-QLoRA as peft's and accelerate's guides configure it (peft docs: accelerate/fsdp.md).
+    "backward_prefetch": "backward_pre",
+    "forward_prefetch": False,
+    "use_orig_params": False,  # with peft's auto-wrap policy (set after the Trainer is built): real savings
+    "cpu_ram_efficient_loading": True,
+    "sync_module_states": True,
+    "offload_params": False,  # speed first; the memory estimate assumes the shards stay on the GPU
+    "state_dict_type": "SHARDED_STATE_DICT",
+}
+"""transformers' ``fsdp_config`` for ``distributed.strategy: fsdp``. Validated on GPUs: not yet."""
+
+
+def _distributed_args(preset: Preset, device_plan) -> dict:
+    """TrainingArguments for several processes: DDP's or FSDP's settings, checkpoints on every
+    machine when there are several (no shared file system assumed)."""
+    if not device_plan.distributed:
+        return {}
+    args = {
+        "ddp_backend": "nccl" if device_plan.device == "cuda" else "gloo",
+        # Every LoRA weight takes part in every step: DDP need not search the graph for unused ones.
+        "ddp_find_unused_parameters": False,
+        "save_on_each_node": device_plan.nodes > 1,
+    }
+    if device_plan.fsdp:
+        args["fsdp"] = "full_shard auto_wrap"
+        args["fsdp_config"] = dict(FSDP_CONFIG)
+    return args
 
 
 def _log_tensorboard_to(trainer, run_dir: Path) -> None:
@@ -489,34 +593,73 @@ def _collator(preset: Preset, tokenizer, device_plan, own_loss: bool = False):
     return _EngineCollator(inner, bounds=preset.training.packing and attn in PACKED_KERNELS, positions=own_loss)
 
 
-def _peak_memory(device: str, callback, used_before: int | None = None) -> dict:
-    """Peak memory of the run: torch's reserved/allocated and the device total on CUDA, RSS on the CPU."""
-    if device == "cuda":
+def _peak_memory(run: RunState, gather: bool = False) -> dict:
+    """Peak memory of the run: torch's reserved/allocated and the device total on CUDA, RSS on the CPU.
+
+    ``gather``: every rank of a multi-process run reaches this point together (finished, stopped):
+    the peaks of all of them, the highest at the top level and each in ``ranks``."""
+    if run.device == "cuda":
         import torch
 
-        return {
+        mine = {
             "peak_reserved": torch.cuda.max_memory_reserved(),
             "peak_allocated": torch.cuda.max_memory_allocated(),
-            "peak_device_used": getattr(callback, "peak_device_used", 0) or None,
-            "device_used_before": used_before,
+            "peak_device_used": getattr(run.callback, "peak_device_used", 0) or None,
+            "device_used_before": run.device_used_before,
         }
-    return {"peak_rss": _peak_rss_bytes()}
+    else:
+        mine = {"peak_rss": _peak_rss_bytes()}
+    if not (gather and run.rank.distributed):
+        return mine
+    try:
+        every = run.control.gather({"rank": run.rank.rank, **mine})
+    except Exception:  # a peer already gone: this rank's own peak is still worth saying
+        return mine
+    top = {k: max((r.get(k) or 0 for r in every), default=0) or None for k in mine}
+    return {**top, "ranks": every}
 
 
-def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), lock_fd: int | None = None) -> int:
+def _lost_rank(run: RunState) -> tuple[str, int] | None:
+    """A rank of this machine that is gone, in words, and its rank; None when all are alive."""
+    if not run.rank.distributed or not run.ranks:
+        return None
+    from engine.distributed import dead_ranks
+
+    dead = dead_ranks(run.ranks)
+    return (describe_dead(dead), dead[0].rank) if dead else None
+
+
+def _end_for_lost_rank(run_dir: Path, events, stop: _StopFlag, run: RunState, started: float, dead: list) -> None:
+    """The watchdog's verdict: another rank of this machine died; end the run as failed, naming it,
+    and leave at once (the collective this process waits in would never return)."""
+    stop.phase = "ending"
+    saved = _clean_up_unfinished(run_dir, run)
+    message = (f"{describe_dead(dead)}; the run cannot go on without it; {saved}; "
+               f"`qlora-wizard resume {run_dir}` continues from the newest checkpoint")
+    _emit(events, "error", message=message, step=run.step)
+    _emit(events, "end", status="failed", message=message, step=run.step, failed_rank=dead[0].rank,
+          elapsed_s=time.time() - started, checkpoint=_str(newest_checkpoint(run_dir)), **_peak_memory(run))
+    _say(f"error: {message}")
+    os._exit(EXIT_FAILED)
+
+
+def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), lock_fd: int | None = None,
+                 launched: bool = False) -> int:
     """Train the run in ``run_dir``; returns the exit status. Never raises for the run's own failures.
 
     ``lock_fd`` is the run's lock handed over by the launcher (``engine.runs.start_process``);
     without one the lock is taken here, and a run that another process trains is refused before
-    anything is written. ``callbacks`` are extra ``TrainerCallback``s (tests use one to look at the
-    weights, or to send signals at exact moments).
+    anything is written. ``launched``: one rank of several started by torchrun, which holds the
+    lock for all of them; only local rank 0 writes events. ``callbacks`` are extra
+    ``TrainerCallback``s (tests use one to look at the weights, or to send signals at exact moments).
     """
     run_dir = Path(run_dir)
+    rank = Rank.from_env() if launched else Rank()
     lock = RunLock(run_dir, lock_fd)
     try:
-        if lock_fd is None:
+        if lock_fd is None and not launched:
             lock.acquire()
-        events = EventWriter(run_dir)
+        events = EventWriter(run_dir) if rank.is_local_main else NoEvents()
     except UserError as exc:
         _say(f"error: {exc.one_line()}")
         lock.release()
@@ -528,47 +671,54 @@ def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), loc
     stop = _StopFlag()
     stop.install()
     started = time.time()
-    state: dict = {"estimate": None, "callback": None, "device": "cpu", "step": 0}
+    run = RunState(rank=rank)
     try:
-        return _train(run_dir, resume, events, stop, started, state, callbacks)
+        return _train(run_dir, resume, events, stop, started, run, callbacks)
     except StopRequested:
         stop.phase = "ending"
         ckpt = newest_checkpoint(run_dir)
         message = (f"stopped before training resumed; {ckpt.name} is as it was" if ckpt and resume
                    else "stopped before training began; nothing to save")
-        _emit(events, "end", status="stopped", signal=stop.signal_name, step=state["step"],
+        _emit(events, "end", status="stopped", signal=stop.signal_name, step=run.step,
               checkpoint=_str(ckpt), message=message, elapsed_s=time.time() - started)
         return EXIT_STOPPED
     except AbandonRequested:
         stop.phase = "ending"
-        saved = _clean_up_unfinished(run_dir, state)
-        doing = "writing the adapter" if state.get("writing_adapter") else f"step {state['step']}"
+        saved = _clean_up_unfinished(run_dir, run)
+        doing = "writing the adapter" if run.writing_adapter else f"step {run.step}"
         message = f"abandoned at {doing} by a {_ordinal(stop.count)} {stop.signal_name}: {saved}"
-        _emit(events, "end", status="stopped", signal=stop.signal_name, step=state["step"], abandoned=True,
+        _emit(events, "end", status="stopped", signal=stop.signal_name, step=run.step, abandoned=True,
               checkpoint=_str(newest_checkpoint(run_dir)), message=message, elapsed_s=time.time() - started,
-              **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
+              **_peak_memory(run))
         return EXIT_STOPPED
     except UserError as exc:
         stop.phase = "ending"
         _emit(events, "error", message=exc.one_line(), bad_input=True)
         _emit(events, "end", status="failed", message=exc.one_line(), elapsed_s=time.time() - started)
         return EXIT_BAD_INPUT
-    except Exception as exc:  # the run's own failure: report it in words, keep the traceback in train.log
+    except Exception as exc:  # the run's own failure: report it in words, keep the traceback in the log
         stop.phase = "ending"
         try:
             traceback.print_exc()
         except OSError:
             pass
-        message, exit_code = _describe_failure(exc, state, run_dir)
+        lost = _lost_rank(run)
+        message, exit_code = _describe_failure(exc, run, run_dir)
+        if lost is not None:  # a collective failed because a peer is gone: that is the cause
+            message = f"{lost[0]}; {message.split('; ', 1)[-1] if '; ' in message else message}"
         _emit(events, "error", message=message, exception=type(exc).__name__)
-        _emit(events, "end", status="failed", message=message, step=state["step"],
+        _emit(events, "end", status="failed", message=message, step=run.step,
               elapsed_s=time.time() - started, checkpoint=_str(newest_checkpoint(run_dir)),
-              **_peak_memory(state["device"], state["callback"], state.get("device_used_before")))
+              failed_rank=lost[1] if lost else (run.rank.rank if run.rank.distributed else None),
+              **_peak_memory(run))
         return exit_code
     finally:
+        if run.watchdog is not None:
+            run.watchdog.stop()
         stop.uninstall()
         events.close()
         lock.release()
+        run.control.close()
 
 
 def _str(path: Path | None) -> str | None:
@@ -587,15 +737,15 @@ def _emit(events: EventWriter, kind: str, **payload) -> None:
         _say(f"could not write the {kind} event to {events.path}: {exc.strerror or exc}; it was: {payload}")
 
 
-def _clean_up_unfinished(run_dir: Path, state: dict) -> str:
+def _clean_up_unfinished(run_dir: Path, run: RunState) -> str:
     """Remove what a cut-short write left (a part-written checkpoint or adapter) and say what is saved."""
     removed = remove_incomplete_checkpoints(run_dir)
-    if state.get("writing_adapter"):
+    if run.writing_adapter:
         shutil.rmtree(run_dir / ADAPTER_PARTIAL, ignore_errors=True)
         removed.append("adapter (part-written)")
     ckpt = newest_checkpoint(run_dir)
     saved_step = checkpoint_step(ckpt) if ckpt else 0
-    step = state["step"]
+    step = run.step
     said = f"saved: {ckpt.name} (step {saved_step})" if ckpt else "nothing saved (no checkpoint yet)"
     if step == saved_step + 1:
         said += f"; step {step} was not saved and resume trains it again"
@@ -606,7 +756,7 @@ def _clean_up_unfinished(run_dir: Path, state: dict) -> str:
     return said
 
 
-def _describe_failure(exc: Exception, state: dict, run_dir: Path) -> tuple[str, int]:
+def _describe_failure(exc: Exception, run: RunState, run_dir: Path) -> tuple[str, int]:
     """A failure in words a person can act on, with what is saved. Removes a checkpoint or adapter
     the failure cut short (it could never be resumed, and a full disk needs the space back)."""
     try:
@@ -617,9 +767,9 @@ def _describe_failure(exc: Exception, state: dict, run_dir: Path) -> tuple[str, 
         oom = False
     oom = oom or "out of memory" in str(exc).lower()
     free = None if oom else _free_bytes_if_full(exc, run_dir)  # before the clean-up frees space
-    saved = _clean_up_unfinished(run_dir, state)
+    saved = _clean_up_unfinished(run_dir, run)
     if oom:
-        advice = _oom_advice(state["preset"], state["estimate"]) if state.get("preset") else ""
+        advice = _oom_advice(run.preset, run.estimate) if run.preset is not None else ""
         return f"the GPU ran out of memory: {advice}; {saved}", EXIT_FAILED
     if free is not None:
         return (f"the disk holding {run_dir} is full ({free / 2**20:.1f} MiB left; what failed is in train.log); "
@@ -639,13 +789,13 @@ def _free_bytes_if_full(exc: BaseException, run_dir: Path) -> int | None:
     return None
 
 
-def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, started: float, state: dict,
+def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float, run: RunState,
            callbacks: tuple = ()) -> int:
-    """The run, top to bottom: data check, tokenizer and data, estimate, model, adapters, Trainer."""
+    """The run, top to bottom: data check, ranks, tokenizer and data, estimate, model, adapters, Trainer."""
     from engine.plan import with_init_adapter
 
     preset = with_init_adapter(load_preset(run_dir / "preset.yaml"))
-    state["preset"] = preset
+    run.preset = preset
     from engine.plan import report_to
 
     report_to(preset)  # a logger that is not installed is said now, not after the model has loaded
@@ -660,19 +810,45 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
 
     transformers.logging.set_verbosity_error()
     from engine.demo import resolve_model_source
+    from engine.distributed import World, visible_gpus
     from engine.gpu import probe_gpus
     from engine.modelinfo import inspect_model, require_weights
-    from engine.plan import memory_settings, plan_device, resolve_targets, steps_per_epoch, total_steps
+    from engine.plan import (memory_settings, plan_device, resolve_targets, steps_per_epoch, total_steps,
+                             with_world)
 
     source = resolve_model_source(preset.model.source)
     info = inspect_model(source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code)
     require_weights(info)
-    gpus = probe_gpus() if torch.cuda.is_available() else []
+    gpus = visible_gpus(probe_gpus()) if torch.cuda.is_available() else []
+    rank = run.rank
+    if gpus and rank.local_rank >= len(gpus):
+        raise UserError(f"rank {rank.rank} was started for GPU {rank.local_rank}, but this machine shows "
+                        f"{len(gpus)} GPU(s)", "start it again with no more processes per machine than GPUs")
+    run.device_index = gpus[rank.local_rank].index if gpus else 0
     # What the device held before this process touched it (driver reserve, other processes), so the
     # end event can tell this run's own footprint from the device total nvidia-smi shows.
-    state["device_used_before"] = _nvml_used_bytes() if gpus else None
-    device_plan = _checked_plan(plan_device(preset, gpus, info.model_type))
-    state["device"] = device_plan.device
+    run.device_used_before = _nvml_used_bytes(run.device_index) if gpus else None
+    mine = gpus[rank.local_rank:rank.local_rank + 1]
+    device_plan = _checked_plan(plan_device(preset, mine, info.model_type))
+    run.device = device_plan.device
+    run.control.start(device_plan.device)
+    strategy = None
+    if rank.distributed:
+        _meet_the_ranks(run_dir, run, events, stop, started)
+        strategy = _strategy_as_begun(run_dir) if resume else None
+        world = World(rank.local_world_size, max(1, rank.world_size // max(1, rank.local_world_size)),
+                      device_plan.device)
+        budget = min(g.free_bytes for g in gpus) if gpus else None
+        if rank.is_main:
+            device_plan = with_world(device_plan, preset, info, world, rank, strategy, budget)
+            decided = (device_plan.strategy, device_plan.strategy_reason)
+        else:
+            decided = None
+        strategy, why = run.control.share(decided)  # rank 0 decides; every rank runs the same
+        device_plan = with_world(device_plan, preset, info, world, rank, strategy)
+        from dataclasses import replace
+
+        device_plan = replace(device_plan, strategy_reason=why)
 
     tokenizer = data_mod.load_tokenizer(preset.model)
     t = preset.training
@@ -685,15 +861,23 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     from engine.memory import estimate_training_memory
 
     estimate = estimate_training_memory(info, memory_settings(preset, info, device_plan))
-    state["estimate"] = estimate
+    run.estimate = estimate
 
-    spe = steps_per_epoch(prepared.stats.examples, t.micro_batch_size, t.gradient_accumulation_steps)
-    steps = total_steps(preset, prepared.stats.examples)
+    world_size = device_plan.world_size
+    spe = steps_per_epoch(prepared.stats.examples, t.micro_batch_size, t.gradient_accumulation_steps, world_size)
+    steps = total_steps(preset, prepared.stats.examples, world_size)
     checkpoint = newest_checkpoint(run_dir) if resume else None
     resumed_from = checkpoint_step(checkpoint) if checkpoint else None
-    state["step"] = resumed_from or 0
+    run.step = resumed_from or 0
     if device_plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    world_json = None
+    if device_plan.distributed:
+        world_json = {**World(rank.local_world_size, device_plan.nodes, device_plan.device).to_json(),
+                      "strategy": device_plan.strategy, "reason": device_plan.strategy_reason,
+                      "describe": World(rank.local_world_size, device_plan.nodes, device_plan.device).describe(),
+                      "backend": "nccl" if device_plan.device == "cuda" else "gloo",
+                      "ranks_file": "ranks.json"}
     events.emit(
         "start",
         preset=preset.model_dump(mode="json"),
@@ -713,6 +897,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         resume_requested=resume,
         pid=os.getpid(),
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
+        world=world_json,
     )
 
     # 2. The model: 4-bit base, LoRA adapters.
@@ -726,9 +911,8 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
     from engine.loss import causal_lm_loss, chunked_loss_applies, decoder_and_head
 
     own_loss = t.chunked_loss and chunked_loss_applies(info.model_type)
-    counter = {"tokens": 0}
-    callback = _make_callback(events, stop, counter, device_plan.device, state)
-    state["callback"] = callback
+    callback = _make_callback(events, stop, run)
+    run.callback = callback
 
     class CountingTrainer(Trainer):
         """Trainer that counts the real tokens of each training micro batch (not evaluation's) and
@@ -738,7 +922,7 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         def training_step(self, model, inputs, *args, **kwargs):
             inputs = dict(inputs)
             tokens = inputs.pop(REAL_TOKENS_KEY, None)
-            counter["tokens"] += _count_tokens(inputs) if tokens is None else tokens
+            run.tokens += _count_tokens(inputs) if tokens is None else tokens
             return super().training_step(model, inputs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -746,18 +930,23 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
             inputs.pop(REAL_TOKENS_KEY, None)  # evaluation batches carry it too
             positions = inputs.pop(TRAINED_POSITIONS_KEY, None)
             decoder, head = (decoder_and_head(self.accelerator.unwrap_model(model)) if own_loss
-                             else (None, None))
+                             and not device_plan.fsdp else (None, None))
             if decoder is None or ("labels" not in inputs and "shift_labels" not in inputs):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
             # The model's forward runs under the mixed-precision autocast accelerate wraps it in;
-            # the decoder called directly needs the same.
+            # the decoder called directly needs the same. Under DDP the decoder is called through the
+            # wrapped module's own parameters, which DDP's hooks see all the same.
             with self.accelerator.autocast():
                 hidden = decoder(**inputs).last_hidden_state
                 loss = causal_lm_loss(hidden, head, labels, shift_labels=shift_labels,
                                       num_items_in_batch=num_items_in_batch, positions=positions,
                                       fused=device_plan.liger)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # The Trainer counts the trained tokens of all ranks (num_items_in_batch is their sum)
+                # and DDP averages the ranks' gradients: scale back by the ranks, as its own loss does.
+                loss = loss * self.accelerator.num_processes
             return (loss, {"loss": loss}) if return_outputs else loss
 
     trainer = CountingTrainer(
@@ -769,61 +958,110 @@ def _train(run_dir: Path, resume: bool, events: EventWriter, stop: _StopFlag, st
         processing_class=tokenizer,
         callbacks=[callback, *callbacks],
     )
+    if device_plan.fsdp and getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        # Trainable (LoRA) and frozen weights in separate FSDP units, so use_orig_params=False shards both.
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     _log_tensorboard_to(trainer, run_dir)
     stop.phase = "training"
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     stop.phase = "finishing"
     step = trainer.state.global_step
-    state["step"] = step
-    peak = _peak_memory(device_plan.device, callback, state.get("device_used_before"))
+    run.step = step
     estimate_bytes = {"estimate_total": estimate.total_bytes, "estimate_reserved": estimate.reserved_bytes}
 
-    if "nonfinite_step" in state:
-        msg = (f"the loss became non-finite at step {state['nonfinite_step']}; try a lower learning rate "
+    if run.nonfinite_step is not None:
+        peak = _peak_memory(run, gather=True)
+        msg = (f"the loss became non-finite at step {run.nonfinite_step}; try a lower learning rate "
                f"(now {t.learning_rate:g}), max_grad_norm 1.0, or compute dtype bfloat16 instead of float16")
         stop.phase = "ending"
         events.emit("error", message=msg, step=step)
         events.emit("end", status="failed", message=msg, step=step, elapsed_s=time.time() - started,
                     checkpoint=_str(newest_checkpoint(run_dir)), **peak, **estimate_bytes)
         return EXIT_FAILED
-    if stop.requested and step < trainer.state.max_steps:
+    if (stop.requested or run.stop_agreed) and step < trainer.state.max_steps:
+        peak = _peak_memory(run, gather=True)
         ckpt = newest_checkpoint(run_dir)
         saved = f"saved: {ckpt.name}" if ckpt else "nothing saved"
+        by = stop.signal_name or "a stop sent to another rank"
         stop.phase = "ending"
-        events.emit("end", status="stopped", signal=stop.signal_name, step=step, checkpoint=_str(ckpt),
-                    message=f"stopped at step {step} by {stop.signal_name}; {saved}",
+        events.emit("end", status="stopped", signal=stop.signal_name or None, step=step, checkpoint=_str(ckpt),
+                    message=f"stopped at step {step} by {by}; {saved}",
                     elapsed_s=time.time() - started, **peak, **estimate_bytes)
-        return EXIT_STOPPED
+        return EXIT_STOPPED if not rank.distributed else EXIT_OK
 
     # A last validation when the schedule did not end on one, so the curve has its final point
     # (transformers' own end-of-training evaluation, where it makes one, counts).
-    if prepared.validation is not None and state.get("last_eval_step") != step:
+    if prepared.validation is not None and run.last_eval_step != step:
         trainer.evaluate()
-    adapter_dir = _write_adapter(run_dir, model, tokenizer, state)
+    peak = _peak_memory(run, gather=True)
+    adapter_dir = _write_adapter(run_dir, model, tokenizer, run, trainer if device_plan.fsdp else None)
     stop.phase = "ending"
-    events.emit("end", status="finished", step=step, adapter=str(adapter_dir),
+    events.emit("end", status="finished", step=step, adapter=_str(adapter_dir),
                 elapsed_s=time.time() - started, **peak, **estimate_bytes)
     return EXIT_OK
+
+
+def _meet_the_ranks(run_dir: Path, run: RunState, events, stop: _StopFlag, started: float) -> None:
+    """Every rank says who it is; local rank 0 records this machine's ranks (``ranks.json``, which
+    ``stop`` signals) and starts watching them."""
+    import socket
+
+    from engine.distributed import Watchdog, this_rank_record, write_ranks
+
+    run.ranks = run.control.gather(this_rank_record(run_dir, run.rank))
+    if not run.rank.is_local_main:
+        return
+    host = socket.gethostname()
+    local = [r for r in run.ranks if r.host == host]
+    try:
+        write_ranks(run_dir, local)
+    except OSError as exc:
+        raise os_error(exc, "write", exc.filename or run_dir) from None
+    run.watchdog = Watchdog(local, lambda dead: _end_for_lost_rank(run_dir, events, stop, run, started, dead)).start()
+
+
+def _strategy_as_begun(run_dir: Path) -> str | None:
+    """The strategy the run's first start event recorded: a resume must shard (or not) as the
+    checkpoints were written."""
+    from engine.events import read_events
+
+    for event in read_events(run_dir):
+        world = getattr(event, "world", None)
+        if getattr(event, "kind", "") == "start" and isinstance(world, dict) and world.get("strategy"):
+            return world["strategy"]
+    return None
 
 
 ADAPTER_PARTIAL = f".{ADAPTER_DIR}.partial"
 """Where the adapter is written before it is renamed into place: ``adapter/`` is always whole."""
 
 
-def _write_adapter(run_dir: Path, model, tokenizer, state: dict) -> Path:
+def _write_adapter(run_dir: Path, model, tokenizer, run: RunState, fsdp_trainer=None) -> Path | None:
     """Save the LoRA adapter (PEFT format) and the tokenizer to ``adapter/``, whole or not at all.
 
     An ``adapter/`` already there (a run whose target was raised keeps its earlier one as
-    ``adapter-step-N/``; anything else is renamed aside with the time) is never overwritten."""
+    ``adapter-step-N/``; anything else is renamed aside with the time) is never overwritten.
+    Several processes: rank 0 writes it (DDP ranks hold equal adapters); under FSDP every rank takes
+    part in gathering the full adapter (``fsdp_trainer``) and rank 0 writes. None on other ranks."""
     final, partial = run_dir / ADAPTER_DIR, run_dir / ADAPTER_PARTIAL
-    shutil.rmtree(partial, ignore_errors=True)
-    state["writing_adapter"] = True
-    model.save_pretrained(partial)
+    main = run.rank.is_main
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+    run.writing_adapter = main
+    if fsdp_trainer is not None:
+        fsdp_trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        fsdp_trainer.save_model(str(partial))  # collective: every rank gathers, rank 0 writes
+    elif main:
+        model.save_pretrained(partial)
+    if not main:
+        return None
     tokenizer.save_pretrained(partial)
     if final.exists():
         final.rename(run_dir / f"{ADAPTER_DIR}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     partial.rename(final)
-    state["writing_adapter"] = False
+    run.writing_adapter = False
     return final
 
 
@@ -837,11 +1075,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="the run directory (holds preset.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--lock-fd", type=int, help="the run's lock, taken by the launcher (engine.runs)")
+    parser.add_argument("--launched", action="store_true",
+                        help="one rank of several, started by torchrun (which holds the run's lock)")
     args = parser.parse_args(argv)
     if not (args.run_dir / "preset.yaml").exists():
         print(f"error: {args.run_dir} has no preset.yaml; create runs with qlora-wizard", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return run_training(args.run_dir, resume=args.resume, lock_fd=args.lock_fd)
+    if args.launched and Rank.from_env().distributed:
+        _log_to_own_file(args.run_dir, Rank.from_env())
+    return run_training(args.run_dir, resume=args.resume, lock_fd=args.lock_fd, launched=args.launched)
+
+
+def _log_to_own_file(run_dir: Path, rank: Rank) -> None:
+    """Each rank of a multi-process run writes its output to ``logs/rank-R.log`` (``train.log`` keeps
+    the launcher's own lines), so the tail of a failed rank's log is its own."""
+    from engine.distributed import log_path
+
+    path = log_path(run_dir, rank.rank)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        _say(f"rank {rank.rank}: cannot write {path} ({exc.strerror or exc}); its output stays in train.log")
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 if __name__ == "__main__":
