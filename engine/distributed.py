@@ -164,9 +164,11 @@ def choose_strategy(preset, world: World, fits: Callable[[str], bool | None] | N
         if asked in ("ddp", "fsdp"):
             return "single", f"{asked} asked for, but there is one process: trains on one device"
         return "single", "one process"
-    if asked == "fsdp" and world.device == "cpu" and preset.quantization.method != "none":
-        raise UserError("distributed.strategy fsdp with 4-bit weights needs CUDA GPUs (bitsandbytes' FSDP-QLoRA)",
-                        "on the CPU use strategy ddp, or quantization.method: none")
+    if asked == "fsdp" and world.device == "cpu":
+        # accelerate (1.x) turns FSDP on only for GPU-type process groups (AcceleratorState lists
+        # MULTI_GPU, MULTI_NPU, ... but not MULTI_CPU): on CPU processes the Trainer would silently run DDP.
+        raise UserError("distributed.strategy fsdp needs CUDA GPUs (accelerate shards models only across GPUs)",
+                        "on the CPU use distributed.strategy ddp (or auto)")
     if asked in ("ddp", "fsdp"):
         return asked, "asked for in the preset"
     if world.device == "cpu":
@@ -367,15 +369,24 @@ def log_tail(path: str | os.PathLike, lines: int = 8) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()][-lines:]
 
 
+ERROR_WORDS = ("Error", "error", "Traceback", "Killed", "Exception", "exception", "Segmentation", "Aborted")
+"""Words that make a log line worth quoting as a rank's last word."""
+
+
 def describe_dead(dead: list[RankRecord]) -> str:
-    """A dead rank in words: which, its pid, and the end of its log."""
+    """A dead rank in words: which, its pid, and its log's last error lines (a rank killed from
+    outside has none: that is said instead)."""
     first = dead[0]
-    tail = log_tail(first.log, 3)
-    said = f"rank {first.rank} (pid {first.pid}) died"
-    if len(dead) > 1:
-        said = f"ranks {', '.join(str(r.rank) for r in dead)} died; " + said[0].lower() + said[1:] + " first"
-    said += f"; its log {first.log} ends: " + " | ".join(tail) if tail else f"; its log {first.log} is empty"
-    return said
+    tail = log_tail(first.log, 40)
+    start = next((i for i in range(len(tail) - 1, -1, -1) if "Traceback" in tail[i]), None)
+    said = tail[start:][-3:] if start is not None else [ln for ln in tail if any(w in ln for w in ERROR_WORDS)][-2:]
+    said = [ln.strip() for ln in said]
+    who = (f"ranks {', '.join(str(r.rank) for r in dead)} died (rank {first.rank}, pid {first.pid}, first)"
+           if len(dead) > 1 else f"rank {first.rank} (pid {first.pid}) died")
+    if said:
+        return f"{who}; its log {first.log} ends: " + " | ".join(said)
+    return (f"{who} with no error in its log {first.log}: killed from outside (the machine's OOM killer, "
+            "kill -9?); torchrun's summary in train.log has its exit status")
 
 
 class Watchdog:

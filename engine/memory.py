@@ -35,6 +35,12 @@ There are two moments in a step where memory peaks, and they never hold memory a
 ``total_bytes``, ``reserved_bytes`` and the components add up to the reserved peak plus the CUDA
 context; ``allocated_bytes`` takes the allocator's share back out.
 
+Several GPUs (``settings.strategy``, ``settings.world_size``): the estimate is per GPU. DDP holds
+everything a single GPU does, plus its gradient buckets and NCCL's buffers; FSDP (FULL_SHARD,
+FSDP-QLoRA) shards the blocks' weights, the adapters, their gradients and the optimizer states, and
+adds the layers it gathers. Both are modelled from library source; neither has been measured on
+GPUs yet (``estimate_training_memory`` says which parts are assumed).
+
 No torch import: pure arithmetic, fast enough to search for the largest batch that fits.
 """
 
@@ -65,19 +71,30 @@ ATTN_IMPLEMENTATIONS = tuple(a for a in choices("model.attn_implementation") if 
 own kernels for packed rows (``engine.attention``). ``sdpa`` here means transformers' SDPA with a
 materialized mask, which the engine no longer uses for packed rows."""
 
+STRATEGIES = tuple(s for s in choices("distributed.strategy") if s != "auto")
+"""How a run spreads over GPUs once ``auto`` is decided (the preset's choices): ``single``, ``ddp``, ``fsdp``."""
+
 COMPONENT_DESCRIPTIONS = {
     "quantized_weights": "the block's Linear weights in 4 bit, with their block scales",
     "unquantized_weights": "embeddings, output head, norms and biases in the load dtype",
+    "block_weights": "this GPU's shard of the decoder blocks' weights (4-bit data, norms, biases)",
+    "quantization_scales": "the 4-bit weights' block scales, whole on every GPU (not sharded)",
+    "root_weights": "embeddings, output head and final norm: gathered whole for the step, plus their shard",
     "lora_weights": "the LoRA adapters, in fp32",
     "lora_gradients": "the adapters' gradients, in fp32",
     "optimizer_states": "AdamW's two moments per adapter weight (fp32 or 8 bit)",
+    "ddp_buckets": "DDP's gradient buckets: a second fp32 copy of the adapters' gradients",
+    "gathered_layers": "two decoder layers gathered whole (computing, prefetched), one layer's LoRA gradients",
     "cublas_workspace": "cuBLAS/cuBLASLt scratch space",
     "activations": "tensors kept for the backward pass, plus one layer's backward",
     "logits_and_loss": "logits and their gradients at the loss (beyond what a layer's backward frees for them)",
     "allocator_overhead": "memory PyTorch's caching allocator holds but does not use",
+    "communication": "NCCL's buffers for the collectives, outside PyTorch's counters (assumed)",
     "cuda_context": "CUDA context and kernels, outside PyTorch's counters",
 }
-"""One line per component, for tables and help text."""
+"""One line per component, for tables and help text. Each strategy's components are a subsequence:
+single and DDP hold ``quantized_weights``/``unquantized_weights``, FSDP the three weight parts that
+it shards differently (``block_weights``, ``quantization_scales``, ``root_weights``)."""
 
 # --- Constants, each with its source ---------------------------------------------------------
 
@@ -155,6 +172,20 @@ the compute dtype and the kernel writes their gradient in place."""
 MOE_TOKENS_PER_EXPERT_FACTOR = 2
 """Mixture of experts: each token runs through top-k experts; k = 2 for Mixtral (Jiang et al.
 2024). ``ModelInfo`` does not carry k, so the activations of MoE models are approximate."""
+
+NCCL_BUFFER_BYTES = 768 * MIB
+"""NCCL's own device memory per GPU once the collectives of a run have connected (channel buffers,
+NVLS buffers on NVSwitch systems, its kernels), allocated outside PyTorch's allocator, so torch's
+counters never show it. ASSUMED, not measured in this project: reported figures are 519-656 MiB per
+GPU on 4 A100s with NVLink after one all-reduce (NVIDIA/nccl#964), about 1 GiB on 8 H100s before any
+all-to-all (NVIDIA/nccl#1685), of which NVLS alone is 288 MiB per rank (vllm-project/vllm#9699);
+PCIe pairs use fewer channels and less. 768 MiB sits between the A100 and H100 figures; refit it
+on the first multi-GPU runs."""
+
+FSDP_GATHERED_LAYERS = 2
+"""Decoder layers whose weights FSDP holds gathered at once: the one computing and the next,
+prefetched (``BackwardPrefetch.BACKWARD_PRE``, FSDP's default; ``limit_all_gathers`` lets at most
+two all-gathers be in flight). From torch's FSDP source; not measured."""
 
 INFERENCE_RULE_FACTOR = 1.2
 """The guide's rule for inference: memory = size on disk x 1.2 (LLaMA 7B: 13.5 GB -> 16.2 GB)."""
@@ -274,6 +305,11 @@ class MemorySettings:
     """PyTorch's caching allocator runs with ``expandable_segments:True`` (the engine's training
     process sets it): the loss and a layer's backward share pages. False: the default allocator,
     which keeps both phases' blocks reserved (see the module docstring)."""
+    strategy: str = "single"
+    """How the run spreads over GPUs: ``single``, ``ddp`` (every GPU holds the whole model) or
+    ``fsdp`` (FULL_SHARD: weights, adapters, gradients and optimizer states sharded)."""
+    world_size: int = 1
+    """GPUs training the run, on all machines (1 for ``single``); the estimate is per GPU."""
 
     def __post_init__(self) -> None:
         _choice("quantization", self.quantization, QUANTIZATIONS)
@@ -298,6 +334,11 @@ class MemorySettings:
         _flag("autocast", self.autocast)
         _flag("liger", self.liger)
         _flag("expandable_segments", self.expandable_segments)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _positive_int("world_size", self.world_size)
+        if self.strategy == "single" and self.world_size != 1:
+            raise UserError(f"memory settings: strategy single trains on one GPU, not {self.world_size}",
+                            "pick ddp or fsdp for several GPUs")
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -329,6 +370,30 @@ class MemoryEstimate:
     phases_share_memory: bool = True
     """The loss and one layer's backward reuse each other's pages (expandable segments): the
     components already hold only the larger of the two."""
+    strategy: str = "single"
+    """``single``, ``ddp`` or ``fsdp``: the components are what each GPU holds."""
+    world_size: int = 1
+    """GPUs training the run."""
+    sharded: tuple[str, ...] = ()
+    """The components split across the GPUs (each holds 1/world_size of them); the others are whole on each."""
+
+    @property
+    def replicated(self) -> tuple[str, ...]:
+        """The components every GPU holds whole; empty on one GPU."""
+        if self.world_size == 1:
+            return ()
+        return tuple(name for name in self.components if name not in self.sharded)
+
+    def sharing_words(self) -> str:
+        """Which parts are split across the GPUs and which each holds whole, in words ('' on one GPU)."""
+        if self.world_size == 1:
+            return ""
+
+        def words(names) -> str:
+            return ", ".join(n.replace("_", " ") for n in names if self.components.get(n)) or "nothing"
+
+        return (f"sharded (1/{self.world_size} on each GPU): {words(self.sharded)}; "
+                f"replicated (whole on each GPU): {words(self.replicated)}")
 
     @property
     def total_bytes(self) -> int:
@@ -337,8 +402,10 @@ class MemoryEstimate:
 
     @property
     def reserved_bytes(self) -> int:
-        """What ``torch.cuda.max_memory_reserved()`` should show: total minus CUDA context and paged states."""
-        return self.total_bytes - self.components["cuda_context"] - self.paged_bytes
+        """What ``torch.cuda.max_memory_reserved()`` should show: total minus what torch does not
+        allocate (CUDA context, NCCL's buffers) and paged states."""
+        outside = self.components["cuda_context"] + self.components.get("communication", 0)
+        return self.total_bytes - outside - self.paged_bytes
 
     @property
     def allocated_bytes(self) -> int:
@@ -369,6 +436,10 @@ class MemoryEstimate:
             "layer_backward_bytes": self.layer_backward_bytes,
             "phases_share_memory": self.phases_share_memory,
             "notes": list(self.notes),
+            "strategy": self.strategy,
+            "world_size": self.world_size,
+            "sharded": list(self.sharded),
+            "replicated": list(self.replicated),
         }
 
 
@@ -697,18 +768,38 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
         loss_component = loss_peak
         overhead = int(LOSS_FRAGMENTATION * loss_peak)
 
-    components = {
-        "quantized_weights": quantized,
-        "unquantized_weights": unquantized,
-        "lora_weights": lora_weights,
-        "lora_gradients": lora_grads,
-        "optimizer_states": opt_device + opt_paged,
+    per_gpu = {
         "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
         "activations": activations,
         "logits_and_loss": loss_component,
         "allocator_overhead": overhead,
-        "cuda_context": CUDA_CONTEXT_BYTES,
     }
+    n = s.world_size
+    sharded: tuple[str, ...] = ()
+    if s.strategy == "fsdp":
+        parts = _fsdp_parts(info, s, quantized, sizes, lora_params)
+        opt_device, opt_paged = parts.pop("_optimizer")
+        components = {**parts, **per_gpu,
+                      "communication": NCCL_BUFFER_BYTES if n > 1 else 0, "cuda_context": CUDA_CONTEXT_BYTES}
+        sharded = ("block_weights", "lora_weights", "lora_gradients", "optimizer_states")
+    else:
+        components = {
+            "quantized_weights": quantized,
+            "unquantized_weights": unquantized,
+            "lora_weights": lora_weights,
+            "lora_gradients": lora_grads,
+            "optimizer_states": opt_device + opt_paged,
+        }
+        if s.strategy == "ddp":
+            # DistributedDataParallel(gradient_as_bucket_view=False), what transformers and accelerate
+            # pass: the Reducer allocates one flat bucket tensor per ~25 MiB of trainable parameters at
+            # wrap time and copies every gradient into it for the all-reduce, so the gradients exist
+            # twice for the whole run (torch/nn/parallel/distributed.py, reducer.cpp).
+            components["ddp_buckets"] = lora_grads if n > 1 else 0
+        components.update(per_gpu)
+        if s.strategy == "ddp":
+            components["communication"] = NCCL_BUFFER_BYTES if n > 1 else 0
+        components["cuda_context"] = CUDA_CONTEXT_BYTES
 
     if opt_paged:
         notes.append(
@@ -749,6 +840,22 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
     if s.quantization != "none" and c == 4:
         notes.append("compute dtype float32: bitsandbytes' 4-bit matmuls are slow in fp32; bfloat16 "
                      "(compute capability 8.0+) or float16 halve the activations")
+    if n > 1 and s.strategy == "ddp":
+        notes.append(
+            f"per GPU, on each of {n} GPUs (DDP): every GPU holds the whole model and trains its share of "
+            f"each batch; DDP adds a second fp32 copy of the adapters' gradients ({lora_grads / MIB:,.0f} MiB, "
+            f"its all-reduce buckets) and NCCL's buffers (an assumed {NCCL_BUFFER_BYTES / MIB:.0f} MiB). "
+            "Modelled from library source; no multi-GPU run has been measured yet"
+        )
+    elif n > 1 and s.strategy == "fsdp":
+        notes.append(
+            f"per GPU, on each of {n} GPUs (FSDP, FULL_SHARD): the blocks' weights, the adapters, their "
+            f"gradients and the optimizer states are sharded 1/{n} per GPU; the 4-bit scales, the embeddings "
+            f"and head (FSDP's root unit, gathered for the whole step), {FSDP_GATHERED_LAYERS} gathered layers, "
+            "activations and the loss are whole on each, and NCCL's buffers are an assumed "
+            f"{NCCL_BUFFER_BYTES / MIB:.0f} MiB. Modelled from library source; no multi-GPU run has been "
+            "measured yet, nor what FSDP's gathers add to the allocator's overhead"
+        )
 
     return MemoryEstimate(
         components=components,
@@ -760,7 +867,61 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
         layer_backward_bytes=layer_backward,
         notes=tuple(notes),
         phases_share_memory=s.expandable_segments,
+        strategy=s.strategy,
+        world_size=n,
+        sharded=sharded if n > 1 else (),
     )
+
+
+def _fsdp_parts(info: ModelInfo, s: MemorySettings, quantized: int, sizes: list[tuple[int, int]],
+                lora_params: int) -> dict:
+    """What FSDP-QLoRA holds per GPU of the weights, adapters and optimizer, and what it gathers.
+
+    Read from torch's FSDP (``FullyShardedDataParallel``, FULL_SHARD, transformer-block auto-wrap as
+    transformers + accelerate set it up) and bitsandbytes, not measured:
+
+    * each decoder block is one unit: its flat parameter (the 4-bit data, stored as the compute dtype
+      through ``bnb_4bit_quant_storage`` so it is the same bytes, plus norms and biases) is split
+      1/world_size per GPU; so are the adapters (peft wraps them as their own units), their
+      gradients (reduce-scattered) and the optimizer states (they follow the shards);
+    * the block scales (``quant_state``: absmax and, with double quantization, its 8-bit copy) are
+      not parameters: bitsandbytes keeps them on the module (``Linear4bit.quant_state``) and FSDP
+      never shards them, so every GPU holds them all;
+    * the root unit (embeddings, head, final norm) is not freed after the forward pass (FSDP keeps
+      the root gathered for the backward, and its frozen parameters are resharded only at the end
+      of the backward): its full size plus its shard;
+    * ``FSDP_GATHERED_LAYERS`` blocks gathered whole at once (storage bytes, plus their adapters),
+      and one block's adapter gradients unsharded before the reduce-scatter.
+
+    With one GPU FSDP switches to NO_SHARD: nothing is gathered or duplicated. Also returns the
+    optimizer's (device, paged) bytes under ``_optimizer``.
+    """
+    n = s.world_size
+    load = DTYPE_BYTES[s.load_dtype]
+    L = max(1, info.num_hidden_layers)
+    q = info.params_quantizable if s.quantization != "none" else 0
+    data = math.ceil(q / 2)  # 4 bits per weight, whatever dtype stores them
+    scales = max(0, quantized - data)
+    block_params = info.params_blocks if info.num_hidden_layers else 0
+    in_blocks = data + (block_params - q) * load  # the blocks' storage: 4-bit data, the rest in load dtype
+    root = (info.params_total - block_params) * load
+    lora = 4 * lora_params  # fp32 adapters (peft's autocast_adapter_dtype)
+    if n == 1:
+        gathered, root_held = 0, root
+    else:
+        gathered = FSDP_GATHERED_LAYERS * (in_blocks + lora) // L + lora // L
+        root_held = root + math.ceil(root / n)
+    optimizer = optimizer_state_bytes([(math.ceil(numel / n), count) for numel, count in sizes], s.optimizer)
+    return {
+        "block_weights": math.ceil(in_blocks / n),
+        "quantization_scales": scales,
+        "root_weights": root_held,
+        "lora_weights": math.ceil(lora / n),
+        "lora_gradients": math.ceil(lora / n),
+        "optimizer_states": sum(optimizer),
+        "gathered_layers": gathered,
+        "_optimizer": optimizer,
+    }
 
 
 def _largest_true(lo: int, hi: int, ok) -> int | None:

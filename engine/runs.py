@@ -253,11 +253,12 @@ class RunLock:
 def launch_for(preset: Preset, node_rank: int = 0, master: str | None = None):
     """How a run of ``preset`` starts on this machine (``engine.distributed.Launch``): the processes
     ``distributed.gpus`` x ``distributed.nodes`` ask for against the GPUs it shows; None for one process."""
-    from engine.distributed import Launch, plan_world
+    from engine.distributed import Launch, choose_strategy, plan_world
 
     world = plan_world(preset)
     if not world.distributed:
         return None
+    choose_strategy(preset, world)  # a strategy this world cannot run is refused before anything starts
     return Launch(world, node_rank, master)
 
 
@@ -630,6 +631,8 @@ class RunSummary:
     model: str | None
     message: str | None
     started: float | None
+    world: str | None = None
+    """Several processes: ``2 GPUs, DDP`` (``8 GPUs x 2 machines, FSDP``); None for one."""
 
     def to_json(self) -> dict:
         """The stable JSON form of ``qlora-wizard runs --json`` (a NaN loss as the string "nan")."""
@@ -666,6 +669,7 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
         model=model,
         message=message,
         started=history.start.time if history.start else None,
+        world=history.start.world_words if history.start else None,
     )
 
 
@@ -690,6 +694,18 @@ def _crash_message(run_dir: Path) -> str:
     """What a crashed run left: the log's last line, a checkpoint cut short, a full disk."""
     tail = log_tail(run_dir, 1)
     parts = ["the training process ended without a word" + (f"; train.log ends: {tail[-1]}" if tail else "")]
+    rank_logs = sorted((run_dir / RANK_LOGS_DIR).glob("rank-*.log"),
+                       key=lambda p: int(p.stem.split("-")[-1]) if p.stem.split("-")[-1].isdigit() else 0)
+    if rank_logs:  # several processes: torchrun's summary above names the rank; here is its own last word
+        from engine.distributed import log_tail as tail_of
+
+        for path in rank_logs:
+            last = tail_of(path, 1)
+            if last and any(word in last[-1] for word in ("Error", "error", "Killed", "Traceback")):
+                parts.append(f"{path.stem.replace('-', ' ')}'s log ends: {last[-1]}")
+                break
+        else:
+            parts.append(f"each rank's log is in {run_dir / RANK_LOGS_DIR}")
     cut = [c.path.name for c in list_checkpoints(run_dir) if not c.complete]
     if cut:
         parts.append(f"{', '.join(cut)} was cut short and cannot be resumed (resume removes it)")

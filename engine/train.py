@@ -705,7 +705,9 @@ def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), loc
         lost = _lost_rank(run)
         message, exit_code = _describe_failure(exc, run, run_dir)
         if lost is not None:  # a collective failed because a peer is gone: that is the cause
-            message = f"{lost[0]}; {message.split('; ', 1)[-1] if '; ' in message else message}"
+            saved = _clean_up_unfinished(run_dir, run)
+            message = (f"{lost[0]}; the run cannot go on without it; {saved}; "
+                       f"`qlora-wizard resume {run_dir}` continues from the newest checkpoint")
         _emit(events, "error", message=message, exception=type(exc).__name__)
         _emit(events, "end", status="failed", message=message, step=run.step,
               elapsed_s=time.time() - started, checkpoint=_str(newest_checkpoint(run_dir)),

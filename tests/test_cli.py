@@ -253,14 +253,14 @@ def test_out_of_memory_becomes_advice_with_the_estimate(tmp_path):
     import torch
 
     from engine.preset import load_preset
-    from engine.train import _describe_failure
+    from engine.train import RunState, _describe_failure
 
     class Est:
         total_bytes = 30 * 2**30
 
     preset = load_preset(ROOT / "presets" / "llama-3.1-8b-qlora.yaml")
     message, code = _describe_failure(torch.OutOfMemoryError("CUDA out of memory"),
-                                      {"preset": preset, "estimate": Est(), "step": 0}, tmp_path)
+                                      RunState(preset=preset, estimate=Est()), tmp_path)
     assert code == 1
     assert message.startswith("the GPU ran out of memory: the estimate for these settings was 30.0 GiB")
     assert "sequence length 2048 -> 1024" in message

@@ -126,9 +126,32 @@ def _estimate_preset(args):
         lora["targets"] = "all-linear" if args.targets == "all" else [s.strip() for s in args.targets.split(",") if s.strip()]
     if args.no_double_quant:
         q["double_quant"] = False
+    if args.gpus is not None and args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus} is not a number of GPUs", "pass --gpus 1 or more")
     from engine.plan import with_init_adapter
 
     return with_init_adapter(preset_from_dict(data, args.preset or "(command line)"))
+
+
+def _estimate_world(args, preset):
+    """The GPUs the estimate is for (``--gpus``, else the preset's ``distributed.gpus`` when it is a
+    number, else 1) and the preset with the strategy asked (``--strategy``, else the preset's).
+    A strategy that cannot run on that many GPUs is a UserError when the command line asked for it."""
+    from engine.distributed import World
+
+    d = preset.distributed
+    count = args.gpus if args.gpus is not None else (d.gpus if isinstance(d.gpus, int) else 1)
+    world = World(count, d.nodes, "cuda")
+    asked = args.strategy or d.strategy
+    if asked in ("ddp", "fsdp") and not world.distributed and args.strategy:
+        raise UserError(f"--strategy {asked} needs several GPUs, and this estimate is for one",
+                        f"pass --gpus 2 or more with --strategy {asked}")
+    if asked == "single" and world.distributed:
+        said = "--strategy single" if args.strategy else "the preset's distributed.strategy single"
+        raise UserError(f"{said} trains on one GPU, not {world.describe()}",
+                        "pass --strategy ddp, fsdp or auto for several GPUs")
+    distributed = d.model_copy(update={"strategy": asked, "gpus": count})
+    return world, preset.model_copy(update={"distributed": distributed})
 
 
 def cmd_estimate(args) -> int:
@@ -136,25 +159,36 @@ def cmd_estimate(args) -> int:
     from engine.gpu import probe_gpus
     from engine.memory import estimate_training_memory, fit
     from engine.modelinfo import inspect_model
-    from engine.plan import assumed_gpu, memory_settings, plan_device
+    from engine.plan import assumed_gpu, memory_settings, plan_device, with_world
 
     if args.mean_len is not None and not args.fit:
         raise UserError("--mean-len is for --fit (the speed model); the memory estimate is for full-length examples")
     preset = _estimate_preset(args)
+    world, preset = _estimate_world(args, preset)
+    if args.gpu_mem is not None and args.gpu_mem <= 0:
+        raise UserError(f"--gpu-mem {args.gpu_mem} must be a positive number of GiB")
     info = inspect_model(resolve_model_source(preset.model.source), revision=preset.model.revision,
                          trust_remote_code=preset.model.trust_remote_code)
     gpus = probe_gpus()
-    device = plan_device(preset, gpus, info.model_type) if gpus else assumed_gpu(preset, info.model_type)
-    settings = memory_settings(preset, info, device)
-    est = estimate_training_memory(info, settings)
     if args.gpu_mem is not None:
-        if args.gpu_mem <= 0:
-            raise UserError(f"--gpu-mem {args.gpu_mem} must be a positive number of GiB")
         budget, budget_name = int(args.gpu_mem * 2**30), f"{args.gpu_mem:g} GiB (--gpu-mem)"
+        card = f"{args.gpu_mem:g} GiB"
     elif gpus:
         budget, budget_name = gpus[0].free_bytes, f"{gpus[0].name}, {gib(gpus[0].free_bytes)} free"
+        card = f"{gpus[0].name} ({gib(gpus[0].free_bytes)} free)"
     else:
-        budget, budget_name = None, None
+        budget, budget_name, card = None, None, None
+    device = plan_device(preset, gpus, info.model_type) if gpus else assumed_gpu(preset, info.model_type)
+    # The strategy: asked for, or (auto) DDP when the model fits each GPU, FSDP when only sharded.
+    device = with_world(device, preset, info, world, budget_bytes=budget)
+    settings = memory_settings(preset, info, device)
+    est = estimate_training_memory(info, settings)
+    largest = None
+    if budget is not None:
+        from engine.sizes import largest_fitting
+
+        largest = largest_fitting(settings, budget, world.size,
+                                  ("ddp", "fsdp") if world.distributed else ("single",))
     fits = None if budget is None else est.total_bytes <= budget
     suggestion = fit(info, settings, budget) if budget is not None else None
     fastest = None
@@ -175,6 +209,9 @@ def cmd_estimate(args) -> int:
             out["fit"] = {"max_micro_batch": suggestion.max_micro_batch, "max_seq_len": suggestion.max_seq_len}
         if fastest is not None:
             out["fastest_fit"] = fastest.to_json()
+        out["strategy_reason"] = device.strategy_reason
+        if largest is not None:
+            out["largest_reference"] = {name: f.to_json() for name, f in largest.items()}
         _print_json(out)
         return EXIT_OK
     from rich.console import Console
@@ -188,6 +225,13 @@ def cmd_estimate(args) -> int:
         t.add_row(name.replace("_", " "), gib(b))
     t.add_row("[bold]total[/]", f"[bold]{gib(est.total_bytes)}[/]")
     c.print(t)
+    if world.distributed:
+        from engine.distributed import STRATEGY_WORDS
+
+        why = f"--strategy {args.strategy}" if args.strategy in ("ddp", "fsdp") else device.strategy_reason
+        c.print(f"strategy: {STRATEGY_WORDS[device.strategy]} on {world.describe()} ({why}); "
+                "the table is per GPU", markup=False)
+        c.print(est.sharing_words(), markup=False)
     c.print(f"settings: {settings.quantization}{' + double quant' if settings.double_quant else ''}, "
             f"LoRA r={settings.lora_rank} on {', '.join(settings.lora_targets)}, micro batch "
             f"{settings.micro_batch_size} x {settings.seq_len} tokens, gradient checkpointing "
@@ -211,6 +255,10 @@ def cmd_estimate(args) -> int:
             from tui.draft import fit_line
 
             c.print(fit_line(suggestion, settings.seq_len))
+        if largest is not None:
+            from engine.sizes import largest_words
+
+            c.print(largest_words(largest, world.size, card), markup=False)
     if fastest is not None:
         _print_fastest(c, fastest)
     return EXIT_OK
@@ -317,13 +365,14 @@ def cmd_runs(args) -> int:
     from rich.table import Table
 
     t = Table()
-    for col in ("run", "status", "step", "loss", "val loss", "model"):
+    several = any(r.world for r in runs)  # a GPUs column only where some run used several processes
+    for col in ("run", "status", "step", "loss", "val loss", "model") + (("GPUs",) if several else ()):
         t.add_column(col, justify="right" if col in ("step", "loss", "val loss") else "left")
     for r in runs:
         step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
         t.add_row(r.name, f"[{STATUS_STYLES.get(r.status, 'white')}]{r.status}[/]", step,
                   "-" if r.loss is None else f"{r.loss:.4f}", "-" if r.eval_loss is None else f"{r.eval_loss:.4f}",
-                  r.model or "")
+                  r.model or "", *((r.world or "1",) if several else ()))
     Console().print(t)
     for r in runs:
         if r.status in ("crashed", "failed") and r.message:
@@ -349,14 +398,18 @@ def _follow(run_dir: Path, detach: bool) -> int:
 def cmd_resume(args) -> int:
     from engine.runs import resume_run
 
-    r = resume_run(args.run_dir, max_steps=args.max_steps)
+    r = resume_run(args.run_dir, max_steps=args.max_steps, master=args.master)
     for name in r.removed:
         print(f"removed {name}: the earlier process was cut short while writing it")
     if r.kept_adapter is not None:
         print(f"the finished adapter is kept in {r.kept_adapter}")
     target = f" to step {r.max_steps}" if r.max_steps is not None else ""
+    from engine.runs import recorded_launch
+
+    launch = recorded_launch(args.run_dir)
+    on = f" on {launch.world.describe()}, as it began" if launch is not None else ""
     print(f"resuming {args.run_dir} from "
-          f"{r.checkpoint.name if r.checkpoint else 'the beginning (no checkpoint was saved)'}{target}")
+          f"{r.checkpoint.name if r.checkpoint else 'the beginning (no checkpoint was saved)'}{target}{on}")
     return _follow(Path(args.run_dir), args.detach)
 
 
@@ -402,13 +455,53 @@ def cmd_attach(args) -> int:
     return _report_run(run_dir, RunApp(run_dir).run())
 
 
-def run_preset(preset_path: str, run_dir: str | None, detach: bool) -> int:
-    """Headless: check the preset and the data, create the run, start the detached process, follow it."""
-    from engine.preset import load_preset
-    from tui.draft import start_run
+def run_preset(preset_path: str, run_dir: str | None, detach: bool, nodes: int | None = None,
+               node_rank: int | None = None, master: str | None = None) -> int:
+    """Headless: check the preset and the data, create the run, start the detached process, follow it.
 
-    rd = start_run(load_preset(preset_path), run_dir)
+    ``nodes``/``node_rank``/``master``: this machine's part of a run over several; the torchrun
+    command it starts is printed, and what the other machines type."""
+    from engine.preset import load_preset
+    from tui.draft import node_commands, start_run
+
+    preset = load_preset(preset_path)
+    if nodes is not None:
+        if nodes < 1:
+            raise UserError(f"--nodes {nodes} is not a number of machines", "give 1 or more")
+        preset = preset.model_copy(update={"distributed": preset.distributed.model_copy(update={"nodes": nodes})})
+    elif node_rank is not None or master is not None:
+        if preset.distributed.nodes == 1:
+            raise UserError("--node-rank and --master place this machine in a run over several",
+                            "add --nodes N (or set distributed.nodes in the preset)")
+    if preset.distributed.nodes > 1 and (node_rank is None or master is None):
+        raise UserError(f"a run on {preset.distributed.nodes} machines needs --node-rank R and --master HOST:PORT",
+                        "run on each machine: " + node_commands(preset, preset_path, master)[0].replace(
+                            "--node-rank 0", "--node-rank R"))
+    rd = start_run(preset, run_dir, node_rank or 0, master)
+    _print_launch(rd, preset, preset_path, master)
     return _follow(rd, detach)
+
+
+def _print_launch(run_dir: Path, preset, preset_path: str, master: str | None) -> None:
+    """For a run over several processes: the torchrun command this machine started, and for several
+    machines what each one types."""
+    import json
+
+    from engine.distributed import shell_command
+    from tui.draft import node_commands
+
+    try:
+        record = json.loads((run_dir / "process.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not record.get("launch"):
+        return
+    print(f"started: {shell_command(record['command'])}")
+    others = node_commands(preset, preset_path, master)
+    if others:
+        print("each machine runs its own line (the same preset, data and model path on each):")
+        for line in others:
+            print(f"  {line}")
 
 
 def _report_run(run_dir: Path, result: str | None) -> int:
@@ -619,6 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", metavar="FILE", help="run this preset headless (see presets/)")
     p.add_argument("--run-dir", metavar="DIR", help="with --preset: the run directory (default runs/<name>)")
     p.add_argument("--detach", action="store_true", help="with --preset: start in the background and return")
+    p.add_argument("--nodes", type=int, metavar="N",
+                   help="with --preset: train on N machines together (sets distributed.nodes)")
+    p.add_argument("--node-rank", type=int, metavar="R", help="with --nodes: this machine's number, 0 to N-1")
+    p.add_argument("--master", metavar="HOST:PORT", help="with --nodes: machine 0's address and a free port")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("inspect", help="what is this model: sizes, parameters, LoRA-targetable layers")
@@ -643,7 +740,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
     s.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps (with --micro-batch: "
                    "the effective batch --fit keeps)")
-    s.add_argument("--gpu-mem", type=float, metavar="GIB", help="check against this much GPU memory")
+    s.add_argument("--gpu-mem", type=float, metavar="GIB", help="check against this much GPU memory (per GPU)")
+    s.add_argument("--gpus", type=int, metavar="N",
+                   help="GPUs training the run: the estimate is per GPU (default: the preset's distributed.gpus "
+                        "when it is a number, else 1)")
+    s.add_argument("--strategy", choices=choices("distributed.strategy"),
+                   help="with --gpus N: ddp (every GPU holds the whole model), fsdp (sharded across them) or auto "
+                        "(ddp when it fits each GPU, else fsdp; default: the preset's distributed.strategy)")
     s.add_argument("--fit", action="store_true",
                    help="the fastest checkpointing, micro batch and accumulation that fit with a margin to "
                         "spare, keeping the effective batch (micro batch x accumulation), and why")
@@ -673,6 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-steps", type=int, metavar="N",
                    help="raise the run's target to N optimizer steps (a finished run needs it; its learning-rate "
                         "schedule is stretched to N, its adapter kept as adapter-step-DONE/)")
+    s.add_argument("--master", metavar="HOST:PORT",
+                   help="a run over several machines: machine 0's address now (default: as it began)")
     s.add_argument("--detach", action="store_true")
     s.set_defaults(func=cmd_resume)
 
@@ -755,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.preset and not getattr(args, "func", None):
-            code = run_preset(args.preset, args.run_dir, args.detach)
+            code = run_preset(args.preset, args.run_dir, args.detach, args.nodes, args.node_rank, args.master)
         elif getattr(args, "func", None):
             code = args.func(args)
         elif sys.stdin.isatty() and sys.stdout.isatty():

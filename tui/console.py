@@ -47,7 +47,10 @@ def describe(event: Event) -> str:
         resumed = event.resumed_from_step
         head = f"resumed from step {resumed}" if resumed else ("resumed from the beginning"
                                                               if event.resume_requested else "start")
-        return (f"{head}: {event.model_source} on {event.device_name or '?'}, "
+        on = event.device_name or "?"
+        if event.world_words:
+            on = f"{event.world_words} ({on})"
+        return (f"{head}: {event.model_source} on {on}, "
                 f"{event.examples or '?'} examples, {event.supervised_tokens or '?'} supervised tokens, "
                 f"{event.total_steps or '?'} steps, memory estimate {gib(event.estimate_total)}"
                 + (f"; kernels: {event.kernels}" if event.kernels else ""))
@@ -60,7 +63,7 @@ def describe(event: Event) -> str:
             parts.append(f"grad {_float(event.grad_norm, '.3f')}")
         parts.append(f"{event.tokens_per_s or 0:,.0f} tok/s")
         if event.mem_reserved:
-            parts.append(f"mem {gib(event.mem_reserved)}")
+            parts.append(f"mem {gib(event.mem_reserved)}" + (" (highest rank)" if event.ranks else ""))
         return "  ".join(parts)
     if isinstance(event, EvalEvent):
         return f"eval at step {event.step}: validation loss {_float(event.eval_loss, '.4f')}"

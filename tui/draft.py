@@ -136,6 +136,38 @@ class Draft:
     """``engine.gpu.GpuInfo`` of the detected GPUs (empty on a machine without one)."""
     exported_to: Path | None = None
     """Where the preset was last exported."""
+    node_rank: int = 0
+    """This machine's number in a run over several machines (``distributed.nodes``); not in the preset,
+    since each machine runs the same one."""
+    master: str | None = None
+    """Machine 0's HOST:PORT in a run over several machines."""
+
+    def set_node(self, node_rank: Any, master: str | None) -> None:
+        """Place this machine in a run over several: its number and machine 0's address; a bad value
+        raises a one-line :class:`UserError` and changes nothing."""
+        from engine.distributed import parse_master
+
+        nodes = self.preset.distributed.nodes
+        try:
+            rank = int(str(node_rank).strip())
+        except ValueError:
+            raise UserError(f"this machine's number must be 0 to {nodes - 1}, not {node_rank!r}") from None
+        if not 0 <= rank < nodes:
+            raise UserError(f"this machine's number must be 0 to {nodes - 1}, not {rank}")
+        master = (master or "").strip() or None
+        if master is not None:
+            parse_master(master)
+        self.node_rank, self.master = rank, master
+
+    def start_kwargs(self) -> dict:
+        """What ``start_run`` needs beyond the preset: this machine's place when there are several."""
+        nodes = self.preset.distributed.nodes
+        if nodes <= 1:
+            return {}
+        if self.master is None:
+            raise UserError(f"a run on {nodes} machines needs machine 0's address (HOST:PORT)",
+                            "type it in the review step, or run each machine with --nodes/--node-rank/--master")
+        return {"node_rank": self.node_rank, "master": self.master}
 
     # ---- editing ------------------------------------------------------------------------
 
@@ -386,6 +418,13 @@ class MemoryView:
     """``engine.memory.FitResult`` against the budget; None without one."""
     kernels: str = ""
     """Which attention and loss kernels the run gets and why (``DevicePlan.kernels_note``)."""
+    world_line: str = ""
+    """With several GPUs (or DDP/FSDP asked for): how many, which strategy and why, e.g.
+    ``2 x NVIDIA H100: DDP, per GPU (...)``; empty for one GPU, where nothing changes."""
+    sharing: str = ""
+    """With several GPUs: which components are sharded and which every GPU holds whole."""
+    largest: str = ""
+    """With several GPUs and a budget: the largest reference model each strategy fits on them."""
 
     @property
     def fits(self) -> bool | None:
@@ -420,12 +459,46 @@ def cuda_context_line() -> str:
             "CUDA 13); other cards and drivers take a few hundred MiB more or less")
 
 
-def draft_device(draft: Draft):
-    """The device plan of the draft: the first GPU, or an assumed bf16 one (``engine.plan.DevicePlan``)."""
-    from engine.plan import assumed_gpu, plan_device
+STRATEGY_SHORT = {"single": "one GPU", "ddp": "DDP", "fsdp": "FSDP"}
+"""Each strategy in a word, for the memory step's GPU line (``engine.distributed.STRATEGY_WORDS`` says more)."""
+
+
+def draft_world(draft: Draft):
+    """The GPUs a run of the draft would train on (``engine.distributed.World``, as CUDA GPUs: the
+    estimate is for a GPU even on a machine without one), when there are several or the preset asks
+    for DDP or FSDP; None otherwise (one GPU: the memory step shows what it always did)."""
+    from engine.distributed import World
+    from engine.plan import planned_world_size
+
+    d = draft.preset.distributed
+    size = planned_world_size(draft.preset, draft.gpus)
+    if size < 2 and d.strategy not in ("ddp", "fsdp"):
+        return None
+    return World(max(1, size // d.nodes), d.nodes, "cuda")
+
+
+def _first_gpu(draft: Draft):
+    """The first GPU CUDA will use (``CUDA_VISIBLE_DEVICES`` applied); None without one."""
+    from engine.distributed import visible_gpus
+
+    gpus = visible_gpus(draft.gpus) if draft.gpus else []
+    return gpus[0] if gpus else None
+
+
+def draft_device(draft: Draft, budget_bytes: int | None = None):
+    """The device plan of the draft: the first GPU, or an assumed bf16 one (``engine.plan.DevicePlan``);
+    with several GPUs (``draft_world``) also the strategy, chosen against ``budget_bytes`` per GPU
+    (else the first visible GPU's free memory)."""
+    from engine.plan import assumed_gpu, plan_device, with_world
 
     info, gpus = draft.info, draft.gpus
-    return plan_device(draft.preset, gpus, info.model_type) if gpus else assumed_gpu(draft.preset, info.model_type)
+    plan = plan_device(draft.preset, gpus, info.model_type) if gpus else assumed_gpu(draft.preset, info.model_type)
+    world = draft_world(draft)
+    if world is None:
+        return plan
+    if budget_bytes is None and _first_gpu(draft) is not None:
+        budget_bytes = _first_gpu(draft).free_bytes
+    return with_world(plan, draft.preset, info, world, budget_bytes=budget_bytes)
 
 
 def draft_estimate(draft: Draft, device=None) -> tuple[Any, Any]:
@@ -458,14 +531,36 @@ def _budget(draft: Draft, budget_bytes: int | None) -> tuple[int | None, str]:
 
 
 def memory_view(draft: Draft, budget_bytes: int | None = None) -> MemoryView:
-    """Estimate the draft's training memory against ``budget_bytes`` (else the first GPU's free memory)."""
+    """Estimate the draft's training memory against ``budget_bytes`` (else the first GPU's free memory);
+    with several GPUs per GPU, for the strategy the run would take, and the largest reference model
+    each strategy fits on them (``engine.sizes``)."""
     from engine.memory import fit
 
-    device = draft_device(draft)
-    settings, est = draft_estimate(draft, device)
+    typed = budget_bytes
     budget_bytes, name = _budget(draft, budget_bytes)
+    device = draft_device(draft, budget_bytes)
+    settings, est = draft_estimate(draft, device)
     result = fit(draft.info, settings, budget_bytes) if budget_bytes else None
-    return MemoryView(est, settings, budget_bytes, name, result, f"kernels: {device.kernels_note}")
+    view = MemoryView(est, settings, budget_bytes, name, result, f"kernels: {device.kernels_note}")
+    world = draft_world(draft)
+    if world is None:
+        return view
+    from dataclasses import replace
+
+    from engine.sizes import largest_fitting, largest_words
+    from tui.format import gib
+
+    gpu = _first_gpu(draft)
+    card = gpu.name if gpu is not None else "a bf16-capable GPU"
+    machines = f" x {world.nodes} machines" if world.nodes > 1 else ""
+    per_gpu = ", per GPU" if world.distributed else ""
+    line = (f"{world.procs_per_node} x {card}{machines}: {STRATEGY_SHORT[device.strategy]}{per_gpu} "
+            f"({device.strategy_reason})")
+    largest = ""
+    if budget_bytes and world.distributed:
+        words = f"{gib(budget_bytes)}" if typed is not None or gpu is None else f"{card} ({gib(budget_bytes)} free)"
+        largest = largest_words(largest_fitting(settings, budget_bytes, world.size, ("ddp", "fsdp")), world.size, words)
+    return replace(view, world_line=line, sharing=est.sharing_words(), largest=largest)
 
 
 FASTEST_FIT_NO_DATA = "check the data (step 4) for its real lengths"
@@ -600,6 +695,26 @@ class LrView:
     """What has to be typed before the rule can be applied."""
 
 
+def draft_world_size(draft: Draft) -> int:
+    """The processes a run of the draft would train on here (GPUs x machines; ``distributed``)."""
+    from engine.plan import planned_world_size
+
+    return planned_world_size(draft.preset, draft.gpus)
+
+
+def batch_words(draft: Draft) -> tuple[int, str]:
+    """The effective batch and how it is made, e.g. (64, "micro batch 8 x accumulation 4 x 2 GPUs")."""
+    from engine.plan import effective_batch
+
+    t = draft.preset.training
+    world = draft_world_size(draft)
+    made = f"micro batch {t.micro_batch_size} x {t.gradient_accumulation_steps}"
+    if world > 1:
+        unit = "GPUs" if draft.gpus else "processes"
+        made = f"micro batch {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x {world} {unit}"
+    return effective_batch(draft.preset, world), made
+
+
 def lr_view(draft: Draft, steps: int | None = None, epochs: float | None = None,
             supervised_tokens: int | None = None) -> LrView:
     """Apply the guide's rule to the draft's data and batch (needs ``draft.data``). ``steps``, ``epochs``
@@ -609,10 +724,11 @@ def lr_view(draft: Draft, steps: int | None = None, epochs: float | None = None,
 
     p, stats = draft.preset, draft.data.stats
     t = p.training
-    spe = steps_per_epoch(stats.examples, t.micro_batch_size, t.gradient_accumulation_steps)
+    world = draft_world_size(draft)  # data parallel: each step takes a micro batch from every process
+    spe = steps_per_epoch(stats.examples, t.micro_batch_size, t.gradient_accumulation_steps, world)
     if epochs is None:
-        epochs = (steps or total_steps(p, stats.examples)) / spe if (steps or t.max_steps) else t.epochs
-    steps = steps or total_steps(p, stats.examples)
+        epochs = (steps or total_steps(p, stats.examples, world)) / spe if (steps or t.max_steps) else t.epochs
+    steps = steps or total_steps(p, stats.examples, world)
     supervised = supervised_tokens or stats.supervised_tokens
     family = family_defaults(draft.info.family, draft.info.params_total) if draft.info else None
     base_lr = p.model.base_lr or (family.base_lr if family else None)
@@ -672,9 +788,11 @@ def check_data(preset: Preset) -> DataReport:
     return DataReport(prepared.stats, examples, len(bad))
 
 
-def start_run(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path:
+def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_rank: int = 0,
+              master: str | None = None) -> Path:
     """Check the data and the model's weights, create the run directory and start the detached
-    training process; returns the run directory. Every front end starts runs through this."""
+    training process (torchrun for several); returns the run directory. Every front end starts runs
+    through this. ``node_rank`` and ``master`` place this machine in a run over several."""
     from engine import data as data_mod
     from engine.plan import with_init_adapter
     from engine.runs import launch_run
@@ -688,7 +806,20 @@ def start_run(preset: Preset, run_dir: str | os.PathLike | None = None) -> Path:
 
         require_weights(inspect_model(preset.model.source, revision=preset.model.revision,
                                       trust_remote_code=preset.model.trust_remote_code))
-    return launch_run(preset, run_dir)
+    return launch_run(preset, run_dir, node_rank, master)
+
+
+def node_commands(preset: Preset, preset_path: str, master: str | None) -> list[str]:
+    """What each machine of a multi-machine run types (``qlora-wizard --preset ... --node-rank R``);
+    empty for one machine. ``master``: machine 0's HOST:PORT (a placeholder when not known yet)."""
+    nodes = preset.distributed.nodes
+    if nodes <= 1:
+        return []
+    import shlex
+
+    where = master or "HOST:29500"
+    return [f"qlora-wizard --preset {shlex.quote(preset_path)} --nodes {nodes} --node-rank {r} --master {where}"
+            for r in range(nodes)]
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from tui.draft import (
     Draft,
     FormField,
     Services,
+    batch_words,
     choice_options,
     default_export_path,
     fastest_fit_lines,
@@ -351,6 +352,10 @@ class PlainWizard:
         est, s = view.estimate, view.settings
         self.say(f"estimated peak for {s.quantization}, micro batch {s.micro_batch_size} x {s.seq_len:,} tokens, "
                  f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.optimizer}:")
+        if view.world_line:  # several GPUs: the strategy, and what is sharded (nothing for one GPU)
+            self.say((view.world_line, "bold cyan"))
+            if view.sharing:
+                self.say((view.sharing, "dim"))
         for name, size in est.components.items():
             self.say(f"  {name.replace('_', ' '):<20} {gib(size):>12}  ", (COMPONENT_DESCRIPTIONS.get(name, ""), "dim"))
         self.say(("  total", "bold"), " " * 15, (f"{gib(est.total_bytes):>12}", "bold"),
@@ -364,6 +369,8 @@ class PlainWizard:
         self.say((view.kernels, "dim"))
         if view.fit is not None:
             self.say(fit_line(view.fit, s.seq_len))
+        if view.largest:
+            self.say(view.largest)
         return view
 
     # ---- step 3: LoRA targets ----------------------------------------------------------
@@ -494,10 +501,9 @@ class PlainWizard:
 
     def show_batch(self) -> None:
         """The effective batch and the run's steps."""
-        t = self.draft.preset.training
         view = lr_view(self.draft)
-        self.say("effective batch ", (f"{t.micro_batch_size * t.gradient_accumulation_steps}", "bold"),
-                 f" examples (micro batch {t.micro_batch_size} x {t.gradient_accumulation_steps}); "
+        effective, made = batch_words(self.draft)
+        self.say("effective batch ", (f"{effective}", "bold"), f" examples ({made}); "
                  f"{view.steps_per_epoch:,} steps per epoch, ", (f"{view.steps:,} steps", "bold"), " in all")
 
     def ask_learning_rate(self) -> None:
@@ -572,11 +578,30 @@ class PlainWizard:
             self.say(f"exported {path}; run it with: qlora-wizard --preset {path}")
             return
 
+    def ask_node(self) -> bool:
+        """A run over several machines: this machine's number and machine 0's address; False when
+        the person gives up (empty answer)."""
+        nodes = self.draft.preset.distributed.nodes
+        self.say(f"a run on {nodes} machines: each runs the same preset; this one needs its number and "
+                 "machine 0's address")
+        while True:
+            rank = self.text(f"this machine's number (0 to {nodes - 1})", str(self.draft.node_rank))
+            master = self.text("machine 0's address (HOST:PORT, empty: do not start)", self.draft.master or "")
+            if not master:
+                return False
+            try:
+                self.draft.set_node(rank, master)
+                return True
+            except UserError as exc:
+                self.error(exc.one_line())
+
     def start(self) -> bool:
         """Start the run in its background process; False (said) when it could not start."""
+        if self.draft.preset.distributed.nodes > 1 and not self.ask_node():
+            return False
         self.say(("starting the training process ...", "yellow"))
         try:
-            run_dir = self.services.start_run(self.draft.preset)
+            run_dir = self.services.start_run(self.draft.preset, **self.draft.start_kwargs())
         except UserError as exc:
             self.error(exc.one_line())
             return False

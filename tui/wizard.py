@@ -217,14 +217,19 @@ class WizardApp(App[str]):
             return
         if self.starting:
             return
+        try:
+            place = self.draft.start_kwargs()
+        except UserError as exc:
+            self.notify(exc.one_line(), severity="warning")
+            return
         self.starting = True
         self.refresh_step()
-        self._start_run(self.draft.preset)
+        self._start_run(self.draft.preset, place)
 
     @work(thread=True, exclusive=True, group="start", exit_on_error=False)
-    def _start_run(self, preset) -> None:
+    def _start_run(self, preset, place: dict) -> None:
         try:
-            run_dir = self.services.start_run(preset)
+            run_dir = self.services.start_run(preset, **place)
         except UserError as exc:
             self.post_message(msg.RunFailed(exc.one_line()))
         except Exception as exc:  # noqa: BLE001

@@ -17,7 +17,7 @@ from textual.widgets import Button, Label, Static
 from engine.errors import UserError
 from engine.lr import note_on_lora_range
 from engine.lr import RULE_FORMULA
-from tui.draft import HYPER_FORM, lr_view
+from tui.draft import HYPER_FORM, batch_words, lr_view
 from tui.screens.step import StepScreen
 from tui.widgets.fields import PresetInput, PresetSelect
 
@@ -91,9 +91,8 @@ class HyperScreen(StepScreen):
         t = draft.preset.training
         batch = self.query_one("#batch-line", Static)
         rule = self.query_one("#lr-rule", Static)
-        effective = t.micro_batch_size * t.gradient_accumulation_steps
-        line = Text.assemble("effective batch ", (f"{effective}", "bold"),
-                             f" examples (micro batch {t.micro_batch_size} x {t.gradient_accumulation_steps})")
+        effective, made = batch_words(draft)
+        line = Text.assemble("effective batch ", (f"{effective}", "bold"), f" examples ({made})")
         view = self._suggestion()
         if view is not None:
             line.append(f"; {view.steps_per_epoch:,} steps per epoch, ")

@@ -1,6 +1,8 @@
 """Step 2, Memory: will it fit? The detected GPUs, the estimate by component, a bar against the
 GPU's free memory with the guide's size x 1.2 figure for reference, updated on every change of
-quantization, micro batch, sequence length, checkpointing or optimizer. ``ctrl+f`` sets the fastest
+quantization, micro batch, sequence length, checkpointing or optimizer. With several GPUs the
+estimate is per GPU for the strategy the run takes (DDP or FSDP), with what is sharded and what
+each GPU holds whole, and the largest reference model each strategy fits on them. ``ctrl+f`` sets the fastest
 checkpointing, micro batch and accumulation that fit (keeping the effective batch) and says why;
 ``ctrl+g`` fills the largest micro batch that fits."""
 
@@ -129,7 +131,10 @@ class MemoryScreen(StepScreen):
         style = "bold black on green" if view.fits else "bold white on red"
         verdict.update(Text.assemble(*([(badge, style), " "] if badge else []), figures))
         width = max(20, self.query_one("#estimate-box").size.width - 4)
-        lines = [memory_bar(est.total_bytes, view.budget_bytes, est.inference_rule_bytes, width),
+        # Several GPUs: the strategy, what is sharded and what each GPU holds whole (nothing for one).
+        world = [Text(view.world_line, "bold cyan")] if view.world_line else []
+        world += [Text(view.sharing, "dim")] if view.sharing else []
+        lines = [*world, memory_bar(est.total_bytes, view.budget_bytes, est.inference_rule_bytes, width),
                  Text.assemble(("| ", "bold yellow"), "guide's rule, weights x 1.2: ",
                                (size(est.inference_rule_bytes), "bold"))]
         fit = view.fit
@@ -138,6 +143,8 @@ class MemoryScreen(StepScreen):
             lines.append(Text.assemble(f"largest micro batch at {view.settings.seq_len:,}: ",
                                        (str(mb) if mb else "none fits", "bold"), (" ^g", "dim")))
             lines.append(Text.assemble("longest sequence at batch 1: ", (f"{sl:,}" if sl else "none", "bold")))
+        if view.largest:
+            lines.append(Text(view.largest))
         bar.update(Group(*lines))
         self._show_fastest()
         wide = width >= 70  # room for what each component is

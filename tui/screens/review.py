@@ -13,7 +13,7 @@ from textual.widgets import Button, Input, Label, Static
 
 from engine.errors import UserError
 from tui.dialogs.confirm import Confirm
-from tui.draft import default_export_path
+from tui.draft import default_export_path, node_commands
 from tui.screens.step import StepScreen
 from tui.widgets.fields import PresetInput
 
@@ -35,6 +35,14 @@ class ReviewScreen(StepScreen):
             yield PresetInput("output.name", "str?", self.draft.get("output.name"), placeholder="model and time")
             yield Label("export to")
             yield Input(id="export-path", compact=True, tooltip="A .yaml file: rerun it with qlora-wizard --preset FILE")
+        with Grid(id="node-form", classes="form4"):
+            yield Label("this machine")
+            yield Input(str(self.draft.node_rank), id="node-rank", compact=True,
+                        tooltip="This machine's number, 0 to machines - 1 (machine 0 is the one the address names)")
+            yield Label("machine 0 at")
+            yield Input(self.draft.master or "", id="master", compact=True, placeholder="HOST:PORT",
+                        tooltip="Machine 0's address and a free port, e.g. 10.0.0.1:29500")
+        yield Static(id="node-commands")
         with Horizontal(id="review-actions"):
             yield Button("Export (ctrl+s)", id="export", compact=True)
             yield Button("Start training (ctrl+r)", id="start", variant="success", compact=True)
@@ -49,8 +57,35 @@ class ReviewScreen(StepScreen):
         self.query_one("#export-path", Input).value = default_export_path(self.draft)
         self.refresh_view()
 
+    def _refresh_nodes(self) -> None:
+        """A run over several machines: this machine's place, and the command each machine runs."""
+        nodes = self.draft.preset.distributed.nodes
+        several = nodes > 1
+        self.query_one("#node-form").display = several
+        box = self.query_one("#node-commands", Static)
+        box.display = several
+        if not several:
+            return
+        exported = str(self.draft.exported_to or self.query_one("#export-path", Input).value or "PRESET.yaml")
+        lines = Text.assemble((f"{nodes} machines", "bold"), ": export the preset, copy it (with the data) to "
+                              "each, and run there (or start this one with ctrl+r):")
+        for line in node_commands(self.draft.preset, exported, self.draft.master):
+            lines.append(f"\n  {line}", "dim")
+        box.update(lines)
+
+    @on(Input.Changed, "#node-rank, #master")
+    def _node_changed(self) -> None:
+        try:
+            self.draft.set_node(self.query_one("#node-rank", Input).value, self.query_one("#master", Input).value)
+        except UserError as exc:
+            self.set_error(exc.one_line())
+            return
+        self.set_error(None)
+        self._refresh_nodes()
+
     def refresh_step(self) -> None:
         """The YAML as it is now, and whether the run can start."""
+        self._refresh_nodes()
         self.query_one("#yaml", Static).update(Syntax(self.draft.preset.to_yaml(), "yaml", theme="ansi_dark",
                                                       background_color="default", word_wrap=True))
         status = self.query_one("#review-status", Static)

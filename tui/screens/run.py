@@ -81,11 +81,19 @@ def memory_line(history: RunHistory) -> str:
     """Memory in use against the estimate: reserved on CUDA, the process's RSS on the CPU."""
     start, step = history.start, history.last_step
     estimate = start.estimate_reserved if start else None
+    ranks = step.ranks if step and step.ranks else None
     if (step and step.mem_reserved is not None) or (start and start.device == "cuda"):
-        return f"memory {gib(step.mem_reserved if step else None)} reserved of {gib(estimate)} estimated"
-    if step and step.mem_rss is not None:
-        return f"memory {gib(step.mem_rss)} in use (CPU, the process's RSS; the estimate is for a GPU)"
-    return "memory -"
+        line = f"memory {gib(step.mem_reserved if step else None)} reserved of {gib(estimate)} estimated"
+        key = "mem_reserved"
+    elif step and step.mem_rss is not None:
+        line = f"memory {gib(step.mem_rss)} in use (CPU, the process's RSS; the estimate is for a GPU)"
+        key = "mem_rss"
+    else:
+        return "memory -"
+    if ranks:  # several processes: the line above is the highest; each rank's own
+        line += " (highest rank; " + ", ".join(f"rank {r.get('rank')} {gib(r.get(key))}" for r in ranks[:8])
+        line += (f", +{len(ranks) - 8} more" if len(ranks) > 8 else "") + ")"
+    return line
 
 
 def diagnosis_line(history: RunHistory) -> str | None:
@@ -287,8 +295,10 @@ class RunScreen(Screen[None]):
             head.append("stopping: saving a checkpoint...  ", "yellow")
         head.append(f"step {step}/{total or '?'}  ")
         start = h.start
-        head.append(f"{start.model_source if start else '?'} on {(start.device_name if start else None) or '?'}",
-                    "dim")
+        on = (start.device_name if start else None) or "?"
+        if start is not None and start.world_words:
+            on = f"{start.world_words}, {on}"
+        head.append(f"{start.model_source if start else '?'} on {on}", "dim")
         self._update("#status", head, layout=False)  # one line, always
 
         eta = eta_seconds(h)
