@@ -7,8 +7,9 @@ so what is estimated is what is run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from engine.distributed import Rank
 from engine.errors import UserError
 from engine.preset import Preset
 
@@ -37,26 +38,31 @@ class DevicePlan:
     """Which attention and loss kernels run and why, in words (memory step, start event)."""
     strategy: str = "single"
     """``single``, ``ddp`` or ``fsdp`` (``engine.distributed.choose_strategy``)."""
-    world_size: int = 1
-    """Processes training the run, on all machines: the effective batch counts them."""
-    nodes: int = 1
-    """Machines."""
-    rank: int = 0
-    """This process's rank among all (0 when planning, and in a single-process run)."""
-    local_rank: int = 0
-    """This process's rank on its machine: the GPU it uses."""
     strategy_reason: str = ""
     """Why this strategy, in words."""
+    place: Rank = field(default_factory=Rank)
+    """This process's rank, its rank on its machine, and the world's size (rank 0 of the run's
+    world when planning; rank 0 of 1 in a single-process run)."""
+
+    @property
+    def world_size(self) -> int:
+        """Processes training the run, on all machines: the effective batch counts them."""
+        return self.place.world_size
+
+    @property
+    def nodes(self) -> int:
+        """Machines."""
+        return max(1, self.place.world_size // max(1, self.place.local_world_size))
+
+    @property
+    def local_rank(self) -> int:
+        """This process's rank on its machine: the GPU it uses."""
+        return self.place.local_rank
 
     @property
     def distributed(self) -> bool:
         """More than one process trains the run."""
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0."""
-        return self.rank == 0
+        return self.place.distributed
 
     @property
     def fsdp(self) -> bool:
@@ -169,20 +175,21 @@ def with_world(plan: DevicePlan, preset: Preset, info, world, rank=None, strateg
 
     from engine.distributed import choose_strategy
 
+    rank = rank or Rank()
+    place = Rank(rank.rank, rank.local_rank, world.size, world.procs_per_node, rank.node_rank)
     if strategy is None:
         def fits(candidate: str) -> bool | None:
             if budget_bytes is None or info is None:
                 return None
             from engine.memory import estimate_training_memory
 
-            trial = replace(plan, strategy=candidate, world_size=world.size)
+            trial = replace(plan, strategy=candidate, place=place)
             return estimate_training_memory(info, memory_settings(preset, info, trial)).total_bytes <= budget_bytes
 
         strategy, why = choose_strategy(preset, world, fits)
     else:
         why = "as the run began"
-    return replace(plan, strategy=strategy, strategy_reason=why, world_size=world.size, nodes=world.nodes,
-                   rank=getattr(rank, "rank", 0), local_rank=getattr(rank, "local_rank", 0))
+    return replace(plan, strategy=strategy, strategy_reason=why, place=place)
 
 
 def with_init_adapter(preset: Preset) -> Preset:

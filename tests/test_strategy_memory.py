@@ -160,11 +160,14 @@ def test_memory_settings_carry_the_plans_strategy_and_with_world_picks_fsdp_when
     from engine.preset import preset_from_dict
 
     preset = preset_from_dict({"model": {"source": "x"}, "data": {"train": "builtin:demo"}})
+    from engine.distributed import Rank
+
     plan = assumed_gpu(preset, "llama")
-    s = memory_settings(preset, llama8b, replace(plan, strategy="fsdp", world_size=4))
+    four = Rank(world_size=4, local_world_size=4)
+    s = memory_settings(preset, llama8b, replace(plan, strategy="fsdp", place=four))
     assert (s.strategy, s.world_size) == ("fsdp", 4)
     world = World(4, 1, "cuda")
-    ddp = estimate_training_memory(llama8b, memory_settings(preset, llama8b, replace(plan, strategy="ddp", world_size=4)))
+    ddp = estimate_training_memory(llama8b, memory_settings(preset, llama8b, replace(plan, strategy="ddp", place=four)))
     fsdp = estimate_training_memory(llama8b, s)
     assert with_world(plan, preset, llama8b, world, budget_bytes=ddp.total_bytes).strategy == "ddp"
     between = (ddp.total_bytes + fsdp.total_bytes) // 2
