@@ -313,6 +313,9 @@ class RankRecord:
     """``/proc/PID/stat``'s start time: tells the process from a later one with a reused pid."""
     host: str
     log: str
+    node: int = 0
+    """The machine's rank (torchrun's ``GROUP_RANK``): which ranks share a machine, even where
+    containers on two machines carry the same host name."""
 
 
 def this_rank_record(run_dir: str | os.PathLike, rank: Rank) -> RankRecord:
@@ -321,7 +324,7 @@ def this_rank_record(run_dir: str | os.PathLike, rank: Rank) -> RankRecord:
 
     pid = os.getpid()
     return RankRecord(rank.rank, rank.local_rank, pid, process_start_time(pid), socket.gethostname(),
-                      str(log_path(run_dir, rank.rank)))
+                      str(log_path(run_dir, rank.rank)), rank.node_rank)
 
 
 def write_ranks(run_dir: str | os.PathLike, records: list[RankRecord], launch: dict | None = None) -> None:
@@ -352,9 +355,8 @@ def rank_alive(record: RankRecord) -> bool:
 
 
 def dead_ranks(records: list[RankRecord]) -> list[RankRecord]:
-    """The recorded ranks of this machine that are gone."""
-    host = socket.gethostname()
-    return [r for r in records if r.host == host and not rank_alive(r)]
+    """The ones of ``records`` (ranks of this machine) that are gone."""
+    return [r for r in records if not rank_alive(r)]
 
 
 def log_tail(path: str | os.PathLike, lines: int = 8) -> list[str]:

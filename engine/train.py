@@ -157,7 +157,7 @@ class RunState:
     stop_agreed: bool = False
     """Every rank agreed to checkpoint and stop at this step (a stop reached at least one of them)."""
     ranks: list = field(default_factory=list)
-    """Every rank's ``engine.distributed.RankRecord`` (several processes only)."""
+    """The ``engine.distributed.RankRecord`` of each rank on this machine (several processes only)."""
     watchdog: Any = None
 
     def __post_init__(self) -> None:
@@ -596,8 +596,32 @@ def _collator(preset: Preset, tokenizer, device_plan, own_loss: bool = False):
 def _peak_memory(run: RunState, gather: bool = False) -> dict:
     """Peak memory of the run: torch's reserved/allocated and the device total on CUDA, RSS on the CPU.
 
-    ``gather``: every rank of a multi-process run reaches this point together (finished, stopped):
-    the peaks of all of them, the highest at the top level and each in ``ranks``."""
+    ``gather``: every rank of a multi-process run reaches this point together (finished, stopped,
+    its last collective): the peaks of all of them, the highest at the top level and each in
+    ``ranks``. After it the ranks part ways and exit on their own, so the watchdog stops here."""
+    if gather:
+        try:
+            return _gathered_peaks(run)
+        finally:
+            if run.watchdog is not None:
+                run.watchdog.stop()
+    return _own_peak(run)
+
+
+def _gathered_peaks(run: RunState) -> dict:
+    mine = _own_peak(run)
+    if not run.rank.distributed:
+        return mine
+    try:
+        every = run.control.gather({"rank": run.rank.rank, **mine})
+    except Exception:  # a peer already gone: this rank's own peak is still worth saying
+        return mine
+    top = {k: max((r.get(k) or 0 for r in every), default=0) or None for k in mine}
+    return {**top, "ranks": every}
+
+
+def _own_peak(run: RunState) -> dict:
+    """This process's peaks."""
     if run.device == "cuda":
         import torch
 
@@ -609,14 +633,7 @@ def _peak_memory(run: RunState, gather: bool = False) -> dict:
         }
     else:
         mine = {"peak_rss": _peak_rss_bytes()}
-    if not (gather and run.rank.distributed):
-        return mine
-    try:
-        every = run.control.gather({"rank": run.rank.rank, **mine})
-    except Exception:  # a peer already gone: this rank's own peak is still worth saying
-        return mine
-    top = {k: max((r.get(k) or 0 for r in every), default=0) or None for k in mine}
-    return {**top, "ranks": every}
+    return mine
 
 
 def _lost_rank(run: RunState) -> tuple[str, int] | None:
@@ -631,7 +648,13 @@ def _lost_rank(run: RunState) -> tuple[str, int] | None:
 
 def _end_for_lost_rank(run_dir: Path, events, stop: _StopFlag, run: RunState, started: float, dead: list) -> None:
     """The watchdog's verdict: another rank of this machine died; end the run as failed, naming it,
-    and leave at once (the collective this process waits in would never return)."""
+    and leave at once (the collective this process waits in would never return).
+
+    Not when a stop reached this process before training began: then every rank ends at once, each
+    on its own, and a sibling already gone is no fault (once training runs, the ranks agree on the
+    step and leave only after their last collective, where the watchdog stops)."""
+    if (stop.phase == "setup" and stop.requested) or stop.phase == "ending":
+        return
     stop.phase = "ending"
     saved = _clean_up_unfinished(run_dir, run)
     message = (f"{describe_dead(dead)}; the run cannot go on without it; {saved}; "
@@ -997,8 +1020,8 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     # (transformers' own end-of-training evaluation, where it makes one, counts).
     if prepared.validation is not None and run.last_eval_step != step:
         trainer.evaluate()
-    peak = _peak_memory(run, gather=True)
     adapter_dir = _write_adapter(run_dir, model, tokenizer, run, trainer if device_plan.fsdp else None)
+    peak = _peak_memory(run, gather=True)  # after the adapter: the other ranks wait until it is written
     stop.phase = "ending"
     events.emit("end", status="finished", step=step, adapter=_str(adapter_dir),
                 elapsed_s=time.time() - started, **peak, **estimate_bytes)
@@ -1008,15 +1031,13 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
 def _meet_the_ranks(run_dir: Path, run: RunState, events, stop: _StopFlag, started: float) -> None:
     """Every rank says who it is; local rank 0 records this machine's ranks (``ranks.json``, which
     ``stop`` signals) and starts watching them."""
-    import socket
-
     from engine.distributed import Watchdog, this_rank_record, write_ranks
 
-    run.ranks = run.control.gather(this_rank_record(run_dir, run.rank))
+    every = run.control.gather(this_rank_record(run_dir, run.rank))
+    run.ranks = [r for r in every if r.node == run.rank.node_rank]  # this machine's: the ones it can see
     if not run.rank.is_local_main:
         return
-    host = socket.gethostname()
-    local = [r for r in run.ranks if r.host == host]
+    local = run.ranks
     try:
         write_ranks(run_dir, local)
     except OSError as exc:

@@ -331,3 +331,19 @@ async def test_the_review_step_of_a_two_machine_run_shows_each_machines_line_and
         await pilot.press("ctrl+r")
         await wait_until(pilot, lambda: started, timeout=10, what="the start")
         assert started == [{"nodes": 2, "node_rank": 1, "master": "10.0.0.1:29500"}]
+
+
+def test_a_stop_before_training_begins_ends_every_rank_stopped_not_failed(tmp_path, demo_cache):
+    """A stop that arrives while the ranks load the model ends them all at once, each on its own:
+    the run is stopped (not failed because a sibling left first), nothing is trained or saved."""
+    path = _ddp_preset(tmp_path, "early", training__max_steps=400)
+    run_dir = tmp_path / "runs" / "early"
+    r = run_cli("--preset", str(path), "--detach", timeout=120)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: len(read_ranks(run_dir)) == 2, timeout=240, poll=0.02)
+    r = run_cli("stop", str(run_dir), timeout=60)
+    assert r.returncode == 0
+    wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=120)
+    end = events_of(run_dir)[-1]
+    assert end["kind"] == "end" and end["status"] == "stopped", end
+    assert sum(1 for e in events_of(run_dir) if e["kind"] == "end") == 1
