@@ -14,7 +14,9 @@ Each case is one ``python -m engine.train RUN_DIR`` process, so each peak is tha
 A case is NAME:SEQ:MICRO_BATCH:ckpt|nockpt:all|qv:RANK, then optional KEY=VALUE fields:
 ``opt=`` an optimizer of the preset (default adamw_torch), ``quant=nf4|none``, ``attn=`` a kernel
 (``eager``; ``sdpa_packed`` forces per-example SDPA where PyTorch's varlen kernel would be chosen),
-``liger=on|off`` (``training.fused_kernels`` liger or off; default auto), ``dropout=``.
+``liger=on|off`` (``training.fused_kernels`` liger or off; default auto), ``dropout=``,
+``gpus=N`` and ``strategy=ddp|fsdp`` (several processes through torchrun, as ``distributed:`` in a
+preset; the peaks are then the highest rank's, each rank's in ``ranks``).
 ``benchmarks/gpu_suite.py`` runs the matrix of these.
 """
 
@@ -70,13 +72,14 @@ def parse_case(case: str) -> dict:
         raise ValueError(f"case {case!r}: want NAME:SEQ:MICRO_BATCH:ckpt|nockpt:all|qv:RANK[:KEY=VALUE...]")
     name, seq, mb, ckpt, targets, rank = parts[:6]
     extra = dict(p.split("=", 1) for p in parts[6:])
-    unknown = set(extra) - {"opt", "quant", "attn", "liger", "dropout"}
+    unknown = set(extra) - {"opt", "quant", "attn", "liger", "dropout", "gpus", "strategy"}
     if unknown or ckpt not in ("ckpt", "nockpt") or targets not in ("all", "qv"):
         raise ValueError(f"case {case!r}: unknown field(s) {sorted(unknown)}" if unknown else f"case {case!r}")
     return {"name": name, "seq": int(seq), "mb": int(mb), "ckpt": ckpt == "ckpt", "targets": targets,
             "rank": int(rank), "opt": extra.get("opt", "adamw_torch"), "quant": extra.get("quant", "nf4"),
             "attn": extra.get("attn", "auto"), "liger": extra.get("liger", "auto"),
-            "dropout": float(extra.get("dropout", 0.05))}
+            "dropout": float(extra.get("dropout", 0.05)), "gpus": int(extra.get("gpus", 1)),
+            "strategy": extra.get("strategy", "auto")}
 
 
 FORCE_PACKED_SDPA = (
@@ -100,6 +103,7 @@ def case_preset(model_dir: Path, data: Path, case: str, steps: int) -> dict:
                      "max_steps": steps, "gradient_checkpointing": c["ckpt"], "save_steps": 10_000,
                      "optimizer": c["opt"], "logging_steps": 1,
                      "fused_kernels": {"on": "liger", "off": "off"}.get(c["liger"], "auto")},
+        "distributed": {"gpus": c["gpus"], "strategy": c["strategy"]},
     }
 
 
@@ -112,12 +116,26 @@ def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int, tim
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     (run_dir / "preset.yaml").write_text(yaml.safe_dump(preset))
-    command = ([sys.executable, "-c", FORCE_PACKED_SDPA, str(run_dir)] if parse_case(case)["attn"] == "sdpa_packed"
-               else [sys.executable, "-m", "engine.train", str(run_dir)])
+    c = parse_case(case)
+    env = None
+    if c["gpus"] > 1:  # through torchrun, as the engine launches several processes
+        import os
+
+        from engine.distributed import Launch, World
+
+        cuda = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                              capture_output=True, text=True).stdout.strip() == "True"
+        launch = Launch(World(c["gpus"], 1, "cuda" if cuda else "cpu"))
+        command = launch.command(run_dir)
+        env = dict(os.environ, **launch.environment())
+    elif c["attn"] == "sdpa_packed":
+        command = [sys.executable, "-c", FORCE_PACKED_SDPA, str(run_dir)]
+    else:
+        command = [sys.executable, "-m", "engine.train", str(run_dir)]
     t0 = time.time()
     with open(run_dir / "train.log", "w") as log:
         try:
-            code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             code = 124
     h = fold_history(read_events(run_dir))
@@ -137,6 +155,7 @@ def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int, tim
         "median_tokens_per_s": speeds[len(speeds) // 2],
         "tokens_per_step": h.steps[-1].tokens if h.steps else None,
         "final_loss": h.steps[-1].loss if h.steps else None,
+        "world": start and start.world, "ranks": end.ranks,
     }
     if out["peak_reserved"] and out["estimate_reserved"]:
         out["reserved_error"] = round(out["estimate_reserved"] / out["peak_reserved"] - 1, 4)
@@ -145,7 +164,8 @@ def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int, tim
         out["process_device_bytes"] = own
         out["device_error"] = round(out["estimate_total"] / own - 1, 4)
     if code != 0:
-        out["log_tail"] = (run_dir / "train.log").read_text()[-3000:]
+        logs = [run_dir / "train.log", *sorted((run_dir / "logs").glob("rank-*.log"))]
+        out["log_tail"] = "\n".join(p.read_text()[-1500:] for p in logs if p.is_file())[-4000:]
     return out
 
 

@@ -21,7 +21,10 @@ Sections (``--only`` picks some):
   warm-up: top CUDA kernels and CPU ops by self time, kernel launches per step, the share of the
   step the GPU is idle, and the process's CPU time per step;
 * ``memory``: the memory matrix of issue 12, each case one real ``python -m engine.train`` process
-  (``benchmarks/gpu_check.py``): estimate against torch's peak reserved and the device's count.
+  (``benchmarks/gpu_check.py``): estimate against torch's peak reserved and the device's count;
+* ``distributed``: issue 14 on a machine with two or more GPUs: one case on one GPU, then DDP and
+  FSDP-QLoRA through torchrun on all of them (throughput ratio, the highest rank's peak against the
+  per-GPU estimate); skipped, and said so, with one GPU.
 
 Each finished measurement is appended to ``OUT/suite.jsonl`` at once (a run cut short keeps what it
 measured); at the end ``OUT/suite.md`` holds the markdown tables, also printed. ``--max-minutes``
@@ -46,7 +49,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIGS = ROOT / "tests" / "fixtures" / "hf-configs"
-SECTIONS = ("env", "bench", "profile", "memory")
+SECTIONS = ("env", "bench", "profile", "memory", "distributed")
 
 MEMORY_MATRIX = [
     # name:seq:micro batch:checkpointing:targets:rank[:key=value]: what each case covers
@@ -70,6 +73,16 @@ none, 8-bit AdamW, each attention kind the engine picks, Liger on and off. Order
 most telling cases come first when ``--max-minutes`` cuts the list short."""
 
 QUICK_MEMORY_MATRIX = MEMORY_MATRIX[:4]
+
+DISTRIBUTED_MATRIX = [
+    # the same case on one GPU, then DDP and FSDP on every GPU: throughput ratio and memory per rank
+    "Llama-3.2-1B:2048:2:ckpt:all:16:dropout=0",
+    "Llama-3.2-1B:2048:2:ckpt:all:16:dropout=0:gpus={n}:strategy=ddp",
+    "Llama-3.2-1B:2048:2:ckpt:all:16:dropout=0:gpus={n}:strategy=fsdp",      # FSDP-QLoRA's first GPU run
+    "Llama-3.1-8B:2048:1:ckpt:all:16:opt=adamw_8bit:gpus={n}:strategy=fsdp",  # the shipped 8B preset, sharded
+]
+"""Issue 14's GPU checks, for a machine with two or more GPUs (``{n}``: every visible one). The lent
+machines have one, so this section says it was skipped there."""
 
 CONFIG_FOLDERS = {
     "Llama-3.2-1B": "meta-llama__Llama-3.2-1B", "Llama-3.1-8B": "meta-llama__Llama-3.1-8B",
@@ -330,6 +343,45 @@ def memory_section(results: Results, work: Path, quick: bool, dry_run: bool, dea
             shutil.rmtree(work / "models" / name, ignore_errors=True)
 
 
+def distributed_section(results: Results, work: Path, dry_run: bool, deadline: float, keep: bool) -> None:
+    """DDP and FSDP through torchrun on every visible GPU against the same case on one: throughput,
+    the highest rank's peak against the per-GPU estimate, the losses. Needs two GPUs or more; the
+    dry run trains the demo with two gloo processes on the CPU."""
+    from gpu_check import build_random_model, run_case, write_long_text_data
+
+    from engine.demo import ensure_demo_model
+
+    if dry_run:
+        cases = ["demo:128:4:nockpt:all:8:dropout=0", "demo:128:4:nockpt:all:8:dropout=0:gpus=2:strategy=ddp"]
+    else:
+        import torch
+
+        n = torch.cuda.device_count()
+        if n < 2:
+            results.add("distributed", {"case": "DDP/FSDP", "skipped": f"needs 2 or more GPUs; this machine has {n}"})
+            return
+        cases = [c.format(n=n) for c in DISTRIBUTED_MATRIX]
+    data = write_long_text_data(work / "long-dist.jsonl", records=60 if dry_run else 600,
+                                chars=600 if dry_run else 9000)
+    last_use = {c.split(":")[0]: i for i, c in enumerate(cases)}
+    single = None
+    for i, case in enumerate(cases):
+        name = case.split(":")[0]
+        if time.time() > deadline:
+            results.add("distributed", {"case": case, "skipped": "time is up (--max-minutes)"})
+            continue
+        model_dir = ensure_demo_model() if dry_run else build_random_model(
+            CONFIGS / CONFIG_FOLDERS[name], work / "models" / name, ensure_demo_model())
+        row = run_case(model_dir, data, case, work / "runs", steps=3 if dry_run else 8)
+        if ":gpus=" not in case:
+            single = row
+        elif single and single.get("median_tokens_per_s") and name == single["case"].split(":")[0]:
+            row["speedup_vs_one_gpu"] = round((row.get("median_tokens_per_s") or 0) / single["median_tokens_per_s"], 2)
+        results.add("distributed", row)
+        if not dry_run and not keep and last_use[name] == i:
+            shutil.rmtree(work / "models" / name, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 
@@ -397,6 +449,20 @@ def markdown(rows: list[dict]) -> str:
                          f"{'' if r.get('final_loss') is None else format(r['final_loss'], '.4f')} | "
                          f"{r.get('status') or r.get('skipped', '')} |")
         lines.append("")
+    dist = [r for r in rows if r["section"] == "distributed"]
+    if dist:
+        lines += ["## Several GPUs: DDP and FSDP through torchrun", "",
+                  "| case | world | estimate per GPU reserved GiB | highest rank reserved GiB | error | tok/s "
+                  "| vs one GPU | final loss | status |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in dist:
+            world = r.get("world") or {}
+            lines.append(f"| {r['case']} | {world.get('describe', '1')} {world.get('strategy', '')} | "
+                         f"{_gib(r.get('estimate_reserved'))} | {_gib(r.get('peak_reserved'))} | "
+                         f"{_pct(r.get('reserved_error'))} | {r.get('median_tokens_per_s') or 0:,.0f} | "
+                         f"{r.get('speedup_vs_one_gpu', '')} | "
+                         f"{'' if r.get('final_loss') is None else format(r['final_loss'], '.4f')} | "
+                         f"{r.get('status') or r.get('skipped', '')} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -440,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         profile_section(results, work, a.quick, a.dry_run, a.keep_models)
     if "memory" in only:
         memory_section(results, work, a.quick, a.dry_run, deadline, a.keep_models)
+    if "distributed" in only:
+        distributed_section(results, work, a.dry_run, deadline, a.keep_models)
     report = markdown(results.rows)
     (a.out / "suite.md").write_text(report + "\n")
     print(report)

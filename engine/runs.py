@@ -604,10 +604,20 @@ def recorded_launch(run_dir: str | os.PathLike):
     return Launch.from_json(rec.get("launch"))
 
 
-def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> list[str]:
-    """The last lines of the run's ``train.log``."""
+def run_log_path(run_dir: str | os.PathLike) -> Path:
+    """The training process's own output: ``train.log``, or for a multi-process run rank 0's
+    ``logs/rank-0.log`` (``train.log`` then holds torchrun's own lines)."""
+    run_dir = Path(run_dir)
+    rank0 = run_dir / RANK_LOGS_DIR / "rank-0.log"
+    if rank0.is_file() and (_process_record(run_dir) or {}).get("launch"):
+        return rank0
+    return run_dir / LOG_FILE
+
+
+def log_tail(run_dir: str | os.PathLike, lines: int = 20, path: Path | None = None) -> list[str]:
+    """The last lines of the run's log (``run_log_path``), or of ``path``."""
     try:
-        with open(Path(run_dir) / LOG_FILE, "rb") as fh:
+        with open(path or run_log_path(run_dir), "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - 64 * 1024))
@@ -692,7 +702,7 @@ def _lock_held(run_dir: Path) -> bool:
 
 def _crash_message(run_dir: Path) -> str:
     """What a crashed run left: the log's last line, a checkpoint cut short, a full disk."""
-    tail = log_tail(run_dir, 1)
+    tail = log_tail(run_dir, 1, run_dir / LOG_FILE)
     parts = ["the training process ended without a word" + (f"; train.log ends: {tail[-1]}" if tail else "")]
     rank_logs = sorted((run_dir / RANK_LOGS_DIR).glob("rank-*.log"),
                        key=lambda p: int(p.stem.split("-")[-1]) if p.stem.split("-")[-1].isdigit() else 0)

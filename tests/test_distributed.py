@@ -201,6 +201,9 @@ def test_two_ddp_processes_train_as_one_with_the_same_global_batch(tmp_path, dem
     assert end["kind"] == "end" and [r["rank"] for r in end["ranks"]] == [0, 1]
     # Each rank logged to its own file; only one events file, written once per event.
     assert (two / "logs" / "rank-0.log").is_file() and (two / "logs" / "rank-1.log").is_file()
+    from engine.runs import run_log_path
+
+    assert run_log_path(two) == two / "logs" / "rank-0.log"  # the log screen shows rank 0's own output
     assert sum(1 for e in events if e["kind"] == "start") == 1
 
     r = run_cli("runs", "--runs-dir", str(tmp_path / "runs"), timeout=60, env={"COLUMNS": "200"})

@@ -42,9 +42,17 @@ def test_the_dry_run_streams_every_section_and_prints_the_tables(tmp_path):
         assert row["estimate_total"] > 0 and row["attn"] == "sdpa_packed"
         assert "no mask" in row["kernels"]
 
+    dist = [row for row in rows if row["section"] == "distributed"]
+    assert len(dist) == 2
+    for row in dist:
+        assert row["status"] == "finished", row.get("log_tail")
+    assert dist[1]["world"]["world_size"] == 2 and dist[1]["world"]["strategy"] == "ddp"
+    assert [r["rank"] for r in dist[1]["ranks"]] == [0, 1] and dist[1]["speedup_vs_one_gpu"] > 0
+
     table = (out / "suite.md").read_text()
     assert table in r.stdout
-    for heading in ("## Machine", "## Throughput", "## Profile of one engine step", "## Memory: estimate"):
+    for heading in ("## Machine", "## Throughput", "## Profile of one engine step", "## Memory: estimate",
+                    "## Several GPUs: DDP and FSDP"):
         assert heading in table
 
 

@@ -31,6 +31,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from engine.curves import diagnose_history
 from engine.events import EventTail, RunHistory, extend_history, finite, fold_history
+from engine.runs import run_log_path
 from tui.console import describe
 from tui.dialogs.confirm import Confirm
 from tui.format import STATUS_STYLES, duration, gib
@@ -119,7 +120,7 @@ class LogScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         log = RichLog(id="train-log", max_lines=LOG_LINES, wrap=True, min_width=20)
-        log.border_title = f"{self.run_dir / 'train.log'} (last {LOG_LINES} lines)"
+        log.border_title = f"{run_log_path(self.run_dir)} (last {LOG_LINES} lines)"
         yield log
         yield Footer()
 
