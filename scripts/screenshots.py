@@ -38,13 +38,13 @@ GPU = GpuInfo(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, int(23.4 * 2**30), (8, 9
 LLAMA_CONFIG = ROOT / "tests" / "fixtures" / "hf-configs" / "meta-llama__Llama-3.1-8B"
 
 
-async def shoot_wizard(draft: Draft, steps: list[str], prefix: str) -> list[Path]:
-    """One SVG per step of the wizard on ``draft``."""
+async def shoot_wizard(draft: Draft, steps: list[str], prefix: str, gpus: tuple = (GPU,)) -> list[Path]:
+    """One SVG per step of the wizard on ``draft``, on a machine with ``gpus``."""
     from tui.wizard import WizardApp
 
     written = []
     for step in steps:
-        app = WizardApp(draft.__class__(draft.preset), services=Services(probe_gpus=lambda: [GPU]), start=step)
+        app = WizardApp(draft.__class__(draft.preset), services=Services(probe_gpus=lambda: list(gpus)), start=step)
         async with app.run_test(size=SIZE) as pilot:
             for _ in range(1200):
                 await pilot.pause(0.05)
@@ -117,6 +117,8 @@ def main() -> int:
         preset = load_preset(ROOT / "presets" / "llama-3.1-8b-qlora.yaml")
         preset = preset.model_copy(update={"model": preset.model.model_copy(update={"source": str(LLAMA_CONFIG)})})
         paths += asyncio.run(shoot_wizard(Draft(preset), ["memory", "targets"], "llama-3.1-8b-"))
+        two = (GPU, GpuInfo(1, GPU.name, GPU.total_bytes, GPU.free_bytes, GPU.compute_capability))
+        paths += asyncio.run(shoot_wizard(Draft(preset), ["memory"], "llama-3.1-8b-2gpus-", gpus=two))
     for path in paths:
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
