@@ -274,8 +274,9 @@ class Launch:
     def environment(self) -> dict:
         """Variables the launcher needs beyond the caller's."""
         env = {"TORCHELASTIC_SIGNALS_TO_HANDLE": LAUNCHER_SIGNALS}
-        if self.world.device == "cpu":
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.world.procs_per_node)))
+        if self.world.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # CPU processes share the cores (torchrun would give each one thread and say so in the log).
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.world.procs_per_node))
         return env
 
     def to_json(self) -> dict:

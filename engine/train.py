@@ -1023,7 +1023,8 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     adapter_dir = _write_adapter(run_dir, model, tokenizer, run, trainer if device_plan.fsdp else None)
     peak = _peak_memory(run, gather=True)  # after the adapter: the other ranks wait until it is written
     stop.phase = "ending"
-    events.emit("end", status="finished", step=step, adapter=_str(adapter_dir),
+    elsewhere = None if adapter_dir else "finished; rank 0 on machine 0 wrote the adapter (this machine keeps the checkpoints)"
+    events.emit("end", status="finished", step=step, adapter=_str(adapter_dir), message=elsewhere,
                 elapsed_s=time.time() - started, **peak, **estimate_bytes)
     return EXIT_OK
 

@@ -350,3 +350,67 @@ def test_a_stop_before_training_begins_ends_every_rank_stopped_not_failed(tmp_pa
     end = events_of(run_dir)[-1]
     assert end["kind"] == "end" and end["status"] == "stopped", end
     assert sum(1 for e in events_of(run_dir) if e["kind"] == "end") == 1
+
+
+def test_two_machines_meet_at_the_master_and_train_as_one(tmp_path, demo_cache):
+    """The several-machines path for real, with two "machines" on this one: each a launcher with one
+    CPU process, started as the README says (--nodes 2 --node-rank R --master HOST:PORT), meeting at
+    a local port through torchrun's static rendezvous."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = _ddp_preset(tmp_path, "nodes", distributed__gpus=1)
+    n0, n1 = tmp_path / "machine0", tmp_path / "machine1"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # two "machines" share these cores
+    place = ["--preset", str(path), "--nodes", "2", "--master", f"127.0.0.1:{port}"]
+    other = subprocess.Popen([sys.executable, "-m", "tui.cli", *place, "--node-rank", "1", "--run-dir", str(n1)],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        r = run_cli(*place, "--node-rank", "0", "--run-dir", str(n0), env={"OMP_NUM_THREADS": "1"}, timeout=300)
+        out1, _ = other.communicate(timeout=120)
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert other.returncode == 0, out1
+    assert "on 1 CPU process x 2 machines, DDP" in r.stdout
+    assert f"--nnodes=2 --node-rank=0 --master-addr=127.0.0.1 --master-port={port}" in r.stdout
+    assert f"qlora-wizard --preset {path} --nodes 2 --node-rank 1 --master 127.0.0.1:{port}" in r.stdout
+
+    # Each machine: its own run directory, the whole event stream, its own checkpoints and ranks.
+    a, b = events_of(n0), events_of(n1)
+    assert [e["loss"] for e in a if e["kind"] == "step"] == [e["loss"] for e in b if e["kind"] == "step"]
+    assert a[-1]["status"] == b[-1]["status"] == "finished"
+    assert (n0 / "adapter" / "adapter_model.safetensors").is_file() and not (n1 / "adapter").exists()
+    assert "rank 0 on machine 0 wrote the adapter" in b[-1]["message"]
+    assert (n1 / "checkpoints" / "checkpoint-6" / "trainer_state.json").is_file()
+    assert [(r.rank, r.node) for r in read_ranks(n1)] == [(1, 1)]
+    assert next(e for e in a if e["kind"] == "start")["world"]["nodes"] == 2
+
+
+def test_resume_refuses_fewer_gpus_than_the_run_began_with_and_changes_nothing(tmp_path, monkeypatch):
+    """Its checkpoints hold each rank's state: a run begun on 4 GPUs resumes on 4, and where fewer are
+    visible the refusal is one line, before anything in the run directory changes."""
+    from conftest import snapshot
+    from engine.events import EventWriter
+    from engine.runs import PROCESS_FILE, create_run, resume_run
+
+    preset = load_preset(write_preset(tmp_path, distributed__gpus=4))
+    run_dir = create_run(preset, tmp_path / "runs" / "big")
+    (run_dir / PROCESS_FILE).write_text(json.dumps({"pid": 1 << 22, "start_time": "0", "launch": {
+        "procs_per_node": 4, "nodes": 1, "device": "cuda", "world_size": 4, "node_rank": 0, "master": None}}))
+    events = EventWriter(run_dir)
+    events.emit("end", status="stopped", step=3, message="stopped at step 3 by SIGTERM")
+    events.close()
+    before = snapshot(run_dir)
+    monkeypatch.setattr("engine.gpu.probe_gpus", lambda: _gpus(2))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(UserError) as err:
+        resume_run(run_dir)
+    assert err.value.one_line().startswith(f"{run_dir} trained on 4 GPUs; this machine shows 2 GPU(s)")
+    assert "resume it where 4 GPUs are visible" in err.value.one_line()
+    assert snapshot(run_dir) == before

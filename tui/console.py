@@ -77,8 +77,8 @@ def describe(event: Event) -> str:
         if event.estimate_total and event.peak_reserved:
             peak_txt += f" (estimate {gib(event.estimate_reserved)} reserved)"
         if event.status == "finished":
-            return f"finished at step {event.step} in {duration(event.elapsed_s)}: " \
-                   f"adapter in {event.adapter}{peak_txt}"
+            where = f"adapter in {event.adapter}" if event.adapter else (event.message or "no adapter here")
+            return f"finished at step {event.step} in {duration(event.elapsed_s)}: {where}{peak_txt}"
         if event.status == "stopped":
             if event.abandoned:
                 return f"stopped: {event.message}"
