@@ -20,6 +20,8 @@ other model keeps its own forward. Importing this module does not import torch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 LOSS_CHUNK_TOKENS = 1024
 """Positions whose logits exist at once. 1,024 keeps the loss of a 128k-vocabulary model at
 1.5 GiB whatever the micro batch; smaller chunks save little more and cost more time (measured:
@@ -120,3 +122,26 @@ def decoder_and_head(model):
     if decoder is None or head is None or decoder is base:
         return None, None
     return decoder, head
+
+
+@contextmanager
+def head_passes_hidden_states(head):
+    """While inside, the output head returns its input: a causal LM's own forward then gives its
+    final hidden states as ``logits`` and the loss applies the head itself, a chunk at a time.
+
+    For a model wrapped by DDP, whose forward must run (it prepares the gradients' all-reduce; a
+    decoder called around it trains each rank on its own share, unsynchronised)."""
+    had = "forward" in head.__dict__  # a hook (accelerate's) may have replaced it on the instance
+    old = head.__dict__.get("forward")
+    head.forward = _identity
+    try:
+        yield head
+    finally:
+        if had:
+            head.forward = old
+        else:
+            del head.forward
+
+
+def _identity(hidden):
+    return hidden

@@ -933,7 +933,7 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     # 3. The trainer.
     from transformers import Trainer
 
-    from engine.loss import causal_lm_loss, chunked_loss_applies, decoder_and_head
+    from engine.loss import causal_lm_loss, chunked_loss_applies, decoder_and_head, head_passes_hidden_states
 
     own_loss = t.chunked_loss and chunked_loss_applies(info.model_type)
     callback = _make_callback(events, stop, run)
@@ -954,17 +954,22 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
             inputs = dict(inputs)
             inputs.pop(REAL_TOKENS_KEY, None)  # evaluation batches carry it too
             positions = inputs.pop(TRAINED_POSITIONS_KEY, None)
-            decoder, head = (decoder_and_head(self.accelerator.unwrap_model(model)) if own_loss
-                             and not device_plan.fsdp else (None, None))
+            unwrapped = self.accelerator.unwrap_model(model)
+            decoder, head = (decoder_and_head(unwrapped) if own_loss and not device_plan.fsdp else (None, None))
             if decoder is None or ("labels" not in inputs and "shift_labels" not in inputs):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
             # The model's forward runs under the mixed-precision autocast accelerate wraps it in;
-            # the decoder called directly needs the same. Under DDP the decoder is called through the
-            # wrapped module's own parameters, which DDP's hooks see all the same.
+            # the decoder called directly needs the same.
             with self.accelerator.autocast():
-                hidden = decoder(**inputs).last_hidden_state
+                if model is not unwrapped:
+                    # DDP: its own forward must run, or it never all-reduces the gradients; the head
+                    # hands the hidden states through and the loss below applies it in chunks.
+                    with head_passes_hidden_states(head):
+                        hidden = model(**inputs).logits
+                else:
+                    hidden = decoder(**inputs).last_hidden_state
                 loss = causal_lm_loss(hidden, head, labels, shift_labels=shift_labels,
                                       num_items_in_batch=num_items_in_batch, positions=positions,
                                       fused=device_plan.liger)

@@ -21,10 +21,13 @@ from engine.gpu import GpuInfo
 from engine.plan import effective_batch, steps_per_epoch, total_steps
 from engine.preset import load_preset, preset_from_dict
 
-LOSS_TOLERANCE = 0.01
+LOSS_TOLERANCE = 1e-3
 """Relative difference allowed between the per-step losses of two gloo ranks (micro batch 8 each) and
-one process (micro batch 8, accumulation 2) over the same examples: the gradients' all-reduce adds in
-another order, which Adam carries into the third decimal after a few steps (measured: 0.2 % at most)."""
+one process (micro batch 8, accumulation 2) over the same examples, and between their adapters.
+Measured on this 2-core machine: equal to the last printed digit, adapters equal to the bit; the
+margin is for an all-reduce that adds in another order elsewhere. (An earlier engine that called the
+decoder around DDP's forward never synchronised the ranks' gradients, and still came within 0.2 %
+in loss over six steps: the adapters are what tell the two apart, 4.6 % apart then.)"""
 
 EVAL_TOLERANCE = 0.02
 """The same for validation: the two ranks split the validation set, padding the last round with
@@ -189,6 +192,14 @@ def test_two_ddp_processes_train_as_one_with_the_same_global_batch(tmp_path, dem
         assert y == pytest.approx(x, rel=LOSS_TOLERANCE)
     for x, y in zip(_losses(one, "eval_loss"), _losses(two, "eval_loss")):
         assert y == pytest.approx(x, rel=EVAL_TOLERANCE)
+    # The adapter two ranks trained is the one a single process trains: the gradients were all-reduced.
+    from safetensors.torch import load_file
+
+    wa = load_file(one / "adapter" / "adapter_model.safetensors")
+    wb = load_file(two / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    diff = sum(float((wa[k] - wb[k]).norm() ** 2) for k in wa) ** 0.5
+    assert diff <= LOSS_TOLERANCE * sum(float(wa[k].norm() ** 2) for k in wa) ** 0.5
 
     events = events_of(two)
     start = next(e for e in events if e["kind"] == "start")

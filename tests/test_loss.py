@@ -167,3 +167,26 @@ def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks(
     assert json.loads((configs / "google__gemma-2-9b" / "config.json").read_text())["final_logit_softcapping"]
     got, gemma2 = loss("google__gemma-2-9b", 8192)
     assert got == LOSS_BYTES_PER_LOGIT * 8192 * gemma2.vocab_size
+
+
+def test_the_head_hands_the_hidden_states_through_and_is_itself_again_after():
+    """Under DDP the engine runs the wrapped model's own forward (so the gradients are all-reduced)
+    with the head handing the hidden states through; afterwards the head is as it was, an
+    instance-level hook (accelerate's) included."""
+    import torch
+
+    from engine.loss import head_passes_hidden_states
+
+    head = torch.nn.Linear(4, 8, bias=False)
+    x = torch.randn(2, 4)
+    with head_passes_hidden_states(head):
+        assert head(x) is x
+    assert head(x).shape == (2, 8) and "forward" not in head.__dict__
+
+    def hooked(t):
+        return t * 2
+
+    head.forward = hooked
+    with head_passes_hidden_states(head):
+        assert head(x) is x
+    assert head.forward is hooked
