@@ -189,6 +189,12 @@ def with_world(plan: DevicePlan, preset: Preset, info, world, rank=None, strateg
         strategy, why = choose_strategy(preset, world, fits)
     else:
         why = "as the run began"
+    if strategy == "fsdp" and plan.liger:
+        # Liger's fused loss takes the head's weight outside the model's forward, which FSDP shards:
+        # the FSDP recipe runs transformers' own loss, and the blocks stay as transformers builds them.
+        rest = plan.kernels_note.split("; ", 1)[0]
+        plan = replace(plan, liger=False, kernels_note=f"{rest}; transformers' loss (FSDP shards the output head; "
+                                                      "Liger Kernel is not combined with FSDP here)")
     return replace(plan, strategy=strategy, strategy_reason=why, place=place)
 
 
@@ -292,7 +298,9 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         # Trainer autocasts to bf16/fp16 on a GPU; on the CPU it computes in fp32.
         autocast=device.device == "cuda",
         # What engine.train does: the loss a chunk of positions at a time where it can.
-        loss_chunk=LOSS_CHUNK_TOKENS if t.chunked_loss and chunked_loss_applies(info.model_type) else None,
+        # Under FSDP the loss is transformers' own (the sharded head is not the engine's to call).
+        loss_chunk=(LOSS_CHUNK_TOKENS if t.chunked_loss and chunked_loss_applies(info.model_type) and not device.fsdp
+                    else None),
         liger=device.liger,
         # Per GPU: the strategy decides what each GPU holds (engine.memory), the world what it shares.
         strategy=device.strategy,

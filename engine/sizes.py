@@ -120,6 +120,8 @@ def reference_settings(settings: MemorySettings, info: ModelInfo, strategy: str,
     targets when the reference has them all (else all its linear layers), and the strategy."""
     names = {t.name for t in info.targets}
     targets = settings.lora_targets if settings.lora_targets and set(settings.lora_targets) <= names else ()
+    if strategy == "fsdp":  # as engine.plan runs it: transformers' loss, no Liger, under FSDP
+        settings = replace(settings, loss_chunk=None, liger=False)
     return replace(settings, lora_targets=targets, strategy=strategy,
                    world_size=1 if strategy == "single" else world_size)
 

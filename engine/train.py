@@ -485,7 +485,9 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
         fp16=device_plan.device == "cuda" and device_plan.compute_dtype == "float16",
         use_cpu=device_plan.device == "cpu",
         gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # Non-reentrant checkpointing, except under FSDP-QLoRA, whose documented recipe (peft's
+        # accelerate/fsdp guide) runs the reentrant one.
+        gradient_checkpointing_kwargs={"use_reentrant": device_plan.fsdp} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
         **_distributed_args(preset, device_plan),
         # On a GPU, collation runs in a worker and batches come from pinned memory, so the host
@@ -854,6 +856,8 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     # end event can tell this run's own footprint from the device total nvidia-smi shows.
     run.device_used_before = _nvml_used_bytes(run.device_index) if gpus else None
     mine = gpus[rank.local_rank:rank.local_rank + 1]
+    if mine:
+        torch.cuda.set_device(rank.local_rank)  # before anything touches CUDA: each rank its own GPU
     device_plan = _checked_plan(plan_device(preset, mine, info.model_type))
     run.device = device_plan.device
     run.control.start(device_plan.device)
