@@ -425,3 +425,51 @@ def test_resume_refuses_fewer_gpus_than_the_run_began_with_and_changes_nothing(t
     assert err.value.one_line().startswith(f"{run_dir} trained on 4 GPUs; this machine shows 2 GPU(s)")
     assert "resume it where 4 GPUs are visible" in err.value.one_line()
     assert snapshot(run_dir) == before
+
+
+def test_a_stop_on_either_machine_stops_both_at_one_step_and_both_resume(tmp_path, demo_cache):
+    """Two "machines" on this one, detached: `stop` on machine 1 reaches machine 0's rank through
+    the ranks' agreement, both save the same step; `resume` on each (the same place, recorded)
+    meets again and finishes."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = _ddp_preset(tmp_path, "nodes", distributed__gpus=1, training__max_steps=30, training__eval_steps=1000)
+    dirs = [tmp_path / "machine0", tmp_path / "machine1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+    def start(args) -> list[subprocess.Popen]:
+        return [subprocess.Popen([sys.executable, "-m", "tui.cli", *args(r)], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+
+    for p in start(lambda r: ["--preset", str(path), "--nodes", "2", "--node-rank", str(r),
+                              "--master", f"127.0.0.1:{port}", "--run-dir", str(dirs[r]), "--detach"]):
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+    wait_for(lambda: all(any(e["kind"] == "step" and e["step"] >= 3 for e in events_of(d)) for d in dirs),
+             timeout=240)
+    r = run_cli("stop", str(dirs[1]), timeout=60)
+    assert r.returncode == 0
+    wait_for(lambda: all(_launcher_and_ranks_gone(d) for d in dirs), timeout=120)
+    ends = [events_of(d)[-1] for d in dirs]
+    assert [e["status"] for e in ends] == ["stopped", "stopped"], ends
+    assert ends[0]["step"] == ends[1]["step"]
+    step = ends[0]["step"]
+    for d in dirs:
+        assert [p.name for p in (d / "checkpoints").iterdir()] == [f"checkpoint-{step}"]
+
+    for p in start(lambda r: ["resume", str(dirs[r]), "--detach"]):
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+        assert "as it began" in out
+    wait_for(lambda: all(_launcher_and_ranks_gone(d) and events_of(d)[-1]["kind"] == "end" for d in dirs),
+             timeout=240)
+    for d in dirs:
+        events = events_of(d)
+        assert events[-1]["status"] == "finished" and events[-1]["step"] == 30, events[-1]
+        resumed = [e for e in events if e["kind"] == "start"][-1]
+        assert resumed["resumed_from_step"] == step and resumed["world"]["nodes"] == 2
