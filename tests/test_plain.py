@@ -249,3 +249,34 @@ def test_plain_does_not_load_textual():
     code = "import sys, tui.plain\nprint('textual' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_two_machine_run_asks_this_machines_place_and_starts_its_part(here, capsys):
+    """distributed.nodes 2: the review says what each machine runs; starting asks this machine's
+    number and machine 0's address (a wrong one is said and asked again) and passes them on."""
+    started = []
+
+    def fake_start(preset, **place):
+        started.append({"nodes": preset.distributed.nodes, **place})
+        return here / "runs" / "fake"
+
+    draft = load_draft(DEMO_DRAFT)
+    draft.set("distributed.nodes", 2)
+    keys = [
+        ENTER, ENTER,                                   # 1 model
+        ENTER, ENTER, ENTER, ENTER, ENTER, ENTER,       # 2 memory
+        UP + UP + ENTER, typed("8"), ENTER, ENTER,      # 3 targets: q + v; r 8
+        ENTER,
+        ENTER, ENTER, ENTER,                            # 4 data
+        typed("4"), ENTER, ENTER, ENTER, ENTER,         # 5 max steps 4
+        typed("two"), ENTER, ENTER,                     # 6 run name; export; start
+        typed("5"), typed("10.0.0.1:29500"),            #   machine 5 of 2: refused
+        typed("1"), typed("10.0.0.1:29500"),            #   machine 1
+    ]
+    code = drive(draft, keys, services=Services(probe_gpus=lambda: [GPU_24], start_run=fake_start), follow=False)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "2 machines: copy the preset (with the data) to each and run there" in out
+    assert "qlora-wizard --preset two.yaml --nodes 2 --node-rank 1 --master HOST:29500" in out
+    assert "this machine's number must be 0 to 1, not 5" in out
+    assert started == [{"nodes": 2, "node_rank": 1, "master": "10.0.0.1:29500"}]

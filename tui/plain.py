@@ -41,6 +41,7 @@ from tui.draft import (
     lr_view,
     memory_view,
     model_facts,
+    node_commands,
     parse_field,
     parse_gib,
     recent_models,
@@ -542,6 +543,13 @@ class PlainWizard:
         self.ask_field("run name (empty: the model's name and the time)", "output.name", "str?")
         self.console.print(Text(self.draft.preset.to_yaml().rstrip()))
         self.export()
+        nodes = self.draft.preset.distributed.nodes
+        if nodes > 1:
+            where = str(self.draft.exported_to or "PRESET.yaml")
+            self.say((f"{nodes} machines", "bold"), ": copy the preset (with the data) to each and run there, "
+                     "or start this machine's part now:")
+            for line in node_commands(self.draft.preset, where, self.draft.master):
+                self.say(f"  {line}")
         if self.confirm("start training now?", default=True) and self.start():
             return _FINISHED
         choices = [("finish here (run it later)", "finish")]
