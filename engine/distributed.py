@@ -328,12 +328,12 @@ def this_rank_record(run_dir: str | os.PathLike, rank: Rank) -> RankRecord:
                       str(log_path(run_dir, rank.rank)), rank.node_rank)
 
 
-def write_ranks(run_dir: str | os.PathLike, records: list[RankRecord], launch: dict | None = None) -> None:
+def write_ranks(run_dir: str | os.PathLike, records: list[RankRecord]) -> None:
     """Record this machine's ranks (local rank 0 does, once every rank has started)."""
     from engine.preset import atomic_write_text
 
     atomic_write_text(Path(run_dir) / RANKS_FILE, json.dumps({
-        "written": time.time(), "launch": launch, "ranks": [asdict(r) for r in records]}))
+        "written": time.time(), "ranks": [asdict(r) for r in records]}))
 
 
 def read_ranks(run_dir: str | os.PathLike) -> list[RankRecord]:

@@ -309,7 +309,7 @@ def start_process(run_dir: str | os.PathLike, resume: bool = False, lock: RunLoc
             cmd = launch.command(run_dir, resume=resume)
             env = dict(os.environ, PYTHONUNBUFFERED="1", **launch.environment())
             try:
-                (run_dir / RANK_LOGS_DIR).mkdir(exist_ok=True)
+                undo.mkdirs(run_dir / RANK_LOGS_DIR)  # a start that fails takes it back
             except OSError as exc:
                 raise os_error(exc, "write", run_dir / RANK_LOGS_DIR) from None
         # The engine package must be importable by the child whatever the current directory is.
@@ -594,6 +594,14 @@ def stop_run(run_dir: str | os.PathLike, sig: int = signal.SIGTERM) -> bool:
     if not ranks:
         os.kill(rec["pid"], sig)
     return True
+
+
+def launch_command(run_dir: str | os.PathLike) -> str | None:
+    """The torchrun command a multi-process run's newest process is, as one line to paste; None for one process."""
+    from engine.distributed import shell_command
+
+    rec = _process_record(Path(run_dir)) or {}
+    return shell_command(rec["command"]) if rec.get("launch") and rec.get("command") else None
 
 
 def recorded_launch(run_dir: str | os.PathLike):

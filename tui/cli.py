@@ -485,18 +485,13 @@ def run_preset(preset_path: str, run_dir: str | None, detach: bool, nodes: int |
 def _print_launch(run_dir: Path, preset, preset_path: str, master: str | None) -> None:
     """For a run over several processes: the torchrun command this machine started, and for several
     machines what each one types."""
-    import json
-
-    from engine.distributed import shell_command
+    from engine.runs import launch_command
     from tui.draft import node_commands
 
-    try:
-        record = json.loads((run_dir / "process.json").read_text())
-    except (OSError, ValueError):
+    command = launch_command(run_dir)
+    if command is None:
         return
-    if not record.get("launch"):
-        return
-    print(f"started: {shell_command(record['command'])}")
+    print(f"started: {command}")
     others = node_commands(preset, preset_path, master)
     if others:
         print("each machine runs its own line (the same preset, data and model path on each):")

@@ -617,6 +617,11 @@ class PlainWizard:
             self.error(f"could not start the run: {first_line(exc)}")
             return False
         self.run_dir = Path(run_dir)
+        from engine.runs import launch_command
+
+        command = launch_command(run_dir)
+        if command is not None:
+            self.say(f"started: {command}")
         self.say("training in the background: ", (str(run_dir), "bold"))
         self.say(f"  it goes on if this terminal closes; follow it again with: qlora-wizard attach {run_dir}")
         self.say(f"  stop it: qlora-wizard stop {run_dir}")

@@ -239,8 +239,13 @@ class WizardApp(App[str]):
 
     @on(msg.RunStarted)
     def _run_started(self, message: msg.RunStarted) -> None:
+        from engine.runs import launch_command
+
         self.starting = False
         self.run_dir = message.run_dir
+        command = launch_command(message.run_dir)
+        if command is not None:  # several processes: say the torchrun command this machine runs
+            self.notify(f"started: {command}", timeout=20)
         self.show_run(message.run_dir)
 
     @on(msg.RunFailed)
