@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.distributed import Control, Rank, describe_dead
+from engine.distributed import RANKS_FILE, Control, Rank, describe_dead
 from engine.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, UserError, first_line, os_error
 from engine.events import EventWriter, NoEvents
 from engine.preset import Preset, load_preset
@@ -208,14 +208,6 @@ def _peak_rss_bytes() -> int:
 
 
 _NVML_HANDLE = None
-
-
-def _nvml_index(local_rank: int = 0) -> int:
-    """The NVML index of CUDA device ``local_rank`` (CUDA_VISIBLE_DEVICES renumbers from 0)."""
-    visible = [v.strip() for v in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if v.strip()]
-    if visible and all(v.isdigit() for v in visible) and local_rank < len(visible):
-        return int(visible[local_rank])
-    return local_rank
 
 
 def _nvml_used_bytes(index: int = 0) -> int | None:
@@ -627,15 +619,13 @@ def _own_peak(run: RunState) -> dict:
     if run.device == "cuda":
         import torch
 
-        mine = {
+        return {
             "peak_reserved": torch.cuda.max_memory_reserved(),
             "peak_allocated": torch.cuda.max_memory_allocated(),
             "peak_device_used": getattr(run.callback, "peak_device_used", 0) or None,
             "device_used_before": run.device_used_before,
         }
-    else:
-        mine = {"peak_rss": _peak_rss_bytes()}
-    return mine
+    return {"peak_rss": _peak_rss_bytes()}
 
 
 def _lost_rank(run: RunState) -> tuple[str, int] | None:
@@ -868,16 +858,18 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
         world = World(rank.local_world_size, max(1, rank.world_size // max(1, rank.local_world_size)),
                       device_plan.device)
         budget = min(g.free_bytes for g in gpus) if gpus else None
+        decided = None
         if rank.is_main:
-            device_plan = with_world(device_plan, preset, info, world, rank, strategy, budget)
-            decided = (device_plan.strategy, device_plan.strategy_reason)
-        else:
-            decided = None
+            chosen = with_world(device_plan, preset, info, world, rank, strategy, budget)
+            decided = (chosen.strategy, chosen.strategy_reason)
         strategy, why = run.control.share(decided)  # rank 0 decides; every rank runs the same
-        device_plan = with_world(device_plan, preset, info, world, rank, strategy)
         from dataclasses import replace
 
-        device_plan = replace(device_plan, strategy_reason=why)
+        device_plan = replace(with_world(device_plan, preset, info, world, rank, strategy), strategy_reason=why)
+        world_json = {**world.to_json(), "describe": world.describe(), "strategy": strategy, "reason": why,
+                      "backend": world.backend, "ranks_file": RANKS_FILE}
+    else:
+        world_json = None
 
     tokenizer = data_mod.load_tokenizer(preset.model)
     t = preset.training
@@ -900,13 +892,6 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     run.step = resumed_from or 0
     if device_plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    world_json = None
-    if device_plan.distributed:
-        world_json = {**World(rank.local_world_size, device_plan.nodes, device_plan.device).to_json(),
-                      "strategy": device_plan.strategy, "reason": device_plan.strategy_reason,
-                      "describe": World(rank.local_world_size, device_plan.nodes, device_plan.device).describe(),
-                      "backend": "nccl" if device_plan.device == "cuda" else "gloo",
-                      "ranks_file": "ranks.json"}
     events.emit(
         "start",
         preset=preset.model_dump(mode="json"),
