@@ -374,15 +374,21 @@ def _process_record(run_dir: Path) -> dict | None:
 
 
 def is_running(run_dir: str | os.PathLike) -> bool:
-    """Whether the run's training process is alive (the same process, not a reused pid)."""
+    """Whether the run's training process is alive (the same process, not a reused pid); for a
+    multi-process run, the launcher or any of this machine's ranks (they live in sessions of their
+    own and train on if the launcher is killed)."""
     rec = _process_record(Path(run_dir))
     if not rec:
         return False
     pid = rec.get("pid")
-    if not pid or not pid_alive(pid):
-        return False
     recorded = rec.get("start_time")
-    return recorded is None or process_start_time(pid) in (None, recorded)
+    if pid and pid_alive(pid) and (recorded is None or process_start_time(pid) in (None, recorded)):
+        return True
+    if rec.get("launch"):
+        from engine.distributed import rank_alive, read_ranks
+
+        return any(rank_alive(r) for r in read_ranks(run_dir))
+    return False
 
 
 def wait_until_exited(run_dir: str | os.PathLike, timeout: float = 30.0) -> bool:

@@ -473,3 +473,24 @@ def test_a_stop_on_either_machine_stops_both_at_one_step_and_both_resume(tmp_pat
         assert events[-1]["status"] == "finished" and events[-1]["step"] == 30, events[-1]
         resumed = [e for e in events if e["kind"] == "start"][-1]
         assert resumed["resumed_from_step"] == step and resumed["world"]["nodes"] == 2
+
+
+def test_a_killed_launcher_loses_nothing_its_ranks_train_on_and_are_still_the_run(tmp_path, demo_cache):
+    """torchrun killed with SIGKILL: its ranks live in sessions of their own and train on; the run
+    is still `running` (no second process can be started into it) and finishes; stop still reaches it."""
+    path = _ddp_preset(tmp_path, "orphans", training__max_steps=16, training__eval_steps=1000)
+    run_dir = tmp_path / "runs" / "orphans"
+    r = run_cli("--preset", str(path), "--detach", timeout=120)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: any(e["kind"] == "step" for e in events_of(run_dir)), timeout=240)
+    launcher = json.loads((run_dir / "process.json").read_text())["pid"]
+    os.kill(launcher, signal.SIGKILL)
+    time.sleep(0.5)
+    from engine.runs import is_running, summarize_run
+
+    assert is_running(run_dir) and summarize_run(run_dir).status == "running"
+    r = run_cli("resume", str(run_dir), timeout=60)
+    assert r.returncode == 2 and "is still training" in r.stderr
+    wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=240)
+    end = events_of(run_dir)[-1]
+    assert end["kind"] == "end" and end["status"] == "finished" and end["step"] == 16
