@@ -376,6 +376,34 @@ ERROR_WORDS = ("Error", "error", "Traceback", "Killed", "Exception", "exception"
 """Words that make a log line worth quoting as a rank's last word."""
 
 
+def stopped_marker(run_dir: str | os.PathLike, rank: int) -> Path:
+    """The file a rank leaves when a stop ended it (``logs/rank-R.stopped``): a sibling that sees it
+    gone knows it left for a stop, not a fault."""
+    return Path(run_dir) / LOGS_DIR / f"rank-{rank}.stopped"
+
+
+def mark_stopped(run_dir: str | os.PathLike, rank: Rank) -> None:
+    """Say, for the watchdog of this machine, that a stop ends this rank (never raises)."""
+    if rank.distributed:
+        try:
+            stopped_marker(run_dir, rank.rank).touch()
+        except OSError:
+            pass
+
+
+def clear_stopped(run_dir: str | os.PathLike, rank: Rank) -> None:
+    """Remove this rank's marker of an earlier launch's stop (a resume begins)."""
+    try:
+        stopped_marker(run_dir, rank.rank).unlink()
+    except OSError:
+        pass
+
+
+def left_for_a_stop(run_dir: str | os.PathLike, dead: list[RankRecord]) -> bool:
+    """Whether every one of the ``dead`` ranks ended because a stop reached it."""
+    return bool(dead) and all(stopped_marker(run_dir, r.rank).exists() for r in dead)
+
+
 def describe_dead(dead: list[RankRecord]) -> str:
     """A dead rank in words: which, its pid, and its log's last error lines (a rank killed from
     outside has none: that is said instead)."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.distributed import RANKS_FILE, Control, Rank, describe_dead
+from engine.distributed import RANKS_FILE, Control, Rank, clear_stopped, describe_dead, mark_stopped
 from engine.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, UserError, first_line, os_error
 from engine.events import EventWriter, NoEvents
 from engine.preset import Preset, load_preset
@@ -134,6 +134,8 @@ class RunState:
 
     rank: Rank = field(default_factory=Rank)
     """This process's place among the run's processes."""
+    run_dir: Path | None = None
+    """The run directory."""
     control: Control = None
     """The ranks' agreement channel (answers locally in a single-process run)."""
     preset: Any = None
@@ -628,14 +630,37 @@ def _own_peak(run: RunState) -> dict:
     return {"peak_rss": _peak_rss_bytes()}
 
 
-def _lost_rank(run: RunState) -> tuple[str, int] | None:
-    """A rank of this machine that is gone, in words, and its rank; None when all are alive."""
+LOST_RANK_WAIT_S = 2.0
+"""How long a rank whose collective failed waits to see which sibling is gone: the collective breaks
+when the sibling's sockets close, a moment before the kernel shows the process as ended."""
+
+
+def _lost_rank(run: RunState, wait_s: float = LOST_RANK_WAIT_S) -> tuple[str, int, bool] | None:
+    """A rank of this machine that is gone: in words, its rank, and whether a stop ended it (and
+    every other gone one); None when all are alive (after ``wait_s``)."""
     if not run.rank.distributed or not run.ranks:
         return None
-    from engine.distributed import dead_ranks
+    from engine.distributed import dead_ranks, left_for_a_stop
 
-    dead = dead_ranks(run.ranks)
-    return (describe_dead(dead), dead[0].rank) if dead else None
+    deadline = time.time() + wait_s
+    while True:
+        dead = dead_ranks(run.ranks)
+        if dead or time.time() >= deadline:
+            break
+        time.sleep(0.1)
+    return (describe_dead(dead), dead[0].rank, left_for_a_stop(run.run_dir, dead)) if dead else None
+
+
+def _end_stopped_early(run_dir: Path, resume: bool, events, stop: _StopFlag, run: RunState, started: float) -> int:
+    """A stop before training began (or resumed): nothing trained, nothing to save; every rank ends at once."""
+    stop.phase = "ending"
+    mark_stopped(run_dir, run.rank)
+    ckpt = newest_checkpoint(run_dir)
+    message = (f"stopped before training resumed; {ckpt.name} is as it was" if ckpt and resume
+               else "stopped before training began; nothing to save")
+    _emit(events, "end", status="stopped", signal=stop.signal_name or None, step=run.step,
+          checkpoint=_str(ckpt), message=message, elapsed_s=time.time() - started)
+    return EXIT_OK if run.rank.distributed else EXIT_STOPPED
 
 
 def _end_for_lost_rank(run_dir: Path, events, stop: _StopFlag, run: RunState, started: float, dead: list) -> None:
@@ -646,6 +671,12 @@ def _end_for_lost_rank(run_dir: Path, events, stop: _StopFlag, run: RunState, st
     on its own, and a sibling already gone is no fault (once training runs, the ranks agree on the
     step and leave only after their last collective, where the watchdog stops)."""
     if (stop.phase == "setup" and stop.requested) or stop.phase == "ending":
+        return
+    from engine.distributed import left_for_a_stop
+
+    if left_for_a_stop(run_dir, dead):
+        # The sibling was stopped: the same stop is on its way here (or was sent to it alone): take it.
+        os.kill(os.getpid(), signal.SIGTERM)
         return
     stop.phase = "ending"
     saved = _clean_up_unfinished(run_dir, run)
@@ -686,19 +717,14 @@ def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), loc
     stop = _StopFlag()
     stop.install()
     started = time.time()
-    run = RunState(rank=rank)
+    run = RunState(rank=rank, run_dir=run_dir)
     try:
         return _train(run_dir, resume, events, stop, started, run, callbacks)
     except StopRequested:
-        stop.phase = "ending"
-        ckpt = newest_checkpoint(run_dir)
-        message = (f"stopped before training resumed; {ckpt.name} is as it was" if ckpt and resume
-                   else "stopped before training began; nothing to save")
-        _emit(events, "end", status="stopped", signal=stop.signal_name, step=run.step,
-              checkpoint=_str(ckpt), message=message, elapsed_s=time.time() - started)
-        return EXIT_STOPPED
+        return _end_stopped_early(run_dir, resume, events, stop, run, started)
     except AbandonRequested:
         stop.phase = "ending"
+        mark_stopped(run_dir, run.rank)
         saved = _clean_up_unfinished(run_dir, run)
         doing = "writing the adapter" if run.writing_adapter else f"step {run.step}"
         message = f"abandoned at {doing} by a {_ordinal(stop.count)} {stop.signal_name}: {saved}"
@@ -712,12 +738,25 @@ def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), loc
         _emit(events, "end", status="failed", message=exc.one_line(), elapsed_s=time.time() - started)
         return EXIT_BAD_INPUT
     except Exception as exc:  # the run's own failure: report it in words, keep the traceback in the log
+        was = stop.phase
         stop.phase = "ending"
         try:
             traceback.print_exc()
         except OSError:
             pass
         lost = _lost_rank(run)
+        if lost is not None and lost[2]:
+            # A stop reached the ranks and a sibling left first (it was still loading, before the
+            # ranks could agree on a step), breaking the collective this rank was in: stopped, not lost.
+            if was == "setup":
+                return _end_stopped_early(run_dir, resume, events, stop, run, started)
+            mark_stopped(run_dir, run.rank)
+            saved = _clean_up_unfinished(run_dir, run)
+            _emit(events, "end", status="stopped", signal=stop.signal_name or None, step=run.step,
+                  checkpoint=_str(newest_checkpoint(run_dir)), elapsed_s=time.time() - started,
+                  message=f"stopped at step {run.step}: another rank left for the stop before the ranks could "
+                          f"agree on a step to save; {saved}")
+            return EXIT_OK
         message, exit_code = _describe_failure(exc, run, run_dir)
         if lost is not None:  # a collective failed because a peer is gone: that is the cause
             saved = _clean_up_unfinished(run_dir, run)
@@ -1005,6 +1044,7 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
         saved = f"saved: {ckpt.name}" if ckpt else "nothing saved"
         by = stop.signal_name or "a stop sent to another rank"
         stop.phase = "ending"
+        mark_stopped(run_dir, run.rank)
         events.emit("end", status="stopped", signal=stop.signal_name or None, step=step, checkpoint=_str(ckpt),
                     message=f"stopped at step {step} by {by}; {saved}",
                     elapsed_s=time.time() - started, **peak, **estimate_bytes)
@@ -1028,6 +1068,7 @@ def _meet_the_ranks(run_dir: Path, run: RunState, events, stop: _StopFlag, start
     ``stop`` signals) and starts watching them."""
     from engine.distributed import Watchdog, this_rank_record, write_ranks
 
+    clear_stopped(run_dir, run.rank)  # an earlier launch's stop is not this one's
     every = run.control.gather(this_rank_record(run_dir, run.rank))
     run.ranks = [r for r in every if r.node == run.rank.node_rank]  # this machine's: the ones it can see
     if not run.rank.is_local_main:

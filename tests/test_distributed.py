@@ -494,3 +494,27 @@ def test_a_killed_launcher_loses_nothing_its_ranks_train_on_and_are_still_the_ru
     wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=240)
     end = events_of(run_dir)[-1]
     assert end["kind"] == "end" and end["status"] == "finished" and end["step"] == 16
+
+
+def test_a_stop_sent_to_one_rank_alone_stops_the_whole_run(tmp_path, demo_cache):
+    """`kill -TERM` to rank 1 only, while it loads: it leaves, saying it was stopped; rank 0 takes the
+    same stop instead of calling it a fault. And during training a stop that reaches one rank stops
+    both at one step, with one checkpoint."""
+    path = _ddp_preset(tmp_path, "one", training__max_steps=400)
+    run_dir = tmp_path / "runs" / "one"
+    assert run_cli("--preset", str(path), "--detach", timeout=120).returncode == 0
+    ranks = wait_for(lambda: len(read_ranks(run_dir)) == 2 and read_ranks(run_dir), timeout=240, poll=0.02)
+    os.kill(next(r for r in ranks if r.rank == 1).pid, signal.SIGTERM)
+    wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=120)
+    end = events_of(run_dir)[-1]
+    assert end["kind"] == "end" and end["status"] == "stopped", end
+
+    path = _ddp_preset(tmp_path, "two", training__max_steps=400, training__eval_steps=1000)
+    run_dir = tmp_path / "runs" / "two"
+    assert run_cli("--preset", str(path), "--detach", timeout=120).returncode == 0
+    wait_for(lambda: any(e["kind"] == "step" and e["step"] >= 2 for e in events_of(run_dir)), timeout=240)
+    os.kill(next(r for r in read_ranks(run_dir) if r.rank == 1).pid, signal.SIGTERM)
+    wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=120)
+    end = events_of(run_dir)[-1]
+    assert end["status"] == "stopped" and "by a stop sent to another rank" in end["message"], end
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"checkpoint-{end['step']}"]
