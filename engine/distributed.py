@@ -360,18 +360,6 @@ def dead_ranks(records: list[RankRecord]) -> list[RankRecord]:
     return [r for r in records if not rank_alive(r)]
 
 
-def log_tail(path: str | os.PathLike, lines: int = 8) -> list[str]:
-    """The last non-empty lines of a log."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 32 * 1024))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return []
-    return [ln for ln in text.splitlines() if ln.strip()][-lines:]
-
-
 ERROR_WORDS = ("Error", "error", "Traceback", "Killed", "Exception", "exception", "Segmentation", "Aborted")
 """Words that make a log line worth quoting as a rank's last word."""
 
@@ -407,8 +395,10 @@ def left_for_a_stop(run_dir: str | os.PathLike, dead: list[RankRecord]) -> bool:
 def describe_dead(dead: list[RankRecord]) -> str:
     """A dead rank in words: which, its pid, and its log's last error lines (a rank killed from
     outside has none: that is said instead)."""
+    from engine.runs import file_tail
+
     first = dead[0]
-    tail = log_tail(first.log, 40)
+    tail = file_tail(first.log, 40)
     start = next((i for i in range(len(tail) - 1, -1, -1) if "Traceback" in tail[i]), None)
     said = tail[start:][-3:] if start is not None else [ln for ln in tail if any(w in ln for w in ERROR_WORDS)][-2:]
     said = [ln.strip() for ln in said]

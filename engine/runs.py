@@ -498,10 +498,13 @@ def _same_world(run_dir: Path, preset: Preset, master: str | None = None):
     from engine.gpu import probe_gpus
 
     launch = recorded_launch(run_dir)
+    if master is not None:
+        if launch is None or launch.world.nodes == 1:
+            raise UserError(f"--master is for a run over several machines; {run_dir} trained on one",
+                            f"resume it with `qlora-wizard resume {run_dir}`")
+        launch = replace(launch, master=master)
     if launch is None:
         return None
-    if master is not None:
-        launch = replace(launch, master=master)
     if launch.world.device == "cuda":
         shown = len(visible_gpus(probe_gpus()))
         if shown < launch.world.procs_per_node:
@@ -628,10 +631,10 @@ def run_log_path(run_dir: str | os.PathLike) -> Path:
     return run_dir / LOG_FILE
 
 
-def log_tail(run_dir: str | os.PathLike, lines: int = 20, path: Path | None = None) -> list[str]:
-    """The last lines of the run's log (``run_log_path``), or of ``path``."""
+def file_tail(path: str | os.PathLike, lines: int = 20) -> list[str]:
+    """The last non-empty lines of a log file (read from its last 64 KiB); empty when it cannot be read."""
     try:
-        with open(path or run_log_path(run_dir), "rb") as fh:
+        with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - 64 * 1024))
@@ -639,6 +642,11 @@ def log_tail(run_dir: str | os.PathLike, lines: int = 20, path: Path | None = No
     except OSError:
         return []
     return [ln for ln in text.splitlines() if ln.strip()][-lines:]
+
+
+def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> list[str]:
+    """The last lines of the run's log (``run_log_path``)."""
+    return file_tail(run_log_path(run_dir), lines)
 
 
 @dataclass
@@ -716,15 +724,13 @@ def _lock_held(run_dir: Path) -> bool:
 
 def _crash_message(run_dir: Path) -> str:
     """What a crashed run left: the log's last line, a checkpoint cut short, a full disk."""
-    tail = log_tail(run_dir, 1, run_dir / LOG_FILE)
+    tail = file_tail(run_dir / LOG_FILE, 1)
     parts = ["the training process ended without a word" + (f"; train.log ends: {tail[-1]}" if tail else "")]
     rank_logs = sorted((run_dir / RANK_LOGS_DIR).glob("rank-*.log"),
                        key=lambda p: int(p.stem.split("-")[-1]) if p.stem.split("-")[-1].isdigit() else 0)
     if rank_logs:  # several processes: torchrun's summary above names the rank; here is its own last word
-        from engine.distributed import log_tail as tail_of
-
         for path in rank_logs:
-            last = tail_of(path, 1)
+            last = file_tail(path, 1)
             if last and any(word in last[-1] for word in ("Error", "error", "Killed", "Traceback")):
                 parts.append(f"{path.stem.replace('-', ' ')}'s log ends: {last[-1]}")
                 break

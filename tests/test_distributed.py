@@ -135,9 +135,13 @@ def test_the_torchrun_command_for_one_and_for_several_machines():
     (["--nodes", "2", "--node-rank", "0", "--master", "nohost"], "--master 'nohost' is not HOST:PORT"),
     (["--nodes", "2", "--node-rank", "5", "--master", "h:29500"], "--node-rank 5 is not between 0 and 1"),
     (["--node-rank", "1"], "--node-rank and --master place this machine in a run over several"),
+    (["--nodes", "2", "--node-rank", "0", "--master", "h:29500", "--run-dir", "x"], None),
 ])
 def test_several_machines_need_their_place_in_one_line(tmp_path, args, expected):
     path = write_preset(tmp_path)
+    if expected is None:  # --nodes over a preset whose strategy is single: refused, not ignored
+        path = write_preset(tmp_path, distributed__strategy="single")
+        expected = "distributed: strategy single trains on one GPU of one machine"
     r = run_cli("--preset", str(path), *args, timeout=120)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and expected in r.stderr and r.stderr.count("\n") == 1
@@ -424,6 +428,11 @@ def test_resume_refuses_fewer_gpus_than_the_run_began_with_and_changes_nothing(t
         resume_run(run_dir)
     assert err.value.one_line().startswith(f"{run_dir} trained on 4 GPUs; this machine shows 2 GPU(s)")
     assert "resume it where 4 GPUs are visible" in err.value.one_line()
+    assert snapshot(run_dir) == before
+
+    monkeypatch.setattr("engine.gpu.probe_gpus", lambda: _gpus(4))
+    with pytest.raises(UserError, match="--master is for a run over several machines"):
+        resume_run(run_dir, master="10.0.0.1:29500")
     assert snapshot(run_dir) == before
 
 

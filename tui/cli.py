@@ -461,14 +461,17 @@ def run_preset(preset_path: str, run_dir: str | None, detach: bool, nodes: int |
 
     ``nodes``/``node_rank``/``master``: this machine's part of a run over several; the torchrun
     command it starts is printed, and what the other machines type."""
-    from engine.preset import load_preset
+    from engine.preset import load_preset, preset_from_dict
     from tui.draft import node_commands, start_run
 
     preset = load_preset(preset_path)
     if nodes is not None:
         if nodes < 1:
             raise UserError(f"--nodes {nodes} is not a number of machines", "give 1 or more")
-        preset = preset.model_copy(update={"distributed": preset.distributed.model_copy(update={"nodes": nodes})})
+        # Validated as a whole: --nodes 2 with the preset's strategy single is refused, not ignored.
+        data = preset.model_dump(mode="json")
+        data["distributed"]["nodes"] = nodes
+        preset = preset_from_dict(data, f"{preset_path} with --nodes {nodes}")
     elif node_rank is not None or master is not None:
         if preset.distributed.nodes == 1:
             raise UserError("--node-rank and --master place this machine in a run over several",
