@@ -38,9 +38,6 @@ RANKS_FILE = "ranks.json"
 LOGS_DIR = "logs"
 """Where each rank of a multi-process run writes its own output (``logs/rank-R.log``)."""
 
-STRATEGIES = ("single", "ddp", "fsdp")
-"""What ``distributed.strategy: auto`` resolves to."""
-
 STRATEGY_WORDS = {
     "single": "one GPU",
     "ddp": "DDP (each GPU holds the whole model and trains its share of each batch)",
@@ -319,9 +316,36 @@ class RankRecord:
     containers on two machines carry the same host name."""
 
 
+    @classmethod
+    def from_json(cls, raw, where: str = "a rank record") -> RankRecord:
+        """A record as written by :func:`this_rank_record`, every field checked for its type (a peer's
+        or a file's word is data, never trusted as it comes); :class:`DamagedRecord` otherwise."""
+        from engine.proc import DamagedRecord, checked_pid
+
+        if not isinstance(raw, dict):
+            raise DamagedRecord(f"{where} is not a rank record")
+        known = {"rank", "local_rank", "pid", "start_time", "host", "log", "node"}
+        ints = ("rank", "local_rank", "node")
+        try:
+            values = {k: raw[k] for k in known - {"node"}}
+        except KeyError as exc:
+            raise DamagedRecord(f"{where} has no {exc.args[0]!r}") from None
+        values["node"] = raw.get("node", 0)
+        for k in ints:
+            if isinstance(values[k], bool) or not isinstance(values[k], int) or not 0 <= values[k] < 1 << 20:
+                raise DamagedRecord(f"{where}: {k} = {values[k]!r} is not a rank number")
+        checked_pid(values["pid"], where)
+        if values["start_time"] is not None and not isinstance(values["start_time"], str):
+            raise DamagedRecord(f"{where}: start_time = {values['start_time']!r} is not a start time")
+        for k in ("host", "log"):
+            if not isinstance(values[k], str) or "\0" in values[k]:
+                raise DamagedRecord(f"{where}: {k} is not text")
+        return cls(**values)
+
+
 def this_rank_record(run_dir: str | os.PathLike, rank: Rank) -> RankRecord:
     """This process as a record."""
-    from engine.runs import process_start_time
+    from engine.proc import process_start_time
 
     pid = os.getpid()
     return RankRecord(rank.rank, rank.local_rank, pid, process_start_time(pid), socket.gethostname(),
@@ -336,28 +360,49 @@ def write_ranks(run_dir: str | os.PathLike, records: list[RankRecord]) -> None:
         "written": time.time(), "ranks": [asdict(r) for r in records]}))
 
 
-def read_ranks(run_dir: str | os.PathLike) -> list[RankRecord]:
-    """This machine's ranks of the run's newest launch; empty when there are none (yet)."""
+def read_ranks(run_dir: str | os.PathLike, strict: bool = False) -> list[RankRecord]:
+    """This machine's ranks of the run's newest launch (records of another host are left out);
+    empty when there are none (yet). A damaged file or entry is skipped, or with ``strict`` raises
+    :class:`engine.proc.DamagedRecord` (``stop`` signals nobody on a damaged record's word)."""
+    from engine.proc import DamagedRecord
+
+    path = Path(run_dir) / RANKS_FILE
     try:
-        raw = json.loads((Path(run_dir) / RANKS_FILE).read_text())
-        return [RankRecord(**r) for r in raw.get("ranks", [])]
-    except (OSError, ValueError, TypeError, AttributeError):
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
         return []
+    except (OSError, ValueError):
+        if strict:
+            raise DamagedRecord(f"{path} cannot be read; nobody was signalled") from None
+        return []
+    entries = raw.get("ranks") if isinstance(raw, dict) else None
+    if not isinstance(entries, list):
+        if strict:
+            raise DamagedRecord(f"{path} is not a list of ranks; nobody was signalled")
+        return []
+    out, host = [], socket.gethostname()
+    for i, entry in enumerate(entries):
+        try:
+            record = RankRecord.from_json(entry, f"{path} entry {i + 1}")
+        except DamagedRecord:
+            if strict:
+                raise
+            continue
+        if record.host == host:
+            out.append(record)
+    return out
 
 
-def rank_alive(record: RankRecord) -> bool:
-    """Whether the recorded rank is still running (the same process, not a reused pid)."""
-    from engine.runs import pid_alive, process_start_time
+def rank_alive(record: RankRecord, run_dir: str | os.PathLike) -> bool:
+    """Whether the recorded rank is still running: the same process (not a reused pid), this run's."""
+    from engine.proc import verified_quietly
 
-    if not pid_alive(record.pid):
-        return False
-    now = process_start_time(record.pid)
-    return record.start_time is None or now in (None, record.start_time)
+    return verified_quietly(record.pid, record.start_time, run_dir)
 
 
-def dead_ranks(records: list[RankRecord]) -> list[RankRecord]:
+def dead_ranks(records: list[RankRecord], run_dir: str | os.PathLike) -> list[RankRecord]:
     """The ones of ``records`` (ranks of this machine) that are gone."""
-    return [r for r in records if not rank_alive(r)]
+    return [r for r in records if not rank_alive(r, run_dir)]
 
 
 ERROR_WORDS = ("Error", "error", "Traceback", "Killed", "Exception", "exception", "Segmentation", "Aborted")
@@ -374,7 +419,9 @@ def mark_stopped(run_dir: str | os.PathLike, rank: Rank) -> None:
     """Say, for the watchdog of this machine, that a stop ends this rank (never raises)."""
     if rank.distributed:
         try:
-            stopped_marker(run_dir, rank.rank).touch()
+            from engine.files import open_append
+
+            os.close(open_append(stopped_marker(run_dir, rank.rank)))
         except OSError:
             pass
 
@@ -418,7 +465,8 @@ class Watchdog:
     ``WATCH_INTERVAL_S`` and calls ``on_dead`` with the dead ranks; ``on_dead`` ends the run."""
 
     def __init__(self, records: list[RankRecord], on_dead: Callable[[list[RankRecord]], None],
-                 interval: float = WATCH_INTERVAL_S) -> None:
+                 run_dir: str | os.PathLike, interval: float = WATCH_INTERVAL_S) -> None:
+        self.run_dir = run_dir
         self.records = [r for r in records if r.pid != os.getpid()]
         self.on_dead = on_dead
         self.interval = interval
@@ -437,7 +485,7 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            dead = dead_ranks(self.records)
+            dead = dead_ranks(self.records, self.run_dir)
             if dead and not self._stop.is_set():
                 self.on_dead(dead)
                 return
@@ -484,25 +532,43 @@ class Control:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item())
 
-    def gather(self, obj) -> list:
-        """Every rank's ``obj``, in rank order, on every rank."""
+    def gather(self, obj, check: Callable | None = None) -> list:
+        """Every rank's ``obj`` (JSON: numbers, text, lists, mappings), in rank order, on every rank.
+
+        Sent as JSON bytes in tensors, never pickled: unpickling what a peer sends would run any code
+        it chose. ``check`` validates each peer's value (a :class:`ValueError` or :class:`TypeError`
+        from it is a refused message)."""
         if self.group is None:
             return [obj]
+        import torch
         import torch.distributed as dist
 
-        out = [None] * self.rank.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        mine = _encode(obj)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.rank.world_size)]
+        dist.all_gather(sizes, torch.tensor([len(mine)], dtype=torch.int64), group=self.group)
+        lengths = [_checked_length(int(n.item()), i) for i, n in enumerate(sizes)]
+        box = torch.zeros(max(lengths), dtype=torch.uint8)
+        box[:len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+        out = [torch.zeros(max(lengths), dtype=torch.uint8) for _ in range(self.rank.world_size)]
+        dist.all_gather(out, box, group=self.group)
+        return [_decode(t[:n].numpy().tobytes(), i, check) for i, (t, n) in enumerate(zip(out, lengths))]
 
-    def share(self, obj):
-        """Rank 0's ``obj`` on every rank."""
+    def share(self, obj, check: Callable | None = None):
+        """Rank 0's ``obj`` (JSON, as :meth:`gather` sends it) on every rank."""
         if self.group is None:
             return obj
+        import torch
         import torch.distributed as dist
 
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        mine = _encode(obj) if self.rank.is_main else b""
+        size = torch.tensor([len(mine)], dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self.group)
+        length = _checked_length(int(size.item()), 0)
+        box = torch.zeros(length, dtype=torch.uint8)
+        if self.rank.is_main:
+            box[:] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+        dist.broadcast(box, src=0, group=self.group)
+        return _decode(box.numpy().tobytes(), 0, check)
 
     def close(self) -> None:
         """Leave the process group (quietly: a peer may be gone already)."""
@@ -516,3 +582,42 @@ class Control:
         except Exception:
             pass
         self.group = None
+
+
+MAX_MESSAGE_BYTES = 1 << 20
+"""The longest message a rank accepts from a peer on the control channel (records and numbers are
+a few hundred bytes)."""
+
+
+def _encode(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def _checked_length(n: int, rank: int) -> int:
+    if not 0 < n <= MAX_MESSAGE_BYTES:
+        raise RuntimeError(f"rank {rank} sent a control message of {n} bytes (allowed: 1 to {MAX_MESSAGE_BYTES})")
+    return n
+
+
+def _decode(raw: bytes, rank: int, check: Callable | None):
+    try:
+        value = json.loads(raw.decode("utf-8"))
+        if check is not None:
+            check(value)
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise RuntimeError(f"rank {rank} sent a control message that is refused: {exc}") from None
+    return value
+
+
+def check_count(value) -> None:
+    """A peer's count (tokens): a whole number, not negative."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+
+
+def check_numbers(value) -> None:
+    """A peer's measurements: a mapping of names to numbers (or None)."""
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+            for k, v in value.items()):
+        raise ValueError("not a mapping of names to numbers")

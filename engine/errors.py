@@ -69,6 +69,7 @@ _OS_ERROR_HINTS = {
     errno.ENOTDIR: "a part of that path is a file, not a folder: pick another path",
     errno.EEXIST: "a file of that name is in the way: pick another path",
     errno.ENAMETOOLONG: "the path is too long: pick a shorter one",
+    errno.ELOOP: "a symbolic link stands at that name, and qlora-wizard never writes through one: remove the link",
 }
 """What to do about the operating-system errors a person can meet when writing files."""
 

@@ -116,6 +116,12 @@ class StartEvent(Event):
         return f"{self.world.get('describe') or self.world.get('world_size')}, {strategy}".rstrip(", ")
 
     @property
+    def remote_code(self) -> str | None:
+        """The model's own code runs (``trust_remote_code``): from where and at which revision, in words."""
+        words = self.model.get("remote_code")
+        return words if isinstance(words, str) else None
+
+    @property
     def model_source(self) -> str:
         """The model as the person named it (the preset's source), else as the process resolved it."""
         return (self.preset.get("model") or {}).get("source") or self.model.get("source") or "?"
@@ -280,7 +286,9 @@ class EventWriter:
         import threading
 
         self.path = Path(run_dir) / EVENTS_FILE
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        from engine.files import open_append
+
+        self._fd = open_append(self.path)  # never through a link planted at the name
         self._torn = False
         self._lock = threading.Lock()
         self.ended = False

@@ -38,7 +38,9 @@ from pathlib import Path
 
 from engine.errors import UserError, os_error
 from engine.events import EVENTS_FILE, fold_history, json_safe, read_events
-from engine.preset import Preset, atomic_write_text, load_preset
+from engine.files import open_append
+from engine.preset import Preset, atomic_write_text, load_preset, preset_from_dict
+from engine.proc import DamagedRecord, process_start_time, send_signal, verified_quietly
 
 PRESET_FILE = "preset.yaml"
 PROCESS_FILE = "process.json"
@@ -118,6 +120,28 @@ def _already_a_run(run_dir: Path) -> UserError:
                      f"resume it with `qlora-wizard resume {run_dir}`, or pick another --run-dir")
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse (one line) a place a new run cannot go: a link, a file, an existing run, or a folder that
+    holds anything at all (someone's files are never mixed with a run's, nor removed by it). Asked
+    before anything slow (tokenizing, loading) and again when the directory is claimed."""
+    if run_dir.is_symlink():
+        raise UserError(f"{run_dir} is a symbolic link; a run directory must be a new or empty folder",
+                        "pick another --run-dir (a link above it, such as runs/ on a larger disk, is fine)")
+    if os.path.lexists(run_dir) and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory", "pick another --run-dir")
+    if (run_dir / EVENTS_FILE).exists() or (run_dir / PRESET_FILE).exists():
+        raise _already_a_run(run_dir)
+    if run_dir.is_dir():
+        theirs = sorted(p.name for p in run_dir.iterdir())
+        if any(name.startswith(f".{PRESET_FILE}.") for name in theirs):
+            raise _already_a_run(run_dir)  # another start is claiming it this very moment
+        if theirs:
+            shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+            raise UserError(f"{run_dir} already holds files ({shown}); a run directory must be new or empty, "
+                            "so nothing of yours is mixed with the run's or removed by it",
+                            "pick a new --run-dir (or output.name)")
+
+
 def create_run(preset: Preset, run_dir: str | os.PathLike | None = None, undo: _Undo | None = None) -> Path:
     """Make a new run directory holding the preset and an empty events file; returns it.
 
@@ -127,10 +151,7 @@ def create_run(preset: Preset, run_dir: str | os.PathLike | None = None, undo: _
     run_dir = run_dir_for(preset, run_dir)
     undo = undo if undo is not None else _Undo()
     try:
-        if os.path.lexists(run_dir) and not run_dir.is_dir():
-            raise UserError(f"{run_dir} is a file, not a run directory", "pick another --run-dir")
-        if (run_dir / EVENTS_FILE).exists() or (run_dir / PRESET_FILE).exists():
-            raise _already_a_run(run_dir)
+        check_new_run_dir(run_dir)
         undo.mkdirs(run_dir)
         try:
             # Of two starts claiming this directory at the same moment, exactly one links its preset.
@@ -186,30 +207,6 @@ def launch_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_ra
     return run_dir
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of a process, to tell it from a later process that reused its pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 class RunLock:
     """The run's ``train.lock``, locked with ``flock``: whoever holds it is the run's one training process.
 
@@ -226,7 +223,7 @@ class RunLock:
     def acquire(self) -> RunLock:
         """Lock it, or raise :class:`UserError` saying the run is already training."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
         except OSError as exc:
             raise os_error(exc, "write", self.path) from None
         try:
@@ -296,7 +293,7 @@ def start_process(run_dir: str | os.PathLike, resume: bool = False, lock: RunLoc
     proc = None
     try:
         try:
-            log = open(log_path, "ab")
+            log = os.fdopen(open_append(log_path), "ab")
         except OSError as exc:
             raise os_error(exc, "write", log_path) from None
         if log_size is None:
@@ -365,29 +362,40 @@ def start_process(run_dir: str | os.PathLike, resume: bool = False, lock: RunLoc
     return proc.pid
 
 
-def _process_record(run_dir: Path) -> dict | None:
-    """The recorded training process of a run, or None."""
+def _process_record(run_dir: Path, strict: bool = False) -> dict | None:
+    """The recorded training process of a run, or None when there is none (or, unless ``strict``,
+    when the record cannot be read; ``strict`` raises :class:`DamagedRecord` then)."""
+    path = run_dir / PROCESS_FILE
     try:
-        return json.loads((run_dir / PROCESS_FILE).read_text())
-    except (OSError, ValueError):
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise DamagedRecord(f"{path} cannot be read ({exc.__class__.__name__}); nobody was signalled",
+                                "if the run is still training, find it with `ps -ef | grep engine.train`") from None
+        return None
+    if not isinstance(raw, dict):
+        if strict:
+            raise DamagedRecord(f"{path} is not a process record; nobody was signalled")
+        return None
+    return raw
 
 
 def is_running(run_dir: str | os.PathLike) -> bool:
-    """Whether the run's training process is alive (the same process, not a reused pid); for a
-    multi-process run, the launcher or any of this machine's ranks (they live in sessions of their
-    own and train on if the launcher is killed)."""
+    """Whether the run's training process is alive and provably the run's own (``engine.proc``: the
+    recorded start time, this user's, this run's command line); for a multi-process run, the launcher
+    or any of this machine's ranks (they live in sessions of their own and train on if the launcher
+    is killed). A damaged record is a run that is not running: nothing can be said for it."""
     rec = _process_record(Path(run_dir))
     if not rec:
         return False
-    pid = rec.get("pid")
-    recorded = rec.get("start_time")
-    if pid and pid_alive(pid) and (recorded is None or process_start_time(pid) in (None, recorded)):
+    if verified_quietly(rec.get("pid"), rec.get("start_time"), run_dir):
         return True
     if rec.get("launch"):
         from engine.distributed import rank_alive, read_ranks
 
-        return any(rank_alive(r) for r in read_ranks(run_dir))
+        return any(rank_alive(r, run_dir) for r in read_ranks(run_dir))
     return False
 
 
@@ -425,7 +433,12 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
     """The run's checkpoint folders, oldest step first."""
     found = []
-    for d in (Path(run_dir) / CHECKPOINTS_DIR).glob("checkpoint-*"):
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if folder.is_symlink():
+        return []  # not the run's own folder: never read as its checkpoints, never cleaned
+    for d in folder.glob("checkpoint-*"):
+        if d.is_symlink() or not d.is_dir():
+            continue
         try:
             step = checkpoint_step(d)
         except ValueError:
@@ -465,12 +478,21 @@ def remove_incomplete_checkpoints(run_dir: str | os.PathLike) -> list[str]:
 
 
 def require_run(run_dir: str | os.PathLike) -> Path:
-    """``run_dir`` as a Path if it holds a run; else one line saying there is no run there."""
+    """``run_dir`` as a Path if it holds a run of this project (its own ``preset.yaml`` and
+    ``events.jsonl``, regular files, not links); else one line saying there is no run there. Every
+    command that writes into or removes from an existing run (resume, stop, the after-training
+    commands) starts here, so a folder of someone's files is never taken for a run."""
     run_dir = Path(run_dir)
     if not os.path.lexists(run_dir):
         raise UserError(f"there is no run at {run_dir}", "list runs with `qlora-wizard runs`")
-    if not (run_dir / PRESET_FILE).is_file():
-        raise UserError(f"{run_dir} is not a run directory (no {PRESET_FILE})", "list runs with `qlora-wizard runs`")
+    for name in (PRESET_FILE, EVENTS_FILE):
+        p = run_dir / name
+        if p.is_symlink():
+            raise UserError(f"{p} is a symbolic link, not the run's own file; a run never reads or writes through one",
+                            "replace it with the run's own file, or pick the run directory it came from")
+        if not p.is_file():
+            raise UserError(f"{run_dir} is not a run directory of qlora-wizard (no {name})",
+                            "list runs with `qlora-wizard runs`")
     return run_dir
 
 
@@ -542,6 +564,11 @@ def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None, master:
         raise UserError(f"--max-steps {max_steps} is not above the {saved} steps this run has saved",
                         f"pick a number above {saved}")
     preset = load_preset(run_dir / PRESET_FILE)
+    raised = None
+    if max_steps is not None:  # checked against the schema's bounds before anything changes
+        data = preset.model_dump(mode="json")
+        data["training"]["max_steps"] = max_steps
+        raised = preset_from_dict(data, f"--max-steps {max_steps}")
     launch = _same_world(run_dir, preset, master)
 
     undo = _Undo()
@@ -556,8 +583,6 @@ def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None, master:
     adapter, kept = run_dir / ADAPTER_DIR, None
     try:
         if max_steps is not None:
-            raised = preset.model_copy(update={
-                "training": preset.training.model_copy(update={"max_steps": max_steps})})
             try:
                 atomic_write_text(run_dir / PRESET_FILE, raised.to_yaml())
                 if finished and adapter.is_dir():
@@ -585,24 +610,33 @@ def resume_run(run_dir: str | os.PathLike, max_steps: int | None = None, master:
 def stop_run(run_dir: str | os.PathLike, sig: int = signal.SIGTERM) -> bool:
     """Ask the training process to checkpoint and stop; False if it was not running.
 
+    Only processes proven to be this run's own are signalled (``engine.proc``); a damaged record
+    (a pid of -1, 0, 1 or not a number, no start time, a live process that is not this run's
+    training, ranks of another machine's record) raises :class:`DamagedRecord` and nobody is signalled.
+
     A multi-process run: the signal goes to each of this machine's ranks (``ranks.json``), which
     agree on the step to stop at, checkpoint it together and end; not to torchrun, which would
     give them 30 seconds before killing them. Before the ranks have recorded themselves it goes
     to torchrun, which passes it on (nothing is trained yet then)."""
-    from engine.distributed import rank_alive, read_ranks
+    from engine.distributed import RANKS_FILE, read_ranks
 
-    rec = _process_record(Path(run_dir))
-    if not rec or not is_running(run_dir):
+    run_dir = Path(run_dir)
+    rec = _process_record(run_dir, strict=True)
+    if rec is None:
         return False
-    ranks = [r for r in read_ranks(run_dir) if rank_alive(r)] if rec.get("launch") else []
-    for r in ranks:
-        try:
-            os.kill(r.pid, sig)
-        except ProcessLookupError:
-            pass
-    if not ranks:
-        os.kill(rec["pid"], sig)
-    return True
+    where = str(run_dir / PROCESS_FILE)
+    ranks = read_ranks(run_dir, strict=True) if rec.get("launch") else []
+    # Every record is checked before anyone is signalled: one damaged entry stops them all.
+    from engine.proc import verified
+
+    launcher_alive = verified(rec.get("pid"), rec.get("start_time"), run_dir, where)
+    live = [r for r in ranks if verified(r.pid, r.start_time, run_dir, f"{run_dir / RANKS_FILE} (rank {r.rank})")]
+    signalled = False
+    for r in live:
+        signalled |= send_signal(r.pid, r.start_time, run_dir, f"{run_dir / RANKS_FILE} (rank {r.rank})", sig)
+    if not signalled and launcher_alive:
+        signalled = send_signal(rec.get("pid"), rec.get("start_time"), run_dir, where, sig)
+    return signalled
 
 
 def launch_command(run_dir: str | os.PathLike) -> str | None:

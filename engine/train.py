@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.distributed import RANKS_FILE, Control, Rank, clear_stopped, describe_dead, mark_stopped
+from engine.distributed import (
+    RANKS_FILE,
+    Control,
+    Rank,
+    check_count,
+    check_numbers,
+    clear_stopped,
+    describe_dead,
+    mark_stopped,
+)
 from engine.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, UserError, first_line, os_error
 from engine.events import EventWriter, NoEvents
 from engine.preset import Preset, load_preset
@@ -244,7 +253,7 @@ def _make_callback(events: EventWriter, stop: _StopFlag, run: RunState):
             self.last_tokens = self._all_tokens(run.tokens)
 
         def _all_tokens(self, mine: int) -> int:
-            return sum(run.control.gather(mine)) if run.rank.distributed else mine
+            return sum(run.control.gather(mine, check_count)) if run.rank.distributed else mine
 
         def on_step_end(self, args, state, control, **kw):
             run.step = state.global_step
@@ -263,7 +272,7 @@ def _make_callback(events: EventWriter, stop: _StopFlag, run: RunState):
             now = time.time()
             mem = _memory_now(run.device, run.device_index)
             mine = {"rank": run.rank.rank, "tokens": run.tokens, **mem}
-            every = run.control.gather(mine)  # every rank logs the same steps (the loss is all-reduced)
+            every = run.control.gather(mine, check_numbers)  # every rank logs the same steps (the loss is all-reduced)
             seen = sum(r["tokens"] for r in every)
             tokens = seen - self.last_tokens
             dt = max(now - self.last_time, 1e-9)
@@ -304,10 +313,22 @@ def _make_callback(events: EventWriter, stop: _StopFlag, run: RunState):
         def on_save(self, args, state, control, **kw):
             self.last_time = time.time()  # nor is time spent writing a checkpoint
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            _settle_modes(path)
             events.emit("checkpoint", step=state.global_step, path=str(path))
             return control
 
     return EventsCallback()
+
+
+def _settle_modes(folder: Path) -> None:
+    """Give a folder the libraries wrote (safetensors makes its files 0600) the modes the umask asks
+    for, like every other file of the run (``engine.files``)."""
+    from engine.files import settle_tree
+
+    try:
+        settle_tree(folder)
+    except OSError:
+        pass  # a mode is not worth failing a run over
 
 
 def _oom_advice(preset: Preset, estimate) -> str:
@@ -604,12 +625,20 @@ def _peak_memory(run: RunState, gather: bool = False) -> dict:
     return _own_peak(run)
 
 
+def _check_strategy(value) -> None:
+    """Rank 0's decision as the others receive it: a strategy and its reason."""
+    from engine.memory import STRATEGIES
+
+    if not (isinstance(value, list) and len(value) == 2 and value[0] in STRATEGIES and isinstance(value[1], str)):
+        raise ValueError("not a strategy and its reason")
+
+
 def _gathered_peaks(run: RunState) -> dict:
     mine = _own_peak(run)
     if not run.rank.distributed:
         return mine
     try:
-        every = run.control.gather({"rank": run.rank.rank, **mine})
+        every = run.control.gather({"rank": run.rank.rank, **mine}, check_numbers)
     except Exception:  # a peer already gone: this rank's own peak is still worth saying
         return mine
     top = {k: max((r.get(k) or 0 for r in every), default=0) or None for k in mine}
@@ -644,7 +673,7 @@ def _lost_rank(run: RunState, wait_s: float = LOST_RANK_WAIT_S) -> tuple[str, in
 
     deadline = time.time() + wait_s
     while True:
-        dead = dead_ranks(run.ranks)
+        dead = dead_ranks(run.ranks, run.run_dir)
         if dead or time.time() >= deadline:
             break
         time.sleep(0.1)
@@ -868,7 +897,7 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     from engine.demo import resolve_model_source
     from engine.distributed import World, visible_gpus
     from engine.gpu import probe_gpus
-    from engine.modelinfo import inspect_model, require_weights
+    from engine.modelinfo import inspect_model, remote_code_words, require_weights
     from engine.plan import (memory_settings, plan_device, resolve_targets, steps_per_epoch, total_steps,
                              with_world)
 
@@ -901,7 +930,7 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
         if rank.is_main:
             chosen = with_world(device_plan, preset, info, world, rank, strategy, budget)
             decided = (chosen.strategy, chosen.strategy_reason)
-        strategy, why = run.control.share(decided)  # rank 0 decides; every rank runs the same
+        strategy, why = run.control.share(decided, _check_strategy)  # rank 0 decides; every rank runs the same
         from dataclasses import replace
 
         device_plan = replace(with_world(device_plan, preset, info, world, rank, strategy), strategy_reason=why)
@@ -934,7 +963,9 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     events.emit(
         "start",
         preset=preset.model_dump(mode="json"),
-        model=info.to_json() | {"source": preset.model.source, "resolved_source": source},
+        model=info.to_json() | {"source": preset.model.source, "resolved_source": source}
+        | ({"remote_code": remote_code_words(preset.model.source, preset.model.revision)}
+           if preset.model.trust_remote_code else {}),
         targets=list(targets),
         data=prepared.stats.to_json(),
         estimate=estimate.to_json(),
@@ -1066,10 +1097,14 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
 def _meet_the_ranks(run_dir: Path, run: RunState, events, stop: _StopFlag, started: float) -> None:
     """Every rank says who it is; local rank 0 records this machine's ranks (``ranks.json``, which
     ``stop`` signals) and starts watching them."""
-    from engine.distributed import Watchdog, this_rank_record, write_ranks
+    from dataclasses import asdict
+
+    from engine.distributed import RankRecord, Watchdog, this_rank_record, write_ranks
 
     clear_stopped(run_dir, run.rank)  # an earlier launch's stop is not this one's
-    every = run.control.gather(this_rank_record(run_dir, run.rank))
+    every = run.control.gather(asdict(this_rank_record(run_dir, run.rank)))
+    # Each peer's record is checked field by field: a peer's word is data, never trusted as it comes.
+    every = [RankRecord.from_json(r, f"rank {i}'s record") for i, r in enumerate(every)]
     run.ranks = [r for r in every if r.node == run.rank.node_rank]  # this machine's: the ones it can see
     if not run.rank.is_local_main:
         return
@@ -1078,7 +1113,8 @@ def _meet_the_ranks(run_dir: Path, run: RunState, events, stop: _StopFlag, start
         write_ranks(run_dir, local)
     except OSError as exc:
         raise os_error(exc, "write", exc.filename or run_dir) from None
-    run.watchdog = Watchdog(local, lambda dead: _end_for_lost_rank(run_dir, events, stop, run, started, dead)).start()
+    run.watchdog = Watchdog(local, lambda dead: _end_for_lost_rank(run_dir, events, stop, run, started, dead),
+                            run_dir).start()
 
 
 def _strategy_as_begun(run_dir: Path) -> str | None:
@@ -1107,6 +1143,8 @@ def _write_adapter(run_dir: Path, model, tokenizer, run: RunState, fsdp_trainer=
     final, partial = run_dir / ADAPTER_DIR, run_dir / ADAPTER_PARTIAL
     main = run.rank.is_main
     if main:
+        if partial.is_symlink():
+            partial.unlink()  # the run's own scratch name inside its own folder: never written through a link
         shutil.rmtree(partial, ignore_errors=True)
     run.writing_adapter = main
     if fsdp_trainer is not None:
@@ -1117,6 +1155,7 @@ def _write_adapter(run_dir: Path, model, tokenizer, run: RunState, fsdp_trainer=
     if not main:
         return None
     tokenizer.save_pretrained(partial)
+    _settle_modes(partial)
     if final.exists():
         final.rename(run_dir / f"{ADAPTER_DIR}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     partial.rename(final)
@@ -1149,11 +1188,12 @@ def _log_to_own_file(run_dir: Path, rank: Rank) -> None:
     """Each rank of a multi-process run writes its output to ``logs/rank-R.log`` (``train.log`` keeps
     the launcher's own lines), so the tail of a failed rank's log is its own."""
     from engine.distributed import log_path
+    from engine.files import open_append
 
     path = log_path(run_dir, rank.rank)
     try:
         path.parent.mkdir(exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_append(path)
     except OSError as exc:
         _say(f"rank {rank.rank}: cannot write {path} ({exc.strerror or exc}); its output stays in train.log")
         return

@@ -100,6 +100,19 @@ def bind_readonly():
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def fake_training_process(run_dir: Path, seconds: float = 120) -> subprocess.Popen:
+    """A live process that passes for ``run_dir``'s training process (its command line holds
+    ``-m engine.train RUN_DIR``; it only sleeps), recorded in ``process.json`` with its real start time."""
+    from engine.proc import process_start_time
+
+    proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})",
+                             "-m", "engine.train", str(Path(run_dir).resolve())])
+    wait_for(lambda: process_start_time(proc.pid) is not None and (
+        Path(f"/proc/{proc.pid}/cmdline").read_bytes().count(b"engine.train") > 0), timeout=10, poll=0.01)
+    (run_dir / "process.json").write_text(json.dumps({"pid": proc.pid, "start_time": process_start_time(proc.pid)}))
+    return proc
+
+
 def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
     """Every file under ``folder`` with its size, modification time and contents: equal snapshots mean
     nothing was written, renamed, added or removed."""

@@ -527,3 +527,53 @@ def test_a_stop_sent_to_one_rank_alone_stops_the_whole_run(tmp_path, demo_cache)
     end = events_of(run_dir)[-1]
     assert end["status"] == "stopped" and "by a stop sent to another rank" in end["message"], end
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"checkpoint-{end['step']}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The control channel: JSON in tensors, never pickles; a peer's word is checked
+
+
+CONTROL_PEER = r"""
+import json, os, sys
+import torch.distributed as dist
+
+def refuse(*a, **k):
+    raise AssertionError("a pickling collective was called")
+
+dist.all_gather_object = dist.broadcast_object_list = dist.gather_object = refuse
+from engine.distributed import Control, Rank, check_count, check_numbers
+
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+c = Control(Rank(rank, rank, 2, 2))
+c.group = dist.group.WORLD
+out = {"gather": c.gather({"rank": rank, "mem": 100 + rank}, check_numbers),
+       "share": c.share(["ddp", "fits"] if rank == 0 else None),
+       "count": c.gather(7 * (rank + 1), check_count)}
+# Rank 1 now sends what a hostile or broken peer could: a pickle's bytes, and a record of the wrong shape.
+evil = {"__reduce__": "os.system"} if rank == 1 else {"rank": 0, "mem": 1}
+try:
+    c.gather(evil, check_numbers)
+    out["hostile"] = "accepted"
+except RuntimeError as exc:
+    out["hostile"] = str(exc)
+print(json.dumps(out), flush=True)
+os._exit(0)  # gloo aborts a process whose peer left first while tearing down; nothing to tear down here
+"""
+
+
+def test_the_control_channel_sends_json_and_refuses_a_peers_malformed_word(tmp_path):
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", CONTROL_PEER, str(r), str(store)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    got = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    for g in got:
+        assert g["gather"] == [{"rank": 0, "mem": 100}, {"rank": 1, "mem": 101}]
+        assert g["share"] == ["ddp", "fits"] and g["count"] == [7, 14]
+        assert g["hostile"].startswith("rank 1 sent a control message that is refused: not a mapping of names to numbers")

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -517,3 +518,224 @@ def test_starting_from_something_that_is_not_an_adapter_is_one_line(tmp_path):
     r = run_cli("--preset", str(preset), "--run-dir", str(tmp_path / "run"))
     _one_error(r, f"lora.init_from: {tmp_path / 'notes'} has no adapter_config.json, so it is not a PEFT adapter")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Security: never signal a stranger, never write into someone's folder or through a planted link
+
+
+NAMESPACE_PROBE = r"""
+import json, os, socket, subprocess, sys, time
+from pathlib import Path
+
+from engine.proc import process_start_time
+
+root = Path(sys.argv[1])
+victim = subprocess.Popen(["sleep", "300"])        # a stranger: the user's own, unrelated process
+time.sleep(0.2)
+vt = process_start_time(victim.pid)
+here = socket.gethostname()
+dead_launcher = {"pid": 4000000, "start_time": "1", "launch": {"procs_per_node": 2, "nodes": 1, "device": "cpu"}}
+cases = {
+    "pid -1": ({"pid": -1, "start_time": "1"}, None),
+    "pid true": ({"pid": True, "start_time": vt}, None),
+    "pid 0": ({"pid": 0, "start_time": "1"}, None),
+    "pid 1": ({"pid": 1, "start_time": process_start_time(1)}, None),
+    "pid as text": ({"pid": str(victim.pid), "start_time": vt}, None),
+    "no start time": ({"pid": victim.pid}, None),
+    "start time null": ({"pid": victim.pid, "start_time": None}, None),
+    "not this run's process": ({"pid": victim.pid, "start_time": vt}, None),
+    "not json": ("{pid: -1", None),
+    "a rank of -1": (dead_launcher, [{"rank": 1, "local_rank": 1, "pid": -1, "start_time": "1", "host": here,
+                                      "log": "x", "node": 0}]),
+    "a rank that is a stranger": (dead_launcher, [{"rank": 1, "local_rank": 1, "pid": victim.pid, "start_time": vt,
+                                                   "host": here, "log": "x", "node": 0}]),
+    "another machine's rank": (dead_launcher, [{"rank": 1, "local_rank": 1, "pid": victim.pid, "start_time": vt,
+                                                "host": here + "-elsewhere", "log": "x", "node": 1}]),
+}
+out = {}
+for name, (record, ranks) in cases.items():
+    run = root / name.replace(" ", "-").replace("'", "")
+    run.mkdir()
+    (run / "preset.yaml").write_text("version: 1\nmodel: {source: builtin:tiny-llama}\ndata: {train: builtin:demo}\n")
+    (run / "events.jsonl").write_text("")
+    (run / "process.json").write_text(record if isinstance(record, str) else json.dumps(record))
+    if ranks is not None:
+        (run / "ranks.json").write_text(json.dumps({"ranks": ranks}))
+    r = subprocess.run([sys.executable, "-m", "tui.cli", "stop", str(run)], capture_output=True, text=True)
+    alive = victim.poll() is None and os.path.exists(f"/proc/{victim.pid}")
+    out[name] = {"code": r.returncode, "stderr": r.stderr, "victim_alive": alive}
+    if not alive:
+        victim = subprocess.Popen(["sleep", "300"])
+        time.sleep(0.2)
+victim.kill()
+print(json.dumps(out))
+"""
+
+
+def test_stop_on_a_damaged_record_signals_nobody_inside_a_pid_namespace(tmp_path):
+    """``stop`` with process records a damaged or edited file could hold: pid -1 (every process the user
+    owns), true (pid 1), 0, 1, text, no start time, a live stranger's pid and start time, ranks of -1, of
+    a stranger and of another machine. Run in a pid namespace of its own, so a wrong signal could reach
+    only the namespace's processes, and a stranger there shows whether it did."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a pid namespace here ({(probe.stderr or 'unshare failed').strip()}); "
+                    "this test needs root or unprivileged user namespaces")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", NAMESPACE_PROBE,
+                        str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, got in results.items():
+        assert got["victim_alive"], (name, got)
+        assert got["code"] == 2, (name, got)
+        lines = got["stderr"].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in got["stderr"], (name, got)
+        if name == "another machine's rank":  # not this machine's to signal: the run is simply not running here
+            assert "is not training" in lines[0], (name, lines[0])
+        else:
+            assert "nobody was signalled" in lines[0], (name, lines[0])
+    assert "pid -1" in results["pid -1"]["stderr"]
+    assert "not this run's training process (it runs `sleep 300`)" in results["not this run's process"]["stderr"]
+
+
+def test_a_live_process_of_another_run_is_not_this_runs(tmp_path):
+    """A record naming a training process of another run (a copied run directory) is refused, and that
+    process is not signalled."""
+    from conftest import fake_training_process
+
+    other, this = tmp_path / "other", tmp_path / "this"
+    for d in (other, this):
+        d.mkdir()
+        (d / "preset.yaml").write_text("version: 1\nmodel: {source: builtin:tiny-llama}\ndata: {train: builtin:demo}\n")
+        (d / "events.jsonl").write_text("")
+    proc = fake_training_process(other)
+    try:
+        shutil.copy(other / "process.json", this / "process.json")
+        r = run_cli("stop", str(this))
+        _one_error(r, f"{this / 'process.json'} names pid {proc.pid}, which is not this run's training process")
+        assert proc.poll() is None
+        assert _status(this) != "running"
+        r = run_cli("stop", str(other))  # its own record: signalled
+        assert r.returncode == 0, r.stderr
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_reused_pid_is_not_the_run_and_is_not_signalled(tmp_path):
+    """The recorded pid now belongs to a later process (another start time): the run is not running,
+    and the process holding the pid is left alone."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "preset.yaml").write_text("version: 1\nmodel: {source: builtin:tiny-llama}\ndata: {train: builtin:demo}\n")
+    (run_dir / "events.jsonl").write_text("")
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "engine.train",
+                                 str(run_dir.resolve())])
+    try:
+        (run_dir / "process.json").write_text(json.dumps({"pid": stranger.pid, "start_time": "1"}))
+        _one_error(run_cli("stop", str(run_dir)), f"{run_dir} is not training (it crashed at step 0)")
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+
+
+@pytest.mark.parametrize("where", ["named", "here", "output.name"])
+def test_a_folder_of_someones_files_is_never_a_run_directory(tmp_path, where):
+    """``--run-dir`` (or output.name under runs_dir, or ``.``) naming a folder that holds files: refused
+    before anything is written, the folder exactly as it was."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("chapter one\n")
+    (theirs / "checkpoints").mkdir()
+    (theirs / "checkpoints" / "checkpoint-5").mkdir()
+    preset = write_preset(tmp_path, output__name="theirs")
+    data = yaml.safe_load(preset.read_text())
+    data["output"]["runs_dir"] = str(tmp_path)
+    preset.write_text(yaml.safe_dump(data))
+    before = snapshot(tmp_path)
+    args = {"named": ["--run-dir", str(theirs)], "here": ["--run-dir", "."], "output.name": []}[where]
+    r = run_cli("--preset", str(preset), *args, cwd=theirs if where == "here" else None)
+    shown = "." if where == "here" else str(theirs)
+    _one_error(r, f"{shown} already holds files (checkpoints, thesis.tex); a run directory must be new or empty")
+    assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in theirs.iterdir()) == ["checkpoints", "thesis.tex"]
+
+
+@pytest.mark.parametrize("command", [["resume", "{d}"], ["stop", "{d}"], ["eval", "{d}"], ["card", "{d}"],
+                                     ["plot", "{d}"], ["merge", "{d}", "--out", "{d}/merged"]])
+def test_commands_on_a_folder_that_only_looks_like_a_run_change_nothing(tmp_path, command):
+    """A folder with someone's ``preset.yaml`` and an unfinished-looking ``checkpoints/checkpoint-3``
+    but no events of a run: not a run, so nothing in it is removed or written."""
+    d = tmp_path / "theirs"
+    (d / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (d / "checkpoints" / "checkpoint-3" / "weights.bin").write_bytes(b"theirs")
+    (d / "preset.yaml").write_text("version: 1\nmodel: {source: builtin:tiny-llama}\ndata: {train: builtin:demo}\n")
+    before = snapshot(d)
+    r = run_cli(*[a.format(d=d) for a in command])
+    _one_error(r, f"{d} is not a run directory of qlora-wizard (no events.jsonl)")
+    assert snapshot(d) == before and sorted(p.name for p in d.iterdir()) == ["checkpoints", "preset.yaml"]
+
+
+def test_resume_never_cleans_checkpoints_behind_a_link(stopped, tmp_path):
+    """A run whose ``checkpoints`` is a link to another folder: that folder's unfinished-looking
+    ``checkpoint-N`` folders are not the run's, and resume removes none of them."""
+    from engine.runs import list_checkpoints, remove_incomplete_checkpoints
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped[0], run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "checkpoint-7").mkdir(parents=True)
+    (elsewhere / "checkpoint-7" / "theirs.txt").write_text("keep me")
+    (run_dir / "checkpoints").symlink_to(elsewhere)
+    assert list_checkpoints(run_dir) == [] and remove_incomplete_checkpoints(run_dir) == []
+    assert (elsewhere / "checkpoint-7" / "theirs.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", ["train.log", "events.jsonl"])
+def test_a_link_planted_in_a_run_is_never_written_through(stopped, tmp_path, name):
+    """``train.log`` or ``events.jsonl`` replaced by a link to someone's file: resume refuses in one line
+    (O_NOFOLLOW), and their file is unchanged."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped[0], run_dir)
+    (run_dir / "process.json").unlink()
+    victim = tmp_path / "their-file.txt"
+    victim.write_text("theirs\n")
+    if name == "events.jsonl":
+        os.replace(run_dir / name, tmp_path / "events.keep")
+        victim.write_text((tmp_path / "events.keep").read_text())  # so the run still reads as stopped
+    (run_dir / name).unlink(missing_ok=True)
+    (run_dir / name).symlink_to(victim)
+    before = victim.read_bytes()
+    r = run_cli("resume", str(run_dir), "--detach")
+    if name == "train.log":
+        _one_error(r, f"cannot write {run_dir.resolve() / 'train.log'}: Too many levels of symbolic links; "
+                      "a symbolic link stands at that name")
+    else:
+        _one_error(r, f"{run_dir / name} is a symbolic link, not the run's own file")
+    assert victim.read_bytes() == before
+    assert not (run_dir / "process.json").exists()  # nothing started
+
+
+def test_run_files_follow_the_umask(finished, tmp_path):
+    """Every file and folder of a run has the mode the umask asks for (0644/0755 under 022); under
+    umask 077 a whole run, checkpoints and adapter included, is private."""
+    from engine.files import dir_mode, file_mode
+
+    run_dir, _ = finished
+    for p in run_dir.rglob("*"):
+        if p.is_symlink():
+            continue
+        want = dir_mode() if p.is_dir() else file_mode()
+        assert p.stat().st_mode & 0o666 == want & 0o666, (p, oct(p.stat().st_mode))
+    preset = write_preset(tmp_path, training__max_steps=2, training__save_steps=1)
+    private = tmp_path / "private"
+    r = subprocess.run(["sh", "-c", f"umask 077 && exec {sys.executable} -m tui.cli --preset {preset} "
+                                    f"--run-dir {private}"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    loose = [str(p) for p in private.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o077]
+    assert not loose, loose
+    assert (private / "adapter").is_dir() and list((private / "checkpoints").iterdir())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fake_training_process
 from screen import screen_text, wait_for
 from tui.app import RunApp
 
@@ -64,8 +65,11 @@ def _curve_run(run_dir: Path, total: int, val: list[tuple[int, float]], end: boo
 
 
 def _fake_process(run_dir: Path, proc: subprocess.Popen) -> None:
-    """Record ``proc`` as the run's training process."""
-    (run_dir / "process.json").write_text(json.dumps({"pid": proc.pid, "start_time": None}))
+    """Record ``proc`` (started with ``-m engine.train RUN_DIR`` among its arguments, so it passes for
+    the run's training process) as the run's training process, with its real start time."""
+    from engine.proc import process_start_time
+
+    (run_dir / "process.json").write_text(json.dumps({"pid": proc.pid, "start_time": process_start_time(proc.pid)}))
 
 
 def _app(run_dir: Path) -> RunApp:
@@ -141,9 +145,8 @@ async def test_live_run_shows_a_new_step_at_once_and_a_fast_run_once_a_second(tm
     total = 50
     t0 = time.time() - 10
     _write(run_dir, [_start(total)] + [_step(s, total, 2.0, t0=t0) for s in range(1, 6)])
-    proc = subprocess.Popen(["sleep", "60"])
+    proc = fake_training_process(run_dir, 60)
     try:
-        _fake_process(run_dir, proc)
         app = RunApp(run_dir)  # the real poll interval and redraw pace: the promise is about them
         async with app.run_test(size=(100, 30)) as pilot:
             text = await wait_for(pilot, "RUNNING", "step 5/50")
@@ -188,7 +191,8 @@ async def test_stop_asks_then_sends_sigterm_and_the_run_ends_stopped(tmp_path):
     run_dir = tmp_path / "stoppable"
     run_dir.mkdir()
     _write(run_dir, [_start(50)] + [_step(s, 50, 2.0) for s in range(1, 6)])
-    proc = subprocess.Popen([sys.executable, "-c", STOPPABLE, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", STOPPABLE, str(run_dir), "-m", "engine.train", str(run_dir.resolve())],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         _fake_process(run_dir, proc)

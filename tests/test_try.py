@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_preset
+from conftest import fake_training_process, run_cli, write_preset
 from screen import flat, region_text, screen_text, wait_for, wait_until
 from tui.app import RunApp, TryApp
 from tui.screens.try_model import PromptArea, TryScreen
@@ -183,8 +183,7 @@ async def test_a_run_that_cannot_be_tried_says_why_in_one_line(finished_run, tmp
     if case == "still training":
         events = [json.loads(ln) for ln in (run_dir / "events.jsonl").read_text().splitlines()]
         (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events if e["kind"] != "end"))
-        proc = subprocess.Popen(["sleep", "60"])
-        (run_dir / "process.json").write_text(json.dumps({"pid": proc.pid, "start_time": None}))
+        proc = fake_training_process(run_dir)
     want = "its adapter is missing" if case == "no adapter" else "is still training"
     try:
         app = TryApp(run_dir)

@@ -280,11 +280,11 @@ def write_curves(run_dir, out: str | Path | None = None) -> tuple[Path, Path]:
     svg_path, png_path = base.with_suffix(".svg"), base.with_suffix(".png")
     title = f"{run_dir.name}: loss"
     svg, png = curves_svg(train, validation, title), curves_png(train, validation, title)
-    from engine.preset import atomic_write_text
+    from engine.files import atomic_write_bytes, atomic_write_text
 
     try:
         atomic_write_text(svg_path, svg)
-        png_path.write_bytes(png)
+        atomic_write_bytes(png_path, png)
     except OSError as exc:
         raise os_error(exc, "write", exc.filename or svg_path) from None
     return svg_path, png_path
