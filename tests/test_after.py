@@ -8,6 +8,7 @@ them (``run_cli``) and the tests assert on what they print, write and exit with.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import xml.etree.ElementTree as ET
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_preset
+from conftest import ROOT, run_cli, write_preset
 
 pytestmark = pytest.mark.slow
 
@@ -244,6 +245,35 @@ def test_merge_refuses_a_non_empty_out_in_one_line(after_run, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("case", ["read-only", "under a file", "a link"])
+def test_merge_refuses_an_unusable_out_before_loading_anything(after_run, tmp_path, bind_readonly, case):
+    """Every refusal comes before the slow part: an --out that cannot be written is named before the
+    base model is read (the engine's own plan, called in-process, never imports transformers)."""
+    import subprocess
+    import sys
+
+    if case == "read-only":
+        (tmp_path / "ro").mkdir()
+        place = bind_readonly(tmp_path / "ro")
+        out, said = place / "merged", f"error: cannot write --out {place / 'merged'}: Read-only file system"
+    elif case == "under a file":
+        (tmp_path / "file").write_text("x")
+        out, said = tmp_path / "file" / "merged", f"error: --out {tmp_path / 'file' / 'merged'} cannot be made: " \
+                                                  f"{tmp_path / 'file'} is a file, not a folder"
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+        out, said = tmp_path / "link", f"error: --out {tmp_path / 'link'} is a symbolic link"
+    r = run_cli("merge", str(after_run), "--out", str(out))
+    assert r.returncode == 2 and r.stderr.startswith(said) and r.stderr.count("\n") == 1, r.stderr
+    probe = ("import sys\nfrom engine.after.merge import plan_merge\nfrom engine.errors import UserError\n"
+             f"try:\n    plan_merge({str(after_run)!r}, {str(out)!r})\nexcept UserError:\n    pass\n"
+             "print('transformers' in sys.modules)")
+    checked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert checked.stdout.strip() == "False", checked.stdout + checked.stderr
+
+
 def test_merge_refuses_when_the_disk_is_too_small(after_run, tmp_path, mount_tmpfs):
     disk = mount_tmpfs(tmp_path / "small", size="2m")
     r = run_cli("merge", str(after_run), "--out", str(disk / "merged"))
@@ -283,8 +313,12 @@ def test_card_describes_the_run(after_run):
     assert f"final training loss: {last_step['loss']:.4f} (step 30)" in card
     assert f"final validation loss: {last_eval['eval_loss']:.4f} (step 30)" in card
     assert "![training and validation loss](curves.svg)" in card and (after_run / "curves.svg").is_file()
-    assert "PeftModel.from_pretrained(base, " in card and str(after_run / "adapter") in card
-    assert (after_run / "preset.yaml").read_text().strip() in card  # the preset, whole
+    assert 'PeftModel.from_pretrained(base, "adapter")' in card and str(after_run) not in card
+    from engine.after.card import shareable_preset
+    from engine.preset import load_preset
+
+    # The preset, whole, as it can be shared: local paths reduced to names.
+    assert shareable_preset(load_preset(after_run / "preset.yaml")).to_yaml().strip() in card
     assert "### Instruction:\n{your prompt}\n\n### Response:" in card
 
 
@@ -313,7 +347,7 @@ def test_push_that_cannot_reach_the_hub_is_one_line(after_run, tmp_path):
         port = s.getsockname()[1]
     env = {"HF_TOKEN": "hf_not_a_real_token", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
            "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
-    r = run_cli("push", str(after_run), "me/tiny", "--private", env=env, timeout=120)
+    r = run_cli("push", str(after_run), "me/tiny", "--yes", env=env, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot push to me/tiny on http://127.0.0.1:{port}")

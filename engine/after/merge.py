@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from engine.after.session import (
     quiet_loading,
 )
 from engine.errors import UserError, first_line, os_error
+from engine.files import settle_tree
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """``--dtype`` names and the torch dtypes they stand for."""
@@ -72,6 +74,31 @@ def _existing_parent(path: Path) -> Path:
     while not p.exists() and p.parent != p:
         p = p.parent
     return p
+
+
+def check_output_folder(out: str | Path, flag: str = "--out") -> Path:
+    """An output folder a person named, checked before anything slow starts: absent or empty, not a
+    link, and writable where it goes (a scratch folder is made and removed beside it to prove it).
+    Raises :class:`UserError` (one line) otherwise; creates nothing that stays."""
+    import tempfile
+
+    out = Path(out)
+    if out.is_symlink():
+        raise UserError(f"{flag} {out} is a symbolic link", "name a new folder")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"{flag} {out} is a file", "name a new folder")
+        if any(out.iterdir()):
+            raise UserError(f"{flag} {out} already exists and is not empty", "name a new or empty folder")
+    parent = _existing_parent(out.parent)
+    if not parent.is_dir():
+        raise UserError(f"{flag} {out} cannot be made: {parent} is a file, not a folder", "name another folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.check-", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise os_error(exc, f"write {flag}", out) from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -116,12 +143,7 @@ def plan_merge(run_dir, out, dtype: str | None = None) -> MergePlan:
     dtype = DTYPES.get(dtype, dtype) if dtype else run_load_dtype(run)
     if dtype not in DTYPE_BYTES:
         raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    out = Path(out)
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise UserError(f"--out {out} is a file", "name a new folder")
-        if any(out.iterdir()):
-            raise UserError(f"--out {out} already exists and is not empty", "name a new or empty folder")
+    out = check_output_folder(out)
     from engine.modelinfo import inspect_model
 
     preset = run.preset
@@ -169,20 +191,24 @@ def merge_run(plan: MergePlan, progress: Callable[[str], None] | None = None) ->
         generation.pad_token_id = tokenizer.pad_token_id
     merged.config.use_cache = True
 
-    partial = out.parent / f".{out.name}.partial"
     say(f"saving to {out}")
+    partial = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
+        # A scratch folder of its own beside --out (never a fixed name that could be someone's).
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         merged.save_pretrained(partial, max_shard_size=SAVE_SHARD)
         tokenizer.save_pretrained(partial)
+        settle_tree(partial)
         if out.is_dir():
             out.rmdir()  # checked empty by plan_merge
         os.replace(partial, out)
     except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
         raise os_error(exc, "write the merged model to", out) from None
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     return out
