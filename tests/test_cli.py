@@ -264,3 +264,32 @@ def test_out_of_memory_becomes_advice_with_the_estimate(tmp_path):
     assert code == 1
     assert message.startswith("the GPU ran out of memory: the estimate for these settings was 30.0 GiB")
     assert "sequence length 2048 -> 1024" in message
+
+
+def test_cache_shows_its_place_and_parts_and_clears_what_is_asked(tmp_path):
+    """`qlora-wizard cache` names the folder and each part with its size; `cache clear --only data` removes
+    the tokenized data alone; `cache clear` the rest of what qlora-wizard made, never files it did not make."""
+    cache = tmp_path / "cache"
+    (cache / "data" / "0123abcd").mkdir(parents=True)
+    (cache / "data" / "0123abcd" / "train.arrow").write_bytes(b"\0" * 3 * 2**20)
+    (cache / "tiny-llama-v1").mkdir()
+    (cache / "tiny-llama-v1" / "model.safetensors").write_bytes(b"\0" * 2**20)
+    (cache / "last-draft.yaml").write_text("version: 1\n")
+    (cache / "someone-elses.txt").write_text("keep")
+    env = {"QLORA_WIZARD_CACHE": str(cache)}
+    r = run_cli("cache", env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"cache: {cache} (4.0 MiB" in r.stdout
+    rows = [" ".join(line.split()) for line in r.stdout.splitlines()]
+    assert "data 3.0 MiB 1 files tokenized data sets (made again by the next run of the same data)" in rows
+    assert "demo 1.0 MiB 1 files the offline demo model (made again on first use)" in rows
+    report = json.loads(run_cli("cache", "--json", env=env).stdout)
+    assert {p["name"]: p["bytes"] for p in report["parts"]} == {"data": 3 * 2**20, "demo": 2**20, "drafts": 11,
+                                                                "other": 4}
+    r = run_cli("cache", "clear", "--only", "data", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("removed data: 3.0 MiB in 1 files"), r.stdout + r.stderr
+    assert sorted(p.name for p in cache.iterdir()) == ["last-draft.yaml", "someone-elses.txt", "tiny-llama-v1"]
+    assert run_cli("cache", "clear", env=env).returncode == 0
+    assert sorted(p.name for p in cache.iterdir()) == ["someone-elses.txt"]
+    r = run_cli("cache", "--only", "data", env=env)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --only is for `qlora-wizard cache clear`"

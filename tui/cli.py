@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import EXIT_OK, EXIT_STOPPED, UserError, run_exit_status
-from tui.format import STATUS_STYLES, gib
+from tui.format import STATUS_STYLES, gib, size
 
 
 DEMO_PRESET = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
@@ -36,7 +36,8 @@ examples:
   qlora-wizard try runs/NAME --prompt "..."        the fine-tuned and the base model's answers
   qlora-wizard eval runs/NAME                      validation loss of base and fine-tuned, side by side
   qlora-wizard merge runs/NAME --out merged/       the adapter merged into its base, for from_pretrained
-  qlora-wizard push runs/NAME you/my-adapter       the adapter and its model card to the Hub
+  qlora-wizard push runs/NAME you/my-adapter       the adapter and its card to a private Hub repo (asks first)
+  qlora-wizard cache                               where the cache is, what it holds; `cache clear` empties it
 """
 
 
@@ -108,6 +109,9 @@ def _estimate_preset(args):
 
     if args.preset:
         data = load_preset(args.preset).model_dump(mode="json")
+        # The file's trust_remote_code: true is not consent to run the model's code for a look.
+        args.preset_trusts_code = data["model"]["trust_remote_code"]
+        data["model"]["trust_remote_code"] = bool(args.trust_remote_code)
     elif args.source:
         data = {"model": {"source": args.source, "trust_remote_code": args.trust_remote_code},
                 "data": {"train": "builtin:demo"}}
@@ -156,6 +160,7 @@ def _estimate_world(args, preset):
 
 def cmd_estimate(args) -> int:
     from engine.demo import resolve_model_source
+    from engine.errors import NeedsRemoteCode
     from engine.gpu import probe_gpus
     from engine.memory import estimate_training_memory, fit
     from engine.modelinfo import inspect_model
@@ -167,8 +172,14 @@ def cmd_estimate(args) -> int:
     world, preset = _estimate_world(args, preset)
     if args.gpu_mem is not None and args.gpu_mem <= 0:
         raise UserError(f"--gpu-mem {args.gpu_mem} must be a positive number of GiB")
-    info = inspect_model(resolve_model_source(preset.model.source), revision=preset.model.revision,
-                         trust_remote_code=preset.model.trust_remote_code)
+    try:
+        info = inspect_model(resolve_model_source(preset.model.source), revision=preset.model.revision,
+                             trust_remote_code=preset.model.trust_remote_code)
+    except NeedsRemoteCode as exc:
+        if not getattr(args, "preset_trusts_code", False):
+            raise
+        raise NeedsRemoteCode(exc.message, "the preset's trust_remote_code: true does not count for a look: "
+                              "pass --trust-remote-code if you trust its authors") from None
     gpus = probe_gpus()
     if args.gpu_mem is not None:
         budget, budget_name = int(args.gpu_mem * 2**30), f"{args.gpu_mem:g} GiB (--gpu-mem)"
@@ -294,18 +305,27 @@ def cmd_lr(args) -> int:
 
     extra = {}
     if args.preset:
+        from engine.errors import NeedsRemoteCode
         from tui.draft import Services, check_data, load_draft, lr_view
 
+        # The file's trust_remote_code: true is not consent to run the model's code: the flag is.
         draft = load_draft(args.preset)
+        if args.trust_remote_code:
+            draft.allow_code(None)
         for path, value in (("model.base_lr", args.base_lr), ("model.pretrained_batch_tokens",
                                                               args.pretrained_batch_tokens)):
             if value is not None:
                 draft.set(path, value)
-        draft.data = check_data(draft.preset)
         m = draft.preset.model
-        if m.base_lr is None or m.pretrained_batch_tokens is None:
-            # The model family's published values fill what the preset leaves out.
-            draft.info = Services().inspect_model(m.source, m.revision, m.trust_remote_code)
+        try:
+            if m.base_lr is None or m.pretrained_batch_tokens is None:
+                # The model family's published values fill what the preset leaves out.
+                draft.info = Services().inspect_model(m.source, m.revision, m.trust_remote_code)
+            draft.data = check_data(draft.preset)
+        except NeedsRemoteCode as exc:
+            said = ("the preset's trust_remote_code: true does not count for a look: "
+                    if draft.code_from_file is not None else "")
+            raise NeedsRemoteCode(exc.message, f"{said}pass --trust-remote-code if you trust its authors") from None
         view = lr_view(draft, steps=args.steps, epochs=args.epochs, supervised_tokens=args.supervised_tokens)
         if view.suggestion is None:
             family = draft.info.family if draft.info else None
@@ -480,6 +500,16 @@ def run_preset(preset_path: str, run_dir: str | None, detach: bool, nodes: int |
         raise UserError(f"a run on {preset.distributed.nodes} machines needs --node-rank R and --master HOST:PORT",
                         "run on each machine: " + node_commands(preset, preset_path, master)[0].replace(
                             "--node-rank 0", "--node-rank R"))
+    if preset.model.trust_remote_code:
+        # Training headless is what the file's trust_remote_code: true is for; said before anything
+        # runs, with the commit a Hub model's code is pinned to (the run's preset records it).
+        from engine.modelinfo import remote_code_words
+        from tui.draft import pin_revision
+
+        revision = pin_revision(preset.model.source, preset.model.revision)
+        if revision and revision != preset.model.revision:
+            preset = preset.model_copy(update={"model": preset.model.model_copy(update={"revision": revision})})
+        print(f"training {remote_code_words(preset.model.source, preset.model.revision)}", flush=True)
     rd = start_run(preset, run_dir, node_rank or 0, master)
     _print_launch(rd, preset, preset_path, master)
     return _follow(rd, detach)
@@ -527,6 +557,35 @@ def _wizard_draft(preset: str | None):
     from engine.preset import preset_from_dict
 
     return Draft(preset_from_dict({"model": {"source": "builtin:tiny-llama"}, "data": {"train": "builtin:demo"}}))
+
+
+def cmd_cache(args) -> int:
+    from engine.cache import cache_report, clear_cache
+
+    if args.only and args.action != "clear":
+        raise UserError("--only is for `qlora-wizard cache clear`")
+    if args.action == "clear":
+        removed = clear_cache(args.only)
+        if args.json:
+            _print_json({"removed": removed.to_json()})
+            return EXIT_OK
+        if not removed.parts:
+            print(f"nothing to clear in {removed.root}")
+        for part in removed.parts:
+            print(f"removed {part.name}: {size(part.bytes)} in {part.files:,} files; {part.what}")
+        return EXIT_OK
+    report = cache_report()
+    if args.json:
+        _print_json(report.to_json())
+        return EXIT_OK
+    print(f"cache: {report.root} ({size(report.bytes)}; set QLORA_WIZARD_CACHE to move it)")
+    for part in report.parts:
+        print(f"  {part.name:<7} {size(part.bytes):>10}  {part.files:>6,} files  {part.what}")
+    if not report.parts:
+        print("  empty")
+    print("clear it with `qlora-wizard cache clear` (runs are kept: they live in their own folders); "
+          "models from the Hub are in huggingface_hub's cache (`hf cache`)")
+    return EXIT_OK
 
 
 def cmd_wizard(args) -> int:
@@ -670,10 +729,24 @@ def cmd_card(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from engine.after import push_run
+    from engine.after.card import hub_token, plan_push, push_run
 
-    url = push_run(args.run_dir, args.repo_id, merged=args.merged, private=args.private, progress=_say)
-    print(f"pushed {'the merged model' if args.merged else 'the adapter'} of {args.run_dir} to {url}")
+    plan = plan_push(args.run_dir, args.repo_id, merged=args.merged, public=args.public)
+    hub_token(plan)  # no token, or the Hub switched off: one line before anything is asked
+    print(plan.summary(), flush=True)
+    if not args.yes:
+        # Consent comes from a person at a terminal; a piped "y" is not one (scripts pass --yes).
+        if not sys.stdin.isatty():
+            raise UserError(f"push needs your consent: {plan.visibility} upload of {len(plan.files)} files to "
+                            f"{plan.repo_id}, and stdin is not a terminal to ask on (pass --yes to upload "
+                            "without asking)")
+        print(f"upload to {plan.repo_id} ({plan.visibility})? [y/N] ", end="", flush=True)
+        answer = sys.stdin.readline()
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing uploaded")
+            return EXIT_OK
+    url = push_run(plan, progress=_say)
+    print(f"pushed {plan.what} of {args.run_dir} to {url} ({plan.visibility})")
     return EXIT_OK
 
 
@@ -750,7 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "spare, keeping the effective batch (micro batch x accumulation), and why")
     s.add_argument("--mean-len", type=float, metavar="TOKENS",
                    help="with --fit: the data's mean example length (default: every example --seq-len long)")
-    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model that needs its own code to run it (a preset's trust_remote_code: true "
+                        "does not count here)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_estimate)
 
@@ -761,6 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, metavar="N")
     s.add_argument("--epochs", type=float, metavar="N")
     s.add_argument("--pretrained-batch-tokens", type=int, metavar="N")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="with --preset: allow a model that needs its own code to run it (the preset's "
+                        "trust_remote_code: true does not count here)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_lr)
 
@@ -823,17 +901,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merged", metavar="DIR", help="describe this merged folder instead of the adapter")
     s.set_defaults(func=cmd_card)
 
-    s = sub.add_parser("push", help="upload the adapter (or a merged folder) with its model card to the Hub")
+    s = sub.add_parser("push", help="upload the adapter (or a merged folder) with its model card to the Hub: "
+                       "private unless --public, shown and asked first")
     s.add_argument("run_dir", metavar="RUN_DIR")
     s.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, e.g. you/my-adapter (created if missing)")
     s.add_argument("--merged", metavar="DIR", help="upload this merged folder (from `merge`) instead")
-    s.add_argument("--private", action="store_true", help="create the repo private")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--public", action="store_true",
+                   help="create the repo public (anyone can see it); without it the repo is private")
+    g.add_argument("--private", action="store_true",
+                   help="accepted for old scripts and does nothing: repos are private unless --public")
+    s.add_argument("--yes", action="store_true",
+                   help="upload without asking (for scripts); without it push shows the plan and asks on the "
+                        "terminal, and refuses when stdin is not one")
     s.set_defaults(func=cmd_push)
 
     s = sub.add_parser("plot", help="the loss curves as SVG and PNG (RUN_DIR/curves.svg and .png)")
     s.add_argument("run_dir", metavar="RUN_DIR")
     s.add_argument("--out", metavar="PATH", help="where to write them (its suffix becomes .svg and .png)")
     s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("cache", help="where the cache is and what it holds (tokenized data, the demo model); "
+                       "`cache clear` empties it")
+    s.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
+    from engine.cache import PARTS
+
+    s.add_argument("--only", choices=PARTS, help="with clear: only this part")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_cache)
 
     s = sub.add_parser("wizard", help="the full-screen wizard (the default with no arguments in a terminal)")
     s.add_argument("preset", nargs="?", metavar="PRESET", help="start from this preset (e.g. presets/tiny-demo.yaml)")

@@ -18,11 +18,11 @@ Nothing here imports torch, transformers or peft at module level.
 
 from __future__ import annotations
 
-from engine.after.card import push_run, write_card
+from engine.after.card import PushPlan, plan_push, push_run, write_card
 from engine.after.evaluate import evaluate_run
 from engine.after.merge import MergePlan, merge_run, plan_merge
 from engine.after.plot import write_curves
 from engine.after.session import Decoding, Example, FinishedRun, TrySession, finished_run
 
-__all__ = ["Decoding", "Example", "FinishedRun", "MergePlan", "TrySession", "evaluate_run", "finished_run",
+__all__ = ["Decoding", "Example", "FinishedRun", "MergePlan", "PushPlan", "plan_push", "TrySession", "evaluate_run", "finished_run",
            "merge_run", "plan_merge", "push_run", "write_card", "write_curves"]
