@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .config_check import check_config_sizes
 from .errors import NeedsRemoteCode, UserError, first_line
 
 
@@ -210,6 +211,7 @@ def inspect_model(source: str, revision: str | None = None, trust_remote_code: b
     source = source.strip()
     loc = _locate(source, revision)
     raw = _read_raw_config(loc.config_path)
+    check_config_sizes(raw, loc.name)  # absurd sizes (ten million layers) refused before anything is built
     with _quiet_transformers():
         config, remote, notes = _load_config(raw, loc, revision, bool(trust_remote_code))
         _check_causal(config, loc.name, remote)
@@ -461,6 +463,9 @@ def _read_raw_config(path: Path) -> dict:
             f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             "fix or re-download the model's config.json",
         ) from None
+    except (ValueError, RecursionError) as exc:  # a number too long to convert, nesting too deep
+        raise UserError(f"{path} cannot be read as a model config: {str(exc).splitlines()[0][:120]}",
+                        "fix or re-download the model's config.json") from None
     if not isinstance(raw, dict):
         raise UserError(
             f"{path} is JSON but not a model config (expected an object)", "point to the model's config.json"
@@ -500,6 +505,65 @@ def _needs_code_error(name: str) -> NeedsRemoteCode:
         f"{name} needs its own Python code (trust_remote_code) to be built",
         "rerun with --trust-remote-code if you trust its authors",
     )
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+"""A full git commit hash: a revision that can no longer move."""
+
+
+def code_revision(source: str, revision: str | None = None) -> str | None:
+    """The commit whose code a person agrees to run, for a Hub model: consent covers the code that
+    was there when it was given, so the run's ``model.revision`` is pinned to this commit and a later
+    push to the repository cannot change what trains.
+
+    None for anything that is not a Hub id (a local folder or config file: its code is the files
+    there). A full commit hash is returned as it is. Otherwise the Hub is asked which commit
+    ``revision`` (the default branch when None) points to now; with ``HF_HUB_OFFLINE`` set, or the Hub
+    out of reach, the commit of the cached snapshot is used (the one a load would read). A one-line
+    :class:`UserError` when the repository or revision does not exist, or when neither the Hub nor
+    the cache can say.
+    """
+    source = (source or "").strip()
+    if not source or Path(source).expanduser().exists() or not _looks_like_hub_id(source):
+        return None
+    if revision and _COMMIT.match(revision):
+        return revision
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub import errors as E
+
+    offline = _hub_offline()
+    with _quiet_hub():
+        if not offline:
+            try:
+                sha = HfApi().model_info(source, revision=revision).sha
+                if sha:
+                    return sha
+            except (E.RepositoryNotFoundError, E.RevisionNotFoundError) as exc:
+                raise _hub_user_error(exc, source, revision, offline) from None
+            except E.HfHubHTTPError as exc:
+                if getattr(getattr(exc, "response", None), "status_code", None) in (401, 403):
+                    raise _hub_user_error(exc, source, revision, offline) from None
+            except Exception:  # noqa: BLE001 - no network: the cache decides
+                pass
+        try:
+            cached = try_to_load_from_cache(source, "config.json", revision=revision)
+        except Exception:  # noqa: BLE001 - an unreadable cache is no answer
+            cached = None
+    if isinstance(cached, str) and _COMMIT.match(Path(cached).parent.name):
+        return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face Hub cannot be reached"
+    at = f" at {revision!r}" if revision else ""
+    raise UserError(
+        f"cannot tell which commit of {source}{at} its code would run from: {why} and it is not in the local cache",
+        "connect to the Hub once, or set model.revision to a full commit hash",
+    )
+
+
+def remote_code_words(source: str, revision: str | None) -> str:
+    """How a run says that it runs the model's own code, and which: ``runs the model's own code
+    (trust_remote_code: true in the preset) from org/name at revision <commit>``."""
+    at = f" at revision {revision}" if revision else ""
+    return f"runs the model's own code (trust_remote_code: true in the preset) from {source}{at}"
 
 
 def _load_config(raw: dict, loc: _Located, revision: str | None, trust: bool) -> tuple[Any, bool, list[str]]:

@@ -53,7 +53,8 @@ def describe(event: Event) -> str:
         return (f"{head}: {event.model_source} on {on}, "
                 f"{event.examples or '?'} examples, {event.supervised_tokens or '?'} supervised tokens, "
                 f"{event.total_steps or '?'} steps, memory estimate {gib(event.estimate_total)}"
-                + (f"; kernels: {event.kernels}" if event.kernels else ""))
+                + (f"; kernels: {event.kernels}" if event.kernels else "")
+                + (f"; {event.remote_code}" if event.remote_code else ""))
     if isinstance(event, StepEvent):
         parts = [f"step {event.step}/{event.total_steps}", f"epoch {event.epoch:.2f}",
                  f"loss {_float(event.loss, '.4f')}"]

@@ -141,6 +141,11 @@ class Draft:
     since each machine runs the same one."""
     master: str | None = None
     """Machine 0's HOST:PORT in a run over several machines."""
+    code_from_file: str | None = None
+    """The model whose own code the preset file said to run (``model.trust_remote_code: true``), while
+    the person here has not answered yet. A file's word is not consent to run a model's code just to
+    look at it: a draft loaded from a file holds ``trust_remote_code`` false until the person agrees
+    (:meth:`allow_code`), and both front ends ask before the model is read."""
 
     def set_node(self, node_rank: Any, master: str | None) -> None:
         """Place this machine in a run over several: its number and machine 0's address; a bad value
@@ -198,10 +203,28 @@ class Draft:
     # ---- actions: what both front ends do, done once here -------------------------------
 
     def load_preset(self, path: str | os.PathLike) -> None:
-        """Start over from a preset file; a one-line UserError when it cannot be read."""
+        """Start over from a preset file; a one-line UserError when it cannot be read. Its
+        ``model.trust_remote_code: true`` waits for the person's answer (see ``code_from_file``)."""
         from engine.preset import load_preset
 
-        self.replace(load_preset(path))
+        preset, asked = untrusted(load_preset(path))
+        self.replace(preset)
+        self.code_from_file = asked
+
+    def allow_code(self, revision: str | None) -> None:
+        """The person agreed now to run the model's own code: trust it, pinned to ``revision`` (the
+        commit resolved at this moment for a Hub model, see :func:`pin_revision`; None keeps the
+        revision, as for a local folder)."""
+        values: dict[str, Any] = {"model.trust_remote_code": True}
+        if revision:
+            values["model.revision"] = revision
+        self.set_many(values)
+        self.code_from_file = None
+
+    def refuse_code(self) -> None:
+        """The person said no to the preset file's ``trust_remote_code: true``: the model is read
+        without its own code (trust_remote_code stays false)."""
+        self.code_from_file = None
 
     def change_model(self, source: str) -> None:
         """Point the draft at another model. Consent to run one model's code is not consent for
@@ -213,6 +236,7 @@ class Draft:
             self.set("model.source", source)
             self.set("model.trust_remote_code", False)
             self.set("model.revision", None)
+            self.code_from_file = None
 
     def accept_model(self, key: tuple, info: Any) -> str | None:
         """Take the facts read for the model ``key``. Returns the line to show when the LoRA targets had
@@ -771,6 +795,27 @@ def _inspect(source: str, revision: str | None, trust_remote_code: bool):
     return info
 
 
+def pin_revision(source: str, revision: str | None) -> str | None:
+    """The commit a consent to run ``source``'s own code covers (``engine.modelinfo.code_revision``):
+    a Hub model's revision resolved now (the cached snapshot's when offline); None for a local folder
+    or a built-in model, whose code is the files there. Raises a one-line UserError."""
+    if source.startswith("builtin:"):
+        return None
+    from engine.modelinfo import code_revision
+
+    return code_revision(source, revision)
+
+
+def untrusted(preset: Preset) -> tuple[Preset, str | None]:
+    """A preset as read from a file, with ``model.trust_remote_code`` false until the person here
+    agrees, and the model the file asked to trust (None when it did not)."""
+    if not preset.model.trust_remote_code:
+        return preset, None
+    data = preset.model_dump(mode="json")
+    data["model"]["trust_remote_code"] = False
+    return Preset.model_validate(data), preset.model.source
+
+
 def _probe_gpus() -> list:
     from engine.gpu import probe_gpus
 
@@ -795,8 +840,11 @@ def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_ran
     through this. ``node_rank`` and ``master`` place this machine in a run over several."""
     from engine import data as data_mod
     from engine.plan import with_init_adapter
-    from engine.runs import launch_run
+    from engine.runs import check_new_run_dir, launch_run, run_dir_for
 
+    # Where the run goes is settled (and refused: a folder of someone's files) before anything slow.
+    run_dir = run_dir_for(preset, run_dir)
+    check_new_run_dir(run_dir)
     # Bad data is found here, before any weights load: one line, exit 2.
     data_mod.check_records(preset.data)
     # A run that starts from a saved adapter has that adapter's rank, alpha and targets, as run.
@@ -804,8 +852,19 @@ def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_ran
     if not preset.model.source.startswith("builtin:"):
         from engine.modelinfo import inspect_model, require_weights
 
+        if preset.model.trust_remote_code:
+            # The code that trains is the code agreed to: a Hub model's revision is pinned to a commit
+            # (a no-op when the front end pinned it at the moment of consent).
+            revision = pin_revision(preset.model.source, preset.model.revision)
+            if revision and revision != preset.model.revision:
+                preset = preset.model_copy(update={"model": preset.model.model_copy(update={"revision": revision})})
         require_weights(inspect_model(preset.model.source, revision=preset.model.revision,
                                       trust_remote_code=preset.model.trust_remote_code))
+    # Data that leaves nothing to train at this seq_len is refused here, with the numbers, not in the
+    # detached run. Tokenized under the key the training process uses (same data, seq_len, seed and
+    # tokenizer), so the run loads this cache entry instead of tokenizing again.
+    data_mod.prepare_data(preset.data, data_mod.load_tokenizer(preset.model), preset.training.seq_len,
+                          preset.training.seed)
     return launch_run(preset, run_dir, node_rank, master)
 
 
@@ -835,6 +894,9 @@ class Services:
     """preset -> DataReport; raises UserError."""
     start_run: Callable[[Preset], Path] = start_run
     """preset -> the started run's directory; raises UserError."""
+    pin_revision: Callable[[str, str | None], str | None] = pin_revision
+    """(source, revision) -> the commit a consent to run the model's code covers (None for a local
+    model); asked at the moment the person agrees. Raises UserError."""
 
 
 def default_export_path(draft: Draft) -> str:
@@ -860,7 +922,9 @@ def keep_draft(draft: Draft) -> Path | None:
 
 
 def load_draft(path: str | os.PathLike | None) -> Draft:
-    """A draft from a preset file (the demo when None)."""
+    """A draft from a preset file (the demo when None). A file's ``model.trust_remote_code: true`` is
+    not consent: the draft holds it false and remembers the question (``Draft.code_from_file``)."""
     from engine.preset import load_preset
 
-    return Draft(load_preset(path or DEMO_DRAFT))
+    preset, asked = untrusted(load_preset(path or DEMO_DRAFT))
+    return Draft(preset, code_from_file=asked)

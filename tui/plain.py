@@ -229,8 +229,35 @@ class PlainWizard:
         self.draft.change_model(value)
         return True
 
+    def allow_code(self) -> bool:
+        """The person agreed to run the model's own code: pin a Hub model's revision to the commit it
+        points to now, and trust it; False (said) when the commit cannot be told."""
+        m = self.draft.preset.model
+        try:
+            revision = self.services.pin_revision(m.source, m.revision)
+        except UserError as exc:
+            self.error(exc.one_line())
+            return False
+        self.draft.allow_code(revision)
+        if revision and revision != m.revision:
+            self.say(f"its code is pinned to revision {revision}")
+        return True
+
     def read_model(self) -> bool:
         """Read the draft's model config (asking before running a model's own code); False on a problem."""
+        refused = False
+        if self.draft.code_from_file is not None:
+            # A preset file's trust_remote_code: true is not consent: ask before reading anything.
+            self.say(("the preset says: ", "bold yellow"),
+                     f"run the own Python code of {self.draft.code_from_file} (trust_remote_code: true)")
+            if self.confirm("its code comes with the model and runs on this machine with your rights, already "
+                            "when the model is read; run its code (only if you trust its authors)?", default=False):
+                if not self.allow_code():
+                    return False
+            else:
+                self.draft.refuse_code()
+                refused = True
+                self.say("reading it without its own code")
         while True:
             key = self.draft.model_key()
             slow = " (the demo model is created once, about 15 s)" if key[0].startswith("builtin:") else ""
@@ -238,12 +265,16 @@ class PlainWizard:
             try:
                 info = self.services.inspect_model(*key)
             except NeedsRemoteCode as exc:
+                if refused:  # just said no to the preset's trust_remote_code: not asked twice
+                    self.error(f"{exc.message}; it is not read without your consent")
+                    return False
                 # The hint names the command line's flag; here the question below is the way.
                 self.say(("needs code: ", "bold yellow"), exc.message)
                 if not self.confirm("its code comes with the model and runs on this machine with your rights; "
                                     "run its code (only if you trust its authors)?", default=False):
                     return False
-                self.draft.set("model.trust_remote_code", True)
+                if not self.allow_code():
+                    return False
                 continue
             except UserError as exc:
                 self.error(exc.one_line())

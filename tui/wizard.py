@@ -77,6 +77,11 @@ class WizardApp(App[str]):
         """The run started from the wizard."""
         self.starting = False
         """A run is being started."""
+        self.asking_code = False
+        """The question whether to run the model's own code is on screen."""
+        self.code_refused: tuple | None = None
+        """The model key read right after the person said no to the preset file's trust_remote_code:
+        when that read finds the model needs its code, the no stands (it is not asked twice)."""
 
     # ---- screens -----------------------------------------------------------------------
 
@@ -105,10 +110,68 @@ class WizardApp(App[str]):
     # ---- workers and their messages ----------------------------------------------------
 
     def read_model(self) -> None:
-        """Read the draft's model config in the background."""
+        """Read the draft's model config in the background. When the preset file said to run the
+        model's own code (``trust_remote_code: true``), the person is asked first: a file's word is
+        not consent, and nothing of the model is read before the answer."""
+        if self.draft.code_from_file is not None:
+            self._ask_code_from_file()
+            return
         self.model_busy, self.model_error = True, None
         self._read_model(self.draft.model_key())
         self.refresh_step()
+
+    def _ask_code_from_file(self) -> None:
+        if self.asking_code:
+            return
+        from tui.dialogs.confirm import Confirm
+
+        source = self.draft.code_from_file
+
+        def answered(allow: bool | None) -> None:
+            self.asking_code = False
+            if self.draft.code_from_file != source:
+                return  # the person has moved on to another model
+            if allow:
+                self.allow_code(self.draft.model_key())
+            else:
+                self.draft.refuse_code()
+                self.code_refused = self.draft.model_key()
+                self.read_model()
+
+        self.asking_code = True
+        self.model_busy, self.model_error = False, f"waiting for your answer: run the own code of {source}?"
+        self.refresh_step()
+        self.push_screen(Confirm(
+            f"The preset says to run the own Python code of {source}",
+            "It says trust_remote_code: true. That code comes with the model's repository and runs on this "
+            "machine with your rights, already when the model is read. Allow it only if you trust the "
+            "model's authors; without it the model is read with transformers' own classes, if it can be.",
+            yes="Run its code", no="Read it without", danger=True), answered)
+
+    def allow_code(self, key: tuple) -> None:
+        """The person agreed to run the model ``key``'s own code: pin a Hub model's revision to the
+        commit it points to now (in the background), then read the model with its code."""
+        self.model_busy, self.model_error = True, None
+        self.refresh_step()
+        self._pin_code(key)
+
+    @work(thread=True, exclusive=True, group="model", exit_on_error=False)
+    def _pin_code(self, key: tuple) -> None:
+        try:
+            revision = self.services.pin_revision(key[0], key[1])
+        except UserError as exc:
+            self.post_message(msg.ModelFailed(key, exc.one_line(), needs_code=False))
+        except Exception as exc:  # noqa: BLE001 - any failure is said on screen, in one line
+            self.post_message(msg.ModelFailed(key, f"cannot pin the revision of {key[0]}: {first_line(exc)}",
+                                              needs_code=False))
+        else:
+            self.call_from_thread(self._code_allowed, key, revision)
+
+    def _code_allowed(self, key: tuple, revision: str | None) -> None:
+        if key != self.draft.model_key():
+            return  # the person has moved on to another model
+        self.draft.allow_code(revision)
+        self.read_model()
 
     @work(thread=True, exclusive=True, group="model", exit_on_error=False)
     def _read_model(self, key: tuple) -> None:
@@ -127,7 +190,7 @@ class WizardApp(App[str]):
     def _model_read(self, message: msg.ModelRead) -> None:
         if message.key != self.draft.model_key():
             return  # the person has moved on to another model
-        self.model_busy, self.model_error = False, None
+        self.model_busy, self.model_error, self.code_refused = False, None, None
         note = self.draft.accept_model(message.key, message.info)
         if note:
             self.notify(note)
@@ -142,13 +205,13 @@ class WizardApp(App[str]):
             return
         self.model_busy, self.model_error = False, message.error
         self.refresh_step()
-        if message.needs_code:
+        refused, self.code_refused = self.code_refused == message.key, None
+        if message.needs_code and not refused:
             from tui.dialogs.confirm import Confirm
 
             def answered(allow: bool | None) -> None:
                 if allow and message.key == self.draft.model_key():
-                    self.draft.set("model.trust_remote_code", True)
-                    self.read_model()
+                    self.allow_code(message.key)
 
             self.push_screen(Confirm(
                 f"{message.key[0]} needs its own Python code",
