@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
+import unicodedata
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 
 SCHEMA_VERSION = 1
 """The preset format written by this version; older versions are migrated on load when possible."""
@@ -38,11 +46,50 @@ DEFAULT_DROP_PHRASES = (
 )
 """The guide's advice: drop refusals and boilerplate disclaimers copied from assistant models."""
 
+MAX_STEPS = 10**9
+"""Step counts and intervals (max_steps, eval_steps, save_steps, logging_steps) stay below this."""
+MAX_SEED = 2**32 - 1
+"""The largest seed numpy's and torch's generators all accept."""
+MAX_NAME_BYTES = 255
+"""The longest file name (in UTF-8 bytes) common file systems allow: the run name is one."""
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character in a text (NUL, newline, tab, escape, DEL...) as Python writes
+    it (``'\\x00'``), or None when there is none."""
+    for ch in text:
+        if unicodedata.category(ch) == "Cc":
+            return repr(ch)
+    return None
+
+
+def _plain_text(v: str | None) -> str | None:
+    """A path or name that reaches the file system, the Hub or a log line: no control characters."""
+    if v is not None:
+        bad = _control_character(v)
+        if bad:
+            raise ValueError(f"must not contain control characters: it has {bad}")
+    return v
+
+
+def _is_number_field(annotation: Any) -> bool:
+    """Whether a field holds a number (``int``, ``float``, optionally ``None``), not a choice of words."""
+    args = [a for a in (get_args(annotation) or (annotation,)) if a is not type(None)]
+    return bool(args) and all(a in (int, float) for a in args)
+
 
 class _Section(BaseModel):
-    """Common configuration: no unknown keys, validate on assignment so the wizard's draft stays valid."""
+    """Common configuration: no unknown keys, validate on assignment so the wizard's draft stays valid,
+    no NaN or infinite numbers, and no true/false where a number belongs (pydantic would read it as 1 or 0)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) and info.field_name and _is_number_field(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not true or false")
+        return v
 
 
 class ModelSettings(_Section):
@@ -71,7 +118,7 @@ class ModelSettings(_Section):
         "filled from the model family when known.",
     )
     pretrained_batch_tokens: int | None = Field(
-        None, gt=0, description="The pretraining batch size in tokens, for the learning-rate rule."
+        None, gt=0, le=10**10, description="The pretraining batch size in tokens, for the learning-rate rule."
     )
 
     @field_validator("source")
@@ -80,7 +127,9 @@ class ModelSettings(_Section):
         v = v.strip()
         if not v:
             raise ValueError("must name a Hub id, a local model directory or builtin:tiny-llama")
-        return v
+        return _plain_text(v)
+
+    _revision_plain = field_validator("revision")(_plain_text)
 
 
 class QuantizationSettings(_Section):
@@ -123,7 +172,15 @@ class LoraSettings(_Section):
                 raise ValueError("must name at least one layer, or be all-linear")
             if len(set(v)) != len(v):
                 raise ValueError("names a layer twice")
+            for name in v:
+                if not name.strip():
+                    raise ValueError("has an empty layer name")
+                bad = _control_character(name)
+                if bad:
+                    raise ValueError(f"layer name {name!r} has a control character: {bad}")
         return v
+
+    _init_from_plain = field_validator("init_from")(_plain_text)
 
 
 DataFormat = Literal["auto", "alpaca", "input_output", "prompt_completion", "text", "messages", "sharegpt"]
@@ -155,7 +212,9 @@ class DataSettings(_Section):
         description="Drop examples containing any of these phrases (case-insensitive).",
     )
     dedupe: bool = Field(True, description="Drop exact duplicate examples.")
-    max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
+    max_examples: int | None = Field(None, ge=1, le=10**9, description="Use at most this many training examples.")
+
+    _paths_plain = field_validator("train", "split", "validation")(_plain_text)
 
 
 class TrainingSettings(_Section):
@@ -167,14 +226,18 @@ class TrainingSettings(_Section):
         8, ge=1, le=65536, description="Micro batches per optimizer step; effective batch = micro batch x this."
     )
     epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(
+        None, ge=1, lt=MAX_STEPS, description="Stop after this many optimizer steps (overrides epochs)."
+    )
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the adapters.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="How the learning rate changes after warmup."
     )
     warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Share of the steps spent warming up the learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay on the adapters.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients to this norm (0 turns clipping off).")
+    max_grad_norm: float = Field(
+        1.0, ge=0, le=1e6, description="Clip gradients to this norm (0 turns clipping off)."
+    )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
         "adamw_torch",
         description="AdamW with 32-bit states, bitsandbytes 8-bit states, or their paged variants that spill "
@@ -198,12 +261,18 @@ class TrainingSettings(_Section):
         "CUDA GPU: auto uses them where installed (the gpu extra) for the models it supports; off keeps "
         "the engine's own chunked loss.",
     )
-    seed: int = Field(42, ge=0, description="Seed for the data split, shuffling and adapter initialisation.")
-    logging_steps: int = Field(1, ge=1, description="Log loss and speed every this many optimizer steps.")
-    eval_steps: int | None = Field(
-        None, ge=1, description="Validate every this many steps; empty for once per epoch and at the end."
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="Seed for the data split, shuffling and adapter initialisation."
     )
-    save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
+    logging_steps: int = Field(
+        1, ge=1, lt=MAX_STEPS, description="Log loss and speed every this many optimizer steps."
+    )
+    eval_steps: int | None = Field(
+        None, ge=1, lt=MAX_STEPS, description="Validate every this many steps; empty for once per epoch and at the end."
+    )
+    save_steps: int = Field(
+        50, ge=1, lt=MAX_STEPS, description="Save a resumable checkpoint every this many steps."
+    )
     save_total_limit: int = Field(3, ge=1, le=1000, description="Keep at most this many checkpoints.")
     report_to: Literal["auto", "tensorboard", "wandb", "none"] = Field(
         "auto",
@@ -264,9 +333,19 @@ class OutputSettings(_Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: str | None) -> str | None:
-        if v is not None and (not v.strip() or "/" in v or v in (".", "..")):
+        if v is None:
+            return v
+        if not v.strip() or "/" in v or v in (".", ".."):
             raise ValueError("must be a plain folder name without '/'")
+        bad = _control_character(v)
+        if bad:
+            raise ValueError(f"must be a plain folder name without control characters: it has {bad}")
+        size = len(v.encode("utf-8", "surrogatepass"))
+        if size > MAX_NAME_BYTES:
+            raise ValueError(f"must be a folder name of at most {MAX_NAME_BYTES} bytes: this one has {size:,}")
         return v
+
+    _runs_dir_plain = field_validator("runs_dir")(_plain_text)
 
 
 class Preset(_Section):
@@ -321,6 +400,15 @@ def _fields_at(path: tuple, model: type[BaseModel] = Preset) -> list[str]:
     return list(current.model_fields) if current is not None else []
 
 
+def _number_text(v: Any) -> str:
+    """A bound as a person reads it: 0.5, 1024, 4,294,967,295, 1,000,000 (never a rounded 4.29497e+09)."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        v = int(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def _allowed_text(err: dict) -> str:
     """What is allowed, in words, for one pydantic error."""
     ctx = err.get("ctx") or {}
@@ -332,9 +420,11 @@ def _allowed_text(err: dict) -> str:
         "less_than_equal": "<= {le}",
     }
     if kind in bounds:
-        return "allowed: " + bounds[kind].format(**{k: f"{ctx.get(k, 0):g}" for k in ("gt", "ge", "lt", "le")})
+        return "allowed: " + bounds[kind].format(**{k: _number_text(ctx.get(k, 0)) for k in ("gt", "ge", "lt", "le")})
     if kind == "literal_error":
         return "allowed: " + str(ctx.get("expected", "")).replace("'", "")
+    if kind == "finite_number":
+        return "allowed: a finite number, not NaN or infinity"
     msg = err["msg"].removeprefix("Value error, ")
     return msg[0].lower() + msg[1:]
 
@@ -359,6 +449,9 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
         else:
             value = err.get("input")
             shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+            if len(shown) > 80:  # a 300-character name or a 10**300 number: its start and its size
+                size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(shown):,} digits"
+                shown = f"{shown[:40]}... ({size})"
             if isinstance(value, dict) and err["type"] == "value_error":  # a section's own check of its fields together
                 problems.append(f"{path}: {_allowed_text(err)}")
             else:
@@ -403,37 +496,21 @@ def load_preset(path: str | os.PathLike) -> Preset:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise UserError(f"preset {p} is not valid YAML{where}: {problem}") from None
+    except ValueError as exc:  # a value PyYAML parses but Python cannot convert: a 5,000-digit number, 2024-13-45
+        text = str(exc)
+        reason = "a number too long to read" if "integer string conversion" in text else first_line(exc)
+        raise UserError(f"preset {p} is not valid: {reason}", "no setting takes a value like that") from None
     if data is None:
         raise UserError(f"preset {p} is empty", "see presets/tiny-demo.yaml for the layout")
     return preset_from_dict(data, str(p))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, exclusive: bool = False) -> None:
-    """Write a file so that a crash mid-write never leaves a broken one: temp file, fsync, rename.
+    """Write a file whole or not at all (``engine.files.atomic_write_text``: temp file, fsync, rename;
+    ``exclusive`` links it into place only if no file of that name exists)."""
+    from engine.files import atomic_write_text as write
 
-    ``exclusive``: only if no file of that name exists (``FileExistsError`` otherwise). The temp
-    file is then linked into place, which is atomic, so of two writers racing for one name exactly
-    one wins, and a reader never sees half of it.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if exclusive:
-            os.link(tmp, p)
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write(path, text, exclusive=exclusive)
 
 
 def save_preset(preset: Preset, path: str | os.PathLike) -> Path:

@@ -44,8 +44,10 @@ Nothing here imports torch, transformers or datasets at module level.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -356,7 +358,9 @@ def prepare_data(
     entry = cache_dir / cache_key({
         "train": source_identity(train_src),
         "validation": source_identity(val_src),
-        "settings": settings.model_dump(mode="json"),
+        # The sources count by what they hold (above), not by how their paths are written: the wizard's
+        # train.jsonl and the run's /abs/path/train.jsonl are one entry.
+        "settings": settings.model_dump(mode="json", exclude={"train", "validation"}),
         "seq_len": seq_len,
         "seed": seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -381,10 +385,7 @@ def prepare_data(
                                   val_src.display if val_src else train_src.display, settings.skip_bad_records)
                if val_ex else None)
     if not tok_train.input_ids:
-        raise UserError(
-            f"{train_src.display}: no example has anything left to train at seq_len {seq_len}",
-            "raise training.seq_len or shorten the prompts",
-        )
+        raise _nothing_to_train(tok_train, seq_len, train_src.display)
     lengths = [len(x) for x in tok_train.input_ids]
     stats = DataStats(
         format=fmt,
@@ -411,6 +412,42 @@ def prepare_data(
             saved.cache_hit = False
             return saved
     return PreparedData(train=train_ds, validation=val_ds, stats=stats, format=fmt, cache_path=None, cache_hit=False)
+
+
+def _nothing_to_train(tok, seq_len: int, source: str) -> UserError:
+    """Why no training example is left, with the numbers: how many were cut before their response,
+    how long their prompts are, and the seq_len (a power of two) that keeps at least 95 % of them."""
+    from engine.preset import TrainingSettings
+
+    prompts = sorted(tok.removed_prompts)
+    n = len(prompts)
+    others = []
+    if tok.removed_empty > n:
+        others.append(f"{tok.removed_empty - n:,} with nothing to train at any length")
+    if tok.skipped_bad:
+        others.append(f"{tok.skipped_bad:,} skipped as bad records")
+    if not prompts:
+        why = f" ({' and '.join(others)})" if others else ""
+        return UserError(f"{source}: no training example has anything to train{why}",
+                         "check the records and data.format")
+    lo, hi = prompts[0], prompts[-1]
+    span = f"{lo:,} tokens" if lo == hi else f"{lo:,} to {hi:,} tokens"
+    if others:
+        what = (f"{n:,} training example{'s are' if n > 1 else ' is'} cut before the response (prompts are "
+                f"{span}), and {' and '.join(others)}")
+    elif n == 1:
+        what = f"the one training example is cut before its response (its prompt is {span})"
+    else:
+        what = f"all {n:,} training examples are cut before their response (prompts are {span})"
+    # An example whose first trained token comes after p tokens is kept from a seq_len of p + 1.
+    bounds = {k: getattr(m, k) for m in TrainingSettings.model_fields["seq_len"].metadata for k in ("ge", "le")
+              if hasattr(m, k)}
+    need = prompts[math.ceil(0.95 * n) - 1] + 1
+    suggest = min(bounds["le"], max(bounds["ge"], 1 << (need - 1).bit_length()))
+    kept = bisect.bisect_left(prompts, suggest)
+    keeps = "all of them" if kept == n else f"{100 * kept // n} % of them"
+    return UserError(f"{source}: no example has anything left to train at seq_len {seq_len}: {what}",
+                     f"a training.seq_len of {suggest:,} keeps {keeps}")
 
 
 def held_out_examples(settings: DataSettings, seed: int, n: int) -> tuple[str, list[dict], bool]:

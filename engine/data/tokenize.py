@@ -10,6 +10,7 @@ flattening collator masks each example's first label), so an example contributes
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +73,13 @@ def tokenizer_fingerprint(tokenizer) -> dict:
             backend_hash = hashlib.sha256(backend.to_str().encode()).hexdigest()
         except Exception:  # noqa: BLE001 - a backend that cannot serialize: fall back to the rest
             backend_hash = None
+    name = str(getattr(tokenizer, "name_or_path", ""))
+    if name and os.path.isdir(name):
+        # The wizard may name a model folder relative to where it runs; the run's preset names it
+        # absolutely. The same folder is the same tokenizer: one cache entry for both.
+        name = os.path.realpath(name)
     return {
-        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "name_or_path": name,
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "chat_template": template if isinstance(template, str) else repr(template),
@@ -131,6 +137,9 @@ class Tokenized:
     truncated: int = 0
     removed_empty: int = 0
     skipped_bad: int = 0
+    removed_prompts: list = field(default_factory=list)
+    """Of the examples removed because truncation left nothing to train: the tokens in front of their
+    first trained token, each (the example is kept from a seq_len of that plus one)."""
 
     def tokens(self) -> int:
         """Real tokens."""
@@ -169,11 +178,15 @@ def tokenize_examples(examples: list, fmt: RecordFormat, tokenizer, seq_len: int
                 ids, flags = np.concatenate([ids, [eos]]), np.concatenate([flags, [True]])
             ids = ids.astype(np.int32)
             labels = ids.copy() if train_on_inputs else np.where(flags, ids, -100).astype(np.int32)
+            whole = labels
             if len(ids) > seq_len:
                 ids, labels = ids[:seq_len], labels[:seq_len]
                 result.truncated += 1
             if not (labels[1:] != -100).any():
                 result.removed_empty += 1
+                trained_at = np.flatnonzero(whole[1:] != -100)
+                if len(trained_at):  # cut before its response (else: nothing to train at any length)
+                    result.removed_prompts.append(int(trained_at[0]) + 1)
                 continue
             result.input_ids.append(ids)
             result.labels.append(labels)
