@@ -238,7 +238,7 @@ def _launcher_and_ranks_gone(run_dir: Path) -> bool:
     from engine.distributed import rank_alive
     from engine.runs import is_running
 
-    return not is_running(run_dir) and not any(rank_alive(r) for r in read_ranks(run_dir))
+    return not is_running(run_dir) and not any(rank_alive(r, run_dir) for r in read_ranks(run_dir))
 
 
 def test_stop_reaches_every_rank_and_resume_continues_with_the_same_world(tmp_path, demo_cache):

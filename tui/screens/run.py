@@ -30,6 +30,7 @@ from textual.timer import Timer
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from engine.curves import diagnose_history
+from engine.errors import UserError
 from engine.events import EventTail, RunHistory, extend_history, finite, fold_history
 from engine.runs import run_log_path
 from tui.console import describe
@@ -391,7 +392,12 @@ class RunScreen(Screen[None]):
         def answered(stop: bool | None) -> None:
             if not stop:
                 return
-            if self._stop(self.run_dir):
+            try:
+                sent = self._stop(self.run_dir)
+            except UserError as exc:  # a damaged process record: nobody was signalled, and it says so
+                self.notify(exc.one_line(), severity="error", timeout=15)
+                return
+            if sent:
                 self.stopping = True
                 self.notify("asked the run to save a checkpoint and stop")
                 self._show()
