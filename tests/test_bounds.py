@@ -5,6 +5,7 @@ run directory exists or a model object is built."""
 from __future__ import annotations
 
 import json
+import uuid
 import math
 import time
 from pathlib import Path
@@ -332,6 +333,8 @@ def test_start_run_tokenizes_once_under_the_key_the_training_process_uses(tmp_pa
     with open(work / "d.jsonl", "a", encoding="utf-8") as fh:  # short ones that fit
         for i in range(20):
             fh.write(json.dumps({"instruction": f"Say {i}.", "output": f"{i}"}) + "\n")
+        # Data no earlier session tokenized, so the cache entry is this test's own (a reused cache too).
+        fh.write(json.dumps({"instruction": f"Say {uuid.uuid4().hex}.", "output": "ok"}) + "\n")
     preset = preset_from_dict({
         "model": {"source": "builtin:tiny-llama"},
         "data": {"train": "d.jsonl", "validation_split": 0.1},  # relative, as a person types it
