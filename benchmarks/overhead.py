@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine.runs import pid_alive  # noqa: E402
+from engine.proc import pid_alive  # noqa: E402
 ENDED = ("finished", "failed", "crashed", "stopped")
 TICK_S = 0.2
 
