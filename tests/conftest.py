@@ -44,6 +44,27 @@ def demo_cache(_isolated_cache) -> Path:
     return Path(os.environ["QLORA_WIZARD_CACHE"])
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_cache) -> Path:
+    """One short real demo run (30 steps, validated every 10, its adapter saved), trained once per session.
+    Read-only: a module that writes into a run (eval, card, try) takes a copy (``copied_run``)."""
+    tmp = tmp_path_factory.mktemp("demo-run")
+    preset = write_preset(tmp, training__max_steps=30, training__eval_steps=10, training__save_steps=30)
+    run_dir = tmp / "run"
+    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run_dir
+
+
+def copied_run(run_dir: Path, into: Path) -> Path:
+    """A copy of a finished run to write into (the run directory's name kept)."""
+    import shutil
+
+    target = into / run_dir.name
+    shutil.copytree(run_dir, target, symlinks=True)
+    return target
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:
     """Run `qlora-wizard ARGS` in a fresh interpreter, as a person would, and capture its output."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli, write_preset
+from conftest import ROOT, copied_run, run_cli, write_preset
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +25,10 @@ REVERSE = "Reverse the letters of the word.\n\nfree"
 
 
 @pytest.fixture(scope="module")
-def after_run(tmp_path_factory) -> Path:
-    """One short demo run with validation, finished; it also logs to TensorBoard when that is installed."""
-    tmp = tmp_path_factory.mktemp("after")
-    preset = write_preset(tmp, training__max_steps=30, training__eval_steps=10, training__save_steps=30)
-    run_dir = tmp / "run"
-    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return run_dir
+def after_run(demo_run, tmp_path_factory) -> Path:
+    """The session's short demo run with validation (it also logged to TensorBoard when that is
+    installed), copied: this module writes into it (eval, card, curves)."""
+    return copied_run(demo_run, tmp_path_factory.mktemp("after"))
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ run directory exists or a model object is built."""
 from __future__ import annotations
 
 import json
-import uuid
 import math
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import run_cli, write_preset
 from engine.config_check import check_config_sizes
@@ -306,7 +305,7 @@ def test_the_numbers_say_what_seq_len_keeps_them(tmp_path, demo_cache):
     lo, hi = (int(x.replace(",", "")) for x in
               text.split("(prompts are ")[1].split(" tokens)")[0].split(" to "))
     suggested = int(text.split("a training.seq_len of ")[1].split(" keeps")[0].replace(",", ""))
-    assert 32 <= lo < hi and f"all 40 training examples are cut before their response" in text
+    assert 32 <= lo < hi and "all 40 training examples are cut before their response" in text
     assert suggested & (suggested - 1) == 0  # a power of two
     # What the message promises holds: at the suggested seq_len at least 95 % are kept.
     kept = D.prepare_data(settings, tok, suggested, 0, cache_dir=tmp_path / "cache").stats.examples

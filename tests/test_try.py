@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
-from conftest import fake_training_process, run_cli, write_preset
+from conftest import copied_run, fake_training_process, run_cli
 from screen import flat, region_text, screen_text, wait_for, wait_until
 from tui.app import RunApp, TryApp
 from tui.screens.try_model import PromptArea, TryScreen
@@ -25,14 +24,10 @@ PROMPT = "Reverse the letters of the word.\n\nfree"
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, demo_cache) -> Path:
-    """One short real demo run, finished with its adapter."""
-    tmp = tmp_path_factory.mktemp("try")
-    preset = write_preset(tmp, training__max_steps=30, training__eval_steps=15, training__save_steps=30)
-    run_dir = tmp / "run"
-    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return run_dir
+def finished_run(demo_run, tmp_path_factory) -> Path:
+    """The session's short real demo run, finished with its adapter, copied (the try screen's eval writes
+    into it)."""
+    return copied_run(demo_run, tmp_path_factory.mktemp("try"))
 
 
 async def _loaded(pilot) -> TryScreen:
