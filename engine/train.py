@@ -163,6 +163,8 @@ class RunState:
     device_used_before: int | None = None
     """What the GPU held before this process touched it."""
     writing_adapter: bool = False
+    adapter_partial: Path | None = None
+    """The scratch folder the adapter is being written to (removed if the write is cut short)."""
     nonfinite_step: int | None = None
     last_eval_step: int | None = None
     stop_agreed: bool = False
@@ -826,7 +828,8 @@ def _clean_up_unfinished(run_dir: Path, run: RunState) -> str:
     """Remove what a cut-short write left (a part-written checkpoint or adapter) and say what is saved."""
     removed = remove_incomplete_checkpoints(run_dir)
     if run.writing_adapter:
-        shutil.rmtree(run_dir / ADAPTER_PARTIAL, ignore_errors=True)
+        if run.adapter_partial is not None:
+            shutil.rmtree(run.adapter_partial, ignore_errors=True)
         removed.append("adapter (part-written)")
     ckpt = newest_checkpoint(run_dir)
     saved_step = checkpoint_step(ckpt) if ckpt else 0
@@ -1129,23 +1132,33 @@ def _strategy_as_begun(run_dir: Path) -> str | None:
     return None
 
 
-ADAPTER_PARTIAL = f".{ADAPTER_DIR}.partial"
-"""Where the adapter is written before it is renamed into place: ``adapter/`` is always whole."""
+FSDP_ADAPTER_PARTIAL = f".{ADAPTER_DIR}.fsdp.partial"
+"""Where rank 0 writes the adapter under FSDP, where every rank names the folder of the collective save:
+the one scratch name that is fixed (inside the run's own directory; a link planted there is removed,
+never written through). Everywhere else the scratch folder is an ``mkdtemp`` one beside ``adapter/``."""
 
 
 def _write_adapter(run_dir: Path, model, tokenizer, run: RunState, fsdp_trainer=None) -> Path | None:
-    """Save the LoRA adapter (PEFT format) and the tokenizer to ``adapter/``, whole or not at all.
+    """Save the LoRA adapter (PEFT format) and the tokenizer to ``adapter/``, whole or not at all: written
+    into a scratch folder beside it and renamed into place.
 
     An ``adapter/`` already there (a run whose target was raised keeps its earlier one as
     ``adapter-step-N/``; anything else is renamed aside with the time) is never overwritten.
     Several processes: rank 0 writes it (DDP ranks hold equal adapters); under FSDP every rank takes
     part in gathering the full adapter (``fsdp_trainer``) and rank 0 writes. None on other ranks."""
-    final, partial = run_dir / ADAPTER_DIR, run_dir / ADAPTER_PARTIAL
+    import tempfile
+
+    final = run_dir / ADAPTER_DIR
     main = run.rank.is_main
-    if main:
-        if partial.is_symlink():
-            partial.unlink()  # the run's own scratch name inside its own folder: never written through a link
-        shutil.rmtree(partial, ignore_errors=True)
+    if fsdp_trainer is not None:
+        partial = run_dir / FSDP_ADAPTER_PARTIAL
+        if main:
+            if partial.is_symlink():
+                partial.unlink()
+            shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", suffix=".partial", dir=run_dir)) if main else None
+    run.adapter_partial = partial if main else None
     run.writing_adapter = main
     if fsdp_trainer is not None:
         fsdp_trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -1159,7 +1172,7 @@ def _write_adapter(run_dir: Path, model, tokenizer, run: RunState, fsdp_trainer=
     if final.exists():
         final.rename(run_dir / f"{ADAPTER_DIR}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     partial.rename(final)
-    run.writing_adapter = False
+    run.writing_adapter, run.adapter_partial = False, None
     return final
 
 

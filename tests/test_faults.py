@@ -739,3 +739,4 @@ def test_run_files_follow_the_umask(finished, stopped):
     loose = [str(p) for p in private.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o077]
     assert not loose, loose
     assert (private / "adapter").is_dir() and list((private / "checkpoints").iterdir())
+    assert not list(private.glob(".*")), "no scratch folder or temporary file is left in a finished run"
