@@ -43,14 +43,9 @@ def test_a_preset_can_ask_for_transformers_loss_instead(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """One short real demo run, shared by the tests that only read what it left."""
-    tmp = tmp_path_factory.mktemp("finished")
-    preset = write_preset(tmp, training__max_steps=40, training__eval_steps=10, training__save_steps=20)
-    run_dir = tmp / "run"
-    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return run_dir
+def finished_run(demo_run) -> Path:
+    """The session's short real demo run (30 steps, validated every 10), read and never written here."""
+    return demo_run
 
 
 def test_headless_run_finishes_with_exit_0_and_plain_lines(finished_run):
@@ -61,14 +56,14 @@ def test_headless_run_finishes_with_exit_0_and_plain_lines(finished_run):
     assert kinds[0] == "start" and kinds[-1] == "end"
     assert events[-1]["status"] == "finished"
     steps = [e["step"] for e in events if e["kind"] == "step"]
-    assert steps == list(range(1, 41))
+    assert steps == list(range(1, 31))
 
 
 def test_step_events_carry_what_the_screens_show(finished_run):
     step = next(e for e in events_of(finished_run) if e["kind"] == "step")
     for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mem_rss"):
         assert key in step, key
-    assert step["total_steps"] == 40 and step["tokens_per_s"] > 0
+    assert step["total_steps"] == 30 and step["tokens_per_s"] > 0
 
 
 def test_start_event_has_settings_data_estimate_and_device(finished_run):
