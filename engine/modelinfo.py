@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config_check import check_config_sizes
+from engine.config_check import check_config_sizes
 from .errors import NeedsRemoteCode, UserError, first_line
 
 

@@ -40,7 +40,7 @@ from engine.errors import UserError, os_error
 from engine.events import EVENTS_FILE, fold_history, json_safe, read_events
 from engine.files import open_append
 from engine.preset import Preset, atomic_write_text, load_preset, preset_from_dict
-from engine.proc import DamagedRecord, process_start_time, send_signal, verified_quietly
+from engine.proc import DamagedRecord, process_start_time, send_signal, verified, verified_quietly
 
 PRESET_FILE = "preset.yaml"
 PROCESS_FILE = "process.json"
@@ -627,8 +627,6 @@ def stop_run(run_dir: str | os.PathLike, sig: int = signal.SIGTERM) -> bool:
     where = str(run_dir / PROCESS_FILE)
     ranks = read_ranks(run_dir, strict=True) if rec.get("launch") else []
     # Every record is checked before anyone is signalled: one damaged entry stops them all.
-    from engine.proc import verified
-
     launcher_alive = verified(rec.get("pid"), rec.get("start_time"), run_dir, where)
     live = [r for r in ranks if verified(r.pid, r.start_time, run_dir, f"{run_dir / RANKS_FILE} (rank {r.rank})")]
     signalled = False
