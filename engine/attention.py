@@ -53,12 +53,22 @@ def describe_kernel(name: str | None) -> str:
 
 def _bounds(kwargs: dict, query) -> list[int] | None:
     """The example boundaries of a packed row as ints: from the collator's ints, else from
-    ``cu_seq_lens_q`` (a read-back from the device, which the engine's collator avoids)."""
+    ``cu_seq_lens_q``, else from where the position ids restart (read-backs from the device, which
+    the engine's collator avoids; the last is for families whose decoder layers pass the attention
+    only its position ids, StableLM's)."""
     bounds = kwargs.get(PACKED_BOUNDS_KEY)
     if bounds is not None:
         return list(bounds)
     cu = kwargs.get("cu_seq_lens_q")
-    return None if cu is None else cu.tolist()
+    if cu is not None:
+        return cu.tolist()
+    pos = kwargs.get("position_ids")
+    if pos is None or pos.dim() != 2 or pos.shape[0] != 1 or pos.shape[1] != query.shape[2]:
+        return None
+    starts = (pos[0] == 0).nonzero().squeeze(1).tolist()
+    if not starts or starts[0] != 0 or len(starts) == 1:
+        return None  # one example (or positions that do not start at 0): plain causal attention
+    return starts + [pos.shape[1]]
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,

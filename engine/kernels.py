@@ -1,8 +1,8 @@
 """Liger Kernel on CUDA: fused RMSNorm, RoPE and SwiGLU in the blocks, fused linear cross-entropy at
 the loss (the logits never exist whole), where the package is installed (the ``gpu`` extra).
 
-Liger is Triton code: it runs on CUDA GPUs only. Everywhere else (the CPU, architectures outside
-``LIGER_MODEL_TYPES``, ``training.fused_kernels: off``) the engine keeps its own chunked loss
+Liger is Triton code: it runs on CUDA GPUs only. Everywhere else (the CPU, architectures whose
+profile has no Liger patch, ``engine.arch``, ``training.fused_kernels: off``) the engine keeps its own chunked loss
 (``engine.loss``) and transformers' blocks. The memory model follows whichever runs
 (``MemorySettings.liger``).
 
@@ -17,12 +17,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2"})
-"""Architectures with a Liger patch (``MODEL_TYPE_TO_APPLY_LIGER_FN`` in liger-kernel 0.8) whose
-causal-LM loss the engine computes itself (``engine.loss.CHUNKED_LOSS_MODEL_TYPES``): RMSNorm,
-rotary embeddings, a gated MLP and a plain output head. Gemma-2/3 soft-cap their logits and phi-2
-uses LayerNorm and GELU: they keep transformers' blocks and the engine's loss."""
-
 
 @functools.lru_cache(maxsize=1)
 def liger_installed() -> bool:
@@ -34,8 +28,12 @@ def liger_installed() -> bool:
 
 
 def liger_supported(model_type: str | None) -> bool:
-    """Whether the engine applies Liger to this architecture."""
-    return (model_type or "") in LIGER_MODEL_TYPES
+    """Whether the engine applies Liger to this architecture: its profile (``engine.arch``) has a
+    Liger patch and the engine computes its loss (Liger's fused linear cross-entropy is that loss)."""
+    from engine.arch import profile
+
+    p = profile(model_type)
+    return p.liger and p.own_loss
 
 
 def liger_decision(setting: str, device: str, model_type: str | None, *, own_loss: bool = True,
@@ -72,18 +70,26 @@ def liger_decision(setting: str, device: str, model_type: str | None, *, own_los
 
 def apply_liger(model) -> None:
     """Patch the loaded (not yet LoRA-wrapped) model's norms, rotary embeddings and MLPs in place."""
-    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    from engine.errors import UserError
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise UserError(f"the installed liger-kernel has no patch for {model_type}",
+                        "upgrade it (pip install -U 'qlora-wizard[gpu]'), or set training.fused_kernels: off")
 
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=False)
 
 
-def fused_linear_loss(hidden, head, targets):
+def fused_linear_loss(hidden, head, targets, softcap: float | None = None):
     """Summed cross-entropy of ``head(hidden)`` against ``targets`` without materializing the logits
-    (Liger's fused linear cross-entropy, chunked inside the kernel). ``head`` is the model's plain
-    output Linear; its weight is frozen, as in every LoRA run."""
+    (Liger's fused linear cross-entropy, chunked inside the kernel), the logits soft-capped first
+    where ``softcap`` is set (Gemma 2). ``head`` is the model's plain output Linear; its weight is
+    frozen, as in every LoRA run."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     weight = head.weight
     return liger_fused_linear_cross_entropy(hidden.to(weight.dtype), weight, targets,
-                                            bias=getattr(head, "bias", None), reduction="sum")
+                                            bias=getattr(head, "bias", None), reduction="sum", softcap=softcap)

@@ -13,35 +13,58 @@ The sum is the one transformers computes (cross-entropy of the shifted labels, d
 Trainer's count of trained tokens across the accumulated micro batches, or their mean); only the
 order of the additions differs.
 
-Used for the architectures in ``CHUNKED_LOSS_MODEL_TYPES``, whose causal-LM forward is exactly
-decoder -> ``lm_head`` -> that loss (no logit scaling or soft-capping, no auxiliary loss); any
-other model keeps its own forward. Importing this module does not import torch.
+Used for the architectures whose profile says so (``engine.arch``: ``Profile.own_loss``), whose
+causal-LM forward is decoder -> ``lm_head`` -> (a soft-cap or a constant scale of the logits, which
+the loss applies to each chunk as the forward does) -> that loss; any other model keeps its own
+forward. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 LOSS_CHUNK_TOKENS = 1024
 """Positions whose logits exist at once. 1,024 keeps the loss of a 128k-vocabulary model at
 1.5 GiB whatever the micro batch; smaller chunks save little more and cost more time (measured:
 256 saves another 1.1 GiB at 8,192 tokens for 1.05-1.2x the head's time on the CPU)."""
 
-CHUNKED_LOSS_MODEL_TYPES = frozenset({
-    "gemma", "llama", "mistral", "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen3", "stablelm", "starcoder2",
-})
-"""``config.model_type`` values whose ``ForCausalLM.forward`` is decoder, ``lm_head``, causal-LM
-loss and nothing else (checked against transformers 5's modeling files). Gemma-2/3 soft-cap their
-logits, Cohere and Granite scale them, mixture-of-experts models add a router loss: those keep
-transformers' own forward."""
-
 IGNORE_INDEX = -100
 
 
 def chunked_loss_applies(model_type: str | None) -> bool:
     """Whether the engine computes this architecture's loss itself (and the memory estimate
-    counts one chunk's logits instead of the whole micro batch's)."""
-    return (model_type or "") in CHUNKED_LOSS_MODEL_TYPES
+    counts one chunk's logits instead of the whole micro batch's): its profile says so."""
+    from engine.arch import own_loss_applies
+
+    return own_loss_applies(model_type)
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What the model's forward does to the head's output before its loss: logits x ``scale``, then
+    ``softcap`` x tanh(logits / ``softcap``) where set. The identity where neither is."""
+
+    softcap: float | None = None
+    scale: float = 1.0
+
+    def __call__(self, logits):
+        import torch
+
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_transform(model) -> LogitTransform:
+    """The logit transform of a causal LM (through a peft wrapper), from its profile and config."""
+    from engine.arch import profile
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fix = profile(getattr(base.config, "model_type", None)).logits
+    return LogitTransform(softcap=fix.softcap(base), scale=fix.scale(base))
 
 
 def _shifted(labels, shift_labels):
@@ -62,7 +85,8 @@ def trained_positions(labels=None, shift_labels=None):
 
 
 def causal_lm_loss(hidden, head, labels=None, *, shift_labels=None, num_items_in_batch=None,
-                   chunk: int = LOSS_CHUNK_TOKENS, positions=None, fused: bool = False):
+                   chunk: int = LOSS_CHUNK_TOKENS, positions=None, fused: bool = False,
+                   transform: LogitTransform | None = None):
     """The causal-LM loss of ``hidden`` (batch x positions x hidden size) through ``head``.
 
     ``labels`` are the input ids with ``-100`` where nothing is trained (shifted here, as
@@ -70,6 +94,7 @@ def causal_lm_loss(hidden, head, labels=None, *, shift_labels=None, num_items_in
     divided by it (the Trainer's count over the accumulated micro batches); without it, the mean.
     ``positions``: the trained positions (``trained_positions``), found from the labels when not
     given. ``fused``: Liger's fused linear cross-entropy instead of chunks (CUDA, ``engine.kernels``).
+    ``transform``: what the model's forward does to its logits (``logit_transform``); none when not given.
     """
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -79,13 +104,17 @@ def causal_lm_loss(hidden, head, labels=None, *, shift_labels=None, num_items_in
         keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
     else:
         keep = positions.to(hidden.device)
+    transform = transform or LogitTransform()
     flat = hidden.reshape(-1, hidden.shape[-1])
     if keep.numel() == 0:
         total = flat.sum() * 0.0  # nothing trained in this micro batch; keeps the graph connected
     elif fused:
         from engine.kernels import fused_linear_loss
 
-        total = fused_linear_loss(flat.index_select(0, keep), head, targets.index_select(0, keep))
+        picked = flat.index_select(0, keep)
+        if transform.scale != 1.0:  # head(h) x s = head(h x s): the head has no bias where a scale is set
+            picked = picked * transform.scale
+        total = fused_linear_loss(picked, head, targets.index_select(0, keep), softcap=transform.softcap)
     else:
         picked = flat.index_select(0, keep)
         picked_targets = targets.index_select(0, keep)
@@ -93,8 +122,8 @@ def causal_lm_loss(hidden, head, labels=None, *, shift_labels=None, num_items_in
         total = None
         for start in range(0, picked.shape[0], chunk):
             h, t = picked[start:start + chunk], picked_targets[start:start + chunk]
-            part = (checkpoint(_chunk_loss, head, h, t, use_reentrant=False) if many
-                    else _chunk_loss(head, h, t))
+            part = (checkpoint(_chunk_loss, head, h, t, transform, use_reentrant=False) if many
+                    else _chunk_loss(head, h, t, transform))
             total = part if total is None else total + part
     if num_items_in_batch is None:
         return total / max(1, keep.numel())
@@ -103,20 +132,23 @@ def causal_lm_loss(hidden, head, labels=None, *, shift_labels=None, num_items_in
     return total / num_items_in_batch
 
 
-def _chunk_loss(head, hidden, targets):
-    """Summed cross-entropy of one chunk, its logits upcast to fp32 as transformers does."""
+def _chunk_loss(head, hidden, targets, transform: LogitTransform):
+    """Summed cross-entropy of one chunk, its logits transformed as the model's forward does (in the
+    compute dtype, as there) and upcast to fp32 as transformers' loss does."""
     import torch.nn.functional as F
 
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(transform(head(hidden)).float(), targets, reduction="sum")
 
 
 def decoder_and_head(model):
     """The decoder (its output: the final hidden states) and the output head of a causal LM,
-    through a peft wrapper if there is one; (None, None) when the model is not one of
-    ``CHUNKED_LOSS_MODEL_TYPES``."""
+    through a peft wrapper if there is one; (None, None) when the engine does not compute its loss
+    (its profile, ``engine.arch``, says so, or a mixture of experts has its router loss on)."""
+    from engine.arch import profile
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    if not chunked_loss_applies(getattr(config, "model_type", None)):
+    if not profile(getattr(config, "model_type", None)).uses_own_loss(config):
         return None, None
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     if decoder is None or head is None or decoder is base:
@@ -125,22 +157,47 @@ def decoder_and_head(model):
 
 
 @contextmanager
-def head_passes_hidden_states(head):
+def head_passes_hidden_states(head, model=None):
     """While inside, the output head returns its input: a causal LM's own forward then gives its
     final hidden states as ``logits`` and the loss applies the head itself, a chunk at a time.
+    ``model`` (the causal LM, unwrapped): its forward's soft-cap and logit scale are switched off
+    too, so the hidden states come through untouched (the loss applies them, ``logit_transform``).
 
-    For a model wrapped by DDP, whose forward must run (it prepares the gradients' all-reduce; a
-    decoder called around it trains each rank on its own share, unsynchronised)."""
+    For a model wrapped by DDP or FSDP, whose forward must run (DDP's prepares the gradients'
+    all-reduce; FSDP's gathers the sharded weights; a decoder called around either trains each rank
+    on its own share, unsynchronised, or on shards)."""
     had = "forward" in head.__dict__  # a hook (accelerate's) may have replaced it on the instance
     old = head.__dict__.get("forward")
     head.forward = _identity
+    restore = _logits_untouched(model) if model is not None else []
     try:
         yield head
     finally:
+        for holder, name, value in restore:
+            setattr(holder, name, value)
         if had:
             head.forward = old
         else:
             del head.forward
+
+
+def _logits_untouched(model) -> list:
+    """Switch off the forward's soft-cap and logit scale on ``model``; what to set back, as
+    (object, attribute, value) triples."""
+    from engine.arch import profile
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fix = profile(getattr(base.config, "model_type", None)).logits
+    restore = []
+    if fix.softcap_attr and getattr(base.config, fix.softcap_attr, None) is not None:
+        restore.append((base.config, fix.softcap_attr, getattr(base.config, fix.softcap_attr)))
+        setattr(base.config, fix.softcap_attr, None)
+    if fix.scale_attr:
+        holder = base if fix.scale_on_model else base.config
+        if getattr(holder, fix.scale_attr, None) is not None:
+            restore.append((holder, fix.scale_attr, getattr(holder, fix.scale_attr)))
+            setattr(holder, fix.scale_attr, 1.0)
+    return restore
 
 
 def _identity(hidden):

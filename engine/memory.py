@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from engine.arch import LAYER_ROLES, RMSNORM_BLOCK, profile, unknown_note
 from engine.attention import PACKED_KERNELS
 from engine.errors import UserError
 from engine.modelinfo import ModelInfo, TargetLayer
@@ -190,55 +191,10 @@ two all-gathers be in flight). From torch's FSDP source; not measured."""
 INFERENCE_RULE_FACTOR = 1.2
 """The guide's rule for inference: memory = size on disk x 1.2 (LLaMA 7B: 13.5 GB -> 16.2 GB)."""
 
-# Layer names by role inside a decoder block, for deciding which saved tensors LoRA adds.
-# Names that are not here are counted conservatively (their own input, per module).
-_ATTN_IN = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv",
-                      "query", "key", "value", "q", "k", "v"})
-_ATTN_OUT = frozenset({"o_proj", "out_proj", "dense", "wo"})
-_MLP_IN = frozenset({"gate_proj", "up_proj", "gate_up_proj", "fc1", "fc_in", "c_fc", "w1", "w3",
-                     "dense_h_to_4h"})
-_MLP_OUT = frozenset({"down_proj", "fc2", "fc_out", "w2", "dense_4h_to_h"})
-
-
-@dataclass(frozen=True)
-class _Block:
-    """How a decoder block of one architecture stores activations, beyond its widths."""
-
-    layernorm: bool
-    """LayerNorm, which autocast runs in fp32 and which returns fp32; bitsandbytes' 4-bit layers then
-    return fp32 too (``Linear4bit`` casts its output back to the input's dtype), so the block's
-    projections and MLP activations are fp32. RMSNorm returns the input's dtype."""
-    norms: int
-    """Norms per layer (1 where attention and MLP run in parallel off one norm)."""
-    act_saves: int
-    """Tensors of width I a non-gated MLP's activation saves: 4 for transformers' python
-    ``NewGELUActivation`` (``gelu_new``: its input, tanh, 1 + tanh, 0.5 x input), 1 for a fused GELU."""
-    dropout_masks: int
-    """Residual dropouts of width h active in training (each keeps a 1-byte mask)."""
-
-
-_RMSNORM_BLOCK = _Block(layernorm=False, norms=2, act_saves=1, dropout_masks=0)
-"""Llama, Mistral, Qwen2, Gemma and the like: two RMSNorms, gated MLP, no dropout."""
-
-_BLOCKS = {
-    # PhiDecoderLayer: one LayerNorm, attention and MLP in parallel, gelu_new, resid_dropout applied
-    # twice (phi-2: resid_pdrop 0.1). Checked on an H100: allocated peak within 2 %.
-    "phi": _Block(layernorm=True, norms=1, act_saves=4, dropout_masks=2),
-    # The three below follow the same source reading, without a measurement of their own.
-    # GPT2Block: ln_1 and ln_2, gelu_new, resid_pdrop 0.1 on the attention and the MLP output.
-    "gpt2": _Block(layernorm=True, norms=2, act_saves=4, dropout_masks=2),
-    # GPTJBlock: one ln_1, parallel attention and MLP, gelu_new, pdrops 0.0 in GPT-J-6B.
-    "gptj": _Block(layernorm=True, norms=1, act_saves=4, dropout_masks=0),
-    # FalconDecoderLayer (falcon-7b: parallel_attn, one input_layernorm), nn.GELU, dropouts 0.0.
-    "falcon": _Block(layernorm=True, norms=1, act_saves=1, dropout_masks=0),
-}
-"""Architectures whose blocks differ from the RMSNorm default, by ``model_type``."""
-
-
 def _fp32_flow(info: ModelInfo, s: "MemorySettings") -> bool:
     """Whether the block's activations and residual stream are fp32: a LayerNorm architecture under
     autocast with bitsandbytes layers (which return their input's dtype)."""
-    return _BLOCKS.get(info.model_type, _RMSNORM_BLOCK).layernorm and s.autocast and s.quantization != "none"
+    return profile(info.model_type).block.layernorm and s.autocast and s.quantization != "none"
 
 
 def _choice(name: str, value, allowed: tuple) -> None:
@@ -571,7 +527,7 @@ def _widths(info: ModelInfo) -> _Widths:
 def layer_role(name: str) -> str | None:
     """Which input a layer name reads inside a block (``attn_in``, ``attn_out``, ``mlp_in``,
     ``mlp_out``), or None when the name is not a known one."""
-    for role, names in (("attn_in", _ATTN_IN), ("attn_out", _ATTN_OUT), ("mlp_in", _MLP_IN), ("mlp_out", _MLP_OUT)):
+    for role, names in LAYER_ROLES.items():
         if name in names:
             return role
     return None
@@ -595,7 +551,7 @@ def layer_saved_bytes(info: ModelInfo, s: MemorySettings, layers: tuple[TargetLa
     with a mask saves that mask in the compute dtype per layer (c x row²); eager attention saves
     the softmax in fp32 and its compute-dtype copy ((4 + c) x heads x row²). LayerNorm
     architectures (phi, GPT-2, GPT-J, Falcon) keep their projections and MLP activations in fp32
-    under autocast (see ``_Block``).
+    under autocast (see ``engine.arch.Block``).
     """
     w = _widths(info)
     c = DTYPE_BYTES[s.compute_dtype]
@@ -604,9 +560,9 @@ def layer_saved_bytes(info: ModelInfo, s: MemorySettings, layers: tuple[TargetLa
     L = max(1, info.num_hidden_layers)
     h, q, kv, inter = w.hidden, w.q, w.kv, w.intermediate * w.mlp_factor
 
-    block = _BLOCKS.get(info.model_type, _RMSNORM_BLOCK)
+    block = profile(info.model_type).block
     attn = s.attn_implementation
-    # dtype of the block's projections and MLP activations (fp32 after a LayerNorm, see _Block)
+    # dtype of the block's projections and MLP activations (fp32 after a LayerNorm, see engine.arch.Block)
     fp32_flow = _fp32_flow(info, s)
     m = 4 if fp32_flow else c
 
@@ -614,6 +570,8 @@ def layer_saved_bytes(info: ModelInfo, s: MemorySettings, layers: tuple[TargetLa
         per_token = block.norms * (c * h + 4)  # Liger's RMSNorm saves its input as it is, and fp32 rstd
     else:
         per_token = block.norms * (NORM_FP32_BYTES * h + 8)  # fp32 copy of the input + fp32 mean/rstd
+    if block.qk_norms:
+        per_token += NORM_FP32_BYTES * (w.q + w.kv)  # RMSNorm over the queries and keys: fp32 copies of q and k
     per_token += block.dropout_masks * h  # residual dropout masks, 1 byte each
     if attn == "eager" or _sdpa_with_mask(s):
         k_and_v = 2 * c * q  # repeat_kv copies k and v to every head
@@ -834,7 +792,10 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
     if info.vision:
         notes.append(f"vision-language model ({info.architecture}): the estimate is for text-only training; the "
                      "vision tower's weights are counted, images and their activations are not modelled")
-    if not _widths(info).gated and info.model_type not in _BLOCKS:
+    unknown = unknown_note(info.model_type)
+    if unknown:
+        notes.append(unknown)
+    elif not _widths(info).gated and profile(info.model_type).block is RMSNORM_BLOCK:
         notes.append(f"{info.model_type}: a non-gated MLP this estimate has no measurements for; its "
                      "activations are approximate (GELU variants save different intermediates)")
     if s.quantization != "none" and c == 4:

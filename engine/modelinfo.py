@@ -162,10 +162,6 @@ _DTYPE_BYTES = {
     "float32": 4, "float": 4, "float64": 8, "double": 8, "float16": 2, "half": 2, "bfloat16": 2,
     "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1,
 }
-_FAMILY_ALIASES = {
-    "refinedwebmodel": "falcon", "refinedweb": "falcon", "gpt-j": "gptj", "gpt_j": "gptj",
-    "llama4_text": "llama4", "gemma3_text": "gemma3", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
-}
 _EXAMPLE = "a local model directory, its config.json, or a Hub id such as meta-llama/Llama-3.1-8B"
 
 
@@ -1012,8 +1008,9 @@ def _dtype_name(config: Any, raw: dict) -> str:
 
 
 def _family(raw_type: Any, model_type: str) -> str:
-    key = str(raw_type or model_type).lower()
-    return _FAMILY_ALIASES.get(key, key)
+    from engine.arch import family
+
+    return family(str(raw_type or model_type))
 
 
 def require_weights(info: ModelInfo) -> None:

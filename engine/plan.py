@@ -70,10 +70,6 @@ class DevicePlan:
         return self.strategy == "fsdp"
 
 
-SOFTCAPPED_ATTENTION = frozenset({"gemma2"})
-"""Model types whose attention logit softcapping SDPA cannot do: they need eager (or flash-attn)."""
-
-
 def plan_device(preset: Preset, gpus: list | None = None, model_type: str | None = None, *,
                 assumed: bool = False) -> DevicePlan:
     """Pick precision, attention and fused kernels for the first detected GPU, or the CPU when there is none.
@@ -84,10 +80,12 @@ def plan_device(preset: Preset, gpus: list | None = None, model_type: str | None
     ``assumed``: the GPU is not this machine's (an estimate made elsewhere); what the preset asks
     to install there (``fused_kernels: liger``) is taken as installed.
     """
+    from engine.arch import profile
     from engine.attention import PACKED_SDPA, VARLEN_TORCH, describe_kernel, torch_varlen_supported
     from engine.kernels import liger_decision
 
-    fallback = "eager" if model_type in SOFTCAPPED_ATTENTION else "sdpa"
+    # Soft-capped attention scores (Gemma 2): SDPA cannot do them, eager (or flash-attn) can.
+    fallback = "eager" if profile(model_type).attention_softcap else "sdpa"
     if gpus is None:
         from engine.gpu import probe_gpus
 
@@ -297,10 +295,9 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         lora_dropout=preset.lora.dropout,
         # Trainer autocasts to bf16/fp16 on a GPU; on the CPU it computes in fp32.
         autocast=device.device == "cuda",
-        # What engine.train does: the loss a chunk of positions at a time where it can.
-        # Under FSDP the loss is transformers' own (the sharded head is not the engine's to call).
-        loss_chunk=(LOSS_CHUNK_TOKENS if t.chunked_loss and chunked_loss_applies(info.model_type) and not device.fsdp
-                    else None),
+        # What engine.train does: the loss a chunk of positions at a time where it can (under DDP and
+        # FSDP too, through the wrapped model's own forward with the head handing the hidden states on).
+        loss_chunk=LOSS_CHUNK_TOKENS if t.chunked_loss and chunked_loss_applies(info.model_type) else None,
         liger=device.liger,
         # Per GPU: the strategy decides what each GPU holds (engine.memory), the world what it shares.
         strategy=device.strategy,

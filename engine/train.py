@@ -995,7 +995,8 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     # 3. The trainer.
     from transformers import Trainer
 
-    from engine.loss import causal_lm_loss, chunked_loss_applies, decoder_and_head, head_passes_hidden_states
+    from engine.loss import (causal_lm_loss, chunked_loss_applies, decoder_and_head, head_passes_hidden_states,
+                             logit_transform)
 
     own_loss = t.chunked_loss and chunked_loss_applies(info.model_type)
     callback = _make_callback(events, stop, run)
@@ -1017,24 +1018,27 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
             inputs.pop(REAL_TOKENS_KEY, None)  # evaluation batches carry it too
             positions = inputs.pop(TRAINED_POSITIONS_KEY, None)
             unwrapped = self.accelerator.unwrap_model(model)
-            decoder, head = (decoder_and_head(unwrapped) if own_loss and not device_plan.fsdp else (None, None))
+            decoder, head = decoder_and_head(unwrapped) if own_loss else (None, None)
             if decoder is None or ("labels" not in inputs and "shift_labels" not in inputs):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
+            transform = logit_transform(unwrapped)
             # The model's forward runs under the mixed-precision autocast accelerate wraps it in;
             # the decoder called directly needs the same.
             with self.accelerator.autocast():
                 if model is not unwrapped:
-                    # DDP: its own forward must run, or it never all-reduces the gradients; the head
-                    # hands the hidden states through and the loss below applies it in chunks.
-                    with head_passes_hidden_states(head):
+                    # DDP or FSDP: the wrapped model's own forward must run (DDP's prepares the
+                    # gradients' all-reduce, FSDP's gathers the shards); the head hands the hidden
+                    # states through (FSDP keeps the root unit's weights, the head's among them,
+                    # gathered until the backward) and the loss below applies it in chunks.
+                    with head_passes_hidden_states(head, unwrapped):
                         hidden = model(**inputs).logits
                 else:
                     hidden = decoder(**inputs).last_hidden_state
                 loss = causal_lm_loss(hidden, head, labels, shift_labels=shift_labels,
                                       num_items_in_batch=num_items_in_batch, positions=positions,
-                                      fused=device_plan.liger)
+                                      fused=device_plan.liger, transform=transform)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # The Trainer counts the trained tokens of all ranks (num_items_in_batch is their sum)
                 # and DDP averages the ranks' gradients: scale back by the ranks, as its own loss does.

@@ -122,20 +122,30 @@ def test_a_micro_batch_with_nothing_trained_gives_zero_and_zero_gradients(demo_b
     assert all(float(g.abs().max()) == 0.0 for g in _grads(model).values())
 
 
-def test_architectures_that_change_their_logits_keep_their_own_forward():
-    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
+def test_only_what_the_engine_cannot_reproduce_keeps_its_own_forward():
+    """Soft-capped or scaled logits are the engine's to compute (the profile says how); a mixture of
+    experts with its router loss switched on, and a family without a profile, keep transformers'."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MixtralConfig
 
-    from engine.loss import decoder_and_head
+    from engine.loss import decoder_and_head, logit_transform
 
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, vocab_size=64, head_dim=8)
-    gemma2 = AutoModelForCausalLM.from_config(Gemma2Config(**small))  # soft-capped logits
-    assert decoder_and_head(gemma2) == (None, None)
+    gemma2 = AutoModelForCausalLM.from_config(Gemma2Config(**small, final_logit_softcapping=30.0))
+    assert decoder_and_head(gemma2) == (gemma2.model, gemma2.lm_head)
+    assert logit_transform(gemma2).softcap == 30.0
     llama = AutoModelForCausalLM.from_config(LlamaConfig(**small))
     decoder, head = decoder_and_head(llama)
     assert decoder is llama.model and head is llama.lm_head
-    assert chunked_loss_applies("llama") and chunked_loss_applies("qwen2")
-    assert not chunked_loss_applies("gemma2") and not chunked_loss_applies("mixtral")
+    assert logit_transform(llama).softcap is None and logit_transform(llama).scale == 1.0
+    moe = dict(small, num_local_experts=2, num_experts_per_tok=1)
+    assert decoder_and_head(AutoModelForCausalLM.from_config(MixtralConfig(**moe)))[0] is not None
+    routed = AutoModelForCausalLM.from_config(MixtralConfig(**moe, output_router_logits=True))
+    assert decoder_and_head(routed) == (None, None)
+    for own in ("llama", "qwen2", "gemma2", "gemma3_text", "granite", "mixtral"):
+        assert chunked_loss_applies(own), own
+    for other in ("gpt2", "falcon", "llama4_text", "some_new_family", None):
+        assert not chunked_loss_applies(other), other
 
 
 def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks():
@@ -163,10 +173,13 @@ def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks(
     assert loss("meta-llama__Llama-3.1-8B", 8192)[0] < 0.15 * LOSS_BYTES_PER_LOGIT * 8192 * llama.vocab_size
     # The preset can ask for transformers' loss; the estimate follows.
     assert loss("meta-llama__Llama-3.1-8B", 8192, chunked=False)[0] == LOSS_BYTES_PER_LOGIT * 8192 * llama.vocab_size
-    # Gemma-2 soft-caps its logits: transformers' loss, every position's logits.
+    # Gemma-2 soft-caps its logits, and the engine's loss does the same a chunk at a time.
     assert json.loads((configs / "google__gemma-2-9b" / "config.json").read_text())["final_logit_softcapping"]
     got, gemma2 = loss("google__gemma-2-9b", 8192)
-    assert got == LOSS_BYTES_PER_LOGIT * 8192 * gemma2.vocab_size
+    assert got == LOSS_BYTES_PER_LOGIT * LOSS_CHUNK_TOKENS * gemma2.vocab_size + 3 * 2 * 8192 * gemma2.hidden_size
+    # GPT-2 keeps transformers' loss: every position's logits.
+    got, gpt2 = loss("openai-community__gpt2", 1024)
+    assert got == LOSS_BYTES_PER_LOGIT * 1024 * gpt2.vocab_size
 
 
 def test_the_head_hands_the_hidden_states_through_and_is_itself_again_after():

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from engine.arch import ATTENTION_QV, FUSED_QKV
 from engine.errors import UserError
 from engine.preset import Preset, describe_validation_error
 
@@ -90,11 +91,6 @@ accumulation first and the rest on request."""
 DEMO_DRAFT = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
 """The offline demo preset, which ``make run`` opens the wizard on."""
 
-ATTENTION_QV = ("q_proj", "v_proj")
-"""The original LoRA paper's choice (Hu et al. 2021, section 7.1): query and value projections."""
-
-FUSED_QKV = ("query_key_value", "qkv_proj", "c_attn", "Wqkv", "W_pack")
-"""Fused query/key/value projections: the closest a model that has them gets to "q and v"."""
 
 
 # ---------------------------------------------------------------------------------------------
