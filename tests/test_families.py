@@ -208,3 +208,70 @@ def test_packed_rows_give_the_loss_of_padded_batches(model_type):
         ref = _engine_loss(ref_model, padded, padded_labels)
         got = _engine_loss(packed_model, packed, packed_labels)
     assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, ref.item()), (attn, got.item(), ref.item())
+
+
+FSDP_FAMILIES = ("llama", "gemma2", "granite")
+"""A plain head, a soft-capped one and a scaled one."""
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str):
+    """One rank: each family's model sharded by FSDP as the engine configures it (FULL_SHARD, one unit
+    per decoder layer, ``use_orig_params=False``), its forward run with the head handing the hidden
+    states through, the engine's loss on them; rank 0 writes the loss and the gradients' norm."""
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from engine.loss import causal_lm_loss, decoder_and_head, head_passes_hidden_states, logit_transform
+    from engine.train import FSDP_CONFIG
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    for model_type in FSDP_FAMILIES:
+        batch, labels = _padded()
+        model = _model(model_type, torch.float32, _attention(model_type, packed=False))
+        wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({type(model.model.layers[0])}),
+                       device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD,
+                       use_orig_params=FSDP_CONFIG["use_orig_params"])
+        decoder, head = decoder_and_head(model)
+        with head_passes_hidden_states(head, model):
+            hidden = wrapped(**batch).logits
+        loss = causal_lm_loss(hidden, head, labels, chunk=4, transform=logit_transform(model))
+        loss.backward()
+        norm = wrapped.clip_grad_norm_(float("inf"))  # over every rank's shard
+        results[model_type] = [loss.item(), float(norm)]
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def test_under_fsdp_the_engines_loss_runs_through_the_sharded_model_and_equals_transformers(tmp_path):
+    """FSDP keeps the engine's loss (the memory estimate counts one chunk of logits per GPU): on two
+    CPU processes the loss and the gradients' norm are transformers' on the unsharded model."""
+    import json
+    import socket
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp.json"
+    torch.multiprocessing.spawn(_fsdp_worker, args=(2, port, str(out)), nprocs=2)
+    got = json.loads(out.read_text())
+    for model_type in FSDP_FAMILIES:
+        batch, labels = _padded()
+        model = _model(model_type, torch.float32, _attention(model_type, packed=False))
+        ref = model(**batch, labels=labels).loss
+        ref.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+        loss, fsdp_norm = got[model_type]
+        assert abs(loss - ref.item()) < 1e-5 * ref.item(), (model_type, loss, ref.item())
+        assert abs(fsdp_norm - float(norm)) < 1e-4 * float(norm), (model_type, fsdp_norm, float(norm))

@@ -179,6 +179,31 @@ def test_memory_settings_carry_the_plans_strategy_and_with_world_picks_fsdp_when
     assert memory_settings(preset, llama8b, chosen).strategy == "fsdp"
 
 
+def test_fsdp_keeps_the_engines_chunked_loss_so_sharding_lowers_the_per_gpu_figure(llama8b):
+    """Under FSDP the engine's loss runs through the sharded model's forward (tests/test_families.py),
+    so the estimate counts one chunk of logits as on one GPU, not every position's (11.1 GiB per GPU
+    on two GPUs against 9.25 GiB on one when FSDP fell back to transformers' loss)."""
+    from engine.distributed import Rank
+    from engine.loss import LOSS_CHUNK_TOKENS
+    from engine.plan import assumed_gpu, memory_settings
+    from engine.preset import preset_from_dict
+
+    preset = preset_from_dict({"model": {"source": "x"}, "data": {"train": "builtin:demo"},
+                               "training": {"seq_len": 2048, "micro_batch_size": 1}})
+    plan = assumed_gpu(preset, "llama")
+    one = estimate_training_memory(llama8b, memory_settings(preset, llama8b, plan))
+    by_gpus = {}
+    for n in (2, 4, 8):
+        s = memory_settings(preset, llama8b, replace(plan, strategy="fsdp", place=Rank(world_size=n, local_world_size=n)))
+        assert s.loss_chunk == LOSS_CHUNK_TOKENS
+        est = estimate_training_memory(llama8b, s)
+        assert est.loss_peak_bytes == one.loss_peak_bytes
+        by_gpus[n] = est.total_bytes
+    # Two GPUs: half the model each, but NCCL's buffers and the gathered layers on top.
+    assert by_gpus[2] < one.total_bytes + 0.05 * GIB
+    assert by_gpus[8] < by_gpus[4] < one.total_bytes - GIB
+
+
 # --- reference models: the largest that fits --------------------------------------------------
 
 
@@ -311,7 +336,7 @@ def test_memory_view_of_a_two_gpu_draft_says_the_strategy_per_gpu(hf_configs):
     fsdp = memory_view(_draft(hf_configs, TEST_GPUS, strategy="fsdp"))
     assert fsdp.world_line.startswith("2 x Test GPU 24GB: FSDP, per GPU")
     assert "block weights" in fsdp.sharing
-    assert fsdp.estimate.loss_peak_bytes > view.estimate.loss_peak_bytes  # transformers' loss under FSDP
+    assert fsdp.estimate.loss_peak_bytes == view.estimate.loss_peak_bytes  # the engine's loss under FSDP too
 
     ddp4 = memory_view(_draft(hf_configs, FOUR_GPUS))
     fsdp4 = memory_view(_draft(hf_configs, FOUR_GPUS, strategy="fsdp"))
