@@ -12,10 +12,20 @@ TORCH_CPU := $(PIP) install -q --retries 1 'torch==2.13.0' --extra-index-url htt
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# Where there is one, the `gpu` extra too (Liger Kernel: fused norms, RoPE, MLP and linear cross-entropy,
+# the fast path training.fused_kernels: auto takes); if it cannot be installed there, training runs without it.
+NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+
 $(VENV)/.installed: pyproject.toml | $(PY)
-	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
-		echo "no NVIDIA GPU found: installing the CPU build of torch"; $(TORCH_CPU); fi
+ifeq ($(NVIDIA),yes)
+	@echo "NVIDIA GPU found: installing the gpu extra (Liger Kernel) as well"
+	$(PIP) install -q -e '.[gpu]' || { echo "liger-kernel could not be installed: training runs on the engine's own kernels"; \
+		$(PIP) install -q -e .; }
+else
+	@echo "no NVIDIA GPU found: installing the CPU build of torch"
+	@$(TORCH_CPU)
 	$(PIP) install -q -e .
+endif
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
