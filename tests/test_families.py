@@ -275,3 +275,41 @@ def test_under_fsdp_the_engines_loss_runs_through_the_sharded_model_and_equals_t
         loss, fsdp_norm = got[model_type]
         assert abs(loss - ref.item()) < 1e-5 * ref.item(), (model_type, loss, ref.item())
         assert abs(fsdp_norm - float(norm)) < 1e-4 * float(norm), (model_type, fsdp_norm, float(norm))
+
+
+def _fixture_folders() -> list[str]:
+    from conftest import FIXTURES
+
+    return sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+
+
+@pytest.mark.parametrize("folder", _fixture_folders())
+def test_the_estimate_runs_from_each_real_config_with_its_familys_loss(folder):
+    """Every vendored real config (tests/fixtures/hf-configs) has a profile, and its estimate counts one
+    chunk of logits where the engine computes the loss, every position's where it does not."""
+    from conftest import FIXTURES
+
+    from engine.loss import LOSS_CHUNK_TOKENS
+    from engine.memory import LOSS_BYTES_PER_LOGIT, estimate_training_memory
+    from engine.modelinfo import inspect_model
+    from engine.plan import memory_settings
+    from engine.preset import preset_from_dict
+
+    source = str(FIXTURES / folder)
+    info = inspect_model(source, trust_remote_code=False) if "falcon" not in folder else None
+    if info is None:
+        pytest.skip("the 2023 Falcon config needs the model's own code (tests/test_remote_code.py covers it)")
+    p = profile(info.model_type)
+    assert p.known, f"{folder}: {info.model_type} has no profile in engine/arch.py"
+    preset = preset_from_dict({"model": {"source": source}, "data": {"train": "builtin:demo"},
+                               "training": {"seq_len": 4096, "micro_batch_size": 1}})
+    s = memory_settings(preset, info)
+    est = estimate_training_memory(info, s)
+    assert est.total_bytes > info.params_total * 0.5 // 2  # at least the 4-bit weights
+    if p.uses_own_loss():
+        assert s.loss_chunk == LOSS_CHUNK_TOKENS
+        assert est.loss_peak_bytes < LOSS_BYTES_PER_LOGIT * 4096 * info.vocab_size / 2
+    else:
+        assert s.loss_chunk is None
+        assert est.loss_peak_bytes >= LOSS_BYTES_PER_LOGIT * 4096 * info.vocab_size
+    assert not any("no profile" in n for n in est.notes)
