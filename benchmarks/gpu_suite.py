@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIGS = ROOT / "tests" / "fixtures" / "hf-configs"
-SECTIONS = ("env", "bench", "profile", "memory", "distributed")
+SECTIONS = ("env", "bench", "profile", "memory", "families", "distributed")
 
 MEMORY_MATRIX = [
     # name:seq:micro batch:checkpointing:targets:rank[:key=value]: what each case covers
@@ -74,6 +74,17 @@ most telling cases come first when ``--max-minutes`` cuts the list short."""
 
 QUICK_MEMORY_MATRIX = MEMORY_MATRIX[:4]
 
+FAMILIES_MATRIX = [
+    # The families issue 22 put on the engine's loss and Liger (engine/arch.py), each with Liger on and
+    # off on the same data and seed: equal losses, the speed ratio, and the estimate against the peak.
+    "Qwen3-8B:2048:2:ckpt:all:16:liger=on", "Qwen3-8B:2048:2:ckpt:all:16:liger=off",
+    "granite-3.0-2b:2048:4:ckpt:all:16:liger=on", "granite-3.0-2b:2048:4:ckpt:all:16:liger=off",
+    "OLMo-2-7B:2048:2:ckpt:all:16:liger=on", "OLMo-2-7B:2048:2:ckpt:all:16:liger=off",
+    "gemma-2-9b:2048:1:ckpt:all:16:liger=on", "gemma-2-9b:2048:1:ckpt:all:16:liger=off",
+    "Qwen3-30B-A3B:1024:1:ckpt:qv:8",
+]
+"""Liger on the families first profiled in issue 22 (unmeasured until a GPU runs this) and one MoE."""
+
 DISTRIBUTED_MATRIX = [
     # the same case on one GPU, then DDP and FSDP on every GPU: throughput ratio and memory per rank
     "Llama-3.2-1B:2048:2:ckpt:all:16:dropout=0",
@@ -88,6 +99,8 @@ CONFIG_FOLDERS = {
     "Llama-3.2-1B": "meta-llama__Llama-3.2-1B", "Llama-3.1-8B": "meta-llama__Llama-3.1-8B",
     "Qwen2.5-0.5B": "Qwen__Qwen2.5-0.5B", "Qwen2.5-7B": "Qwen__Qwen2.5-7B",
     "Mistral-7B-v0.1": "mistralai__Mistral-7B-v0.1", "gemma-2b": "google__gemma-2b", "phi-2": "microsoft__phi-2",
+    "Qwen3-8B": "Qwen__Qwen3-8B", "granite-3.0-2b": "ibm-granite__granite-3.0-2b-base",
+    "OLMo-2-7B": "allenai__OLMo-2-1124-7B", "gemma-2-9b": "google__gemma-2-9b", "Qwen3-30B-A3B": "Qwen__Qwen3-30B-A3B",
 }
 
 KERNEL_LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
@@ -316,29 +329,33 @@ def profile_section(results: Results, work: Path, quick: bool, dry_run: bool, ke
         shutil.rmtree(work / "models" / "Llama-3.1-8B", ignore_errors=True)
 
 
-def memory_section(results: Results, work: Path, quick: bool, dry_run: bool, deadline: float, keep: bool) -> None:
-    """The memory matrix: estimate against measurement, one training process per case; each model is
-    built once and deleted after its last case."""
+def memory_section(results: Results, work: Path, quick: bool, dry_run: bool, deadline: float, keep: bool,
+                   section: str = "memory") -> None:
+    """The memory matrix (``section`` memory) or the families' (``families``): estimate against
+    measurement, one training process per case; each model is built once and deleted after its last case."""
     from gpu_check import build_random_model, run_case, write_long_text_data
 
     from engine.demo import ensure_demo_model
 
     data = write_long_text_data(work / "long.jsonl", records=60 if dry_run else 600,
                                 chars=600 if dry_run else 9000)
-    cases = ["demo:256:2:ckpt:all:8", "demo:128:4:nockpt:qv:8:opt=adamw_8bit"] if dry_run else \
-        (QUICK_MEMORY_MATRIX if quick else MEMORY_MATRIX)
+    if section == "families":
+        cases = ["demo:128:4:nockpt:all:8:liger=off"] if dry_run else FAMILIES_MATRIX
+    else:
+        cases = ["demo:256:2:ckpt:all:8", "demo:128:4:nockpt:qv:8:opt=adamw_8bit"] if dry_run else \
+            (QUICK_MEMORY_MATRIX if quick else MEMORY_MATRIX)
     last_use = {c.split(":")[0]: i for i, c in enumerate(cases)}
     for i, case in enumerate(cases):
         name = case.split(":")[0]
         if time.time() > deadline:
-            results.add("memory", {"case": case, "skipped": "time is up (--max-minutes)"})
+            results.add(section, {"case": case, "skipped": "time is up (--max-minutes)"})
             continue
         if dry_run:
             model_dir = ensure_demo_model()
         else:
             model_dir = build_random_model(CONFIGS / CONFIG_FOLDERS[name], work / "models" / name, ensure_demo_model())
         row = run_case(model_dir, data, case, work / "runs", steps=3 if dry_run else 6)
-        results.add("memory", row)
+        results.add(section, row)
         if not dry_run and not keep and last_use[name] == i:
             shutil.rmtree(work / "models" / name, ignore_errors=True)
 
@@ -394,6 +411,25 @@ def _pct(x) -> str:
     return "" if x is None else f"{x * 100:+.1f} %"
 
 
+def _memory_table(memory: list[dict], title: str) -> list[str]:
+    """One markdown table of memory cases (none: no lines)."""
+    lines: list[str] = []
+    if memory:
+        lines += [f"## {title}", "",
+                  "| case | attention | estimate reserved GiB | measured reserved GiB | error | allocated est/meas GiB "
+                  "| device error | tok/s | final loss | status |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in memory:
+            lines.append(f"| {r['case']} | {r.get('attn') or ''} | {_gib(r.get('estimate_reserved'))} | "
+                         f"{_gib(r.get('peak_reserved'))} | {_pct(r.get('reserved_error'))} | "
+                         f"{_gib(r.get('estimate_allocated'))} / {_gib(r.get('peak_allocated'))} | "
+                         f"{_pct(r.get('device_error'))} | {r.get('median_tokens_per_s') or 0:,.0f} | "
+                         f"{'' if r.get('final_loss') is None else format(r['final_loss'], '.4f')} | "
+                         f"{r.get('status') or r.get('skipped', '')} |")
+        lines.append("")
+    return lines
+
+
 def markdown(rows: list[dict]) -> str:
     """The suite's tables."""
     lines: list[str] = []
@@ -435,20 +471,9 @@ def markdown(rows: list[dict]) -> str:
             lines += [f"| `{k['name']}` | {k['self_ms_per_step']} | {k['calls_per_step']} |"
                       for k in r.get(key, [])[:10]]
             lines.append("")
-    memory = [r for r in rows if r["section"] == "memory"]
-    if memory:
-        lines += ["## Memory: estimate against the engine's own runs", "",
-                  "| case | attention | estimate reserved GiB | measured reserved GiB | error | allocated est/meas GiB "
-                  "| device error | tok/s | final loss | status |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in memory:
-            lines.append(f"| {r['case']} | {r.get('attn') or ''} | {_gib(r.get('estimate_reserved'))} | "
-                         f"{_gib(r.get('peak_reserved'))} | {_pct(r.get('reserved_error'))} | "
-                         f"{_gib(r.get('estimate_allocated'))} / {_gib(r.get('peak_allocated'))} | "
-                         f"{_pct(r.get('device_error'))} | {r.get('median_tokens_per_s') or 0:,.0f} | "
-                         f"{'' if r.get('final_loss') is None else format(r['final_loss'], '.4f')} | "
-                         f"{r.get('status') or r.get('skipped', '')} |")
-        lines.append("")
+    for section, title in (("memory", "Memory: estimate against the engine's own runs"),
+                           ("families", "Families: Liger on and off, estimate against the engine's own runs")):
+        lines += _memory_table([r for r in rows if r["section"] == section], title)
     dist = [r for r in rows if r["section"] == "distributed"]
     if dist:
         lines += ["## Several GPUs: DDP and FSDP through torchrun", "",
@@ -506,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         profile_section(results, work, a.quick, a.dry_run, a.keep_models)
     if "memory" in only:
         memory_section(results, work, a.quick, a.dry_run, deadline, a.keep_models)
+    if "families" in only:
+        memory_section(results, work, a.quick, a.dry_run, deadline, a.keep_models, section="families")
     if "distributed" in only:
         distributed_section(results, work, a.dry_run, deadline, a.keep_models)
     report = markdown(results.rows)
