@@ -22,7 +22,9 @@ records whose lengths spread from about 40 to 1000 tokens, as real instruction d
 written to a temporary folder and removed afterwards.
 
 ``--config DIR`` builds the model with random weights from a real ``config.json`` (for a GPU, where
-weights cannot be downloaded); the demo's character-level tokenizer supplies the ids.
+weights cannot be downloaded); the demo's character-level tokenizer supplies the ids. ``--model DIR``
+trains a pretrained model folder with its own tokenizer instead: ``make bench-real`` runs it on the
+real Gemma-3-270M (``scripts/real_model.py``) on the CPU against the plain recipe and TRL.
 
 Model FLOPs utilization: FLOPs per real token = 4 N_frozen_matmul + 6 N_lora + attention
 (``engine-facts.md``; the head counted for every token, as the plain recipe computes it) times real
@@ -506,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="turn it off everywhere (prepare_model_for_kbit_training and TRL turn it on by default)")
     p.add_argument("--config", type=Path, help="build the model with random weights from this config folder")
+    p.add_argument("--model", type=Path, help="a pretrained model folder (weights and tokenizer) to train instead, "
+                                              "e.g. the real model of scripts/real_model.py (make bench-real)")
     p.add_argument("--engine-masked-sdpa", action="store_true",
                    help="run the engine with plain SDPA on packed rows (a dense block-diagonal mask), as it "
                         "was before its per-example attention, for comparison")
@@ -555,7 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.time()
         demo_dir = ensure_demo_model()
-        if a.config:
+        if a.model:
+            from transformers import AutoConfig
+
+            model_dir = a.model.resolve()
+            model_desc = f"{model_dir.name} ({AutoConfig.from_pretrained(model_dir).model_type}, pretrained weights)"
+        elif a.config:
             model_dir = build_random_model(a.config, work / "model", demo_dir,
                                            "bfloat16" if cuda else "float32", seed=0)
             model_desc = f"{a.config.name} architecture, random weights"

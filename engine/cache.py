@@ -6,6 +6,8 @@ The cache is one folder (:func:`engine.demo.cache_root`: ``$QLORA_WIZARD_CACHE``
 - ``data/``: tokenized data sets (Arrow files), one entry per data source, data settings,
   sequence length, seed and tokenizer, so a rerun does not tokenize again (``engine.data.cache``);
 - the offline demo model (``engine.demo``), made on first use;
+- ``models/``: local ``.gguf`` files converted to bf16 model folders (``engine.gguf``, made again on
+  the next run of the same file) and the real-model test fixture (``scripts/real_model.py``);
 - ``last-draft.yaml``: the wizard's draft when it was left without starting a run.
 
 Everything in it can be made again; clearing it loses no run (runs live in their own folders).
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from engine.errors import UserError, os_error
 
-PARTS = ("data", "demo", "drafts")
+PARTS = ("data", "demo", "models", "drafts")
 """What ``qlora-wizard cache clear --only`` can name."""
 
 
@@ -31,7 +33,7 @@ class CachePart:
     """One thing the cache holds."""
 
     name: str
-    """``data``, ``demo``, ``drafts`` or ``other``."""
+    """``data``, ``demo``, ``models``, ``drafts`` or ``other``."""
     what: str
     """In words."""
     paths: tuple[Path, ...]
@@ -78,8 +80,9 @@ def _size(path: Path) -> tuple[int, int]:
 
 def _parts_paths(root: Path) -> dict[str, list[Path]]:
     from engine.demo import DEMO_MODEL_DIRNAME
+    from engine.gguf import MODELS_DIRNAME
 
-    out: dict[str, list[Path]] = {"data": [], "demo": [], "drafts": [], "other": []}
+    out: dict[str, list[Path]] = {"data": [], "demo": [], "models": [], "drafts": [], "other": []}
     if not root.is_dir():
         return out
     for p in sorted(root.iterdir()):
@@ -87,6 +90,8 @@ def _parts_paths(root: Path) -> dict[str, list[Path]]:
             out["data"].append(p)
         elif p.name == DEMO_MODEL_DIRNAME or p.name.startswith(f".{DEMO_MODEL_DIRNAME}.tmp-"):
             out["demo"].append(p)
+        elif p.name == MODELS_DIRNAME:
+            out["models"].append(p)
         elif p.name.endswith("draft.yaml"):
             out["drafts"].append(p)
         else:
@@ -96,6 +101,7 @@ def _parts_paths(root: Path) -> dict[str, list[Path]]:
 
 WORDS = {"data": "tokenized data sets (made again by the next run of the same data)",
          "demo": "the offline demo model (made again on first use)",
+         "models": "GGUF files converted to model folders, the real-model test fixture (made again when needed)",
          "drafts": "the wizard's kept draft",
          "other": "other files (not made by this version)"}
 

@@ -58,7 +58,7 @@ class ModelInfo:
     """Everything the planner needs to know about a model, read from its config alone."""
 
     source: str
-    """What the person typed: a local directory, a config.json path or a Hub id."""
+    """What the person typed: a local directory, a config.json path, a .gguf file or a Hub id."""
     model_type: str
     """``config.model_type``, e.g. ``llama``."""
     architecture: str
@@ -107,7 +107,8 @@ class ModelInfo:
     weight_bytes: int | None
     """Bytes of the weights on disk (safetensors/bin index or files); None when unknown."""
     weight_bytes_source: str
-    """Where ``weight_bytes`` came from: ``index``, ``files`` or ``estimate`` (params x dtype size)."""
+    """Where ``weight_bytes`` came from: ``index``, ``files``, ``gguf`` (the size of a .gguf file: its
+    quantized weights, not the bf16 folder the engine converts it to) or ``estimate`` (params x dtype size)."""
     is_moe: bool
     """Mixture of experts."""
     num_experts: int = 0
@@ -181,15 +182,17 @@ def inspect_model(source: str, revision: str | None = None, trust_remote_code: b
 
     ``source`` is a local model directory (with ``config.json``), a path to a config file (any
     name ending in ``.json``; weights are looked for next to it when it is called
-    ``config.json``), or a Hub id ``org/name``. For a Hub id only ``config.json`` is downloaded
+    ``config.json``), a local ``.gguf`` file (its config read from the header by
+    :func:`engine.gguf.gguf_config`, dtype bfloat16 as the engine converts it; ``revision`` and
+    ``trust_remote_code`` do not apply), or a Hub id ``org/name``. For a Hub id only ``config.json`` is downloaded
     (plus the small weights index json when the repo has one, for ``weight_bytes``); ``HF_TOKEN``,
     ``HF_HOME``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply as usual. Without a network a
     cached config is used. ``revision`` (branch, tag or commit) applies to Hub ids only.
 
     Weight bytes: the ``metadata.total_size`` of ``model.safetensors.index.json`` (or
     ``pytorch_model.bin.index.json``) -> ``index``; else the sizes of the ``*.safetensors`` (else
-    ``*.bin``) weight files -> ``files``; else ``params_total`` x the config dtype's size ->
-    ``estimate``.
+    ``*.bin``) weight files -> ``files``; the size of a ``.gguf`` file -> ``gguf``; else
+    ``params_total`` x the config dtype's size -> ``estimate``.
 
     The model is built on the meta device from its config (``AutoModelForCausalLM.from_config``)
     to get exact module names and shapes; this takes a few hundredths of a second once
@@ -198,13 +201,18 @@ def inspect_model(source: str, revision: str | None = None, trust_remote_code: b
 
     Raises :class:`NeedsRemoteCode` when the model needs its own Python code and
     ``trust_remote_code`` is False, and :class:`UserError` (one line) for every bad input: missing
-    path, no ``config.json``, unreadable or non-JSON config, no ``model_type``, a model type this
+    path, no ``config.json``, unreadable or non-JSON config, a ``.gguf`` that is missing, not GGUF,
+    truncated or of an architecture transformers cannot read, no ``model_type``, a model type this
     transformers does not know, a model that is not a causal language model, an unknown, private
     or gated Hub id, an unknown revision, and a Hub that cannot be reached.
     """
     if not isinstance(source, str) or not source.strip():
         raise UserError("no model given", f"pass {_EXAMPLE}")
     source = source.strip()
+    from engine.gguf import is_gguf
+
+    if is_gguf(source):
+        return _inspect_gguf(source)
     loc = _locate(source, revision)
     raw = _read_raw_config(loc.config_path)
     check_config_sizes(raw, loc.name)  # absurd sizes (ten million layers) refused before anything is built
@@ -213,6 +221,37 @@ def inspect_model(source: str, revision: str | None = None, trust_remote_code: b
         _check_causal(config, loc.name, remote)
         _check_essential_sizes(config, raw, loc.config_path)
         model = _build_on_meta(config, loc.name, remote)
+        return _analyse(model, config, raw, loc, notes)
+
+
+def _inspect_gguf(source: str) -> ModelInfo:
+    """A local ``.gguf`` file: the config from its header (``engine.gguf.gguf_config``), built on the
+    meta device like any config; weight bytes are the file's size (``weight_bytes_source`` ``gguf``).
+    The notes say what the file is and what the engine does with it before the first run."""
+    from engine.gguf import CONVERT_DTYPE, converted_dir, gguf_config, is_complete, read_header, size_words
+
+    path = Path(source).expanduser()
+    header = read_header(path)
+    config = gguf_config(path, header)
+    raw = config.to_dict()
+    check_config_sizes(raw, source)
+    with _quiet_transformers():
+        _check_causal(config, source, False)
+        model = _build_on_meta(config, source, False)
+        params = sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
+        converted = converted_dir(path)
+        quant = header.quant_type
+        what = f"a GGUF file ({quant})" if quant else "a GGUF file"
+        if is_complete(converted):
+            then = f"it was converted once to a {CONVERT_DTYPE} model folder in {converted}, which training loads"
+        else:
+            gb = params * 2 / 1e9
+            then = (f"before the first run the engine converts it once to a {CONVERT_DTYPE} model folder of about "
+                    f"{size_words(params * 2)} in the cache ({converted}), taking roughly a minute per GB of CPU "
+                    f"time (about {max(1, round(gb))} min here)")
+        notes = [f"{source} is {what}, read from its header. transformers dequantizes its weights to load "
+                 f"them: {then}; bitsandbytes then quantizes the model again for QLoRA."]
+        loc = _Located(source, path, path.parent, weights=(header.file_size, "gguf"))
         return _analyse(model, config, raw, loc, notes)
 
 

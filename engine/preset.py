@@ -96,8 +96,9 @@ class ModelSettings(_Section):
     """Which base model to fine-tune."""
 
     source: str = Field(
-        description="A Hugging Face Hub id (org/name), a local model directory, or 'builtin:tiny-llama' "
-        "for the offline demo model that is created locally on first use."
+        description="A Hugging Face Hub id (org/name), a local model directory, a local .gguf file (converted "
+        "once to a bf16 model folder in the cache), or 'builtin:tiny-llama' for the offline demo model that is "
+        "created locally on first use."
     )
     revision: str | None = Field(None, description="A Hub branch, tag or commit; the default branch when empty.")
     trust_remote_code: bool = Field(

@@ -904,7 +904,10 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     from engine.plan import (memory_settings, plan_device, resolve_targets, steps_per_epoch, total_steps,
                              with_world)
 
-    source = resolve_model_source(preset.model.source)
+    from engine.gguf import local_model
+
+    # A .gguf becomes its converted bf16 folder (converted once, normally already by start_run).
+    source = local_model(resolve_model_source(preset.model.source))
     info = inspect_model(source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code)
     require_weights(info)
     gpus = visible_gpus(probe_gpus()) if torch.cuda.is_available() else []

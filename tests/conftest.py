@@ -18,6 +18,22 @@ FIXTURES = ROOT / "tests" / "fixtures" / "hf-configs"
 DEMO_PRESET = ROOT / "presets" / "tiny-demo.yaml"
 
 
+def _built_real_model() -> Path | None:
+    """The real model (Gemma-3-270M, ``scripts/real_model.py``) where it is built, else None. Looked up
+    before the tests' own cache replaces the user's, since ``make test`` builds it in the user's."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from real_model import is_built, real_model_dir
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    folder = real_model_dir()
+    return folder if is_built(folder) else None
+
+
+REAL_MODEL = _built_real_model()
+"""The real-model tier's model folder, or None (its tests skip, saying how to build it)."""
+
+
 @pytest.fixture(scope="session")
 def hf_configs() -> Path:
     """The folder of real config.json files (one folder per model)."""

@@ -252,6 +252,9 @@ def cmd_estimate(args) -> int:
     c.print(f"kernels: {device.kernels_note}", markup=False)
     for note in getattr(est, "notes", []):
         c.print(f"note: {note}")
+    if info.weight_bytes_source == "gguf":  # what happens to a .gguf before it trains
+        for note in (n for n in info.notes if "GGUF" in n):
+            c.print(f"note: {note}", markup=False)
     if budget is None:
         c.print("no NVIDIA GPU found here: pass --gpu-mem GIB to check against a GPU's memory")
     else:
@@ -790,14 +793,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("inspect", help="what is this model: sizes, parameters, LoRA-targetable layers")
-    s.add_argument("source", help="a Hub id (org/name), a model directory or a config.json")
+    s.add_argument("source", help="a Hub id (org/name), a model directory, a config.json or a .gguf file")
     s.add_argument("--revision", help="a Hub branch, tag or commit")
     s.add_argument("--trust-remote-code", action="store_true", help="allow models that need their own code")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("estimate", help="will QLoRA training fit: memory by component, largest batch that fits")
-    s.add_argument("source", nargs="?", help="a Hub id, a model directory or a config.json")
+    s.add_argument("source", nargs="?", help="a Hub id, a model directory, a config.json or a .gguf file")
     s.add_argument("--preset", metavar="FILE", help="take the settings from a preset")
     s.add_argument("--seq-len", type=int, metavar="N")
     s.add_argument("--micro-batch", type=int, metavar="N")
@@ -921,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="PATH", help="where to write them (its suffix becomes .svg and .png)")
     s.set_defaults(func=cmd_plot)
 
-    s = sub.add_parser("cache", help="where the cache is and what it holds (tokenized data, the demo model); "
+    s = sub.add_parser("cache", help="where the cache is and what it holds (tokenized data, the demo model, "
+                       "converted GGUF models); "
                        "`cache clear` empties it")
     s.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
     from engine.cache import PARTS

@@ -227,7 +227,7 @@ class Draft:
         another's, and a revision belongs to its repository: both are reset with the model."""
         source = source.strip()
         if not source:
-            raise UserError("type a Hub id (org/name), a model folder, or builtin:tiny-llama")
+            raise UserError("type a Hub id (org/name), a model folder, a .gguf file, or builtin:tiny-llama")
         if source != self.preset.model.source:
             self.set("model.source", source)
             self.set("model.trust_remote_code", False)
@@ -373,7 +373,8 @@ def model_facts(info) -> list[tuple[str, str]]:
         ("intermediate size", f"{info.intermediate_size:,}"),
         ("vocabulary", f"{info.vocab_size:,}"),
         ("context", f"{info.context_length:,} tokens"),
-        ("weights", f"{size(info.weight_bytes)} in {info.dtype}"
+        ("weights", f"{size(info.weight_bytes)} GGUF file, dequantized to {info.dtype} for training"
+                    if info.weight_bytes_source == "gguf" else f"{size(info.weight_bytes)} in {info.dtype}"
                     + ("" if info.weight_bytes_source != "estimate" else " (estimated from the parameters)")),
     ]
     if info.is_moe:

@@ -201,7 +201,7 @@ class PlainWizard:
 
         current = self.draft.preset.model.source
         choices = [(f"{'try again' if failed else 'keep'}: {current}", "keep"),
-                   ("type a model (a Hub id org/name, a model folder, or builtin:tiny-llama)", "type")]
+                   ("type a model (a Hub id org/name, a model folder, a .gguf file, or builtin:tiny-llama)", "type")]
         try:
             recent = recent_models(self.runs_dir)
         except Exception:  # noqa: BLE001 - unreadable runs just mean no recent models
@@ -211,9 +211,9 @@ class PlainWizard:
         answer = self.select("model", choices, default="type" if failed else "keep")
         kind, _, value = answer.partition(":")
         if kind == "type":
-            value = self.text("model (Hub id, model folder or builtin:tiny-llama)", current)
+            value = self.text("model (Hub id, model folder, .gguf file or builtin:tiny-llama)", current)
             if not value:
-                self.error("type a Hub id (org/name), a model folder, or builtin:tiny-llama")
+                self.error("type a Hub id (org/name), a model folder, a .gguf file, or builtin:tiny-llama")
                 return False
         elif kind == "preset":
             try:

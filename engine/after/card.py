@@ -36,6 +36,7 @@ from pathlib import Path
 from engine.after.session import FinishedRun, finished_run
 from engine.errors import UserError, first_line, os_error
 from engine.events import finite
+from engine.gguf import is_gguf
 from engine.preset import Preset
 
 CARD_FILE = "README.md"
@@ -142,6 +143,11 @@ def _load_snippet(run: FinishedRun, base_name: str, where: str, merged: bool) ->
     if base_name.startswith("builtin:"):
         head = "from engine.demo import ensure_demo_model  # the qlora-wizard demo model, created locally\n"
         base = "ensure_demo_model()"
+    elif is_gguf(run.preset.model.source):
+        name = Path(run.preset.model.source).name
+        head = (f"# {name}: your copy of the base GGUF, in the working folder (pip install gguf); transformers\n"
+                "# dequantizes it as it was for training\n")
+        base = f'".", gguf_file={json.dumps(name)}'
     else:
         head, base = "", json.dumps(base_name)
         if not _is_hub_id(run.preset.model.source):
@@ -191,6 +197,8 @@ def card_text(run: FinishedRun, *, repo_id: str | None = None, merged: str | Pat
     base_line = f"[{source}](https://huggingface.co/{source})" if hub_base else f"`{source}`"
     if source.startswith("builtin:"):
         base_line += " (the qlora-wizard offline demo model)"
+    elif is_gguf(run.preset.model.source):
+        base_line += " (a local GGUF file, dequantized to bf16 for training)"
     elif not hub_base:
         base_line += " (a local copy)"
     quant = ("the base loaded in 4 bits (" + q.method.upper() + (", double quantization" if q.double_quant else "")

@@ -100,10 +100,13 @@ def finished_run(run_dir: str | Path) -> FinishedRun:
 
 
 def model_source(run: FinishedRun) -> str:
-    """The base model's local folder or Hub id (the demo model created on first use)."""
+    """The base model's local folder or Hub id (the demo model created on first use; a .gguf's
+    converted folder, converted again only if the cache lost it): what ``try``, ``eval`` and ``merge``
+    load."""
     from engine.demo import resolve_model_source
+    from engine.gguf import local_model
 
-    return resolve_model_source(run.preset.model.source)
+    return local_model(resolve_model_source(run.preset.model.source))
 
 
 def load_tokenizer(run: FinishedRun):

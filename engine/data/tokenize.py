@@ -22,8 +22,9 @@ from engine.preset import ModelSettings
 def load_tokenizer(model: ModelSettings):
     """The model's tokenizer (with a pad token: EOS when it has none); one-line UserError on failure."""
     from engine.demo import resolve_model_source
+    from engine.gguf import local_model
 
-    source = resolve_model_source(model.source)
+    source = local_model(resolve_model_source(model.source))  # a .gguf: its converted folder, converted once
     from transformers import AutoTokenizer
 
     try:

@@ -17,7 +17,7 @@ from engine.preset import shipped_presets
 from tui.draft import model_facts, recent_models
 from tui.screens.step import StepScreen
 
-PLACEHOLDER = "org/name on the Hub, a model folder, or builtin:tiny-llama"
+PLACEHOLDER = "org/name on the Hub, a model folder, a .gguf file, or builtin:tiny-llama"
 
 
 class ModelScreen(StepScreen):
