@@ -94,8 +94,6 @@ class Profile:
     liger: bool = False
     """Liger Kernel has a patch for it (``MODEL_TYPE_TO_APPLY_LIGER_FN``) that the engine applies:
     fused norms, rotary embeddings and MLP, and its fused linear cross-entropy at the loss."""
-    liger_measured: bool = False
-    """Liger on this family has been run on a GPU by this project (``benchmarks/GPU-RESULTS.md``)."""
     attention_softcap: bool = False
     """Soft-capped attention scores, which SDPA cannot do: eager attention unless flash-attn is installed."""
     attention: str = "full"
@@ -126,12 +124,12 @@ def _profiles(*items: Profile) -> dict[str, Profile]:
 
 
 PROFILES: dict[str, Profile] = _profiles(
-    Profile("llama", "llama", "Llama 2, Llama 3.x, SmolLM, TinyLlama", liger=True, liger_measured=True),
-    Profile("mistral", "mistral", "Mistral 7B, Mistral NeMo", attention="sliding", liger=True, liger_measured=True),
+    Profile("llama", "llama", "Llama 2, Llama 3.x, SmolLM, TinyLlama", liger=True),
+    Profile("mistral", "mistral", "Mistral 7B, Mistral NeMo", attention="sliding", liger=True),
     Profile("ministral", "mistral", "Ministral 8B", attention="alternating"),
     Profile("mixtral", "mixtral", "Mixtral 8x7B, 8x22B", moe=True, router_aux_loss=True, attention="sliding",
             liger=True),
-    Profile("qwen2", "qwen2", "Qwen2, Qwen2.5", attention="sliding", liger=True, liger_measured=True),
+    Profile("qwen2", "qwen2", "Qwen2, Qwen2.5", attention="sliding", liger=True),
     Profile("qwen2_moe", "qwen2", "Qwen1.5-MoE, Qwen2-57B-A14B", moe=True, router_aux_loss=True,
             attention="sliding"),
     Profile("qwen3", "qwen3", "Qwen3 0.6B-32B", block=Block(qk_norms=True), attention="sliding", liger=True),

@@ -29,6 +29,19 @@ LOSS_CHUNK_TOKENS = 1024
 1.5 GiB whatever the micro batch; smaller chunks save little more and cost more time (measured:
 256 saves another 1.1 GiB at 8,192 tokens for 1.05-1.2x the head's time on the CPU)."""
 
+LOSS_CHUNK_LOGITS = LOSS_CHUNK_TOKENS * 152_064
+"""Logits that exist at once: 1,024 positions of Qwen2's 152,064-entry vocabulary (1.74 GiB at 12
+bytes each). A larger vocabulary gets fewer positions per chunk (``loss_chunk_tokens``): Gemma 3's
+262,144 entries 576 positions, 1.7 GiB, instead of 3.0 GiB for 1,024."""
+
+
+def loss_chunk_tokens(vocab_size: int | None) -> int:
+    """Positions per chunk of the engine's loss for this vocabulary: ``LOSS_CHUNK_TOKENS``, fewer
+    (a multiple of 64) where that many positions would hold more than ``LOSS_CHUNK_LOGITS`` logits."""
+    if not vocab_size or vocab_size <= 0:
+        return LOSS_CHUNK_TOKENS
+    return max(64, min(LOSS_CHUNK_TOKENS, LOSS_CHUNK_LOGITS // vocab_size // 64 * 64))
+
 IGNORE_INDEX = -100
 
 

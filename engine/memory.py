@@ -250,7 +250,7 @@ class MemorySettings:
     each adapter's input to fp32."""
     loss_chunk: int | None = None
     """Positions whose logits exist at once when the engine computes the loss itself
-    (``engine.loss.LOSS_CHUNK_TOKENS``, for the architectures it does that for); None for
+    (``engine.loss.loss_chunk_tokens``, for the architectures it does that for); None for
     transformers' own loss, every position's logits at once (what the H100 measurements in
     ``benchmarks/GPU-RESULTS.md`` ran)."""
     liger: bool = False

@@ -274,7 +274,7 @@ def resolve_targets(preset: Preset, info) -> tuple[str, ...]:
 
 def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
     """The memory model's settings for this preset on this device (``engine.memory.MemorySettings``)."""
-    from engine.loss import LOSS_CHUNK_TOKENS, chunked_loss_applies
+    from engine.loss import chunked_loss_applies, loss_chunk_tokens
     from engine.memory import MemorySettings
 
     device = device or assumed_gpu(preset, info.model_type)
@@ -297,7 +297,8 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         autocast=device.device == "cuda",
         # What engine.train does: the loss a chunk of positions at a time where it can (under DDP and
         # FSDP too, through the wrapped model's own forward with the head handing the hidden states on).
-        loss_chunk=LOSS_CHUNK_TOKENS if t.chunked_loss and chunked_loss_applies(info.model_type) else None,
+        loss_chunk=(loss_chunk_tokens(info.vocab_size) if t.chunked_loss and chunked_loss_applies(info.model_type)
+                    else None),
         liger=device.liger,
         # Per GPU: the strategy decides what each GPU holds (engine.memory), the world what it shares.
         strategy=device.strategy,

@@ -999,9 +999,10 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     from transformers import Trainer
 
     from engine.loss import (causal_lm_loss, chunked_loss_applies, decoder_and_head, head_passes_hidden_states,
-                             logit_transform)
+                             logit_transform, loss_chunk_tokens)
 
     own_loss = t.chunked_loss and chunked_loss_applies(info.model_type)
+    chunk = loss_chunk_tokens(info.vocab_size)  # fewer positions per chunk for a very large vocabulary
     callback = _make_callback(events, stop, run)
     run.callback = callback
 
@@ -1041,7 +1042,7 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
                     hidden = decoder(**inputs).last_hidden_state
                 loss = causal_lm_loss(hidden, head, labels, shift_labels=shift_labels,
                                       num_items_in_batch=num_items_in_batch, positions=positions,
-                                      fused=device_plan.liger, transform=transform)
+                                      fused=device_plan.liger, transform=transform, chunk=chunk)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # The Trainer counts the trained tokens of all ranks (num_items_in_batch is their sum)
                 # and DDP averages the ranks' gradients: scale back by the ranks, as its own loss does.

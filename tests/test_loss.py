@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.loss import LOSS_CHUNK_TOKENS, chunked_loss_applies
+from engine.loss import LOSS_CHUNK_TOKENS, chunked_loss_applies, loss_chunk_tokens
 
 DEMO = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
 
@@ -176,7 +176,9 @@ def test_the_memory_estimate_counts_one_chunk_of_logits_where_the_engine_chunks(
     # Gemma-2 soft-caps its logits, and the engine's loss does the same a chunk at a time.
     assert json.loads((configs / "google__gemma-2-9b" / "config.json").read_text())["final_logit_softcapping"]
     got, gemma2 = loss("google__gemma-2-9b", 8192)
-    assert got == LOSS_BYTES_PER_LOGIT * LOSS_CHUNK_TOKENS * gemma2.vocab_size + 3 * 2 * 8192 * gemma2.hidden_size
+    # Its 256,000-entry vocabulary gets 576 positions per chunk (engine.loss.LOSS_CHUNK_LOGITS), not 1,024.
+    assert loss_chunk_tokens(gemma2.vocab_size) == 576
+    assert got == LOSS_BYTES_PER_LOGIT * 576 * gemma2.vocab_size + 3 * 2 * 8192 * gemma2.hidden_size
     # GPT-2 keeps transformers' loss: every position's logits.
     got, gpt2 = loss("openai-community__gpt2", 1024)
     assert got == LOSS_BYTES_PER_LOGIT * 1024 * gpt2.vocab_size
