@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, UserError, first_line, os_error  # noqa: E402
+from engine.files import sha256_file  # noqa: E402
 
 ENV = "QLORA_WIZARD_REAL_MODEL"
 """Where the model folder goes instead of the cache."""
@@ -95,18 +96,10 @@ def is_built(folder: Path | None = None) -> bool:
         return False
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verified(gguf: Path) -> bool:
     """A ``.gguf`` already there, whole and the right one (hashed: about a second)."""
     try:
-        return gguf.is_file() and gguf.stat().st_size == GGUF_SIZE and _sha256(gguf) == GGUF_SHA256
+        return gguf.is_file() and gguf.stat().st_size == GGUF_SIZE and sha256_file(gguf) == GGUF_SHA256
     except OSError:
         return False
 

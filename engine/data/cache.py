@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.data.sources import Source, load_hub
+from engine.files import sha256_file
 
 CACHE_VERSION = 1
 """Bumped whenever the tokenized output for the same inputs changes, so old cache entries are not reused."""
@@ -25,14 +26,6 @@ def default_data_cache_dir() -> Path:
     return cache_root() / "data"
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_identity(src: Source | None) -> Any:
     """What identifies a source's contents: the file's bytes, or the Hub id, split and fingerprint."""
     if src is None:
@@ -40,7 +33,7 @@ def source_identity(src: Source | None) -> Any:
     if src.kind == "hub":
         ds = load_hub(src)
         return {"hub": src.hub_id, "split": src.split, "fingerprint": getattr(ds, "_fingerprint", None)}
-    return {"kind": src.kind, "sha256": _file_digest(src.path)}
+    return {"kind": src.kind, "sha256": sha256_file(src.path)}
 
 
 def cache_key(material: dict) -> str:
