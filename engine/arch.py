@@ -104,6 +104,25 @@ class Profile:
     known: bool = True
     """False only for ``UNKNOWN``."""
 
+    def describe(self) -> str:
+        """What the engine does with this family, in words (``qlora-wizard inspect``)."""
+        if not self.known:
+            return "no profile: transformers' own loss, blocks estimated as Llama's"
+        parts = [self.family + (f" ({self.examples})" if self.examples else "")]
+        if self.own_loss:
+            fix = self.logits
+            how = (" with the final soft-cap" if fix.softcap_attr else "") + (" with the logit scale" if fix.scale_attr else "")
+            parts.append("the engine's chunked loss" + how + (" (transformers' while the router loss is on)"
+                                                            if self.router_aux_loss else ""))
+        else:
+            parts.append("transformers' own loss")
+        if self.liger:
+            parts.append("Liger patch on CUDA")
+        parts.append({"full": "full attention", "sliding": "sliding-window attention where the config sets one",
+                      "alternating": "alternating local (sliding-window) and global layers"}[self.attention]
+                     + ("; soft-capped scores: eager attention without flash-attn" if self.attention_softcap else ""))
+        return "; ".join(parts)
+
     def uses_own_loss(self, config: Any = None) -> bool:
         """Whether the engine computes this model's loss (for ``config``, where a MoE's router loss is on)."""
         if not self.own_loss:

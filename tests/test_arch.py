@@ -108,3 +108,16 @@ def test_a_family_without_a_profile_is_estimated_conservatively_and_says_so(tmp_
     est = estimate_training_memory(info, memory_settings(preset, info))
     assert est.loss_peak_bytes >= LOSS_BYTES_PER_LOGIT * 4096 * 1000  # transformers' loss: every position's logits
     assert any("no profile" in n and "transformers' own loss" in n for n in est.notes), est.notes
+
+
+def test_inspect_says_what_the_engine_does_with_the_family():
+    from conftest import FIXTURES, run_cli
+
+    for p in [*PROFILES.values(), UNKNOWN]:
+        assert p.describe()
+    r = run_cli("inspect", str(FIXTURES / "google__gemma-2-9b"))
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "family profile gemma2" in text and "the engine's chunked loss with the final soft-cap" in text
+    assert "eager attention without flash-attn" in text
+    assert UNKNOWN.describe().startswith("no profile")

@@ -84,6 +84,9 @@ def cmd_inspect(args) -> int:
     facts.add_row("weights on disk", f"{gib(info.weight_bytes)} ({info.weight_bytes_source})")
     if info.is_moe:
         facts.add_row("mixture of experts", f"{info.num_experts} experts")
+    from engine.arch import profile
+
+    facts.add_row("family profile", profile(info.model_type).describe())
     c.print(facts)
     t = Table(title="LoRA-targetable layers", title_justify="left")
     for col in ("name", "kind", "in", "out", "count", "params", "default"):
