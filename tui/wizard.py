@@ -287,7 +287,20 @@ class WizardApp(App[str]):
             return
         self.starting = True
         self.refresh_step()
+        self._say_if_converting(self.draft.preset.model.source)
         self._start_run(self.draft.preset, place)
+
+    def _say_if_converting(self, source: str) -> None:
+        """A .gguf not converted yet is converted before the run starts (a minute or more): say so."""
+        from engine.gguf import converted_dir, is_complete, is_gguf
+
+        try:
+            if not is_gguf(source) or is_complete(converted_dir(source)):
+                return
+        except UserError:
+            return  # start_run says what is wrong with the file
+        self.notify(f"converting {Path(source).name} once to a bf16 model folder before the run starts "
+                    "(on the CPU, about a minute per GB)", timeout=60)
 
     @work(thread=True, exclusive=True, group="start", exit_on_error=False)
     def _start_run(self, preset, place: dict) -> None:
