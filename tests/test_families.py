@@ -249,6 +249,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str):
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
+    dist.barrier()  # both ranks past every collective before either tears its connections down
     dist.destroy_process_group()
 
 
