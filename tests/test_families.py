@@ -210,6 +210,40 @@ def test_packed_rows_give_the_loss_of_padded_batches(model_type):
     assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, ref.item()), (attn, got.item(), ref.item())
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "granite", "cohere"])
+def test_the_liger_path_hands_the_kernel_the_soft_cap_and_folds_the_scale_into_the_hidden_states(model_type,
+                                                                                             monkeypatch):
+    """Liger's fused linear cross-entropy runs on CUDA only. On the CPU a plain stand-in with its
+    contract (the summed cross-entropy of softcap(head(hidden))) checks what the engine hands it: the
+    soft-cap where the family has one, the logit scale folded into the hidden states, and so
+    transformers' loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from engine import kernels
+    from engine.loss import causal_lm_loss, decoder_and_head, logit_transform
+
+    seen = {}
+
+    def liger_contract(hidden, head, targets, softcap=None):
+        seen["softcap"] = softcap
+        logits = head(hidden)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+    monkeypatch.setattr(kernels, "fused_linear_loss", liger_contract)
+    batch, labels = _padded()
+    model = _model(model_type, torch.float32, _attention(model_type, packed=False))
+    decoder, head = decoder_and_head(model)
+    with torch.no_grad():
+        ref = model(**batch, labels=labels).loss
+        got = causal_lm_loss(decoder(**batch).last_hidden_state, head, labels, fused=True,
+                             transform=logit_transform(model))
+    assert seen["softcap"] == TINY[model_type].get("final_logit_softcapping")
+    assert abs(got.item() - ref.item()) < 1e-5 * ref.item(), (got.item(), ref.item())
+
+
 FSDP_FAMILIES = ("llama", "gemma2", "granite")
 """A plain head, a soft-capped one and a scaled one."""
 
