@@ -41,7 +41,7 @@ DEMO_DATA = "builtin:demo"
 DEMO_DATA_FILE = Path(__file__).resolve().parent / "demo_data" / "tiny-demo.jsonl"
 """The bundled demo data set (alpaca format)."""
 
-DEMO_MODEL_DIRNAME = "tiny-llama-v1"
+DEMO_MODEL_DIRNAME = "tiny-llama-v2"
 """Folder of the demo model inside the cache; the suffix changes whenever the recipe does."""
 
 _COMPLETE_MARKER = ".complete"
@@ -157,16 +157,32 @@ def _remove_stale_temp_dirs(root: Path, older_than_s: float = 3600) -> None:
 # Building
 
 
+SPACE_PIECE = "\u2581"
+"""How the space is spelled in the vocabulary, as SentencePiece spells it (``▁``)."""
+
+
+def demo_pieces() -> list[str]:
+    """The demo vocabulary in id order: the special tokens, then one piece per character of printable
+    ASCII (letters, digits, punctuation, space as ``▁``, tab, newline)."""
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    return list(SPECIAL_TOKENS) + [SPACE_PIECE if c == " " else c for c in chars]
+
+
 def build_demo_tokenizer():
-    """The demo tokenizer: character level over printable ASCII, ``<s>`` added in front."""
-    from tokenizers import Tokenizer, decoders, models, processors
+    """The demo tokenizer: character level over printable ASCII, ``<s>`` added in front.
+
+    The space is the piece ``▁`` (a normalizer writes it, the decoder reads it back), as in a
+    SentencePiece model: :func:`write_sentencepiece_model` writes the same vocabulary as the
+    ``tokenizer.model`` that llama.cpp's converter reads, so a GGUF export tokenizes exactly as training did.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]  # letters, digits, punctuation, space, \t, \n
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + chars)}
+    vocab = {tok: i for i, tok in enumerate(demo_pieces())}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
     backend.add_special_tokens(list(SPECIAL_TOKENS))
-    backend.decoder = decoders.Fuse()
+    backend.normalizer = normalizers.Replace(" ", SPACE_PIECE)
+    backend.decoder = decoders.Sequence([decoders.Replace(SPACE_PIECE, " "), decoders.Fuse()])
     bos_id = vocab["<s>"]
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
@@ -221,6 +237,7 @@ def build_demo_model(out_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> dic
         if bars:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
+    write_sentencepiece_model(Path(out_dir) / "tokenizer.model")
     info = {
         "recipe": DEMO_MODEL_DIRNAME,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -231,6 +248,32 @@ def build_demo_model(out_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> dic
     }
     (Path(out_dir) / "demo_info.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+def write_sentencepiece_model(path: Path) -> None:
+    """The demo vocabulary as a SentencePiece model file (``tokenizer.model``): the same pieces and ids
+    as :func:`build_demo_tokenizer`, no merges, no dummy prefix, spaces written ``▁``. llama.cpp's
+    converter builds the GGUF's tokenizer from it (its tokenizer.json alone is a byte-pair vocabulary the
+    converter does not know)."""
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    model = spm.ModelProto()
+    kinds = {"<unk>": spm.ModelProto.SentencePiece.UNKNOWN}
+    for i, piece in enumerate(demo_pieces()):
+        p = model.pieces.add()
+        p.piece = piece
+        p.score = 0.0 if piece in SPECIAL_TOKENS else -float(i)
+        p.type = kinds.get(piece, spm.ModelProto.SentencePiece.CONTROL if piece in SPECIAL_TOKENS
+                           else spm.ModelProto.SentencePiece.NORMAL)
+    model.trainer_spec.model_type = spm.TrainerSpec.BPE
+    model.trainer_spec.vocab_size = len(model.pieces)
+    model.trainer_spec.unk_id, model.trainer_spec.bos_id, model.trainer_spec.eos_id = 0, 1, 2
+    model.trainer_spec.pad_id = 3
+    model.normalizer_spec.name = "identity"
+    model.normalizer_spec.add_dummy_prefix = False
+    model.normalizer_spec.remove_extra_whitespaces = False
+    model.normalizer_spec.escape_whitespaces = True
+    Path(path).write_bytes(model.SerializeToString())
 
 
 def _pretrain(model, tokenizer, steps: int) -> list[float]:
