@@ -951,6 +951,8 @@ def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float,
     if prepared.stats.examples == 0:
         raise UserError(f"no training examples left in {preset.data.train} after cleaning",
                         "check data.drop_phrases, data.dedupe and the sequence length")
+    if rank.is_main and prepared.stats.unstopped:
+        print(prepared.stats.stop_line(), flush=True)  # in train.log: examples that do not teach stopping
 
     targets = resolve_targets(preset, info)
     from engine.memory import estimate_training_memory

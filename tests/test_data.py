@@ -186,6 +186,61 @@ def test_truncation_counted_and_empty_dropped(tmp_path, tok):
 
 
 # --------------------------------------------------------------------------------------------
+# Stopping: does every example teach the model to stop?
+
+
+def test_examples_cut_at_seq_len_are_warned_they_do_not_teach_stopping(tmp_path, tok):
+    recs = [{"instruction": "Short.", "output": "ok"}, {"instruction": "Short.", "output": "no"}] + [
+        {"instruction": "Short.", "output": f"a much longer answer than the limit {i}"} for i in range(3)]
+    path = write_jsonl(tmp_path / "d.jsonl", recs)
+    cut = prep(settings(path), tok, tmp_path, seq_len=45).stats
+    assert (cut.examples, cut.unstopped, cut.unstopped_cut) == (5, 3, 3)
+    assert cut.summary_lines()[-1] == (
+        "warning: 3 of 5 examples do not end with the end-of-sequence token </s> (3 cut at seq_len 45): "
+        "the model will not learn to stop on them; raise training.seq_len or shorten them")
+    whole = prep(settings(path), tok, tmp_path, seq_len=512).stats
+    assert (whole.unstopped, whole.stop_token, whole.stop_is_eos) == (0, "</s>", True)
+    assert whole.summary_lines()[-1] == "every example ends with the end-of-sequence token </s>: the model learns to stop"
+    assert not any(line.startswith("warning:") for line in whole.summary_lines())
+
+
+def test_every_assistant_turn_must_end_with_the_templates_marker(tmp_path, tok, tok_plain):
+    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+                        {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [rec])
+    # The demo chat template and the plain layout end each assistant turn with </s>.
+    assert prep(settings(path), tok, tmp_path).stats.unstopped == 0
+    assert prep(settings(path), tok_plain, tmp_path).stats.unstopped == 0
+    # Cut inside the first answer: that turn ends without its marker.
+    cut = prep(settings(path), tok, tmp_path, seq_len=40).stats
+    assert (cut.unstopped, cut.unstopped_cut) == (1, 1)
+    # A template that ends a turn with a plain line break: nothing teaches the model to stop.
+    import copy
+
+    bare = copy.deepcopy(tok)
+    bare.chat_template = tok.chat_template.replace("{{ eos_token }}", "")
+    st = prep(settings(path), bare, tmp_path).stats
+    assert (st.unstopped, st.unstopped_cut) == (1, 0)
+    assert st.stop_line() == (
+        "warning: 1 of 1 example does not end with the end-of-sequence token </s> (1 whose template puts no "
+        "special token after the answer): the model will not learn to stop on them; pick a model whose chat "
+        "template ends each turn with a special token")
+
+
+def test_stop_count_missing_from_older_stats_says_nothing():
+    old = D.DataStats(format="alpaca", examples=3, seq_len=16).to_json()
+    for key in ("unstopped", "unstopped_cut", "stop_token", "stop_is_eos"):
+        del old[key]
+    stats = D.DataStats.from_json(old)
+    assert stats.unstopped is None and stats.stop_line() == ""
+    assert not any("stop" in line for line in stats.summary_lines())
+    chat = D.DataStats(format="messages", examples=4, seq_len=16, unstopped=0, stop_token="<|im_end|>",
+                       stop_is_eos=False)
+    assert D.DataStats.from_json(json.loads(json.dumps(chat.to_json()))) == chat
+    assert chat.stop_line() == "every example ends with the end-of-turn marker <|im_end|>: the model learns to stop"
+
+
+# --------------------------------------------------------------------------------------------
 # Bad records
 
 
@@ -550,6 +605,8 @@ def test_demo_data_stats(tok, tmp_path):
     assert st.validation_examples == 150
     assert st.truncated == 0 and st.skipped_bad == 0 and st.removed_duplicates == 0
     assert 0 < st.supervised_tokens < st.tokens
+    assert st.unstopped == 0
+    assert st.summary_lines()[-1] == "every example ends with the end-of-sequence token </s>: the model learns to stop"
 
 
 def test_import_is_light():

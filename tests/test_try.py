@@ -74,6 +74,12 @@ async def test_both_answers_stream_side_by_side_in_the_runs_template(finished_ru
         left, right = region_text(app, "#tuned-pane"), region_text(app, "#base-pane")
         assert left.startswith("fine-tuned") and "done in" in left and tuned.split()[0] in left
         assert right.startswith("base (adapter off)") and "done in" in right and base.split()[0] in right
+        # Under each answer, a dim line: ended by the stop token (the fine-tuned model learned to stop), or
+        # cut at the length limit.
+        notes = [screen.query_one(f"#{p}-pane").note for p in ("tuned", "base")]
+        assert notes[0] == "ended by the stop token </s>" and "(ended by the stop token </s>)" in left
+        assert notes[1] in ("ended by the stop token </s>", "cut at the length limit of 128 tokens: the model did not stop")
+        assert notes[1].split(":")[0].split()[-1] in right
         # Streamed as generated: the base answer (a long one) arrived in growing pieces.
         request = screen.request
         pieces = [m.text for m in messages if isinstance(m, TryScreen.Streamed) and m.request == request
@@ -156,6 +162,22 @@ async def test_the_run_screen_of_a_finished_run_offers_try_and_opens_it(finished
         assert screen.closed.wait(10)
 
 
+def test_try_says_whether_an_answer_ended_by_the_stop_token_or_the_length_limit(finished_run):
+    r = run_cli("try", str(finished_run), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    cut = "(cut at the length limit of 2 tokens: the model did not stop)"
+    assert lines.count(cut) == 2, r.stdout  # both answers, each under its own
+    assert lines.index(cut) > next(i for i, ln in enumerate(lines) if ln.startswith("── fine-tuned"))
+    # Room to finish: the fine-tuned model learned to end its answer with </s>.
+    r = run_cli("try", str(finished_run), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "64",
+                "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["fine_tuned_stop"] == "eos", out
+    assert out["base_stop"] in ("eos", "length")
+
+
 def test_plain_try_prints_both_answers(finished_run):
     typed = f":set temperature 0\n{PROMPT.replace(chr(10), chr(92) + 'n')}\n:example\n:quit\n"
     r = run_cli("try", str(finished_run), "--plain", input=typed, timeout=300)
@@ -166,6 +188,11 @@ def test_plain_try_prints_both_answers(finished_run):
     base = [ln for ln in out.splitlines() if ln.startswith("base: ") or "prompt> base: " in ln]
     assert len(tuned) == 2 and len(base) == 2, out  # the typed prompt, then the example
     assert all(ln.split("fine-tuned: ", 1)[1].strip() for ln in tuned)
+    # Under each answer, how it ended: by the stop token or at the length limit of 128 tokens.
+    endings = [ln.strip() for ln in out.splitlines() if ln.startswith("  (")]
+    assert len(endings) == 4, out
+    assert all(e in ("(ended by the stop token </s>)", "(cut at the length limit of 128 tokens: the model did not stop)")
+               for e in endings), endings
     assert "example 1 of" in out and "reference: " in out
     assert "Traceback" not in r.stderr
 

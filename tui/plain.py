@@ -493,7 +493,10 @@ class PlainWizard:
         """The statistics and the first example as the model sees it."""
         report = self.draft.data
         for line in report.stats.summary_lines():
-            self.say(f"  {line}")
+            if line.startswith("warning:"):  # examples that do not end with the stop token, say
+                self.say(("  ", ""), (line, "yellow"))
+            else:
+                self.say(f"  {line}")
         if report.bad_records:
             self.say(("  ", ""), (f"{report.bad_records:,} malformed records skipped (data.skip_bad_records)",
                                   "yellow"))

@@ -3,9 +3,10 @@
 :func:`run_try_app` opens the full-screen try screen (:class:`tui.screens.try_model.TryScreen`, in
 :class:`tui.app.TryApp`), or with ``plain=True`` (or without a terminal) a line-by-line loop in the
 style of ``qlora-wizard plain``: ``prompt>`` asks, the fine-tuned and the base model's answers are
-printed as they are generated, and ``:example``, ``:set NAME VALUE``, ``:eval``, ``:template``,
-``:help`` and ``:quit`` do the rest. A prompt is one line; ``\\n`` in it stands for a line break (an
-alpaca instruction and its input are separated by a blank line: ``Reverse the word.\\n\\nfree``).
+printed as they are generated, each followed by how it ended (the stop token or the length limit),
+and ``:example``, ``:set NAME VALUE``, ``:eval``, ``:template``, ``:help`` and ``:quit`` do the rest.
+A prompt is one line; ``\\n`` in it stands for a line break (an alpaca instruction and its input are
+separated by a blank line: ``Reverse the word.\\n\\nfree``).
 
 What both front ends do is here, once, with no Textual import: reading a decoding setting from typed
 text (:func:`set_decoding`), cycling through the validation examples (:class:`ExampleCycle`), and
@@ -281,6 +282,9 @@ class PlainTry:
                 self.say(" (stopped)")
                 return
             self.say()
+            ending = getattr(self.session, "last_stop", {}).get(adapter)
+            if ending is not None:  # whether the model stopped by itself or ran into the length limit
+                self.say(f"  ({ending.words()})")
 
     def evaluate(self) -> None:
         """Validation loss and perplexity of base and fine-tuned, and how the generated answers did."""

@@ -46,6 +46,29 @@ class Decoding:
 
 
 @dataclass(frozen=True)
+class Ending:
+    """Why an answer ended."""
+
+    reason: str
+    """``eos``: the model generated a stop token; ``length``: it reached max new tokens without one;
+    ``stopped``: the caller stopped it."""
+    tokens: int
+    """Tokens generated (the stop token included)."""
+    limit: int
+    """The max new tokens it ran under."""
+    token: str = ""
+    """The stop token generated (``reason`` ``eos``), e.g. ``</s>``."""
+
+    def words(self) -> str:
+        """In a few words, e.g. ``ended by the stop token </s>``."""
+        if self.reason == "eos":
+            return f"ended by the stop token {self.token}".rstrip()
+        if self.reason == "length":
+            return f"cut at the length limit of {self.limit:,} tokens: the model did not stop"
+        return "stopped before the model ended it"
+
+
+@dataclass(frozen=True)
 class Example:
     """A held-out example to try: what a person would type and the answer it was trained towards."""
 
@@ -222,6 +245,9 @@ class TrySession:
         self.device: str = device_of(model)
         """``cuda`` or ``cpu``."""
         self._lock = threading.Lock()
+        self.last_stop: dict[bool, Ending] = {}
+        """Why the last answer ended, by adapter (True: the fine-tuned answer, False: the base one); an
+        answer that failed has none."""
         from engine.data.formats import get_format
 
         self._format = get_format(run.format if run.format != "auto" else "text")
@@ -271,17 +297,21 @@ class TrySession:
     def stream(self, prompt: str, *, adapter: bool, decoding: Decoding = Decoding(),
                stop: threading.Event | None = None) -> Iterator[str]:
         """The answer as text pieces while it is generated (fine-tuned with ``adapter``, else the base);
-        stops early when ``stop`` is set or the caller stops reading."""
+        stops early when ``stop`` is set or the caller stops reading. Once it is over,
+        ``last_stop[adapter]`` says why it ended (:class:`Ending`)."""
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         input_ids = self._input_ids(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         halt = threading.Event()
+        halted: list[bool] = []  # the stopping criterion ended it (the caller's stop, or the reader left)
 
         class _Stop(StoppingCriteria):
             def __call__(self, ids, scores, **kwargs):
                 flag = halt.is_set() or (stop is not None and stop.is_set())
+                if flag:
+                    halted.append(True)
                 return torch.full((ids.shape[0],), flag, dtype=torch.bool, device=ids.device)
 
         sample = decoding.temperature > 0
@@ -296,13 +326,16 @@ class TrySession:
             use_cache=True,
         )
         failure: list[BaseException] = []
+        generated: list[list[int]] = []
+        self.last_stop.pop(adapter, None)
 
         def generate() -> None:
             try:
                 with self._lock, torch.inference_mode(), adapter_switch(self.model, adapter):
-                    self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        generation_config=config, streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_Stop()]))
+                    out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                              generation_config=config, streamer=streamer,
+                                              stopping_criteria=StoppingCriteriaList([_Stop()]))
+                generated.append(out[0, input_ids.shape[1]:].tolist())
             except BaseException as exc:  # noqa: BLE001 - handed to the reader below
                 failure.append(exc)
                 streamer.end()
@@ -316,13 +349,31 @@ class TrySession:
         finally:
             halt.set()  # the reader stopped early (or is done): the generation ends at its next token
             thread.join()
+            if generated and not failure:
+                self.last_stop[adapter] = self._ending(generated[0], config.eos_token_id, bool(halted),
+                                                       decoding.max_new_tokens)
         if failure:
             exc = failure[0]
             raise UserError(f"generation failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
+    def _ending(self, new_ids: list[int], eos_ids: list[int], halted: bool, limit: int) -> Ending:
+        """Why a generation of ``new_ids`` ended: a stop token last, the caller's stop, or the length limit."""
+        if new_ids and new_ids[-1] in eos_ids:
+            token = self.tokenizer.convert_ids_to_tokens(new_ids[-1])
+            return Ending("eos", len(new_ids), limit, str(token or ""))
+        if halted or len(new_ids) < limit:
+            return Ending("stopped", len(new_ids), limit)
+        return Ending("length", len(new_ids), limit)
+
     def answer(self, prompt: str, *, adapter: bool, decoding: Decoding = Decoding()) -> str:
         """The whole answer (fine-tuned with ``adapter``, else the base model's)."""
         return "".join(self.stream(prompt, adapter=adapter, decoding=decoding))
+
+    def answer_with_ending(self, prompt: str, *, adapter: bool,
+                           decoding: Decoding = Decoding()) -> tuple[str, Ending | None]:
+        """The whole answer and why it ended (:class:`Ending`: the stop token or the length limit)."""
+        text = self.answer(prompt, adapter=adapter, decoding=decoding)
+        return text, self.last_stop.get(adapter)
 
     def examples(self, n: int = 20) -> list[Example]:
         """Up to ``n`` validation examples of the run (its own split, same seed), or the training data's

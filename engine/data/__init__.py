@@ -37,7 +37,9 @@ Cleaning, split, tokenization
     (case-insensitive) are dropped, then exact duplicates (``data.dedupe``). The validation set
     is ``data.validation`` or a ``data.validation_split`` share of the examples drawn with the
     run's seed (the training examples keep their file order); ``data.max_examples`` then keeps the
-    first training examples. Masking and counting: :mod:`engine.data.tokenize`.
+    first training examples. Masking and counting: :mod:`engine.data.tokenize`, which also counts the
+    training examples that do not end with a stop token (:attr:`DataStats.unstopped`; a one-line
+    warning in the summary, since the model does not learn to stop on them).
 
 Nothing here imports torch, transformers or datasets at module level.
 """
@@ -125,6 +127,17 @@ class DataStats:
     seq_len: int = 0
     """The sequence length the examples were cut at."""
     validation_supervised_tokens: int = 0
+    unstopped: int | None = None
+    """Training examples whose trained part does not end with a stop token (the EOS, or the chat
+    template's end-of-turn marker): they do not teach the model to stop. None where it was not
+    counted (stats written before it was)."""
+    unstopped_cut: int = 0
+    """Of those, the ones cut at seq_len (the others: a chat template that ends a turn without a
+    special token)."""
+    stop_token: str = ""
+    """The stop token the training examples end with (the most common one), e.g. ``</s>``."""
+    stop_is_eos: bool = True
+    """Whether that is the tokenizer's end-of-sequence token (else a chat template's end-of-turn marker)."""
 
     def to_json(self) -> dict:
         """The stats as a JSON-ready dict (what the ``start`` event carries)."""
@@ -161,7 +174,31 @@ class DataStats:
             removed.append(f"{self.skipped_bad:,} bad records")
         if removed:
             lines.append("removed: " + ", ".join(removed))
+        stop = self.stop_line()
+        if stop:
+            lines.append(stop)
         return lines
+
+    def stop_line(self) -> str:
+        """Whether every training example ends with the stop token, so the model learns to stop; a
+        ``warning:`` line when some do not, with how many and why. Empty when it was not counted."""
+        if self.unstopped is None:
+            return ""
+        token = self.stop_token or "the EOS"
+        what = f"the end-of-sequence token {token}" if self.stop_is_eos else f"the end-of-turn marker {token}"
+        if not self.unstopped:
+            return f"every example ends with {what}: the model learns to stop"
+        n, cut = self.unstopped, min(self.unstopped_cut, self.unstopped)
+        why, hints = [], []
+        if cut:
+            why.append(f"{cut:,} cut at seq_len {self.seq_len:,}")
+            hints.append("raise training.seq_len or shorten them")
+        if n - cut:
+            why.append(f"{n - cut:,} whose template puts no special token after the answer")
+            hints.append("pick a model whose chat template ends each turn with a special token")
+        examples = "example does" if n == 1 else "examples do"
+        return (f"warning: {n:,} of {self.examples:,} {examples} not end with {what} ({', '.join(why)}): "
+                f"the model will not learn to stop on them; {'; '.join(hints)}")
 
 
 @dataclass
@@ -403,6 +440,9 @@ def prepare_data(
         max_len=int(max(lengths)),
         mean_len=round(sum(lengths) / len(lengths), 2),
         seq_len=seq_len,
+        unstopped=tok_train.unstopped,
+        unstopped_cut=tok_train.unstopped_cut,
+        **_stop_token(tok_train, tokenizer),
     )
     train_ds = to_dataset(tok_train)
     val_ds = to_dataset(tok_val) if tok_val and tok_val.input_ids else None
@@ -412,6 +452,16 @@ def prepare_data(
             saved.cache_hit = False
             return saved
     return PreparedData(train=train_ds, validation=val_ds, stats=stats, format=fmt, cache_path=None, cache_hit=False)
+
+
+def _stop_token(tok, tokenizer) -> dict:
+    """The stop token most training examples end with (the EOS when none does), and whether it is the EOS."""
+    if tok.stop_ends:
+        token_id = tok.stop_ends.most_common(1)[0][0]
+        token = tokenizer.convert_ids_to_tokens(token_id)
+    else:
+        token_id, token = tokenizer.eos_token_id, tokenizer.eos_token
+    return {"stop_token": str(token or ""), "stop_is_eos": token_id == tokenizer.eos_token_id}
 
 
 def _nothing_to_train(tok, seq_len: int, source: str) -> UserError:

@@ -15,8 +15,9 @@ from typing import Any
 from engine.data.sources import Source, load_hub
 from engine.files import sha256_file
 
-CACHE_VERSION = 1
-"""Bumped whenever the tokenized output for the same inputs changes, so old cache entries are not reused."""
+CACHE_VERSION = 2
+"""Bumped whenever the tokenized output or its stats for the same inputs change, so old cache entries
+are not reused (2: the stats count the examples that do not end with a stop token)."""
 
 
 def default_data_cache_dir() -> Path:

@@ -5,12 +5,18 @@ truncated, and dropped when nothing trainable is left. Supervised tokens are the
 trained: a causal LM never predicts the first token of an example (labels shift by one, and the
 flattening collator masks each example's first label), so an example contributes
 ``sum(labels[1:] != -100)``. Token counts are real tokens, no padding.
+
+Stopping: an example teaches the model to stop when each of its trained parts (the response; each
+assistant turn of a conversation) ends with a stop token, the EOS or a special token such as the chat
+template's end-of-turn marker (:func:`stop_token_ids`). Those that do not are counted, and how many of
+them were cut at seq_len (the rest: a chat template that ends a turn without a special token).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +96,22 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     }
 
 
+def stop_token_ids(tokenizer) -> set[int]:
+    """The tokens that end an answer: the EOS and the other special tokens (a chat template's
+    end-of-turn marker such as ``<end_of_turn>`` or ``<|im_end|>``); BOS, UNK and a padding token
+    other than the EOS do not end anything."""
+    ids = {i for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {i for i, t in added.items() if getattr(t, "special", False)}
+    eos = tokenizer.eos_token_id
+    for other in (tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id):
+        if other is not None and other != eos:
+            ids.discard(other)
+    if eos is not None:
+        ids.add(eos)
+    return ids
+
+
 def _encode(rendered: list[Rendered], tokenizer) -> list[tuple[Any, Any]]:
     """Token ids and a trained flag per token (numpy arrays) for each rendered example, BOS and
     EOS not yet added. Fast tokenizers: the whole text at once, a token is trained when its
@@ -141,6 +163,13 @@ class Tokenized:
     removed_prompts: list = field(default_factory=list)
     """Of the examples removed because truncation left nothing to train: the tokens in front of their
     first trained token, each (the example is kept from a seq_len of that plus one)."""
+    unstopped: int = 0
+    """Kept examples with a trained part that does not end with a stop token (they do not teach the
+    model to stop)."""
+    unstopped_cut: int = 0
+    """Of those, the ones cut at seq_len."""
+    stop_ends: Counter = field(default_factory=Counter)
+    """The stop tokens the kept examples end with: token id -> examples."""
 
     def tokens(self) -> int:
         """Real tokens."""
@@ -158,6 +187,7 @@ def tokenize_examples(examples: list, fmt: RecordFormat, tokenizer, seq_len: int
 
     bos_first = adds_bos(tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
     result = Tokenized()
     chunk = 1000
     for start in range(0, len(examples), chunk):
@@ -180,8 +210,9 @@ def tokenize_examples(examples: list, fmt: RecordFormat, tokenizer, seq_len: int
             ids = ids.astype(np.int32)
             labels = ids.copy() if train_on_inputs else np.where(flags, ids, -100).astype(np.int32)
             whole = labels
-            if len(ids) > seq_len:
-                ids, labels = ids[:seq_len], labels[:seq_len]
+            cut = len(ids) > seq_len
+            if cut:
+                ids, labels, flags = ids[:seq_len], labels[:seq_len], flags[:seq_len]
                 result.truncated += 1
             if not (labels[1:] != -100).any():
                 result.removed_empty += 1
@@ -189,6 +220,13 @@ def tokenize_examples(examples: list, fmt: RecordFormat, tokenizer, seq_len: int
                 if len(trained_at):  # cut before its response (else: nothing to train at any length)
                     result.removed_prompts.append(int(trained_at[0]) + 1)
                 continue
+            # The last token of each trained part (response, assistant turn) must be a stop token.
+            last = ids[np.flatnonzero(flags[:-1] > flags[1:])].tolist() + ([int(ids[-1])] if flags[-1] else [])
+            if last and all(t in stops for t in last):
+                result.stop_ends[last[-1]] += 1
+            else:
+                result.unstopped += 1
+                result.unstopped_cut += int(cut)
             result.input_ids.append(ids)
             result.labels.append(labels)
     return result

@@ -1,6 +1,7 @@
 """Step 4, Data: a file or a Hub dataset, checked and tokenized in a worker; the detected format,
 three examples as the model sees them with the trained part highlighted, the statistics (examples,
-tokens, supervised tokens, truncated, removed by cleaning) and the validation split."""
+tokens, supervised tokens, truncated, removed by cleaning, whether every example ends with the stop
+token: a yellow warning when some do not) and the validation split."""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ class DataScreen(StepScreen):
             examples.update("")
             return
         report = draft.data
-        lines = [Text(line) for line in report.stats.summary_lines()]
+        # A warning (examples that do not end with the stop token, say) stands out in yellow.
+        lines = [Text(line, "yellow" if line.startswith("warning:") else "") for line in report.stats.summary_lines()]
         lines[0] = Text.assemble("format: ", (report.stats.format, "bold"))
         if report.bad_records:
             lines.append(Text(f"{report.bad_records:,} malformed records skipped (data.skip_bad_records)", "yellow"))

@@ -2,9 +2,11 @@
 
 A prompt field and the decoding settings on top; below, two panes side by side, the fine-tuned
 model's answer and the base model's (the same model with the adapter switched off), each streamed
-as it is generated; the prompt as the model sees it (the run's own template) in one dim line above
-them (``ctrl+t`` shows it whole). ``ctrl+e`` fills the prompt with a validation example and shows its
-reference answer; ``ctrl+v`` evaluates base against fine-tuned on the validation split.
+as it is generated, with a dim line under it once done: whether the model ended it by itself (the
+stop token) or ran into the length limit. The prompt as the model sees it (the run's own template) is
+in one dim line above them (``ctrl+t`` shows it whole). ``ctrl+e`` fills the prompt with a validation
+example and shows its reference answer; ``ctrl+v`` evaluates base against fine-tuned on the
+validation split.
 
 Everything slow runs in thread workers that post messages (loading the model, generating,
 evaluating); the handlers own every widget. The model is loaded once, when the screen opens, and
@@ -80,14 +82,21 @@ class AnswerPane(VerticalScroll):
         self.border_title = title
         self.text = ""
         """The answer shown."""
+        self.note = ""
+        """How the answer shown ended, in words (empty while it is generated)."""
 
     def compose(self) -> ComposeResult:
         yield Static(Text("(the answer shows here)", "dim"), classes="answer-text")
 
-    def show(self, text: str) -> None:
-        """Show ``text`` (the answer so far) and keep its end in view."""
+    def show(self, text: str, note: str = "") -> None:
+        """Show ``text`` (the answer so far) and keep its end in view; ``note``, a dim line under it,
+        says how a finished answer ended (the stop token or the length limit)."""
         self.text = text
-        self.query_one(".answer-text", Static).update(Text(text))
+        self.note = note
+        shown = Text(text)
+        if note:
+            shown.append(f"\n({note})", "dim")
+        self.query_one(".answer-text", Static).update(shown)
         self.scroll_end(animate=False, immediate=False)
 
     def state(self, subtitle: str) -> None:
@@ -150,7 +159,7 @@ class TryScreen(Screen[None]):
         """An answer is complete, stopped or failed."""
 
         def __init__(self, request: int, pane: str, text: str, outcome: str, seconds: float,
-                     error: str | None = None) -> None:
+                     error: str | None = None, ending: str = "") -> None:
             super().__init__()
             self.request = request
             """Which prompt."""
@@ -164,6 +173,9 @@ class TryScreen(Screen[None]):
             """How long it took."""
             self.error = error
             """Why it failed, in one line."""
+            self.ending = ending
+            """How a finished answer ended, in words (``ended by the stop token </s>``, or cut at the length
+            limit); empty for one stopped or failed."""
 
     class EvalProgress(Message, bubble=False):
         """The evaluation reached a stage (a newer one replaces it in the queue)."""
@@ -337,7 +349,10 @@ class TryScreen(Screen[None]):
                                                     first_line(exc)))
                     continue
                 outcome = "stopped" if stop.is_set() else "done"
-                self.post_message(self.Answered(request, pane, text, outcome, time.monotonic() - t0))
+                ending = getattr(session, "last_stop", {}).get(adapter)
+                words = ending.words() if ending is not None and ending.reason != "stopped" else ""
+                self.post_message(self.Answered(request, pane, text, outcome, time.monotonic() - t0,
+                                                ending=words))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="evaluate")
     def _evaluate(self, session: TrySession) -> None:
@@ -388,7 +403,7 @@ class TryScreen(Screen[None]):
         if message.request != self.request:
             return
         pane = self._pane(message.pane)
-        pane.show(message.text)
+        pane.show(message.text, message.ending)
         if message.outcome == "failed":
             pane.state("failed")
             self.problem = f"generating the {pane.border_title} answer failed: {message.error}"
