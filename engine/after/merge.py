@@ -165,6 +165,37 @@ def plan_merge(run_dir, out, dtype: str | None = None) -> MergePlan:
     return plan
 
 
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
+def copy_sentencepiece_model(run: FinishedRun, folder: Path) -> bool:
+    """Put the base model's SentencePiece model (``tokenizer.model``) into ``folder`` where the base has
+    one and the saved tokenizer did not write it: llama.cpp's converter builds a GGUF's tokenizer from
+    it (Llama 2, Mistral, Gemma). Returns whether one is there now."""
+    target = folder / SENTENCEPIECE_FILE
+    if target.is_file():
+        return True
+    source = model_source(run)
+    local = Path(source)
+    if local.is_dir():
+        found = local / SENTENCEPIECE_FILE
+        found = found if found.is_file() else None
+    else:
+        try:
+            from transformers.utils import cached_file
+
+            hit = cached_file(source, SENTENCEPIECE_FILE, revision=run.preset.model.revision,
+                              _raise_exceptions_for_missing_entries=False,
+                              _raise_exceptions_for_connection_errors=False)
+        except Exception:  # noqa: BLE001 - no such file, or no network: the converter says what it lacks
+            hit = None
+        found = Path(hit) if hit else None
+    if found is None:
+        return False
+    shutil.copyfile(found, target)
+    return True
+
+
 def merge_run(plan: MergePlan, progress: Callable[[str], None] | None = None) -> Path:
     """Merge the run's adapter into its base in ``plan.dtype`` and save the model, tokenizer and
     generation config to ``plan.out`` (whole or not at all); returns ``plan.out``."""
@@ -199,6 +230,7 @@ def merge_run(plan: MergePlan, progress: Callable[[str], None] | None = None) ->
         partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         merged.save_pretrained(partial, max_shard_size=SAVE_SHARD)
         tokenizer.save_pretrained(partial)
+        copy_sentencepiece_model(run, partial)
         settle_tree(partial)
         if out.is_dir():
             out.rmdir()  # checked empty by plan_merge
