@@ -3,7 +3,8 @@
 A thread worker polls the events file (``engine.events.EventTail``), whether the process is alive
 and the tail of ``train.log``, and posts one message per poll that found something new; the
 handlers own every widget. Keys: ``s`` stop (after a confirmation), ``d``/``q`` detach (the run
-goes on), ``l`` the whole log, and once the run has finished ``t`` tries its model (the try screen).
+goes on), ``l`` the whole log, and once the run has finished ``t`` tries its model (the try screen)
+and ``x`` exports it as a GGUF (the export dialog); both are in the command palette too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
@@ -138,14 +140,41 @@ class LogScreen(Screen[None]):
             log.write(line, expand=True, shrink=True)
 
 
+class FinishedRunCommands(Provider):
+    """The command palette's entries for a finished run on the run screen: try its model, export it."""
+
+    def _commands(self) -> list[tuple[str, str, Callable[[], None]]]:
+        screen = self.screen
+        if not isinstance(screen, RunScreen) or not screen.finished:
+            return []
+        return [("Export to GGUF", "A GGUF of this run's model for llama.cpp, Ollama and LM Studio (x)",
+                 screen.action_export),
+                ("Try it", "Prompt the fine-tuned model next to the base model (t)", screen.action_try_model)]
+
+    async def discover(self) -> Hits:
+        """The entries, before anything is typed."""
+        for name, help_text, callback in self._commands():
+            yield DiscoveryHit(name, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        """The entries that match what is typed."""
+        matcher = self.matcher(query)
+        for name, help_text, callback in self._commands():
+            if (score := matcher.match(name)) > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)
+
+
 class RunScreen(Screen[None]):
     """One run: status, progress, curves, memory, the diagnosis and the latest events."""
+
+    COMMANDS = {FinishedRunCommands}
 
     BINDINGS = [
         Binding("s", "stop", "Stop", tooltip="Save a checkpoint and end the run (asks first)"),
         Binding("d", "detach", "Detach", tooltip="Leave; the run goes on in the background"),
         Binding("l", "show_log", "Log", tooltip="The tail of train.log"),
         Binding("t", "try_model", "Try it", tooltip="Prompt the fine-tuned model next to the base model"),
+        Binding("x", "export", "Export", tooltip="A GGUF for llama.cpp, Ollama and LM Studio"),
         Binding("q", "detach", "Quit", tooltip="Same as detach: the run goes on"),
     ]
 
@@ -166,7 +195,7 @@ class RunScreen(Screen[None]):
     stopping: reactive[bool] = reactive(False, bindings=True)
     """Whether a stop was asked for and the run has not ended yet."""
     finished: reactive[bool] = reactive(False, bindings=True)
-    """Whether the run's end event says ``finished`` (``t`` shows only then)."""
+    """Whether the run's end event says ``finished`` (``t`` and ``x`` show only then)."""
 
     def __init__(
         self,
@@ -378,11 +407,11 @@ class RunScreen(Screen[None]):
     # ---- actions ----------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """``s`` applies only to a running process not already asked to stop (dimmed otherwise); ``t`` shows
-        only once the run has finished."""
+        """``s`` applies only to a running process not already asked to stop (dimmed otherwise); ``t`` and
+        ``x`` show only once the run has finished."""
         if action == "stop":
             return True if self.running and not self.stopping else None
-        if action == "try_model":
+        if action in ("try_model", "export"):
             return self.finished
         return True
 
@@ -418,6 +447,14 @@ class RunScreen(Screen[None]):
         from tui.screens.try_model import TryScreen
 
         self.app.push_screen(TryScreen(self.run_dir))
+
+    def action_export(self) -> None:
+        """Open the export dialog: a GGUF of this run's model, in a folder the person names."""
+        from tui.dialogs.export import ExportDialog
+
+        if not self.finished or isinstance(self.app.screen, ExportDialog):
+            return
+        self.app.push_screen(ExportDialog(self.run_dir))
 
     def action_show_log(self) -> None:
         """Open the tail of ``train.log``."""
