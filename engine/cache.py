@@ -25,6 +25,17 @@ from pathlib import Path
 from engine.errors import UserError, os_error
 
 PARTS = ("data", "demo", "models", "drafts")
+
+
+def _older_demo(name: str) -> bool:
+    """A demo model of an older recipe (``tiny-llama-v1`` once the recipe is v2): the demo's too, so
+    ``cache clear --only demo`` removes it."""
+    import re
+
+    from engine.demo import DEMO_MODEL_DIRNAME
+
+    stem = DEMO_MODEL_DIRNAME.rsplit("-v", 1)[0]
+    return re.fullmatch(rf"\.?{re.escape(stem)}-v\d+(\.tmp-.*)?", name) is not None
 """What ``qlora-wizard cache clear --only`` can name."""
 
 
@@ -88,7 +99,7 @@ def _parts_paths(root: Path) -> dict[str, list[Path]]:
     for p in sorted(root.iterdir()):
         if p.name == "data":
             out["data"].append(p)
-        elif p.name == DEMO_MODEL_DIRNAME or p.name.startswith(f".{DEMO_MODEL_DIRNAME}.tmp-"):
+        elif p.name == DEMO_MODEL_DIRNAME or p.name.startswith(f".{DEMO_MODEL_DIRNAME}.tmp-") or _older_demo(p.name):
             out["demo"].append(p)
         elif p.name == MODELS_DIRNAME:
             out["models"].append(p)

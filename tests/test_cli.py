@@ -272,7 +272,7 @@ def test_cache_shows_its_place_and_parts_and_clears_what_is_asked(tmp_path):
     cache = tmp_path / "cache"
     (cache / "data" / "0123abcd").mkdir(parents=True)
     (cache / "data" / "0123abcd" / "train.arrow").write_bytes(b"\0" * 3 * 2**20)
-    (cache / "tiny-llama-v1").mkdir()
+    (cache / "tiny-llama-v1").mkdir()  # an older recipe's demo model: the demo's part too
     (cache / "tiny-llama-v1" / "model.safetensors").write_bytes(b"\0" * 2**20)
     (cache / "last-draft.yaml").write_text("version: 1\n")
     (cache / "someone-elses.txt").write_text("keep")

@@ -268,8 +268,18 @@ def _family_model(model_type: str, into: Path) -> Path:
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_export_of_each_family_runs_in_llama_cpp_as_in_transformers(model_type, tmp_path, demo_cache):
     model = _family_model(model_type, tmp_path / model_type)
+    data = {}
+    if model_type == "qwen3":  # a chat-format run: the tokenizer's own template travels, ending turns with </s>
+        from engine.demo import DEMO_DATA_FILE
+
+        records = [json.loads(line) for line in DEMO_DATA_FILE.read_text().splitlines()[:200]]
+        chats = tmp_path / "chats.jsonl"
+        chats.write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
+            {"role": "assistant", "content": r["output"]}]}) + "\n" for r in records))
+        data = {"data__train": str(chats)}
     preset = write_preset(tmp_path, model__source=str(model), training__max_steps=2, training__eval_steps=2,
-                          training__save_steps=2, training__micro_batch_size=4, training__seq_len=96)
+                          training__save_steps=2, training__micro_batch_size=4, training__seq_len=96, **data)
     run_dir = tmp_path / "run"
     r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -281,6 +291,14 @@ def test_export_of_each_family_runs_in_llama_cpp_as_in_transformers(model_type, 
     assert check["agree"] >= 3, check
     if check["first_difference"]:
         assert check["first_difference"]["transformers_margin"] < 1.0, check
+    if model_type == "qwen3":
+        from engine.demo import CHAT_TEMPLATE
+
+        assert result["format"] == "messages" and result["chat_template"] == CHAT_TEMPLATE
+        assert result["stops"] == ["</s>"]
+        modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
+        assert '{{ else if eq .Role "user" }}### User:\n{{ .Content }}\n\n' in modelfile
+        assert modelfile.endswith('{{ end }}{{ end }}### Assistant:\n"""\nPARAMETER stop "</s>"\n')
 
 
 def test_a_gemma3_without_the_published_layer_pattern_is_warned(tmp_path):

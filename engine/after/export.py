@@ -49,6 +49,7 @@ from engine.after.merge import (
     check_output_folder,
     meminfo_available,
     merge_run,
+    refuse_when_short,
     run_load_dtype,
 )
 from engine.after.session import FinishedRun, finished_run, held_out, load_tokenizer
@@ -199,12 +200,7 @@ def plan_export(run_dir, out, quant: str = DEFAULT_QUANT, *, merged=None, check:
 
     plan = ExportPlan(run, out, quant, bool(check), prompts, merged_dir, dtype, info.params_total, gguf_bytes,
                       memory, meminfo_available(), disk, free_bytes(_existing_parent(out)), max_new_tokens)
-    if plan.memory_available is not None and plan.memory_needed > plan.memory_available:
-        raise UserError(f"not enough memory to export: {plan.summary()}",
-                        "free memory, use a machine with more, or pass --no-check")
-    if plan.disk_free is not None and plan.disk_needed > plan.disk_free:
-        raise UserError(f"not enough disk to export: {plan.summary()}",
-                        "free space there or pick an --out on another disk")
+    refuse_when_short(plan, "export", "pass --no-check")
     return plan
 
 

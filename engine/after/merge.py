@@ -156,13 +156,19 @@ def plan_merge(run_dir, out, dtype: str | None = None) -> MergePlan:
 
     plan = MergePlan(run, out, dtype, info.params_total, memory, meminfo_available(), disk,
                      free_bytes(_existing_parent(out)))
-    if plan.memory_available is not None and plan.memory_needed > plan.memory_available:
-        raise UserError(f"not enough memory to merge: {plan.summary()}",
-                        "free memory, use a machine with more, or pick a smaller --dtype")
-    if plan.disk_free is not None and plan.disk_needed > plan.disk_free:
-        raise UserError(f"not enough disk to merge: {plan.summary()}",
-                        "free space there or pick an --out on another disk")
+    refuse_when_short(plan, "merge", "pick a smaller --dtype")
     return plan
+
+
+def refuse_when_short(plan, verb: str, smaller: str) -> None:
+    """One line when a plan (``memory_needed``, ``memory_available``, ``disk_needed``, ``disk_free``,
+    ``summary()``) needs more memory or disk than the machine has; ``smaller``: how to need less memory."""
+    if plan.memory_available is not None and plan.memory_needed > plan.memory_available:
+        raise UserError(f"not enough memory to {verb}: {plan.summary()}",
+                        f"free memory, use a machine with more, or {smaller}")
+    if plan.disk_free is not None and plan.disk_needed > plan.disk_free:
+        raise UserError(f"not enough disk to {verb}: {plan.summary()}",
+                        "free space there or pick an --out on another disk")
 
 
 SENTENCEPIECE_FILE = "tokenizer.model"
