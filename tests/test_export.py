@@ -42,9 +42,12 @@ def demo_exports(demo_run, tmp_path_factory) -> dict[str, dict]:
     merged = tmp / "merged"
     r = run_cli("merge", str(demo_run), "--out", str(merged), timeout=600)
     assert r.returncode == 0, r.stderr
-    return {"q8_0": _export(demo_run, tmp / "q8"), "f16": _export(demo_run, tmp / "f16", "--quant", "f16",
-                                                                    "--merged", str(merged)),
-            "merged": {"path": str(merged)}}
+    exports = {"q8_0": _export(demo_run, tmp / "q8"),
+               "f16": _export(demo_run, tmp / "f16", "--quant", "f16", "--merged", str(merged)),
+               "merged": {"path": str(merged)}}
+    if llama_cpp_installed():
+        exports["q4_k_m"] = _export(demo_run, tmp / "q4", "--quant", "q4_k_m", "--merged", str(merged))
+    return exports
 
 
 def _readback_logits(gguf: Path, merged: Path, text: str):
@@ -130,6 +133,21 @@ def test_llama_cpp_answers_as_transformers_does(demo_exports):
         assert q8["first_difference"]["transformers_margin"] < 1.0, q8
     readme = (Path(demo_exports["f16"]["out"]) / "README.md").read_text()
     assert "llama.cpp agrees with transformers on 8/8 held-out prompts" in readme
+
+
+@needs_converter
+@needs_llama_cpp
+def test_q4_k_m_goes_through_llama_cpps_quantizer_and_keeps_the_prompt_format(demo_exports):
+    from engine.gguf import read_header
+
+    result = demo_exports["q4_k_m"]
+    header = read_header(result["gguf"])
+    assert header.quant_type == "Q4_K_M"
+    assert header.metadata["tokenizer.chat_template"] == demo_exports["q8_0"]["chat_template"]
+    assert header.metadata["tokenizer.ggml.eos_token_id"] == 2
+    assert result["check"]["prompt_tokens_equal"] == 8, result["check"]
+    out = Path(result["out"])
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "export.json", "run-q4_k_m.gguf"]
 
 
 # ---------------------------------------------------------------------------------------------

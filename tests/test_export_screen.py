@@ -14,7 +14,7 @@ import pytest
 
 from conftest import copied_run, run_cli
 from screen import region_text, wait_for, wait_until
-from engine.after.export import DEFAULT_QUANT, QUANT_WORDS, QUANTS, converter_installed, quant_sizes
+from engine.after.export import DEFAULT_QUANT, QUANT_WORDS, QUANTS, converter_installed
 from tui.app import RunApp
 from tui.dialogs.export import ExportDialog
 from tui.format import size
@@ -32,11 +32,12 @@ def finished_run(demo_run, tmp_path_factory) -> Path:
     return copied_run(demo_run, tmp_path_factory.mktemp("export-runs"))
 
 
-def _demo_params(run_dir: Path) -> int:
+def _demo_sizes(run_dir: Path) -> dict[str, int]:
+    from engine.after.export import model_sizes
     from engine.after.session import finished_run, model_source
     from engine.modelinfo import inspect_model
 
-    return inspect_model(model_source(finished_run(run_dir))).params_total
+    return model_sizes(inspect_model(model_source(finished_run(run_dir))))
 
 
 async def _palette_names(screen) -> list[str]:
@@ -85,7 +86,7 @@ async def test_a_finished_run_offers_export_and_its_dialog_lists_each_quant_with
         await wait_until(pilot, lambda: dialog.sizes is not None and (dialog.error or "exporting" in
                                                                       region_text(app, "#export-status")),
                          timeout=60, what="the model's size and the plan")
-        sizes = quant_sizes(_demo_params(finished_run))
+        sizes = _demo_sizes(finished_run)
         assert dialog.sizes == sizes
         text = region_text(app, "#export-quant")
         for q in QUANTS:
@@ -222,7 +223,10 @@ async def test_an_export_that_fails_shows_its_error_line_and_the_choices_again(t
     import tui.dialogs.export as dialog_module
 
     run_dir = _recorded_finished_run(tmp_path / "runs" / "done")
-    plan = SimpleNamespace(params=10_000_000, summary=lambda: "exporting done as q8_0 GGUF (a plan)")
+    from engine.after.export import quant_sizes
+
+    plan = SimpleNamespace(params=10_000_000, sizes=quant_sizes(10_000_000),
+                           summary=lambda: "exporting done as q8_0 GGUF (a plan)")
     monkeypatch.setattr(dialog_module, "plan_export", lambda *a, **k: plan)
     script = ("import sys; print('converting to a q8_0 GGUF with llama.cpp\\'s converter', file=sys.stderr); "
               "print('error: llama.cpp\\'s converter failed: boom', file=sys.stderr); sys.exit(2)")

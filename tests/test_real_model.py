@@ -163,4 +163,5 @@ def test_export_runs_in_llama_cpp_as_it_ran_in_transformers(real_run, tmp_path):
     assert check["agree"] >= 7, check
     assert check["ended_by_stop"]["llama_cpp"] >= 7, check  # it stops where training taught it to
     assert 250 * 2**20 < result["gguf_bytes"] < 320 * 2**20
+    assert abs(result["gguf_bytes_estimated"] / result["gguf_bytes"] - 1) < 0.1  # the size shown before
     assert (out / "Modelfile").read_text().count("PARAMETER stop") >= 1

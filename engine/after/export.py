@@ -66,7 +66,7 @@ QUANT_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_k_m": 4.85 / 8}
 mix of 4- and 6-bit blocks), for the size shown before an export."""
 
 QUANT_WORDS = {"f16": "16-bit floats, no loss", "bf16": "bfloat16, no loss (needs a recent llama.cpp build)",
-               "q8_0": "8-bit, near lossless (the default)", "q4_k_m": "4-bit k-quant, smallest; small losses"}
+               "q8_0": "8-bit, near lossless (the default)", "q4_k_m": "4-bit k-quant, smallest; loses most on small models"}
 
 K_QUANTS = {"q4_k_m": 15}
 """k-quants llama.cpp's quantizer makes, with llama.cpp's file type number (``LLAMA_FTYPE_MOSTLY_Q4_K_M``)."""
@@ -100,9 +100,19 @@ def gguf_name(run: FinishedRun, quant: str) -> str:
     return f"{run.run_dir.name}-{quant}.gguf"
 
 
-def quant_sizes(params: int) -> dict[str, int]:
-    """The GGUF's size for each quant, from the parameter count (a few MB of metadata aside)."""
-    return {q: int(params * b) for q, b in QUANT_BYTES.items()}
+def quant_sizes(params: int, embedding: int = 0) -> dict[str, int]:
+    """The GGUF's size for each quant, from the parameter count (a few MB of metadata aside).
+    ``embedding``: of those, the embedding and output head's, which llama.cpp's k-quant mixes keep
+    at about 8 bits (a Gemma 3 270M's q4_k_m GGUF is two-thirds embedding)."""
+    sizes = {q: int(params * b) for q, b in QUANT_BYTES.items()}
+    for q in K_QUANTS:
+        sizes[q] = int((params - embedding) * QUANT_BYTES[q] + embedding * QUANT_BYTES["q8_0"])
+    return sizes
+
+
+def model_sizes(info) -> dict[str, int]:
+    """:func:`quant_sizes` of a model (``engine.modelinfo.ModelInfo``)."""
+    return quant_sizes(info.params_total, info.params_embedding + info.params_head)
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,8 @@ class ExportPlan:
     disk_needed: int
     disk_free: int | None
     max_new_tokens: int = CHECK_TOKENS
+    sizes: dict = field(default_factory=dict)
+    """Each quant's GGUF size (:func:`quant_sizes`)."""
 
     @property
     def gguf_path(self) -> Path:
@@ -188,18 +200,19 @@ def plan_export(run_dir, out, quant: str = DEFAULT_QUANT, *, merged=None, check:
                          trust_remote_code=preset.model.trust_remote_code)
     dtype = run_load_dtype(run)
     weights = info.params_total * DTYPE_BYTES[dtype]
-    gguf_bytes = quant_sizes(info.params_total)[quant]
+    sizes = model_sizes(info)
+    gguf_bytes = sizes[quant]
     # Merging holds the weights and one shard being saved; the converter streams tensors (lazily);
     # the check holds the merged model and the GGUF together.
     merge_memory = 0 if merged_dir else weights + min(weights, SAVE_SHARD_BYTES)
     check_memory = (weights + gguf_bytes) if check else 0
     memory = max(merge_memory, check_memory, min(weights, SAVE_SHARD_BYTES)) + RUNTIME_BYTES
-    intermediate = quant_sizes(info.params_total)["f16"] if quant in K_QUANTS else 0
+    intermediate = sizes["f16"] if quant in K_QUANTS else 0
     disk = (0 if merged_dir else weights) + gguf_bytes + intermediate + EXTRA_DISK_BYTES
     from engine.runs import free_bytes
 
     plan = ExportPlan(run, out, quant, bool(check), prompts, merged_dir, dtype, info.params_total, gguf_bytes,
-                      memory, meminfo_available(), disk, free_bytes(_existing_parent(out)), max_new_tokens)
+                      memory, meminfo_available(), disk, free_bytes(_existing_parent(out)), max_new_tokens, sizes)
     refuse_when_short(plan, "export", "pass --no-check")
     return plan
 
@@ -571,7 +584,7 @@ def export_run(plan: ExportPlan, progress: Callable[[str], None] | None = None) 
                  "json": out / EXPORT_JSON}
         result = {
             "run_dir": str(run.run_dir), "out": str(out), "quant": plan.quant, "format": form.fmt,
-            "gguf": str(final["gguf"]), "gguf_bytes": target.stat().st_size,
+            "gguf": str(final["gguf"]), "gguf_bytes": target.stat().st_size, "gguf_bytes_estimated": plan.gguf_bytes,
             "modelfile": str(final["modelfile"]), "readme": str(final["readme"]),
             "from_merged": str(plan.merged) if plan.merged else None,
             "chat_template": form.template, "stops": form.stops,

@@ -44,7 +44,6 @@ from engine.after.export import (
     QUANTS,
     llama_cpp_installed,
     plan_export,
-    quant_sizes,
 )
 from engine.errors import UserError, first_line
 from tui.format import size
@@ -105,11 +104,12 @@ class ExportDialog(ModalScreen[dict | None]):
     BINDINGS = [Binding("escape", "leave", "Cancel", tooltip="Close; an export under way is interrupted first")]
 
     class Planned(Message):
-        """The model's parameter count and the plan of the choice (its summary) or its refusal."""
+        """Each quant's GGUF size (None where the model could not be read) and the plan of the choice
+        (its summary) or its refusal."""
 
-        def __init__(self, params: int | None, summary: str | None, refusal: str | None) -> None:
+        def __init__(self, sizes: dict[str, int] | None, summary: str | None, refusal: str | None) -> None:
             super().__init__()
-            self.params = params
+            self.sizes = sizes
             self.summary = summary
             self.refusal = refusal
 
@@ -203,19 +203,19 @@ class ExportDialog(ModalScreen[dict | None]):
         except Exception as exc:  # noqa: BLE001 - one line, the sizes may still be read below
             refusal = f"cannot plan the export: {first_line(exc)}"
         else:
-            self.post_message(self.Planned(plan.params, plan.summary(), None))
+            self.post_message(self.Planned(plan.sizes, plan.summary(), None))
             return
-        params = None
         try:
+            from engine.after.export import model_sizes
             from engine.after.session import finished_run, model_source
             from engine.modelinfo import inspect_model
 
             run = finished_run(self.run_dir)
-            params = inspect_model(model_source(run), revision=run.preset.model.revision,
-                                   trust_remote_code=run.preset.model.trust_remote_code).params_total
+            sizes = model_sizes(inspect_model(model_source(run), revision=run.preset.model.revision,
+                                              trust_remote_code=run.preset.model.trust_remote_code))
         except Exception:  # noqa: BLE001 - the refusal above says what is wrong; sizes stay unknown
-            params = None
-        self.post_message(self.Planned(params, None, refusal))
+            sizes = None
+        self.post_message(self.Planned(sizes, None, refusal))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="export-run")
     def _export(self, quant: str, out: str) -> None:
@@ -298,8 +298,8 @@ class ExportDialog(ModalScreen[dict | None]):
 
     @on(Planned)
     def _planned(self, message: Planned) -> None:
-        if message.params:
-            self.sizes = quant_sizes(message.params)
+        if message.sizes:
+            self.sizes = message.sizes
             for q in QUANTS:
                 self.query_one(f"#quant-{q}", RadioButton).label = quant_label(q, self.sizes)
         if self.running:
