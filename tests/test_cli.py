@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, write_preset
 
 INSPECT_KEYS = {"model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "params_total", "lora_target_candidates", "default_targets",
@@ -293,3 +293,15 @@ def test_cache_shows_its_place_and_parts_and_clears_what_is_asked(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == ["someone-elses.txt"]
     r = run_cli("cache", "--only", "data", env=env)
     assert r.returncode == 2 and r.stderr.strip() == "error: --only is for `qlora-wizard cache clear`"
+
+
+def test_the_headless_start_warns_before_training_when_examples_do_not_end_with_the_eos(tmp_path, demo_cache):
+    """Cut at a short seq_len, demo examples lose their </s>: one warning line before training starts."""
+    preset = write_preset(tmp_path, training__seq_len=100, training__max_steps=1, training__eval_steps=1,
+                          training__save_steps=1, training__micro_batch_size=4, training__packing=False)
+    r = run_cli("--preset", str(preset), "--run-dir", str(tmp_path / "run"), timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, r.stderr
+    assert "do not end with the end-of-sequence token </s>" in warnings[0] and "cut at seq_len 100" in warnings[0]
+    assert "the model will not learn to stop on them; raise training.seq_len or shorten them" in warnings[0]

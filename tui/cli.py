@@ -519,18 +519,10 @@ def run_preset(preset_path: str, run_dir: str | None, detach: bool, nodes: int |
         if revision and revision != preset.model.revision:
             preset = preset.model_copy(update={"model": preset.model.model_copy(update={"revision": revision})})
         print(f"training {remote_code_words(preset.model.source, preset.model.revision)}", flush=True)
-    rd = start_run(preset, run_dir, node_rank or 0, master)
-    # Whether every example ends with the stop token (else the model does not learn to stop): start_run
-    # tokenized the data, so this reads its cache entry. Only a note: the run has started either way.
-    try:
-        from engine import data as data_mod
-
-        stop_line = data_mod.prepare_data(preset.data, data_mod.load_tokenizer(preset.model),
-                                          preset.training.seq_len, preset.training.seed).stats.stop_line()
-    except Exception:  # noqa: BLE001 - nothing to say rather than a second failure
-        stop_line = ""
-    if stop_line:
-        print(stop_line, file=sys.stderr if stop_line.startswith("warning:") else sys.stdout, flush=True)
+    # Whether every example ends with the stop token (else the model does not learn to stop), said
+    # before training starts; a warning goes to stderr.
+    rd = start_run(preset, run_dir, node_rank or 0, master, note=lambda line: print(
+        line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True))
     _print_launch(rd, preset, preset_path, master)
     return _follow(rd, detach)
 

@@ -831,10 +831,11 @@ def check_data(preset: Preset) -> DataReport:
 
 
 def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_rank: int = 0,
-              master: str | None = None) -> Path:
+              master: str | None = None, note=None) -> Path:
     """Check the data and the model's weights, create the run directory and start the detached
     training process (torchrun for several); returns the run directory. Every front end starts runs
-    through this. ``node_rank`` and ``master`` place this machine in a run over several."""
+    through this. ``node_rank`` and ``master`` place this machine in a run over several; ``note``, if
+    given, hears whether every example teaches the model to stop (the data statistics' stop line)."""
     from engine import data as data_mod
     from engine.plan import with_init_adapter
     from engine.runs import check_new_run_dir, launch_run, run_dir_for
@@ -860,8 +861,10 @@ def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_ran
     # Data that leaves nothing to train at this seq_len is refused here, with the numbers, not in the
     # detached run. Tokenized under the key the training process uses (same data, seq_len, seed and
     # tokenizer), so the run loads this cache entry instead of tokenizing again.
-    data_mod.prepare_data(preset.data, data_mod.load_tokenizer(preset.model), preset.training.seq_len,
-                          preset.training.seed)
+    prepared = data_mod.prepare_data(preset.data, data_mod.load_tokenizer(preset.model), preset.training.seq_len,
+                                     preset.training.seed)
+    if note is not None and prepared.stats.stop_line():
+        note(prepared.stats.stop_line())
     return launch_run(preset, run_dir, node_rank, master)
 
 
