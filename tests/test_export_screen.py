@@ -154,9 +154,8 @@ def test_runs_prints_the_export_command_of_the_newest_finished_run(finished_run)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not converter_installed(), reason=NO_CONVERTER)
 async def test_the_dialog_exports_q8_0_and_shows_the_gguf_the_verdict_and_how_to_run_it(finished_run, tmp_path):
-    if not converter_installed():
-        pytest.skip(NO_CONVERTER)
     out = tmp_path / "home"
     app = RunApp(finished_run, poll_interval=0.05)
     async with app.run_test(size=SIZE) as pilot:
@@ -183,9 +182,8 @@ async def test_the_dialog_exports_q8_0_and_shows_the_gguf_the_verdict_and_how_to
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not converter_installed(), reason=NO_CONVERTER)
 async def test_escape_interrupts_an_export_under_way_and_leaves_nothing(finished_run, tmp_path):
-    if not converter_installed():
-        pytest.skip(NO_CONVERTER)
     out = tmp_path / "home"
     app = RunApp(finished_run, poll_interval=0.05)
     async with app.run_test(size=SIZE) as pilot:
