@@ -136,8 +136,8 @@ async def test_the_dialog_refuses_a_folder_that_is_not_empty_in_one_line_before_
     app = RunApp(finished_run, poll_interval=0.05)
     async with app.run_test(size=SIZE) as pilot:
         dialog = await _export_into(pilot, taken)
-        await wait_until(pilot, lambda: dialog.error is not None and not dialog.running, timeout=60,
-                         what="the refusal")
+        await wait_until(pilot, lambda: dialog.error is not None and not dialog.running
+                         and "error:" in region_text(app, "#export-status"), timeout=60, what="the refusal")
         text = region_text(app, "#export-status")
         assert text.startswith("error: ") and "not empty" in text and str(taken) in text, text
         assert not dialog.query_one("#export-log").has_class("-shown")  # nothing ran
@@ -166,6 +166,8 @@ async def test_the_dialog_exports_q8_0_and_shows_the_gguf_the_verdict_and_how_to
         assert dialog.error is None, dialog.error
         gguf = out / f"{finished_run.name}-q8_0.gguf"
         assert gguf.is_file() and (out / "Modelfile").is_file() and (out / "export.json").is_file()
+        await wait_until(pilot, lambda: "written:" in region_text(app, "#export-result"), timeout=10,
+                         what="the result to show")
         text = region_text(app, "#export-result")
         assert f"written: {gguf}" in text and size(gguf.stat().st_size) in text, text
         name = finished_run.name.lower()
@@ -232,8 +234,9 @@ async def test_an_export_that_fails_shows_its_error_line_and_the_choices_again(t
     app = RunApp(run_dir, poll_interval=0.05)
     async with app.run_test(size=SIZE) as pilot:
         dialog = await _export_into(pilot, tmp_path / "out")
-        await wait_until(pilot, lambda: dialog.error is not None and not dialog.running, timeout=30,
-                         what="the export to fail")
+        await wait_until(pilot, lambda: dialog.error is not None and not dialog.running
+                         and "error:" in region_text(app, "#export-status")
+                         and "MiB" in region_text(app, "#export-quant"), timeout=30, what="the export to fail")
         assert dialog.error == "error: llama.cpp's converter failed: boom"
         assert region_text(app, "#export-status") == "error: llama.cpp's converter failed: boom"
         assert dialog.progress[0].startswith("converting to a q8_0 GGUF")  # the log stays, to read

@@ -84,7 +84,8 @@ async def test_finished_run_shows_status_final_loss_full_bar_and_diagnosis(tmp_p
     _curve_run(run_dir, 80, [(20, 1.60), (40, 1.20), (60, 1.05), (80, 1.02)])
     app = _app(run_dir)
     async with app.run_test(size=(100, 30)) as pilot:
-        text = await wait_for(pilot, "FINISHED", "learning curves")
+        # The footer follows the finished state a refresh later: wait for the keys it offers then too.
+        text = await wait_for(pilot, "FINISHED", "learning curves", "t Try it", "x Export", timeout=10)
         final = 3.0 * math.exp(-80 / 8) + 0.5
         assert "FINISHED" in text
         assert "step 80/80" in text
