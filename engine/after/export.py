@@ -235,7 +235,6 @@ class PromptFormat:
     """The text that ends a trained answer (the EOS, or the chat template's end-of-turn marker)."""
     end_id: int | None
     stops: list[str]
-    uses_plain_chat: bool
 
 
 def prompt_format(run: FinishedRun, tokenizer) -> PromptFormat:
@@ -260,7 +259,7 @@ def prompt_format(run: FinishedRun, tokenizer) -> PromptFormat:
     if end_id is not None and end_id == tokenizer.unk_token_id and end != tokenizer.unk_token:
         end_id = None
     return PromptFormat(fmt, template, bos, bos_token, eos_token, end or None, end_id,
-                        stops_for(fmt, end or None, plain_chat), plain_chat)
+                        stops_for(fmt, end or None, plain_chat))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +529,7 @@ def check_gguf(gguf: Path, merged: Path, run: FinishedRun, tokenizer, form: Prom
                 "transformers_margin": reference.margin(ids, new, _diverge(mine, answer)) if same_prompt else None,
                 "mismatch": not same_prompt}
     del reference
-    llm.close() if hasattr(llm, "close") else None
+    llm.close()  # llama-cpp-python 0.3.16 and later (the export-check extra's floor)
     result.seconds = time.perf_counter() - started
     return result
 
