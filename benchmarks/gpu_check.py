@@ -146,7 +146,7 @@ def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int, tim
         "seconds": round(time.time() - t0, 1),
         "attn": start and start.attn_implementation, "compute_dtype": start and start.compute_dtype,
         "kernels": start and start.kernels, "fused_kernels": start and start.fused_kernels,
-        "estimate_allocated": start and start.estimate.get("allocated_bytes"),
+        "estimate_allocated": start and start.estimate.allocated_bytes,
         "device_name": start and start.device_name, "versions": start and start.versions,
         "estimate_total": end.estimate_total, "estimate_reserved": end.estimate_reserved,
         "peak_reserved": end.peak_reserved, "peak_allocated": end.peak_allocated,
@@ -155,7 +155,7 @@ def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int, tim
         "median_tokens_per_s": speeds[len(speeds) // 2],
         "tokens_per_step": h.steps[-1].tokens if h.steps else None,
         "final_loss": h.steps[-1].loss if h.steps else None,
-        "world": start and start.world, "ranks": end.ranks,
+        "world": start.world.to_json() if start and start.world else None, "ranks": end.ranks,
     }
     if out["peak_reserved"] and out["estimate_reserved"]:
         out["reserved_error"] = round(out["estimate_reserved"] / out["peak_reserved"] - 1, 4)

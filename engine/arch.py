@@ -193,7 +193,7 @@ LEGACY_MODEL_TYPES = {"refinedwebmodel": "falcon", "refinedweb": "falcon", "gpt-
 """``model_type`` strings of old configs that transformers maps onto a profile's type."""
 
 # Layer names by role inside a decoder block, across families: which saved tensors LoRA adds
-# (``engine.memory``) and which layers the LoRA-target step offers as "attention" (``tui.draft``).
+# (``engine.memory``) and which layers the LoRA-target step offers as "attention" (``tui.steps.targets``).
 ATTENTION_QV = ("q_proj", "v_proj")
 """The original LoRA paper's choice (Hu et al. 2021, section 7.1): query and value projections."""
 FUSED_QKV = ("query_key_value", "qkv_proj", "c_attn", "Wqkv", "W_pack")

@@ -41,6 +41,10 @@ DEMO_DATA = "builtin:demo"
 DEMO_DATA_FILE = Path(__file__).resolve().parent / "demo_data" / "tiny-demo.jsonl"
 """The bundled demo data set (alpaca format)."""
 
+DEMO_PRESET = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
+"""The offline demo preset (the demo model on the demo data): what ``qlora-wizard demo`` trains and
+``make run`` opens the wizard on."""
+
 DEMO_MODEL_DIRNAME = "tiny-llama-v2"
 """Folder of the demo model inside the cache; the suffix changes whenever the recipe does."""
 

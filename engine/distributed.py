@@ -38,12 +38,18 @@ RANKS_FILE = "ranks.json"
 LOGS_DIR = "logs"
 """Where each rank of a multi-process run writes its own output (``logs/rank-R.log``)."""
 
-STRATEGY_WORDS = {
-    "single": "one GPU",
-    "ddp": "DDP (each GPU holds the whole model and trains its share of each batch)",
-    "fsdp": "FSDP (the model, adapters and optimizer states are sharded across the GPUs)",
+_STRATEGY_NAMES = {
+    "single": ("one GPU", "one GPU"),
+    "ddp": ("DDP", "DDP (each GPU holds the whole model and trains its share of each batch)"),
+    "fsdp": ("FSDP", "FSDP (the model, adapters and optimizer states are sharded across the GPUs)"),
 }
-"""Each strategy in words, for the memory step and the start line."""
+"""Each strategy of ``engine.memory.STRATEGIES``: (in a word, in words); read through the two below."""
+
+STRATEGY_SHORT = {strategy: short for strategy, (short, _) in _STRATEGY_NAMES.items()}
+"""Each strategy in a word, e.g. ``DDP``: the memory step's GPU line."""
+
+STRATEGY_WORDS = {strategy: words for strategy, (_, words) in _STRATEGY_NAMES.items()}
+"""Each strategy in words, what it does: ``estimate``'s strategy line."""
 
 LAUNCHER_SIGNALS = "SIGTERM,SIGINT,SIGQUIT"
 """The signals torchrun turns into "stop every worker" (``TORCHELASTIC_SIGNALS_TO_HANDLE``). SIGHUP is
@@ -442,7 +448,7 @@ def left_for_a_stop(run_dir: str | os.PathLike, dead: list[RankRecord]) -> bool:
 def describe_dead(dead: list[RankRecord]) -> str:
     """A dead rank in words: which, its pid, and its log's last error lines (a rank killed from
     outside has none: that is said instead)."""
-    from engine.runs import file_tail
+    from engine.files import file_tail
 
     first = dead[0]
     tail = file_tail(first.log, 40)

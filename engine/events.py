@@ -7,7 +7,9 @@ writer may be in the middle of it) and picks it up on the next read.
 Event kinds: ``start`` (settings, data statistics, memory estimate, device), ``step`` (step, epoch,
 loss, learning rate, grad norm, tokens/s, memory in use), ``eval`` (validation loss),
 ``checkpoint``, ``end`` (finished / stopped / failed, adapter path, peak memory against the
-estimate) and ``error`` (what went wrong, in words, with what to try).
+estimate) and ``error`` (what went wrong, in words, with what to try). Each is a dataclass, and so
+are the start event's data statistics, memory estimate and world (:class:`StartData`,
+:class:`StartEstimate`, :class:`StartWorld`): typed records that write back the JSON they were given.
 """
 
 from __future__ import annotations
@@ -45,6 +47,172 @@ def finite(value: Any) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The objects an event holds, one dataclass each
+
+
+_RECORD_FIELDS = ("extra", "given_keys")
+"""The fields every record has that are not keys of its object."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A JSON object inside an event (the start event's ``data``, ``estimate``, ``world``) as typed fields.
+
+    Tolerant as the events are: a key the object lacks (written by an older version) reads as None
+    and a key this version does not know is kept in ``extra``. ``to_json`` gives back the object it
+    was read from, key for key and in its order, so a line written through a record is the line the
+    writer's dict would have made."""
+
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    """Keys this version does not know."""
+    given_keys: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+    """The keys of the object it was read from, in order: those are written back (then any other field
+    set since). None for a record made here, which writes its fields that are not None (as an event
+    does), then ``extra``."""
+
+    @classmethod
+    def known(cls) -> tuple[str, ...]:
+        """The keys this version reads into fields."""
+        return tuple(f.name for f in fields(cls) if f.name not in _RECORD_FIELDS)
+
+    @classmethod
+    def from_json(cls, raw: Any):
+        """The record of an object as the events file holds it (a record is returned as it is; anything
+        that is not an object reads as the empty object)."""
+        if isinstance(raw, cls):
+            return raw
+        if not isinstance(raw, dict):
+            raw = {}
+        known = set(cls.known())
+        return cls(**{k: v for k, v in raw.items() if k in known},
+                   extra={k: v for k, v in raw.items() if k not in known}, given_keys=tuple(raw))
+
+    def to_json(self) -> dict:
+        """The object as the events file holds it."""
+        known = self.known()
+        given = self.given_keys if self.given_keys is not None else ()
+        keys = (*given, *(k for k in known if k not in given and getattr(self, k) is not None),
+                *(k for k in self.extra if k not in given))
+        return {k: getattr(self, k) if k in known else self.extra[k] for k in keys if k in known or k in self.extra}
+
+    @property
+    def empty(self) -> bool:
+        """Nothing in it: the object had no keys (an event that carried none, or ``{}``), or a record
+        made here has no field set."""
+        return not self.to_json()
+
+
+@dataclass(frozen=True)
+class StartData(Record):
+    """The start event's ``data``: ``engine.data.DataStats.to_json()``, what went into the training data."""
+
+    format: str | None = None
+    """The data format trained on (the one detected when the preset says ``auto``)."""
+    examples: int | None = None
+    """Training examples after cleaning, split, cap and truncation."""
+    validation_examples: int | None = None
+    """Validation examples."""
+    tokens: int | None = None
+    """Real tokens in the training examples (no padding)."""
+    supervised_tokens: int | None = None
+    """Tokens the loss is taken on, in one pass."""
+    validation_tokens: int | None = None
+    """Real tokens in the validation examples."""
+    truncated: int | None = None
+    """Examples (training and validation) cut at ``seq_len``."""
+    removed_duplicates: int | None = None
+    """Examples dropped as duplicates."""
+    removed_phrases: int | None = None
+    """Examples dropped for a drop phrase."""
+    removed_empty: int | None = None
+    """Examples dropped because nothing trainable was left after truncation."""
+    skipped_bad: int | None = None
+    """Bad records skipped (``data.skip_bad_records``)."""
+    max_len: int | None = None
+    """Longest training example in tokens."""
+    mean_len: float | None = None
+    """Mean training example length in tokens."""
+    seq_len: int | None = None
+    """The sequence length the examples were cut at."""
+    validation_supervised_tokens: int | None = None
+    """Validation tokens the loss is taken on."""
+    unstopped: int | None = None
+    """Training examples whose trained part does not end with a stop token."""
+    unstopped_cut: int | None = None
+    """Of those, the ones cut at ``seq_len``."""
+    stop_token: str | None = None
+    """The stop token the training examples end with (the most common one)."""
+    stop_is_eos: bool | None = None
+    """Whether that is the tokenizer's end-of-sequence token."""
+
+
+@dataclass(frozen=True)
+class StartEstimate(Record):
+    """The start event's ``estimate``: ``engine.memory.MemoryEstimate.to_json()``, in bytes."""
+
+    total_bytes: int | None = None
+    """The estimated device footprint of a training step."""
+    reserved_bytes: int | None = None
+    """The estimate of torch's reserved peak."""
+    allocated_bytes: int | None = None
+    """The estimate of torch's allocated peak."""
+    components: dict | None = None
+    """Ordered name -> bytes; they add up to ``total_bytes``."""
+    inference_rule_bytes: int | None = None
+    """The rule of thumb for inference, for comparison."""
+    budget_bytes: int | None = None
+    """The budget it was checked against (none at the start of a run)."""
+    fits: bool | None = None
+    """Whether it fits that budget."""
+    lora_params: int | None = None
+    """Trainable LoRA parameters."""
+    paged: bool | None = None
+    """The optimizer state is paged."""
+    paged_bytes: int | None = None
+    """Bytes of paged optimizer state."""
+    loss_peak_bytes: int | None = None
+    """The loss computation's own peak."""
+    layer_backward_bytes: int | None = None
+    """One layer's backward pass."""
+    phases_share_memory: bool | None = None
+    """Whether the forward and backward peaks share memory."""
+    notes: list | None = None
+    """What the estimate assumed, in words."""
+    strategy: str | None = None
+    """``single``, ``ddp`` or ``fsdp``: the strategy it estimated for."""
+    world_size: int | None = None
+    """Processes it estimated for (the estimate is per process)."""
+    sharded: list | None = None
+    """Components sharded across the processes (FSDP)."""
+    replicated: list | None = None
+    """Components every process holds whole."""
+
+
+@dataclass(frozen=True)
+class StartWorld(Record):
+    """The start event's ``world`` of a multi-process run (``engine.distributed.World.to_json()`` and more)."""
+
+    procs_per_node: int | None = None
+    """Processes (GPUs, or CPU processes) per machine."""
+    nodes: int | None = None
+    """Machines."""
+    device: str | None = None
+    """``cuda`` or ``cpu``."""
+    world_size: int | None = None
+    """Processes in all."""
+    describe: str | None = None
+    """The world in words: ``2 GPUs``, ``8 GPUs x 2 machines``."""
+    strategy: str | None = None
+    """``ddp`` or ``fsdp``."""
+    reason: str | None = None
+    """Why that strategy, in words."""
+    backend: str | None = None
+    """The collective backend: ``nccl`` or ``gloo``."""
+    ranks_file: str | None = None
+    """The run's record of its ranks (``ranks.json``)."""
+
+
+# ---------------------------------------------------------------------------------------------
 # The events, one dataclass per kind
 
 
@@ -68,7 +236,7 @@ class Event:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name != "extra" and value is not None:
-                out[f.name] = json_safe(value)
+                out[f.name] = json_safe(value.to_json() if isinstance(value, Record) else value)
         return out
 
 
@@ -83,10 +251,10 @@ class StartEvent(Event):
     """``ModelInfo.to_json()`` plus ``source`` and ``resolved_source``."""
     targets: list = field(default_factory=list)
     """The layer names LoRA adapts."""
-    data: dict = field(default_factory=dict)
-    """``DataStats.to_json()``."""
-    estimate: dict = field(default_factory=dict)
-    """``MemoryEstimate.to_json()``."""
+    data: StartData = field(default_factory=StartData)
+    """``DataStats.to_json()`` (given as that dict, kept as its record)."""
+    estimate: StartEstimate = field(default_factory=StartEstimate)
+    """``MemoryEstimate.to_json()`` (given as that dict, kept as its record)."""
     device: str | None = None
     """``cuda`` or ``cpu``."""
     device_name: str | None = None
@@ -103,17 +271,25 @@ class StartEvent(Event):
     resume_requested: bool = False
     pid: int | None = None
     versions: dict = field(default_factory=dict)
-    world: dict | None = None
-    """Several processes (``engine.distributed``): ``strategy``, ``reason``, ``world_size``,
-    ``procs_per_node``, ``nodes``, ``device``, ``describe`` (``2 GPUs``); None for one process."""
+    world: StartWorld | None = None
+    """Several processes (``engine.distributed``; given as a dict, kept as its record); None for one process."""
+
+    def __post_init__(self) -> None:
+        """The objects the writer hands over (and a file holds) as dicts, as their records."""
+        object.__setattr__(self, "data", StartData.from_json(self.data))
+        object.__setattr__(self, "estimate", StartEstimate.from_json(self.estimate))
+        world = self.world
+        object.__setattr__(self, "world",
+                           StartWorld.from_json(world) if isinstance(world, (dict, StartWorld)) else None)
 
     @property
     def world_words(self) -> str | None:
         """``2 GPUs, DDP`` for a multi-process run; None for one process."""
-        if not self.world:
+        world = self.world
+        if world is None or world.empty:
             return None
-        strategy = str(self.world.get("strategy") or "").upper()
-        return f"{self.world.get('describe') or self.world.get('world_size')}, {strategy}".rstrip(", ")
+        strategy = str(world.strategy or "").upper()
+        return f"{world.describe or world.world_size}, {strategy}".rstrip(", ")
 
     @property
     def remote_code(self) -> str | None:
@@ -125,26 +301,6 @@ class StartEvent(Event):
     def model_source(self) -> str:
         """The model as the person named it (the preset's source), else as the process resolved it."""
         return (self.preset.get("model") or {}).get("source") or self.model.get("source") or "?"
-
-    @property
-    def examples(self) -> int | None:
-        """Training examples after cleaning."""
-        return self.data.get("examples")
-
-    @property
-    def supervised_tokens(self) -> int | None:
-        """Tokens the loss is taken on, in one pass."""
-        return self.data.get("supervised_tokens")
-
-    @property
-    def estimate_total(self) -> int | None:
-        """The memory estimate's total (device footprint) in bytes."""
-        return self.estimate.get("total_bytes")
-
-    @property
-    def estimate_reserved(self) -> int | None:
-        """The memory estimate of torch's reserved peak in bytes."""
-        return self.estimate.get("reserved_bytes")
 
 
 @dataclass(frozen=True)
@@ -345,6 +501,12 @@ class NoEvents:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+POLL_S = 0.2
+"""Seconds between a follower's looks at ``events.jsonl`` (and the process and the log): the headless
+console runner and the run screen read what is written within a poll (the screen draws it then, or
+at its next redraw when news comes faster than ``tui.screens.run.SHOW_EVERY_S``)."""
 
 
 class EventTail:

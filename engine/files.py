@@ -7,6 +7,8 @@ with the modes the person's umask asks for.
 - :func:`open_append`: the append-only files (``events.jsonl``, ``train.log``, each rank's log,
   ``train.lock``) are opened with ``O_NOFOLLOW``: a link planted at the name is refused (ELOOP),
   never followed into someone else's file.
+- :func:`file_tail`: the last lines of a log (a run's ``train.log``, a rank's log), for the
+  engine's messages about a run.
 - Modes: every file the engine creates gets ``0o666 & ~umask`` and every folder ``0o777 & ~umask``,
   the same as the libraries' own files (checkpoints, adapters): with the usual umask 022 a run is
   readable by its owner's group and others and writable by the owner; with umask 077 it is private
@@ -118,3 +120,16 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_tail(path: str | os.PathLike, lines: int = 20) -> list[str]:
+    """The last non-empty lines of a log file (read from its last 64 KiB); empty when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if ln.strip()][-lines:]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from engine.errors import UserError, os_error
 from engine.events import EVENTS_FILE, fold_history, json_safe, read_events
-from engine.files import open_append
+from engine.files import file_tail, open_append
 from engine.preset import Preset, atomic_write_text, load_preset, preset_from_dict
 from engine.proc import DamagedRecord, process_start_time, send_signal, verified, verified_quietly
 
@@ -661,19 +661,6 @@ def run_log_path(run_dir: str | os.PathLike) -> Path:
     if rank0.is_file() and (_process_record(run_dir) or {}).get("launch"):
         return rank0
     return run_dir / LOG_FILE
-
-
-def file_tail(path: str | os.PathLike, lines: int = 20) -> list[str]:
-    """The last non-empty lines of a log file (read from its last 64 KiB); empty when it cannot be read."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return []
-    return [ln for ln in text.splitlines() if ln.strip()][-lines:]
 
 
 def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> list[str]:

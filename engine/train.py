@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import math
 import os
 import shutil
@@ -27,7 +28,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from engine.distributed import (
     RANKS_FILE,
@@ -52,6 +53,23 @@ from engine.runs import (
     newest_checkpoint,
     remove_incomplete_checkpoints,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+    from engine.data import PreparedData
+    from engine.distributed import RankRecord, Watchdog
+    from engine.memory import MemoryEstimate
+    from engine.modelinfo import ModelInfo
+    from engine.plan import DevicePlan
+
+    _TrainerBase = Trainer
+    _CallbackBase = TrainerCallback
+else:
+    # The engine's Trainer and callback are written for transformers' classes, which go beneath them
+    # when a run first builds one (_on_base): importing transformers takes seconds, importing this must not.
+    _TrainerBase = _CallbackBase = object
 
 
 TRANSFORMERS_OPTIMIZER_NAMES = {"adamw_8bit": "adamw_bnb_8bit"}
@@ -145,15 +163,22 @@ class RunState:
     """This process's place among the run's processes."""
     run_dir: Path | None = None
     """The run directory."""
-    control: Control = None
+    events: EventWriter | NoEvents = field(default_factory=NoEvents)
+    """Where the run's events go (``NoEvents`` on every rank but local rank 0)."""
+    stop: _StopFlag = field(default_factory=_StopFlag)
+    """SIGTERM and SIGINT so far, and the phase of the run that decides what they do."""
+    started: float = field(default_factory=time.time)
+    """When the run began (``time.time()``): every end event's ``elapsed_s`` counts from it."""
+    control: Control = field(init=False)
     """The ranks' agreement channel (answers locally in a single-process run)."""
-    preset: Any = None
-    """The preset as run (``Preset``), once read."""
-    estimate: Any = None
-    """The memory estimate (``MemoryEstimate``), once made."""
-    callback: Any = None
+    preset: Preset | None = None
+    """The preset as run, once read."""
+    estimate: MemoryEstimate | None = None
+    """The memory estimate, once made."""
+    callback: EventsCallback | None = None
     """The events callback, once the trainer exists (it keeps the device's peak)."""
     device: str = "cpu"
+    """``cuda`` or ``cpu``, once planned."""
     device_index: int = 0
     """The NVML index of this process's GPU."""
     step: int = 0
@@ -163,19 +188,22 @@ class RunState:
     device_used_before: int | None = None
     """What the GPU held before this process touched it."""
     writing_adapter: bool = False
+    """This process is writing the adapter (an end while it does removes the part written)."""
     adapter_partial: Path | None = None
     """The scratch folder the adapter is being written to (removed if the write is cut short)."""
     nonfinite_step: int | None = None
+    """The step whose loss was not finite (training stopped there)."""
     last_eval_step: int | None = None
+    """The step of the last validation."""
     stop_agreed: bool = False
     """Every rank agreed to checkpoint and stop at this step (a stop reached at least one of them)."""
-    ranks: list = field(default_factory=list)
-    """The ``engine.distributed.RankRecord`` of each rank on this machine (several processes only)."""
-    watchdog: Any = None
+    ranks: list[RankRecord] = field(default_factory=list)
+    """The record of each rank on this machine (several processes only)."""
+    watchdog: Watchdog | None = None
+    """The thread that notices another rank of this machine dying (local rank 0 of several only)."""
 
     def __post_init__(self) -> None:
-        if self.control is None:
-            self.control = Control(self.rank)
+        self.control = Control(self.rank)
 
 
 REAL_TOKENS_KEY = "real_tokens"
@@ -237,89 +265,98 @@ def _nvml_used_bytes(index: int = 0) -> int | None:
         return None
 
 
-def _make_callback(events: EventWriter, stop: _StopFlag, run: RunState):
-    """A TrainerCallback that turns the trainer's progress into events (on the rank that writes them)
-    and a stop asked of any rank into checkpoint-and-stop on all of them at the same step."""
-    from transformers import TrainerCallback
+class EventsCallback(_CallbackBase):
+    """A TrainerCallback (``_on_base`` puts transformers' ``TrainerCallback`` beneath it) that turns the
+    trainer's progress into step, eval and checkpoint events (on the rank that writes them) and a stop
+    asked of any rank into checkpoint-and-stop on all of them at the same step."""
 
-    class EventsCallback(TrainerCallback):
-        """Writes step, eval and checkpoint events; turns a stop request into checkpoint-and-stop."""
+    def __init__(self, run: RunState) -> None:
+        self.run = run
+        """The run's state: its events, its stop, its step and tokens."""
+        self.last_time = time.time()
+        """When the last step event (or a validation, or a checkpoint) was done: its speed counts from here."""
+        self.last_tokens = 0
+        """Real tokens all ranks had trained on at the last step event."""
+        self.peak_device_used = 0
+        """The most the device held at any step event (the highest of the ranks')."""
 
-        def __init__(self) -> None:
-            self.last_time = time.time()
-            self.last_tokens = 0
-            self.peak_device_used = 0
+    def on_train_begin(self, args, state, control, **kw):
+        """The speed of the first step counts from here."""
+        self.last_time = time.time()
+        self.last_tokens = self._all_tokens(self.run.tokens)
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.last_time = time.time()
-            self.last_tokens = self._all_tokens(run.tokens)
+    def _all_tokens(self, mine: int) -> int:
+        run = self.run
+        return sum(run.control.gather(mine, check_count)) if run.rank.distributed else mine
 
-        def _all_tokens(self, mine: int) -> int:
-            return sum(run.control.gather(mine, check_count)) if run.rank.distributed else mine
+    def on_step_end(self, args, state, control, **kw):
+        """The step done; a stop asked of any rank checkpoints this step and stops, on every rank."""
+        run = self.run
+        run.step = state.global_step
+        # Every rank asks every step (a one-integer gloo all-reduce, no GPU sync): a stop that
+        # reached one rank is seen by all before the next step, so they checkpoint the same step.
+        if run.control.any(run.stop.requested):
+            run.stop_agreed = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
-        def on_step_end(self, args, state, control, **kw):
-            run.step = state.global_step
-            # Every rank asks every step (a one-integer gloo all-reduce, no GPU sync): a stop that
-            # reached one rank is seen by all before the next step, so they checkpoint the same step.
-            if run.control.any(stop.requested):
-                run.stop_agreed = True
-                control.should_save = True
-                control.should_training_stop = True
+    def on_log(self, args, state, control, logs=None, **kw):
+        """A training log becomes a step event (loss, speed, memory, every rank's when several); a
+        non-finite loss stops training."""
+        logs = logs or {}
+        if "loss" not in logs:
             return control
+        run = self.run
+        now = time.time()
+        mem = _memory_now(run.device, run.device_index)
+        mine = {"rank": run.rank.rank, "tokens": run.tokens, **mem}
+        every = run.control.gather(mine, check_numbers)  # every rank logs the same steps (the loss is all-reduced)
+        seen = sum(r["tokens"] for r in every)
+        tokens = seen - self.last_tokens
+        dt = max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, seen
+        if run.rank.distributed:
+            mem = {k: max(r.get(k) or 0 for r in every) for k in mem}
+        self.peak_device_used = max(self.peak_device_used, mem.get("mem_device_used", 0))
+        loss = float(logs["loss"])
+        run.events.emit(
+            "step",
+            step=state.global_step,
+            total_steps=state.max_steps,
+            epoch=round(float(state.epoch or 0), 4),
+            loss=loss,
+            learning_rate=logs.get("learning_rate"),
+            grad_norm=logs.get("grad_norm"),
+            tokens=tokens,
+            tokens_per_s=tokens / dt,
+            tokens_seen=seen,
+            ranks=every if run.rank.distributed else None,
+            **mem,
+        )
+        if not math.isfinite(loss):
+            run.nonfinite_step = state.global_step
+            control.should_training_stop = True
+        return control
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if "loss" not in logs:
-                return control
-            now = time.time()
-            mem = _memory_now(run.device, run.device_index)
-            mine = {"rank": run.rank.rank, "tokens": run.tokens, **mem}
-            every = run.control.gather(mine, check_numbers)  # every rank logs the same steps (the loss is all-reduced)
-            seen = sum(r["tokens"] for r in every)
-            tokens = seen - self.last_tokens
-            dt = max(now - self.last_time, 1e-9)
-            self.last_time, self.last_tokens = now, seen
-            if run.rank.distributed:
-                mem = {k: max(r.get(k) or 0 for r in every) for k in mem}
-            self.peak_device_used = max(self.peak_device_used, mem.get("mem_device_used", 0))
-            loss = float(logs["loss"])
-            events.emit(
-                "step",
-                step=state.global_step,
-                total_steps=state.max_steps,
-                epoch=round(float(state.epoch or 0), 4),
-                loss=loss,
-                learning_rate=logs.get("learning_rate"),
-                grad_norm=logs.get("grad_norm"),
-                tokens=tokens,
-                tokens_per_s=tokens / dt,
-                tokens_seen=seen,
-                ranks=every if run.rank.distributed else None,
-                **mem,
-            )
-            if not math.isfinite(loss):
-                run.nonfinite_step = state.global_step
-                control.should_training_stop = True
-            return control
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        """A validation becomes an eval event."""
+        # Time spent validating is not training time: the next step's speed starts from here.
+        self.last_time = time.time()
+        metrics = metrics or {}
+        self.run.last_eval_step = state.global_step
+        if "eval_loss" in metrics:
+            self.run.events.emit("eval", step=state.global_step, epoch=round(float(state.epoch or 0), 4),
+                                 eval_loss=float(metrics["eval_loss"]))
+        return control
 
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            # Time spent validating is not training time: the next step's speed starts from here.
-            self.last_time = time.time()
-            metrics = metrics or {}
-            run.last_eval_step = state.global_step
-            if "eval_loss" in metrics:
-                events.emit("eval", step=state.global_step, epoch=round(float(state.epoch or 0), 4),
-                            eval_loss=float(metrics["eval_loss"]))
-            return control
-
-        def on_save(self, args, state, control, **kw):
-            self.last_time = time.time()  # nor is time spent writing a checkpoint
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            _settle_modes(path)
-            events.emit("checkpoint", step=state.global_step, path=str(path))
-            return control
-
-    return EventsCallback()
+    def on_save(self, args, state, control, **kw):
+        """A checkpoint written becomes a checkpoint event, its files given the run's modes."""
+        self.last_time = time.time()  # nor is time spent writing a checkpoint
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        _settle_modes(path)
+        self.run.events.emit("checkpoint", step=state.global_step, path=str(path))
+        return control
 
 
 def _settle_modes(folder: Path) -> None:
@@ -612,6 +649,74 @@ def _collator(preset: Preset, tokenizer, device_plan, own_loss: bool = False):
     return _EngineCollator(inner, bounds=preset.training.packing and attn in PACKED_KERNELS, positions=own_loss)
 
 
+class CountingTrainer(_TrainerBase):
+    """Trainer (``_on_base`` puts transformers' ``Trainer`` beneath it) that counts the real tokens of
+    each training micro batch (not evaluation's) and computes the loss itself where ``engine.loss``
+    can (trained positions only, in chunks, or through Liger's fused linear cross-entropy)."""
+
+    def __init__(self, *, run: RunState, own_loss: bool, fused: bool, chunk: int, **kwargs) -> None:
+        self.run = run
+        """Where the real tokens are counted (``RunState.tokens``)."""
+        self.own_loss = own_loss
+        """The engine computes the loss (``engine.loss.chunked_loss_applies``); else transformers does."""
+        self.fused = fused
+        """The engine's loss goes through Liger's fused linear cross-entropy (the plan's ``liger``)."""
+        self.chunk = chunk
+        """Positions per chunk of the engine's loss (``engine.loss.loss_chunk_tokens``)."""
+        super().__init__(**kwargs)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        """One training micro batch, its real tokens counted (the collator's count, else the mask's)."""
+        inputs = dict(inputs)
+        tokens = inputs.pop(REAL_TOKENS_KEY, None)
+        self.run.tokens += _count_tokens(inputs) if tokens is None else tokens
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss through ``engine.loss`` where it applies (a training or evaluation batch with
+        labels), else transformers'."""
+        from engine.loss import causal_lm_loss, decoder_and_head, head_passes_hidden_states, logit_transform
+
+        inputs = dict(inputs)
+        inputs.pop(REAL_TOKENS_KEY, None)  # evaluation batches carry it too
+        positions = inputs.pop(TRAINED_POSITIONS_KEY, None)
+        unwrapped = self.accelerator.unwrap_model(model)
+        decoder, head = decoder_and_head(unwrapped) if self.own_loss else (None, None)
+        if decoder is None or ("labels" not in inputs and "shift_labels" not in inputs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
+        transform = logit_transform(unwrapped)
+        # The model's forward runs under the mixed-precision autocast accelerate wraps it in;
+        # the decoder called directly needs the same.
+        with self.accelerator.autocast():
+            if model is not unwrapped:
+                # DDP or FSDP: the wrapped model's own forward must run (DDP's prepares the
+                # gradients' all-reduce, FSDP's gathers the shards); the head hands the hidden
+                # states through (FSDP keeps the root unit's weights, the head's among them,
+                # gathered until the backward) and the loss below applies it in chunks.
+                with head_passes_hidden_states(head, unwrapped):
+                    hidden = model(**inputs).logits
+            else:
+                hidden = decoder(**inputs).last_hidden_state
+            loss = causal_lm_loss(hidden, head, labels, shift_labels=shift_labels,
+                                  num_items_in_batch=num_items_in_batch, positions=positions,
+                                  fused=self.fused, transform=transform, chunk=self.chunk)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # The Trainer counts the trained tokens of all ranks (num_items_in_batch is their sum)
+            # and DDP averages the ranks' gradients: scale back by the ranks, as its own loss does.
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+@functools.cache
+def _on_base(cls: type, base: type) -> type:
+    """``cls`` (``EventsCallback``, ``CountingTrainer``) as a subclass of the transformers class it is
+    written for, ``base``: made when a run first builds one, so that importing this module does not
+    import transformers."""
+    return type(cls.__name__, (cls, base), {"__doc__": cls.__doc__})
+
+
 def _peak_memory(run: RunState, gather: bool = False) -> dict:
     """Peak memory of the run: torch's reserved/allocated and the device total on CUDA, RSS on the CPU.
 
@@ -682,40 +787,30 @@ def _lost_rank(run: RunState, wait_s: float = LOST_RANK_WAIT_S) -> tuple[str, in
     return (describe_dead(dead), dead[0].rank, left_for_a_stop(run.run_dir, dead)) if dead else None
 
 
-def _end_stopped_early(run_dir: Path, resume: bool, events, stop: _StopFlag, run: RunState, started: float) -> int:
-    """A stop before training began (or resumed): nothing trained, nothing to save; every rank ends at once."""
-    stop.phase = "ending"
-    mark_stopped(run_dir, run.rank)
-    ckpt = newest_checkpoint(run_dir)
-    message = (f"stopped before training resumed; {ckpt.name} is as it was" if ckpt and resume
-               else "stopped before training began; nothing to save")
-    _emit(events, "end", status="stopped", signal=stop.signal_name or None, step=run.step,
-          checkpoint=_str(ckpt), message=message, elapsed_s=time.time() - started)
-    return EXIT_OK if run.rank.distributed else EXIT_STOPPED
-
-
-def _end_for_lost_rank(run_dir: Path, events, stop: _StopFlag, run: RunState, started: float, dead: list) -> None:
+def _end_for_lost_rank(run: RunState, dead: list[RankRecord]) -> None:
     """The watchdog's verdict: another rank of this machine died; end the run as failed, naming it,
     and leave at once (the collective this process waits in would never return).
 
     Not when a stop reached this process before training began: then every rank ends at once, each
     on its own, and a sibling already gone is no fault (once training runs, the ranks agree on the
     step and leave only after their last collective, where the watchdog stops)."""
+    stop = run.stop
     if (stop.phase == "setup" and stop.requested) or stop.phase == "ending":
         return
     from engine.distributed import left_for_a_stop
 
-    if left_for_a_stop(run_dir, dead):
+    if left_for_a_stop(run.run_dir, dead):
         # The sibling was stopped: the same stop is on its way here (or was sent to it alone): take it.
         os.kill(os.getpid(), signal.SIGTERM)
         return
     stop.phase = "ending"
-    saved = _clean_up_unfinished(run_dir, run)
+    saved = _clean_up_unfinished(run.run_dir, run)
     message = (f"{describe_dead(dead)}; the run cannot go on without it; {saved}; "
-               f"`qlora-wizard resume {run_dir}` continues from the newest checkpoint")
-    _emit(events, "error", message=message, step=run.step)
-    _emit(events, "end", status="failed", message=message, step=run.step, failed_rank=dead[0].rank,
-          elapsed_s=time.time() - started, checkpoint=_str(newest_checkpoint(run_dir)), **_peak_memory(run))
+               f"`qlora-wizard resume {run.run_dir}` continues from the newest checkpoint")
+    _emit(run.events, "error", message=message, step=run.step)
+    _emit(run.events, "end", status="failed", message=message, step=run.step, failed_rank=dead[0].rank,
+          elapsed_s=time.time() - run.started, checkpoint=_str(newest_checkpoint(run.run_dir)),
+          **_peak_memory(run))
     _say(f"error: {message}")
     os._exit(EXIT_FAILED)
 
@@ -747,59 +842,26 @@ def run_training(run_dir: Path, resume: bool = False, callbacks: tuple = (), loc
         return EXIT_BAD_INPUT
     stop = _StopFlag()
     stop.install()
-    started = time.time()
-    run = RunState(rank=rank, run_dir=run_dir)
+    run = RunState(rank=rank, run_dir=run_dir, events=events, stop=stop, started=time.time())
+    recipe = TrainingRecipe(run, resume, callbacks)
     try:
-        return _train(run_dir, resume, events, stop, started, run, callbacks)
+        recipe.setup()
+        recipe.train()
+        if recipe.outcome == "finished":
+            recipe.save()
+        return recipe.end()
     except StopRequested:
-        return _end_stopped_early(run_dir, resume, events, stop, run, started)
+        return recipe.end_stopped_early()
     except AbandonRequested:
-        stop.phase = "ending"
-        mark_stopped(run_dir, run.rank)
-        saved = _clean_up_unfinished(run_dir, run)
-        doing = "writing the adapter" if run.writing_adapter else f"step {run.step}"
-        message = f"abandoned at {doing} by a {_ordinal(stop.count)} {stop.signal_name}: {saved}"
-        _emit(events, "end", status="stopped", signal=stop.signal_name, step=run.step, abandoned=True,
-              checkpoint=_str(newest_checkpoint(run_dir)), message=message, elapsed_s=time.time() - started,
-              **_peak_memory(run))
-        return EXIT_STOPPED
+        return recipe.end_abandoned()
     except UserError as exc:
-        stop.phase = "ending"
-        _emit(events, "error", message=exc.one_line(), bad_input=True)
-        _emit(events, "end", status="failed", message=exc.one_line(), elapsed_s=time.time() - started)
-        return EXIT_BAD_INPUT
+        return recipe.end_bad_input(exc)
     except Exception as exc:  # the run's own failure: report it in words, keep the traceback in the log
-        was = stop.phase
-        stop.phase = "ending"
-        try:
-            traceback.print_exc()
-        except OSError:
-            pass
-        lost = _lost_rank(run)
-        if lost is not None and lost[2]:
-            # A stop reached the ranks and a sibling left first (it was still loading, before the
-            # ranks could agree on a step), breaking the collective this rank was in: stopped, not lost.
-            if was == "setup":
-                return _end_stopped_early(run_dir, resume, events, stop, run, started)
-            mark_stopped(run_dir, run.rank)
-            saved = _clean_up_unfinished(run_dir, run)
-            _emit(events, "end", status="stopped", signal=stop.signal_name or None, step=run.step,
-                  checkpoint=_str(newest_checkpoint(run_dir)), elapsed_s=time.time() - started,
-                  message=f"stopped at step {run.step}: another rank left for the stop before the ranks could "
-                          f"agree on a step to save; {saved}")
-            return EXIT_OK
-        message, exit_code = _describe_failure(exc, run, run_dir)
-        if lost is not None:  # a collective failed because a peer is gone: that is the cause
-            saved = _clean_up_unfinished(run_dir, run)
-            message = (f"{lost[0]}; the run cannot go on without it; {saved}; "
-                       f"`qlora-wizard resume {run_dir}` continues from the newest checkpoint")
-        _emit(events, "error", message=message, exception=type(exc).__name__)
-        _emit(events, "end", status="failed", message=message, step=run.step,
-              elapsed_s=time.time() - started, checkpoint=_str(newest_checkpoint(run_dir)),
-              failed_rank=lost[1] if lost else (run.rank.rank if run.rank.distributed else None),
-              **_peak_memory(run))
-        return exit_code
+        return recipe.end_failed(exc)
     finally:
+        # The recipe's model, Trainer and data go first, before the ranks' process group closes: a DDP
+        # model freed after it waits forever for a gloo thread that needs the interpreter lock.
+        del recipe
         if run.watchdog is not None:
             run.watchdog.stop()
         stop.uninstall()
@@ -877,268 +939,444 @@ def _free_bytes_if_full(exc: BaseException, run_dir: Path) -> int | None:
     return None
 
 
-def _train(run_dir: Path, resume: bool, events, stop: _StopFlag, started: float, run: RunState,
-           callbacks: tuple = ()) -> int:
-    """The run, top to bottom: data check, ranks, tokenizer and data, estimate, model, adapters, Trainer."""
-    from engine.plan import with_init_adapter
+class TrainingRecipe:
+    """The run of one training process, as a recipe read top to bottom: ``setup`` (the preset, the
+    device, the data, the model with its adapters, the Trainer), ``train`` (the Trainer's loop, from
+    the newest checkpoint on a resume), ``save`` (a last validation, the adapter) and ``end`` (the end
+    event, the exit status). The ``end_*`` methods end it on every other path: a stop before training,
+    an abandoned stop, bad input, a failure (the watchdog's ``_end_for_lost_rank`` ends it when another
+    rank is lost). What every end reads is in ``run``, which the events callback and the watchdog read
+    and write too; the recipe itself, with the model and the Trainer, is freed before the ranks'
+    process group closes (``run_training``)."""
 
-    preset = with_init_adapter(load_preset(run_dir / "preset.yaml"))
-    run.preset = preset
-    from engine.plan import report_to
+    def __init__(self, run: RunState, resume: bool = False, callbacks: tuple[TrainerCallback, ...] = ()) -> None:
+        self.run = run
+        """The run's state: its directory, events, stop, step, and what every end reads."""
+        self.resume = resume
+        """Continue from the newest complete checkpoint."""
+        self.callbacks = callbacks
+        """Extra ``TrainerCallback``s, after the events callback."""
+        self.preset: Preset | None = None
+        """The preset as run (``run.preset`` too, for a failure's advice)."""
+        self.source = ""
+        """The model as ``from_pretrained`` loads it (a .gguf's converted folder, the demo's folder)."""
+        self.info: ModelInfo | None = None
+        """The model's description, read before any weights."""
+        self.device_plan: DevicePlan | None = None
+        """Where and in which precision the run computes (with the ranks' strategy, when several)."""
+        self.world: dict | None = None
+        """The start event's ``world``: the ranks, the strategy and why (several processes only)."""
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        """The model's tokenizer."""
+        self.prepared: PreparedData | None = None
+        """The tokenized training (and validation) examples."""
+        self.targets: tuple[str, ...] = ()
+        """The layer names LoRA adapts."""
+        self.estimate: MemoryEstimate | None = None
+        """The memory estimate for these settings (``run.estimate`` too)."""
+        self.steps = 0
+        """Optimizer steps the run trains to."""
+        self.steps_per_epoch = 0
+        """Optimizer steps in one pass over the data."""
+        self.checkpoint: Path | None = None
+        """The checkpoint a resume continues from."""
+        self.model: PeftModel | None = None
+        """The base model with its LoRA adapters."""
+        self.trainer: CountingTrainer | None = None
+        """The Trainer."""
+        self.outcome = ""
+        """How the Trainer's loop ended: ``finished``, ``stopped`` (a stop, before the last step) or
+        ``failed`` (a non-finite loss)."""
+        self.adapter_dir: Path | None = None
+        """The adapter written (None on every rank but the one that writes it)."""
 
-    report_to(preset)  # a logger that is not installed is said now, not after the model has loaded
+    def setup(self) -> None:
+        """Everything before the first step, cheapest checks first: the preset and its data, the
+        device, the tokenized data and the estimate, the start event, the model, the Trainer."""
+        self._read_preset()
+        self._plan_device()
+        self._prepare_data()
+        self._emit_start()
+        self._build_model()
+        self._build_trainer()
 
-    # 1. The data, checked before anything heavy loads, so a bad line is reported within seconds.
-    from engine import data as data_mod
+    def _read_preset(self) -> None:
+        """The preset as run, its loggers, and its data, checked before anything heavy loads, so a bad
+        line is reported within seconds."""
+        from engine.plan import with_init_adapter
 
-    data_mod.check_records(preset.data)
+        self.preset = self.run.preset = with_init_adapter(load_preset(self.run.run_dir / "preset.yaml"))
+        from engine.plan import report_to
 
-    import torch
-    import transformers
+        report_to(self.preset)  # a logger that is not installed is said now, not after the model has loaded
+        from engine import data as data_mod
 
-    transformers.logging.set_verbosity_error()
-    from engine.demo import resolve_model_source
-    from engine.distributed import World, visible_gpus
-    from engine.gpu import probe_gpus
-    from engine.modelinfo import inspect_model, remote_code_words, require_weights
-    from engine.plan import (memory_settings, plan_device, resolve_targets, steps_per_epoch, total_steps,
-                             with_world)
+        data_mod.check_records(self.preset.data)
 
-    from engine.gguf import local_model
+    def _plan_device(self) -> None:
+        """The model's description (no weights yet), this process's GPU and what it held before, and
+        the plan: precision, attention, kernels; with several processes, the ranks met and their
+        strategy agreed."""
+        import torch
+        import transformers
 
-    # A .gguf becomes its converted bf16 folder (converted once, normally already by start_run).
-    source = local_model(resolve_model_source(preset.model.source))
-    info = inspect_model(source, revision=preset.model.revision, trust_remote_code=preset.model.trust_remote_code)
-    require_weights(info)
-    gpus = visible_gpus(probe_gpus()) if torch.cuda.is_available() else []
-    rank = run.rank
-    if gpus and rank.local_rank >= len(gpus):
-        raise UserError(f"rank {rank.rank} was started for GPU {rank.local_rank}, but this machine shows "
-                        f"{len(gpus)} GPU(s)", "start it again with no more processes per machine than GPUs")
-    run.device_index = gpus[rank.local_rank].index if gpus else 0
-    # What the device held before this process touched it (driver reserve, other processes), so the
-    # end event can tell this run's own footprint from the device total nvidia-smi shows.
-    run.device_used_before = _nvml_used_bytes(run.device_index) if gpus else None
-    mine = gpus[rank.local_rank:rank.local_rank + 1]
-    if mine:
-        torch.cuda.set_device(rank.local_rank)  # before anything touches CUDA: each rank its own GPU
-    device_plan = _checked_plan(plan_device(preset, mine, info.model_type))
-    run.device = device_plan.device
-    run.control.start(device_plan.device)
-    strategy = None
-    if rank.distributed:
-        _meet_the_ranks(run_dir, run, events, stop, started)
-        strategy = _strategy_as_begun(run_dir) if resume else None
+        transformers.logging.set_verbosity_error()
+        from engine.demo import resolve_model_source
+        from engine.distributed import visible_gpus
+        from engine.gguf import local_model
+        from engine.gpu import probe_gpus
+        from engine.modelinfo import inspect_model, require_weights
+        from engine.plan import plan_device
+
+        run, rank, preset = self.run, self.run.rank, self.preset
+        # A .gguf becomes its converted bf16 folder (converted once, normally already by start_run).
+        self.source = local_model(resolve_model_source(preset.model.source))
+        self.info = inspect_model(self.source, revision=preset.model.revision,
+                                  trust_remote_code=preset.model.trust_remote_code)
+        require_weights(self.info)
+        gpus = visible_gpus(probe_gpus()) if torch.cuda.is_available() else []
+        if gpus and rank.local_rank >= len(gpus):
+            raise UserError(f"rank {rank.rank} was started for GPU {rank.local_rank}, but this machine shows "
+                            f"{len(gpus)} GPU(s)", "start it again with no more processes per machine than GPUs")
+        run.device_index = gpus[rank.local_rank].index if gpus else 0
+        # What the device held before this process touched it (driver reserve, other processes), so the
+        # end event can tell this run's own footprint from the device total nvidia-smi shows.
+        run.device_used_before = _nvml_used_bytes(run.device_index) if gpus else None
+        mine = gpus[rank.local_rank:rank.local_rank + 1]
+        if mine:
+            torch.cuda.set_device(rank.local_rank)  # before anything touches CUDA: each rank its own GPU
+        self.device_plan = _checked_plan(plan_device(preset, mine, self.info.model_type))
+        run.device = self.device_plan.device
+        run.control.start(self.device_plan.device)
+        if rank.distributed:
+            self._meet_the_ranks()
+            self._agree_on_strategy(gpus)
+
+    def _meet_the_ranks(self) -> None:
+        """Every rank says who it is; local rank 0 records this machine's ranks (``ranks.json``, which
+        ``stop`` signals) and starts watching them."""
+        from dataclasses import asdict
+
+        from engine.distributed import RankRecord, Watchdog, this_rank_record, write_ranks
+
+        run = self.run
+        clear_stopped(run.run_dir, run.rank)  # an earlier launch's stop is not this one's
+        every = run.control.gather(asdict(this_rank_record(run.run_dir, run.rank)))
+        # Each peer's record is checked field by field: a peer's word is data, never trusted as it comes.
+        every = [RankRecord.from_json(r, f"rank {i}'s record") for i, r in enumerate(every)]
+        run.ranks = [r for r in every if r.node == run.rank.node_rank]  # this machine's: the ones it can see
+        if not run.rank.is_local_main:
+            return
+        local = run.ranks
+        try:
+            write_ranks(run.run_dir, local)
+        except OSError as exc:
+            raise os_error(exc, "write", exc.filename or run.run_dir) from None
+        run.watchdog = Watchdog(local, lambda dead: _end_for_lost_rank(run, dead), run.run_dir).start()
+
+    def _agree_on_strategy(self, gpus: list) -> None:
+        """Rank 0 chooses the strategy (on a resume, the one the checkpoints were written with) and
+        every rank runs the same; ``gpus`` are this machine's."""
+        from dataclasses import replace
+
+        from engine.distributed import World
+        from engine.plan import with_world
+
+        run, rank, preset, info = self.run, self.run.rank, self.preset, self.info
+        strategy = _strategy_as_begun(run.run_dir) if self.resume else None
         world = World(rank.local_world_size, max(1, rank.world_size // max(1, rank.local_world_size)),
-                      device_plan.device)
+                      self.device_plan.device)
         budget = min(g.free_bytes for g in gpus) if gpus else None
         decided = None
         if rank.is_main:
-            chosen = with_world(device_plan, preset, info, world, rank, strategy, budget)
+            chosen = with_world(self.device_plan, preset, info, world, rank, strategy, budget)
             decided = (chosen.strategy, chosen.strategy_reason)
         strategy, why = run.control.share(decided, _check_strategy)  # rank 0 decides; every rank runs the same
-        from dataclasses import replace
-
-        device_plan = replace(with_world(device_plan, preset, info, world, rank, strategy), strategy_reason=why)
-        world_json = {**world.to_json(), "describe": world.describe(), "strategy": strategy, "reason": why,
+        self.device_plan = replace(with_world(self.device_plan, preset, info, world, rank, strategy),
+                                   strategy_reason=why)
+        self.world = {**world.to_json(), "describe": world.describe(), "strategy": strategy, "reason": why,
                       "backend": world.backend, "ranks_file": RANKS_FILE}
-    else:
-        world_json = None
 
-    tokenizer = data_mod.load_tokenizer(preset.model)
-    t = preset.training
-    prepared = data_mod.prepare_data(preset.data, tokenizer, t.seq_len, t.seed)
-    if prepared.stats.examples == 0:
-        raise UserError(f"no training examples left in {preset.data.train} after cleaning",
-                        "check data.drop_phrases, data.dedupe and the sequence length")
-    if rank.is_main and prepared.stats.unstopped:
-        print(prepared.stats.stop_line(), flush=True)  # in train.log: examples that do not teach stopping
+    def _prepare_data(self) -> None:
+        """The tokenizer and the tokenized examples, the LoRA targets, the memory estimate and the
+        steps."""
+        from engine import data as data_mod
+        from engine.memory import estimate_training_memory
+        from engine.plan import memory_settings, resolve_targets, steps_per_epoch, total_steps
 
-    targets = resolve_targets(preset, info)
-    from engine.memory import estimate_training_memory
+        preset, info = self.preset, self.info
+        t = preset.training
+        self.tokenizer = data_mod.load_tokenizer(preset.model)
+        self.prepared = prepared = data_mod.prepare_data(preset.data, self.tokenizer, t.seq_len, t.seed)
+        if prepared.stats.examples == 0:
+            raise UserError(f"no training examples left in {preset.data.train} after cleaning",
+                            "check data.drop_phrases, data.dedupe and the sequence length")
+        if self.run.rank.is_main and prepared.stats.unstopped:
+            print(prepared.stats.stop_line(), flush=True)  # in train.log: examples that do not teach stopping
 
-    estimate = estimate_training_memory(info, memory_settings(preset, info, device_plan))
-    run.estimate = estimate
+        self.targets = resolve_targets(preset, info)
+        self.estimate = self.run.estimate = estimate_training_memory(
+            info, memory_settings(preset, info, self.device_plan))
+        world_size = self.device_plan.world_size
+        self.steps_per_epoch = steps_per_epoch(prepared.stats.examples, t.micro_batch_size,
+                                               t.gradient_accumulation_steps, world_size)
+        self.steps = total_steps(preset, prepared.stats.examples, world_size)
 
-    world_size = device_plan.world_size
-    spe = steps_per_epoch(prepared.stats.examples, t.micro_batch_size, t.gradient_accumulation_steps, world_size)
-    steps = total_steps(preset, prepared.stats.examples, world_size)
-    checkpoint = newest_checkpoint(run_dir) if resume else None
-    resumed_from = checkpoint_step(checkpoint) if checkpoint else None
-    run.step = resumed_from or 0
-    if device_plan.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    events.emit(
-        "start",
-        preset=preset.model_dump(mode="json"),
-        model=info.to_json() | {"source": preset.model.source, "resolved_source": source}
-        | ({"remote_code": remote_code_words(preset.model.source, preset.model.revision)}
-           if preset.model.trust_remote_code else {}),
-        targets=list(targets),
-        data=prepared.stats.to_json(),
-        estimate=estimate.to_json(),
-        device=device_plan.device,
-        device_name=device_plan.name,
-        compute_dtype=device_plan.compute_dtype,
-        attn_implementation=_attn_implementation(preset, device_plan),
-        kernels=device_plan.kernels_note,
-        fused_kernels=device_plan.liger,
-        total_steps=steps,
-        steps_per_epoch=spe,
-        resumed_from_step=resumed_from,
-        resume_requested=resume,
-        pid=os.getpid(),
-        versions={"torch": torch.__version__, "transformers": transformers.__version__},
-        world=world_json,
-    )
+    def _emit_start(self) -> None:
+        """The checkpoint a resume continues from, and the start event: everything the run was set up with."""
+        import torch
+        import transformers
 
-    # 2. The model: 4-bit base, LoRA adapters.
-    transformers.set_seed(t.seed)
-    model = _load_model(preset, source, device_plan)
-    model = _add_lora(model, preset, targets)
+        from engine.modelinfo import remote_code_words
 
-    # 3. The trainer.
-    from transformers import Trainer
+        run, preset, plan = self.run, self.preset, self.device_plan
+        self.checkpoint = newest_checkpoint(run.run_dir) if self.resume else None
+        resumed_from = checkpoint_step(self.checkpoint) if self.checkpoint else None
+        run.step = resumed_from or 0
+        if plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        run.events.emit(
+            "start",
+            preset=preset.model_dump(mode="json"),
+            model=self.info.to_json() | {"source": preset.model.source, "resolved_source": self.source}
+            | ({"remote_code": remote_code_words(preset.model.source, preset.model.revision)}
+               if preset.model.trust_remote_code else {}),
+            targets=list(self.targets),
+            data=self.prepared.stats.to_json(),
+            estimate=self.estimate.to_json(),
+            device=plan.device,
+            device_name=plan.name,
+            compute_dtype=plan.compute_dtype,
+            attn_implementation=_attn_implementation(preset, plan),
+            kernels=plan.kernels_note,
+            fused_kernels=plan.liger,
+            total_steps=self.steps,
+            steps_per_epoch=self.steps_per_epoch,
+            resumed_from_step=resumed_from,
+            resume_requested=self.resume,
+            pid=os.getpid(),
+            versions={"torch": torch.__version__, "transformers": transformers.__version__},
+            world=self.world,
+        )
 
-    from engine.loss import (causal_lm_loss, chunked_loss_applies, decoder_and_head, head_passes_hidden_states,
-                             logit_transform, loss_chunk_tokens)
+    def _build_model(self) -> None:
+        """The model: the 4-bit base (``_load_model``), LoRA adapters on it (``_add_lora``)."""
+        import transformers
 
-    own_loss = t.chunked_loss and chunked_loss_applies(info.model_type)
-    chunk = loss_chunk_tokens(info.vocab_size)  # fewer positions per chunk for a very large vocabulary
-    callback = _make_callback(events, stop, run)
-    run.callback = callback
+        transformers.set_seed(self.preset.training.seed)
+        model = _load_model(self.preset, self.source, self.device_plan)
+        self.model = _add_lora(model, self.preset, self.targets)
 
-    class CountingTrainer(Trainer):
-        """Trainer that counts the real tokens of each training micro batch (not evaluation's) and
-        computes the loss itself where ``engine.loss`` can (trained positions only, in chunks, or
-        through Liger's fused linear cross-entropy)."""
+    def _build_trainer(self) -> None:
+        """The Trainer: the events callback first, then ``callbacks``; the engine's loss where it applies."""
+        from transformers import Trainer, TrainerCallback
 
-        def training_step(self, model, inputs, *args, **kwargs):
-            inputs = dict(inputs)
-            tokens = inputs.pop(REAL_TOKENS_KEY, None)
-            run.tokens += _count_tokens(inputs) if tokens is None else tokens
-            return super().training_step(model, inputs, *args, **kwargs)
+        from engine.loss import chunked_loss_applies, loss_chunk_tokens
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            inputs.pop(REAL_TOKENS_KEY, None)  # evaluation batches carry it too
-            positions = inputs.pop(TRAINED_POSITIONS_KEY, None)
-            unwrapped = self.accelerator.unwrap_model(model)
-            decoder, head = decoder_and_head(unwrapped) if own_loss else (None, None)
-            if decoder is None or ("labels" not in inputs and "shift_labels" not in inputs):
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
-            transform = logit_transform(unwrapped)
-            # The model's forward runs under the mixed-precision autocast accelerate wraps it in;
-            # the decoder called directly needs the same.
-            with self.accelerator.autocast():
-                if model is not unwrapped:
-                    # DDP or FSDP: the wrapped model's own forward must run (DDP's prepares the
-                    # gradients' all-reduce, FSDP's gathers the shards); the head hands the hidden
-                    # states through (FSDP keeps the root unit's weights, the head's among them,
-                    # gathered until the backward) and the loss below applies it in chunks.
-                    with head_passes_hidden_states(head, unwrapped):
-                        hidden = model(**inputs).logits
-                else:
-                    hidden = decoder(**inputs).last_hidden_state
-                loss = causal_lm_loss(hidden, head, labels, shift_labels=shift_labels,
-                                      num_items_in_batch=num_items_in_batch, positions=positions,
-                                      fused=device_plan.liger, transform=transform, chunk=chunk)
-            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-                # The Trainer counts the trained tokens of all ranks (num_items_in_batch is their sum)
-                # and DDP averages the ranks' gradients: scale back by the ranks, as its own loss does.
-                loss = loss * self.accelerator.num_processes
-            return (loss, {"loss": loss}) if return_outputs else loss
+        run, preset, plan = self.run, self.preset, self.device_plan
+        own_loss = preset.training.chunked_loss and chunked_loss_applies(self.info.model_type)
+        run.callback = _on_base(EventsCallback, TrainerCallback)(run)
+        self.trainer = trainer = _on_base(CountingTrainer, Trainer)(
+            run=run,
+            own_loss=own_loss,
+            fused=plan.liger,
+            chunk=loss_chunk_tokens(self.info.vocab_size),  # fewer positions per chunk for a very large vocabulary
+            model=self.model,
+            args=_training_args(preset, run.run_dir, plan, self.steps, self.steps_per_epoch,
+                                self.prepared.validation is not None),
+            train_dataset=self.prepared.train,
+            eval_dataset=self.prepared.validation,
+            data_collator=_collator(preset, self.tokenizer, plan, own_loss=own_loss),
+            processing_class=self.tokenizer,
+            callbacks=[run.callback, *self.callbacks],
+        )
+        if plan.fsdp and getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
+            from peft.utils.other import fsdp_auto_wrap_policy
 
-    trainer = CountingTrainer(
-        model=model,
-        args=_training_args(preset, run_dir, device_plan, steps, spe, prepared.validation is not None),
-        train_dataset=prepared.train,
-        eval_dataset=prepared.validation,
-        data_collator=_collator(preset, tokenizer, device_plan, own_loss=own_loss),
-        processing_class=tokenizer,
-        callbacks=[callback, *callbacks],
-    )
-    if device_plan.fsdp and getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
-        from peft.utils.other import fsdp_auto_wrap_policy
+            # Trainable (LoRA) and frozen weights in separate FSDP units, so use_orig_params=False shards both.
+            trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+        _log_tensorboard_to(trainer, run.run_dir)
 
-        # Trainable (LoRA) and frozen weights in separate FSDP units, so use_orig_params=False shards both.
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
-    _log_tensorboard_to(trainer, run_dir)
-    stop.phase = "training"
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    stop.phase = "finishing"
-    step = trainer.state.global_step
-    run.step = step
-    estimate_bytes = {"estimate_total": estimate.total_bytes, "estimate_reserved": estimate.reserved_bytes}
+    def train(self) -> None:
+        """The Trainer's loop (from the checkpoint on a resume), and how it ended (``outcome``). A stop
+        asked for while it runs checkpoints at the end of the step, on every rank the same."""
+        run, stop, trainer = self.run, self.run.stop, self.trainer
+        stop.phase = "training"
+        trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
+        stop.phase = "finishing"
+        run.step = trainer.state.global_step
+        if run.nonfinite_step is not None:
+            self.outcome = "failed"
+        elif (stop.requested or run.stop_agreed) and run.step < trainer.state.max_steps:
+            self.outcome = "stopped"
+        else:
+            self.outcome = "finished"
 
-    if run.nonfinite_step is not None:
-        peak = _peak_memory(run, gather=True)
-        msg = (f"the loss became non-finite at step {run.nonfinite_step}; try a lower learning rate "
-               f"(now {t.learning_rate:g}), max_grad_norm 1.0, or compute dtype bfloat16 instead of float16")
+    def save(self) -> None:
+        """A last validation when the schedule did not end on one, so the curve has its final point
+        (transformers' own end-of-training evaluation, where it makes one, counts); then the adapter."""
+        if self.prepared.validation is not None and self.run.last_eval_step != self.run.step:
+            self.trainer.evaluate()
+        self.adapter_dir = self._write_adapter()
+
+    def _write_adapter(self) -> Path | None:
+        """Save the LoRA adapter (PEFT format) and the tokenizer to ``adapter/``, whole or not at all: written
+        into a scratch folder beside it and renamed into place.
+
+        An ``adapter/`` already there (a run whose target was raised keeps its earlier one as
+        ``adapter-step-N/``; anything else is renamed aside with the time) is never overwritten.
+        Several processes: rank 0 writes it (DDP ranks hold equal adapters); under FSDP every rank takes
+        part in gathering the full adapter and rank 0 writes. None on other ranks."""
+        import tempfile
+
+        run = self.run
+        run_dir = run.run_dir
+        fsdp_trainer = self.trainer if self.device_plan.fsdp else None
+        final = run_dir / ADAPTER_DIR
+        main = run.rank.is_main
+        if fsdp_trainer is not None:
+            partial = run_dir / FSDP_ADAPTER_PARTIAL
+            if main:
+                if partial.is_symlink():
+                    partial.unlink()
+                shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial = (Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", suffix=".partial", dir=run_dir)) if main
+                       else None)
+        run.adapter_partial = partial if main else None
+        run.writing_adapter = main
+        if fsdp_trainer is not None:
+            fsdp_trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+            fsdp_trainer.save_model(str(partial))  # collective: every rank gathers, rank 0 writes
+        elif main:
+            self.model.save_pretrained(partial)
+        if not main:
+            return None
+        self.tokenizer.save_pretrained(partial)
+        _settle_modes(partial)
+        if final.exists():
+            final.rename(run_dir / f"{ADAPTER_DIR}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        partial.rename(final)
+        run.writing_adapter, run.adapter_partial = False, None
+        return final
+
+    def end(self) -> int:
+        """The end of a run the Trainer's loop ended: failed (a non-finite loss), stopped, or finished
+        with the adapter saved; the end event, with the peak memory beside the estimate, and the exit
+        status."""
+        run, stop, events = self.run, self.run.stop, self.run.events
+        step = run.step
+        estimate = self.estimate
+        estimate_bytes = {"estimate_total": estimate.total_bytes, "estimate_reserved": estimate.reserved_bytes}
+        if self.outcome == "failed":
+            peak = _peak_memory(run, gather=True)
+            msg = (f"the loss became non-finite at step {run.nonfinite_step}; try a lower learning rate "
+                   f"(now {self.preset.training.learning_rate:g}), max_grad_norm 1.0, or compute dtype bfloat16 "
+                   f"instead of float16")
+            stop.phase = "ending"
+            events.emit("error", message=msg, step=step)
+            events.emit("end", status="failed", message=msg, step=step, elapsed_s=time.time() - run.started,
+                        checkpoint=_str(newest_checkpoint(run.run_dir)), **peak, **estimate_bytes)
+            return EXIT_FAILED
+        if self.outcome == "stopped":
+            peak = _peak_memory(run, gather=True)
+            ckpt = newest_checkpoint(run.run_dir)
+            saved = f"saved: {ckpt.name}" if ckpt else "nothing saved"
+            by = stop.signal_name or "a stop sent to another rank"
+            stop.phase = "ending"
+            mark_stopped(run.run_dir, run.rank)
+            events.emit("end", status="stopped", signal=stop.signal_name or None, step=step, checkpoint=_str(ckpt),
+                        message=f"stopped at step {step} by {by}; {saved}",
+                        elapsed_s=time.time() - run.started, **peak, **estimate_bytes)
+            return EXIT_STOPPED if not run.rank.distributed else EXIT_OK
+        peak = _peak_memory(run, gather=True)  # after the adapter: the other ranks wait until it is written
         stop.phase = "ending"
-        events.emit("error", message=msg, step=step)
-        events.emit("end", status="failed", message=msg, step=step, elapsed_s=time.time() - started,
-                    checkpoint=_str(newest_checkpoint(run_dir)), **peak, **estimate_bytes)
-        return EXIT_FAILED
-    if (stop.requested or run.stop_agreed) and step < trainer.state.max_steps:
-        peak = _peak_memory(run, gather=True)
-        ckpt = newest_checkpoint(run_dir)
-        saved = f"saved: {ckpt.name}" if ckpt else "nothing saved"
-        by = stop.signal_name or "a stop sent to another rank"
+        elsewhere = (None if self.adapter_dir
+                     else "finished; rank 0 on machine 0 wrote the adapter (this machine keeps the checkpoints)")
+        events.emit("end", status="finished", step=step, adapter=_str(self.adapter_dir), message=elsewhere,
+                    elapsed_s=time.time() - run.started, **peak, **estimate_bytes)
+        return EXIT_OK
+
+    def end_stopped_early(self) -> int:
+        """A stop before training began (or resumed): nothing trained, nothing to save; every rank ends at once."""
+        run, stop = self.run, self.run.stop
         stop.phase = "ending"
-        mark_stopped(run_dir, run.rank)
-        events.emit("end", status="stopped", signal=stop.signal_name or None, step=step, checkpoint=_str(ckpt),
-                    message=f"stopped at step {step} by {by}; {saved}",
-                    elapsed_s=time.time() - started, **peak, **estimate_bytes)
-        return EXIT_STOPPED if not rank.distributed else EXIT_OK
+        mark_stopped(run.run_dir, run.rank)
+        ckpt = newest_checkpoint(run.run_dir)
+        message = (f"stopped before training resumed; {ckpt.name} is as it was" if ckpt and self.resume
+                   else "stopped before training began; nothing to save")
+        _emit(run.events, "end", status="stopped", signal=stop.signal_name or None, step=run.step,
+              checkpoint=_str(ckpt), message=message, elapsed_s=time.time() - run.started)
+        return EXIT_OK if run.rank.distributed else EXIT_STOPPED
 
-    # A last validation when the schedule did not end on one, so the curve has its final point
-    # (transformers' own end-of-training evaluation, where it makes one, counts).
-    if prepared.validation is not None and run.last_eval_step != step:
-        trainer.evaluate()
-    adapter_dir = _write_adapter(run_dir, model, tokenizer, run, trainer if device_plan.fsdp else None)
-    peak = _peak_memory(run, gather=True)  # after the adapter: the other ranks wait until it is written
-    stop.phase = "ending"
-    elsewhere = None if adapter_dir else "finished; rank 0 on machine 0 wrote the adapter (this machine keeps the checkpoints)"
-    events.emit("end", status="finished", step=step, adapter=_str(adapter_dir), message=elsewhere,
-                elapsed_s=time.time() - started, **peak, **estimate_bytes)
-    return EXIT_OK
+    def end_abandoned(self) -> int:
+        """A third signal: what the stop was writing is removed, and the end says what is saved."""
+        run, stop = self.run, self.run.stop
+        stop.phase = "ending"
+        mark_stopped(run.run_dir, run.rank)
+        saved = _clean_up_unfinished(run.run_dir, run)
+        doing = "writing the adapter" if run.writing_adapter else f"step {run.step}"
+        message = f"abandoned at {doing} by a {_ordinal(stop.count)} {stop.signal_name}: {saved}"
+        _emit(run.events, "end", status="stopped", signal=stop.signal_name, step=run.step, abandoned=True,
+              checkpoint=_str(newest_checkpoint(run.run_dir)), message=message,
+              elapsed_s=time.time() - run.started, **_peak_memory(run))
+        return EXIT_STOPPED
 
+    def end_bad_input(self, exc: UserError) -> int:
+        """The preset, the data or the model cannot be run as they are: the reason and what to change."""
+        run = self.run
+        run.stop.phase = "ending"
+        _emit(run.events, "error", message=exc.one_line(), bad_input=True)
+        _emit(run.events, "end", status="failed", message=exc.one_line(), elapsed_s=time.time() - run.started)
+        return EXIT_BAD_INPUT
 
-def _meet_the_ranks(run_dir: Path, run: RunState, events, stop: _StopFlag, started: float) -> None:
-    """Every rank says who it is; local rank 0 records this machine's ranks (``ranks.json``, which
-    ``stop`` signals) and starts watching them."""
-    from dataclasses import asdict
+    def end_failed(self, exc: Exception) -> int:
+        """The run's own failure (called while it is handled): in words, with what is saved, and its
+        traceback in the log. A collective broken by another rank that is gone names that rank; one
+        that left for a stop makes this a stop."""
+        run, stop = self.run, self.run.stop
+        run_dir = run.run_dir
+        was = stop.phase
+        stop.phase = "ending"
+        try:
+            traceback.print_exc()
+        except OSError:
+            pass
+        lost = _lost_rank(run)
+        if lost is not None and lost[2]:
+            # A stop reached the ranks and a sibling left first (it was still loading, before the
+            # ranks could agree on a step), breaking the collective this rank was in: stopped, not lost.
+            if was == "setup":
+                return self.end_stopped_early()
+            mark_stopped(run_dir, run.rank)
+            saved = _clean_up_unfinished(run_dir, run)
+            _emit(run.events, "end", status="stopped", signal=stop.signal_name or None, step=run.step,
+                  checkpoint=_str(newest_checkpoint(run_dir)), elapsed_s=time.time() - run.started,
+                  message=f"stopped at step {run.step}: another rank left for the stop before the ranks could "
+                          f"agree on a step to save; {saved}")
+            return EXIT_OK
+        message, exit_code = _describe_failure(exc, run, run_dir)
+        if lost is not None:  # a collective failed because a peer is gone: that is the cause
+            saved = _clean_up_unfinished(run_dir, run)
+            message = (f"{lost[0]}; the run cannot go on without it; {saved}; "
+                       f"`qlora-wizard resume {run_dir}` continues from the newest checkpoint")
+        _emit(run.events, "error", message=message, exception=type(exc).__name__)
+        _emit(run.events, "end", status="failed", message=message, step=run.step,
+              elapsed_s=time.time() - run.started, checkpoint=_str(newest_checkpoint(run_dir)),
+              failed_rank=lost[1] if lost else (run.rank.rank if run.rank.distributed else None),
+              **_peak_memory(run))
+        return exit_code
 
-    from engine.distributed import RankRecord, Watchdog, this_rank_record, write_ranks
-
-    clear_stopped(run_dir, run.rank)  # an earlier launch's stop is not this one's
-    every = run.control.gather(asdict(this_rank_record(run_dir, run.rank)))
-    # Each peer's record is checked field by field: a peer's word is data, never trusted as it comes.
-    every = [RankRecord.from_json(r, f"rank {i}'s record") for i, r in enumerate(every)]
-    run.ranks = [r for r in every if r.node == run.rank.node_rank]  # this machine's: the ones it can see
-    if not run.rank.is_local_main:
-        return
-    local = run.ranks
-    try:
-        write_ranks(run_dir, local)
-    except OSError as exc:
-        raise os_error(exc, "write", exc.filename or run_dir) from None
-    run.watchdog = Watchdog(local, lambda dead: _end_for_lost_rank(run_dir, events, stop, run, started, dead),
-                            run_dir).start()
 
 
 def _strategy_as_begun(run_dir: Path) -> str | None:
     """The strategy the run's first start event recorded: a resume must shard (or not) as the
     checkpoints were written."""
-    from engine.events import read_events
+    from engine.events import StartEvent, read_events
 
     for event in read_events(run_dir):
-        world = getattr(event, "world", None)
-        if getattr(event, "kind", "") == "start" and isinstance(world, dict) and world.get("strategy"):
-            return world["strategy"]
+        if isinstance(event, StartEvent) and event.world is not None and event.world.strategy:
+            return event.world.strategy
     return None
 
 
@@ -1146,44 +1384,6 @@ FSDP_ADAPTER_PARTIAL = f".{ADAPTER_DIR}.fsdp.partial"
 """Where rank 0 writes the adapter under FSDP, where every rank names the folder of the collective save:
 the one scratch name that is fixed (inside the run's own directory; a link planted there is removed,
 never written through). Everywhere else the scratch folder is an ``mkdtemp`` one beside ``adapter/``."""
-
-
-def _write_adapter(run_dir: Path, model, tokenizer, run: RunState, fsdp_trainer=None) -> Path | None:
-    """Save the LoRA adapter (PEFT format) and the tokenizer to ``adapter/``, whole or not at all: written
-    into a scratch folder beside it and renamed into place.
-
-    An ``adapter/`` already there (a run whose target was raised keeps its earlier one as
-    ``adapter-step-N/``; anything else is renamed aside with the time) is never overwritten.
-    Several processes: rank 0 writes it (DDP ranks hold equal adapters); under FSDP every rank takes
-    part in gathering the full adapter (``fsdp_trainer``) and rank 0 writes. None on other ranks."""
-    import tempfile
-
-    final = run_dir / ADAPTER_DIR
-    main = run.rank.is_main
-    if fsdp_trainer is not None:
-        partial = run_dir / FSDP_ADAPTER_PARTIAL
-        if main:
-            if partial.is_symlink():
-                partial.unlink()
-            shutil.rmtree(partial, ignore_errors=True)
-    else:
-        partial = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", suffix=".partial", dir=run_dir)) if main else None
-    run.adapter_partial = partial if main else None
-    run.writing_adapter = main
-    if fsdp_trainer is not None:
-        fsdp_trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        fsdp_trainer.save_model(str(partial))  # collective: every rank gathers, rank 0 writes
-    elif main:
-        model.save_pretrained(partial)
-    if not main:
-        return None
-    tokenizer.save_pretrained(partial)
-    _settle_modes(partial)
-    if final.exists():
-        final.rename(run_dir / f"{ADAPTER_DIR}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    partial.rename(final)
-    run.writing_adapter, run.adapter_partial = False, None
-    return final
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from engine.gpu import GpuInfo  # noqa: E402
 from tui.app import RunApp  # noqa: E402
-from tui.draft import DEMO_DRAFT, STEPS, Draft, Services, load_draft  # noqa: E402
+from engine.demo import DEMO_PRESET  # noqa: E402
+from tui.draft import Draft, Services, load_draft  # noqa: E402
+from tui.steps import STEP_NAMES, step_number  # noqa: E402
 
 SIZE = (120, 40)
 """The terminal size every screenshot is taken at."""
@@ -55,7 +57,7 @@ async def shoot_wizard(draft: Draft, steps: list[str], prefix: str, gpus: tuple 
             app.screen.set_focus(None)
             await pilot.pause(0.3)
             OUT.mkdir(exist_ok=True)
-            name = f"{prefix}{[s for s, _ in STEPS].index(step) + 1}-{step}.svg"
+            name = f"{prefix}{step_number(step)}-{step}.svg"
             app.save_screenshot(name, path=str(OUT))
             written.append(OUT / name)
     return written
@@ -110,7 +112,7 @@ def main() -> int:
         run_dir.mkdir()
         record_overfitting_run(run_dir)
         paths = [asyncio.run(shoot_run_screen(run_dir))]
-    paths += asyncio.run(shoot_wizard(load_draft(DEMO_DRAFT), [s for s, _ in STEPS], "wizard-"))
+    paths += asyncio.run(shoot_wizard(load_draft(DEMO_PRESET), list(STEP_NAMES), "wizard-"))
     if LLAMA_CONFIG.is_dir():
         from engine.preset import load_preset
 

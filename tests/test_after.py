@@ -191,7 +191,7 @@ def test_eval_compares_base_and_fine_tuned_and_writes_eval_json(session, after_r
     result = evaluate_run(after_run, generations=2, decoding=Decoding(temperature=0, max_new_tokens=16),
                           session=session)
     saved = json.loads((after_run / "eval.json").read_text())
-    assert saved == json.loads(json.dumps(result))
+    assert saved == json.loads(json.dumps(result.as_dict()))
     base, tuned = saved["base"], saved["fine_tuned"]
     assert tuned["loss"] < base["loss"]  # the demo learned its task
     assert tuned["perplexity"] == pytest.approx(2.718281828 ** tuned["loss"], rel=1e-6)

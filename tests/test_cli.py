@@ -81,10 +81,72 @@ def test_estimate_json_and_fit(hf_configs):
 
 def test_estimate_table_says_fits_or_not(hf_configs):
     src = str(hf_configs / "Qwen__Qwen2.5-7B")
-    assert "does not fit in 8 GiB" in run_cli("estimate", src, "--gpu-mem", "8").stdout
+    out = " ".join(run_cli("estimate", src, "--gpu-mem", "8").stdout.split())
+    assert "DOES NOT FIT: needs " in out and ", 8.00 GiB available (" in out and " short); 8 GiB (--gpu-mem)" in out
     r = run_cli("estimate", src, "--gpu-mem", "80", "--no-grad-ckpt", "--targets", "q_proj,v_proj")
-    assert "fits in 80 GiB" in r.stdout and "does not fit" not in r.stdout
+    out = " ".join(r.stdout.split())
+    assert "FITS: " in out and " of 80.00 GiB (" in out and " left; 80 GiB (--gpu-mem)" in out
+    assert "DOES NOT FIT" not in out
     assert "inference rule" in r.stdout
+
+
+def test_estimate_says_the_memory_steps_verdict(hf_configs):
+    """One verdict: the line ``estimate`` prints is the memory step's (``MemoryView.verdict``), as the
+    plain prompts print it."""
+    from engine.gpu import probe_gpus
+    from engine.modelinfo import inspect_model
+    from engine.preset import preset_from_dict
+    from tui.draft import Draft
+    from tui.steps.memory import memory_view
+
+    src = str(hf_configs / "Qwen__Qwen2.5-7B")
+    preset = preset_from_dict({"model": {"source": src}, "data": {"train": "builtin:demo"},
+                               "distributed": {"gpus": 1}})
+    draft = Draft(preset, info=inspect_model(src), gpus=probe_gpus())
+    for card_gib in (8, 80):
+        badge, figures = memory_view(draft, card_gib * 2**30).verdict
+        out = " ".join(run_cli("estimate", src, "--gpu-mem", str(card_gib)).stdout.split())
+        assert f"{badge}: {figures}; {card_gib} GiB (--gpu-mem)" in out
+
+
+def test_estimate_checks_against_the_first_visible_gpu(hf_configs, monkeypatch, capsys):
+    """``CUDA_VISIBLE_DEVICES=1``: the budget, the plan and the speed model are the second GPU's."""
+    from engine.gpu import GpuInfo
+    from tui.cli import main
+
+    gpus = [GpuInfo(0, "NVIDIA RTX 4090", 24 * 2**30, 23 * 2**30, (8, 9)),
+            GpuInfo(1, "NVIDIA H100 80GB HBM3", 80 * 2**30, 79 * 2**30, (9, 0))]
+    monkeypatch.setattr("engine.gpu.probe_gpus", lambda: list(gpus))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    src = str(hf_configs / "meta-llama__Llama-3.1-8B")
+    assert main(["estimate", src, "--seq-len", "2048", "--micro-batch", "1", "--fit", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["budget_bytes"] == 79 * 2**30 and out["fastest_fit"]["gpu"].startswith("NVIDIA H100")
+    assert main(["estimate", src, "--seq-len", "2048", "--micro-batch", "1"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "; NVIDIA H100 80GB HBM3: 79.00 GiB free of 80.00 GiB" in text and "RTX 4090" not in text
+
+
+def test_each_strategy_has_one_entry_in_the_engines_table():
+    from engine.distributed import STRATEGY_SHORT, STRATEGY_WORDS
+    from engine.memory import STRATEGIES
+
+    assert tuple(STRATEGY_SHORT) == tuple(STRATEGY_WORDS) == STRATEGIES
+    assert all(STRATEGY_WORDS[s].startswith(STRATEGY_SHORT[s]) for s in STRATEGIES)
+
+
+def test_every_command_is_declared_beside_its_function():
+    """Each ``cmd_X`` is registered by ``@command`` (its help and arguments beside it), once, in the
+    order ``--help`` lists the commands."""
+    import tui.cli as cli
+
+    defined = {name: f for name, f in vars(cli).items() if name.startswith("cmd_") and callable(f)}
+    assert {c.func for c in cli.COMMANDS} == set(defined.values())
+    assert [f"cmd_{c.name}" for c in cli.COMMANDS] == [c.func.__name__ for c in cli.COMMANDS]
+    listed = run_cli("--help").stdout.split("COMMAND\n", 1)[1]
+    shown = [line.split()[0] for line in listed.splitlines() if line.startswith("    ") and not
+             line.startswith("     ")]
+    assert shown == [c.name for c in cli.COMMANDS]
 
 
 def test_a_16_and_a_24_gb_card_get_the_same_arithmetic_and_are_told_what_is_left(tmp_path, hf_configs):
@@ -100,7 +162,7 @@ def test_a_16_and_a_24_gb_card_get_the_same_arithmetic_and_are_told_what_is_left
         totals.append(json.loads(r.stdout)["total_bytes"])
         r = run_cli("estimate", "--preset", str(preset), "--gpu-mem", str(card_gib))
         text = " ".join(r.stdout.split())
-        left = text.split("fits in ")[1].split(" left")[0].split(": ")[1]
+        left = text.split("FITS: ")[1].split(" left")[0].split(", ")[-1]
         lefts.append(float(left.split()[0]))
         assert "the total counts 0.75 GiB of CUDA context" in text
         assert "kernels: " in text and "no mask" in text

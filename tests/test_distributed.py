@@ -317,7 +317,8 @@ async def test_the_review_step_of_a_two_machine_run_shows_each_machines_line_and
     """The review step: with distributed.nodes 2 it asks this machine's number and machine 0's
     address, shows what each machine runs, and ctrl+r starts this machine's part with them."""
     from screen import flat, screen_text, wait_for, wait_until
-    from tui.draft import DEMO_DRAFT, Services, load_draft
+    from engine.demo import DEMO_PRESET
+    from tui.draft import Services, load_draft
     from tui.wizard import WizardApp
 
     monkeypatch.chdir(tmp_path)
@@ -327,7 +328,7 @@ async def test_the_review_step_of_a_two_machine_run_shows_each_machines_line_and
         started.append({"nodes": preset.distributed.nodes, **place})
         raise UserError("stopped here by the test")
 
-    draft = load_draft(DEMO_DRAFT)
+    draft = load_draft(DEMO_PRESET)
     draft.set("distributed.nodes", 2)
     app = WizardApp(draft, services=Services(probe_gpus=lambda: [], start_run=fake_start), start="review")
     async with app.run_test(size=(120, 40)) as pilot:

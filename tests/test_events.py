@@ -86,8 +86,8 @@ def test_events_are_typed_and_a_file_from_another_version_still_reads(tmp_path):
         '{"kind":"telemetry","watts":300}\n'
         '{"kind":"end","time":3.0,"status":"finished","step":1}\n')
     start, step, end = read_events(tmp_path)
-    assert isinstance(start, StartEvent) and start.total_steps == 4 and start.examples == 9
-    assert start.resumed_from_step is None and start.estimate_total is None
+    assert isinstance(start, StartEvent) and start.total_steps == 4 and start.data.examples == 9
+    assert start.resumed_from_step is None and start.estimate.total_bytes is None
     assert isinstance(step, StepEvent) and step.loss != step.loss and step.extra == {"gpu_temperature": 71}
     assert isinstance(end, EndEvent) and end.status == "finished" and end.adapter is None
     h = fold_history([start, step, end])

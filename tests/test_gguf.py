@@ -153,7 +153,7 @@ def test_estimate_says_it_is_a_gguf(ggufs, own_cache):
     r = run_cli("estimate", str(ggufs["q8"]), "--gpu-mem", "8")
     assert r.returncode == 0, r.stderr
     out = " ".join(r.stdout.split())
-    assert "training memory: tiny-q8.gguf" in out and "fits in 8 GiB" in out
+    assert "training memory: tiny-q8.gguf" in out and "FITS: " in out and "; 8 GiB (--gpu-mem)" in out
     assert "is a GGUF file (Q8_0)" in out
 
 

@@ -19,9 +19,10 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from conftest import ROOT
+from engine.demo import DEMO_PRESET
 from engine.gpu import GpuInfo
 from engine.preset import load_preset
-from tui.draft import DEMO_DRAFT, Services, load_draft
+from tui.draft import Services, load_draft
 from tui.plain import run_plain
 
 ENTER, UP, DOWN, SPACE, CLEAR, CTRL_C = "\r", "\x1b[A", "\x1b[B", " ", "\x15", "\x03"
@@ -68,11 +69,12 @@ def test_demo_walk_exports_the_preset_and_trains(here, started_runs, capsys):
         ENTER, ENTER, ENTER, ENTER, ENTER, ENTER,       # 2 memory: quant, seq, ckpt, optimizer, micro batch; continue
         UP + UP + ENTER, typed("8"), ENTER, ENTER,      # 3 targets: q + v; r 8; alpha, dropout
         ENTER,                                          #   continue
-        ENTER, ENTER, ENTER,                            # 4 data: builtin:demo, validation share; continue
+        ENTER, ENTER, ENTER, ENTER, ENTER,              # 4 data: builtin:demo, format, validation share,
+                                                        #   train on prompts; continue
         typed("4"), ENTER, ENTER, ENTER, ENTER,         # 5 max steps 4; grad accum; no more; the rule's lr; continue
         typed("plain-demo"), ENTER, ENTER,              # 6 run name; export to the default file; start
     ]
-    code = drive(load_draft(DEMO_DRAFT), keys, services=Services(probe_gpus=lambda: [GPU_24]))
+    code = drive(load_draft(DEMO_PRESET), keys, services=Services(probe_gpus=lambda: [GPU_24]))
     out = capsys.readouterr().out
     assert code == 0, out
 
@@ -124,7 +126,7 @@ def test_bad_model_is_said_and_asked_again_and_ctrl_c_keeps_the_draft(here, caps
         ENTER,                                               # continue to memory
         ENTER, typed("64"), CTRL_C,                          # quantization, seq len 64, then Ctrl-C
     ]
-    code = drive(load_draft(DEMO_DRAFT), keys, services=Services(probe_gpus=lambda: [GPU_24]))
+    code = drive(load_draft(DEMO_PRESET), keys, services=Services(probe_gpus=lambda: [GPU_24]))
     out = capsys.readouterr().out
     assert code == 130
     bad = out.index("error: ")
@@ -151,17 +153,19 @@ def test_no_gpu_budget_fit_layers_overwrite_and_finish_without_a_run(here, capsy
         DOWN + ENTER,                                        # 3 pick layers by name
         DOWN * 4 + SPACE + DOWN + SPACE + DOWN + SPACE + ENTER,  # untick gate, up and down
         ENTER, ENTER, ENTER, ENTER,                          #   r, alpha, dropout; continue
-        ENTER, typed("0.2"), ENTER,                          # 4 data; validation share 0.2; continue
+        ENTER, ENTER, typed("0.2"), ENTER,                   # 4 data; format; validation share 0.2; train on
+        ENTER,                                               #   prompts; continue
         ENTER, ENTER, "y",                                   # 5 max steps, grad accum; more settings: yes
         ENTER, ENTER, DOWN + ENTER, ENTER, ENTER, ENTER,     #   micro batch, seq len, linear, warmup, decay, norm
         ENTER, ENTER, ENTER, ENTER,                          #   optimizer, seed, eval, save
+        ENTER, ENTER,                                        #   base rate, pretraining batch
         typed("0.002"), ENTER,                               #   learning rate 0.002; continue
         ENTER,                                               # 6 no run name
         ENTER, ENTER,                                        #   export to the default: exists, keep it
         typed("mine"),                                       #   export to mine(.yaml)
         "n", ENTER,                                          #   do not start; finish
     ]
-    code = drive(load_draft(DEMO_DRAFT), keys, services=Services(probe_gpus=list))
+    code = drive(load_draft(DEMO_PRESET), keys, services=Services(probe_gpus=list))
     out = capsys.readouterr().out
     assert code == 0, out
     assert "no NVIDIA GPU found here" in out
@@ -221,7 +225,7 @@ def test_a_model_that_needs_its_own_code_asks_first(here, hf_configs, capsys):
         "y",                                                 # now run its code
         CTRL_C,                                              # at the menu after the step
     ]
-    code = drive(load_draft(DEMO_DRAFT), keys, services=Services(probe_gpus=lambda: [GPU_24]))
+    code = drive(load_draft(DEMO_PRESET), keys, services=Services(probe_gpus=lambda: [GPU_24]))
     out = capsys.readouterr().out
     assert code == 130
     assert out.count("needs its own Python code") == 2 and "--trust-remote-code" not in out
@@ -237,7 +241,7 @@ def test_field_help_and_a_refused_value_are_said_then_asked_again(here, capsys):
         ENTER, ENTER,                                        # 1 model; continue
         ENTER, typed("?"), typed("8"),                       # 2 quant; seq len: help, then 8 (too short)
     ]
-    code = drive(load_draft(DEMO_DRAFT), keys, services=Services(probe_gpus=lambda: [GPU_24]))
+    code = drive(load_draft(DEMO_PRESET), keys, services=Services(probe_gpus=lambda: [GPU_24]))
     out = capsys.readouterr().out
     assert code == 130                                       # the input ran out at a question
     assert "Longest example in tokens; longer ones are truncated." in out
@@ -260,14 +264,14 @@ def test_a_two_machine_run_asks_this_machines_place_and_starts_its_part(here, ca
         started.append({"nodes": preset.distributed.nodes, **place})
         return here / "runs" / "fake"
 
-    draft = load_draft(DEMO_DRAFT)
+    draft = load_draft(DEMO_PRESET)
     draft.set("distributed.nodes", 2)
     keys = [
         ENTER, ENTER,                                   # 1 model
         ENTER, ENTER, ENTER, ENTER, ENTER, ENTER,       # 2 memory
         UP + UP + ENTER, typed("8"), ENTER, ENTER,      # 3 targets: q + v; r 8
         ENTER,
-        ENTER, ENTER, ENTER,                            # 4 data
+        ENTER, ENTER, ENTER, ENTER, ENTER,              # 4 data
         typed("4"), ENTER, ENTER, ENTER, ENTER,         # 5 max steps 4
         typed("two"), ENTER, ENTER,                     # 6 run name; export; start
         typed("5"), typed("10.0.0.1:29500"),            #   machine 5 of 2: refused

@@ -324,7 +324,7 @@ def _draft(hf_configs, gpus: list, **distributed):
 
 
 def test_memory_view_of_a_two_gpu_draft_says_the_strategy_per_gpu(hf_configs):
-    from tui.draft import memory_view
+    from tui.steps.memory import memory_view
 
     view = memory_view(_draft(hf_configs, TEST_GPUS))
     assert view.world_line == "2 x Test GPU 24GB: DDP, per GPU (the model fits on each GPU: DDP, the faster of the two)"
@@ -348,7 +348,7 @@ def test_memory_view_of_a_two_gpu_draft_says_the_strategy_per_gpu(hf_configs):
 
 
 def test_one_gpu_draft_shows_nothing_new(hf_configs):
-    from tui.draft import memory_view
+    from tui.steps.memory import memory_view
 
     view = memory_view(_draft(hf_configs, TEST_GPUS[:1]))
     assert (view.world_line, view.sharing, view.largest) == ("", "", "")

@@ -139,9 +139,9 @@ async def test_ctrl_e_fills_a_validation_example_and_shows_its_reference(finishe
         await wait_until(pilot, lambda: screen.eval_result is not None, timeout=120, what="the evaluation")
         text = await wait_for(pilot, "perplexity", region="#eval-box")
         result = screen.eval_result
-        assert result["fine_tuned"]["loss"] < result["base"]["loss"]
-        for label, key in (("base", "base"), ("fine-tuned", "fine_tuned")):
-            assert f"{label} {result[key]['loss']:.4f} {result[key]['perplexity']:,.2f}" in text
+        assert result.fine_tuned.loss < result.base.loss
+        for label, scores in (("base", result.base), ("fine-tuned", result.fine_tuned)):
+            assert f"{label} {scores.loss:.4f} {scores.perplexity:,.2f}" in text
         assert "val loss" in text and "loss -" in text and "exact: base" in text
         assert (finished_run / "eval.json").is_file()
 

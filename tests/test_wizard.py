@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from engine.demo import DEMO_PRESET
 from engine.gpu import GpuInfo
 from engine.preset import load_preset
 from engine.runs import is_running, wait_until_exited
 from screen import assert_snapshot, flat, region_text, screen_text, wait_for, wait_until
-from tui.draft import DEMO_DRAFT, Draft, Services, load_draft, lr_view, memory_view
+from tui.draft import Draft, Services, load_draft
+from tui.steps.hyper import lr_view
+from tui.steps.memory import memory_view
 from tui.widgets.fields import PresetInput
 
 GPU = GpuInfo(0, "Test GPU 24GB", 24 * 2**30, 23 * 2**30, (8, 9))
@@ -36,7 +39,7 @@ def _in_tmp(tmp_path, monkeypatch, demo_cache):
 def _wizard(draft: Draft | None = None, **kwargs):
     from tui.wizard import WizardApp
 
-    return WizardApp(draft or load_draft(DEMO_DRAFT), services=SERVICES, **kwargs)
+    return WizardApp(draft or load_draft(DEMO_PRESET), services=SERVICES, **kwargs)
 
 
 def _config_draft(hf_configs: Path, name: str) -> Draft:

@@ -12,9 +12,9 @@ from typing import Callable
 
 from textual.app import App
 
-from engine.events import EventTail
+from engine.events import POLL_S, EventTail
 from engine.runs import is_running, log_tail, stop_run
-from tui.screens.run import POLL_S, RunScreen
+from tui.screens.run import RunScreen
 
 
 class RunApp(App[str]):

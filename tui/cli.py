@@ -5,6 +5,10 @@ Subcommands plan (``inspect``, ``estimate``, ``lr``), manage runs (``runs``, ``r
 ``--preset FILE`` runs a preset headless. Nothing heavy is imported at module level:
 ``qlora-wizard --help`` answers without loading torch.
 
+A subcommand is one ``cmd_X(args) -> int`` registered with ``@command(NAME, ARGUMENTS, help=...)``,
+where ``ARGUMENTS(parser)``, defined right above it, declares what it takes (options several commands
+share are the ``_add_*`` helpers); ``build_parser`` adds them in the order they are defined.
+
 Exit status: 0 success (a run finished), 1 an unexpected failure (a run failed), 2 bad input
 (one line on stderr starting with ``error:``), 130 a run stopped by Ctrl-C after saving a checkpoint.
 """
@@ -14,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from engine.errors import EXIT_OK, EXIT_STOPPED, UserError, run_exit_status
 from tui.format import STATUS_STYLES, gib, size
 
-
-DEMO_PRESET = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
 
 EPILOG = """\
 examples:
@@ -53,9 +57,96 @@ def _print_json(obj) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The subcommands: each ``cmd_X`` is registered by ``@command`` with its help line and the function
+# that declares its arguments (defined just above it); ``build_parser`` adds them in the order they
+# are defined here, which is the order ``--help`` lists them in.
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand of ``qlora-wizard``."""
+
+    name: str
+    """What is typed: ``qlora-wizard NAME``."""
+    func: Callable[[argparse.Namespace], int]
+    """What it runs: takes the parsed arguments, returns the exit status."""
+    arguments: Callable[[argparse.ArgumentParser], None]
+    """Declares its arguments on its parser (called when the parser is built, so imports stay lazy)."""
+    help: str
+    """Its line in ``qlora-wizard --help``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """More of ``add_parser``'s keywords (``description``, ...)."""
+
+
+COMMANDS: list[Command] = []
+"""Every subcommand, in the order they are defined (and listed by ``--help``)."""
+
+
+def command(name: str, arguments: Callable[[argparse.ArgumentParser], None], *, help: str, **options: Any):
+    """Register the decorated ``cmd_X(args) -> int`` as subcommand ``name``, with ``arguments(parser)``
+    declaring what it takes and ``help`` its line in ``--help``; ``options`` go to ``add_parser``."""
+
+    def register(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if any(c.name == name for c in COMMANDS):
+            raise ValueError(f"two commands named {name!r}")
+        COMMANDS.append(Command(name, func, arguments, help, options))
+        return func
+
+    return register
+
+
+# Arguments several commands take, declared once.
+
+
+def _add_run_dir(s: argparse.ArgumentParser) -> None:
+    """``RUN_DIR``: the run the command is about (alone: every argument of ``stop``)."""
+    s.add_argument("run_dir", metavar="RUN_DIR")
+
+
+def _add_json(s: argparse.ArgumentParser, help: str | None = None) -> None:
+    s.add_argument("--json", action="store_true", help=help)
+
+
+def _add_runs_dir(s: argparse.ArgumentParser, default: str | None = "runs", help: str | None = None) -> None:
+    s.add_argument("--runs-dir", default=default, metavar="DIR", help=help)
+
+
+def _add_trust_remote_code(s: argparse.ArgumentParser, help: str) -> None:
+    s.add_argument("--trust-remote-code", action="store_true", help=help)
+
+
+def _add_merged(s: argparse.ArgumentParser, help: str) -> None:
+    """``--merged DIR``: a folder ``merge`` wrote, used instead of the run's adapter."""
+    s.add_argument("--merged", metavar="DIR", help=help)
+
+
+def _add_decoding(s: argparse.ArgumentParser, temperature: bool = True) -> None:
+    """How answers are generated (``try``, ``eval``): the longest answer, and with ``temperature``
+    the sampling temperature and nucleus share."""
+    from engine.after.session import Decoding
+
+    d = Decoding()
+    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N",
+                   help=f"longest answer in tokens (default {d.max_new_tokens})")
+    if temperature:
+        s.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
+                       help=f"sampling temperature, 0 for greedy (default {d.temperature:g})")
+        s.add_argument("--top-p", type=float, default=d.top_p, metavar="P",
+                       help=f"nucleus sampling share (default {d.top_p:g})")
+
+
+# ---------------------------------------------------------------------------------------------
 # inspect
 
 
+def _inspect_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("source", help="a Hub id (org/name), a model directory, a config.json or a .gguf file")
+    s.add_argument("--revision", help="a Hub branch, tag or commit")
+    _add_trust_remote_code(s, "allow models that need their own code")
+    _add_json(s, "print JSON")
+
+
+@command("inspect", _inspect_arguments, help="what is this model: sizes, parameters, LoRA-targetable layers")
 def cmd_inspect(args) -> int:
     from engine.demo import resolve_model_source
     from engine.modelinfo import inspect_model
@@ -161,13 +252,72 @@ def _estimate_world(args, preset):
     return world, preset.model_copy(update={"distributed": distributed})
 
 
+def _estimate_view(args, preset, info, world):
+    """The memory step's view (``tui.steps.memory.MemoryView``: estimate, budget, what fits, the
+    verdict) of ``preset`` per GPU of ``world``, against ``--gpu-mem`` or the first visible GPU's free
+    memory; with the visible GPUs and the device plan behind it."""
+    from engine.distributed import visible_gpus
+    from engine.gpu import probe_gpus
+    from engine.memory import estimate_training_memory, fit
+    from engine.plan import assumed_gpu, memory_settings, plan_device, with_world
+    from tui.draft import Draft
+    from tui.steps.memory import MemoryView, _budget
+
+    gpus = visible_gpus(probe_gpus())  # the GPUs CUDA will use: the first is the one planned for
+    typed = int(args.gpu_mem * 2**30) if args.gpu_mem is not None else None
+    budget, budget_name = _budget(Draft(preset, info=info, gpus=gpus), typed)
+    if typed is not None:
+        budget_name = f"{args.gpu_mem:g} GiB (--gpu-mem)"
+    device = plan_device(preset, gpus, info.model_type) if gpus else assumed_gpu(preset, info.model_type)
+    # The strategy: asked for, or (auto) DDP when the model fits each GPU, FSDP when only sharded.
+    device = with_world(device, preset, info, world, budget_bytes=budget)
+    settings = memory_settings(preset, info, device)
+    view = MemoryView(estimate_training_memory(info, settings), settings, budget, budget_name,
+                      fit(info, settings, budget) if budget is not None else None,
+                      kernels=f"kernels: {device.kernels_note}")
+    return gpus, view, device
+
+
+def _estimate_arguments(s: argparse.ArgumentParser) -> None:
+    from engine.preset import choices
+
+    s.add_argument("source", nargs="?", help="a Hub id, a model directory, a config.json or a .gguf file")
+    s.add_argument("--preset", metavar="FILE", help="take the settings from a preset")
+    s.add_argument("--seq-len", type=int, metavar="N")
+    s.add_argument("--micro-batch", type=int, metavar="N")
+    s.add_argument("--lora-r", type=int, metavar="N")
+    s.add_argument("--targets", metavar="a,b,...|all", help="LoRA target layer names, or all")
+    s.add_argument("--optimizer", choices=choices("training.optimizer"))
+    s.add_argument("--quant", choices=choices("quantization.method"))
+    s.add_argument("--no-double-quant", action="store_true")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None)
+    g.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
+    s.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps (with --micro-batch: "
+                   "the effective batch --fit keeps)")
+    s.add_argument("--gpu-mem", type=float, metavar="GIB", help="check against this much GPU memory (per GPU)")
+    s.add_argument("--gpus", type=int, metavar="N",
+                   help="GPUs training the run: the estimate is per GPU (default: the preset's distributed.gpus "
+                        "when it is a number, else 1)")
+    s.add_argument("--strategy", choices=choices("distributed.strategy"),
+                   help="with --gpus N: ddp (every GPU holds the whole model), fsdp (sharded across them) or auto "
+                        "(ddp when it fits each GPU, else fsdp; default: the preset's distributed.strategy)")
+    s.add_argument("--fit", action="store_true",
+                   help="the fastest checkpointing, micro batch and accumulation that fit with a margin to "
+                        "spare, keeping the effective batch (micro batch x accumulation), and why")
+    s.add_argument("--mean-len", type=float, metavar="TOKENS",
+                   help="with --fit: the data's mean example length (default: every example --seq-len long)")
+    _add_trust_remote_code(s, "allow a model that needs its own code to run it (a preset's trust_remote_code: "
+                              "true does not count here)")
+    _add_json(s)
+
+
+@command("estimate", _estimate_arguments,
+         help="will QLoRA training fit: memory by component, largest batch that fits")
 def cmd_estimate(args) -> int:
     from engine.demo import resolve_model_source
     from engine.errors import NeedsRemoteCode
-    from engine.gpu import probe_gpus
-    from engine.memory import estimate_training_memory, fit
     from engine.modelinfo import inspect_model
-    from engine.plan import assumed_gpu, memory_settings, plan_device, with_world
 
     if args.mean_len is not None and not args.fit:
         raise UserError("--mean-len is for --fit (the speed model); the memory estimate is for full-length examples")
@@ -183,28 +333,15 @@ def cmd_estimate(args) -> int:
             raise
         raise NeedsRemoteCode(exc.message, "the preset's trust_remote_code: true does not count for a look: "
                               "pass --trust-remote-code if you trust its authors") from None
-    gpus = probe_gpus()
-    if args.gpu_mem is not None:
-        budget, budget_name = int(args.gpu_mem * 2**30), f"{args.gpu_mem:g} GiB (--gpu-mem)"
-        card = f"{args.gpu_mem:g} GiB"
-    elif gpus:
-        budget, budget_name = gpus[0].free_bytes, f"{gpus[0].name}, {gib(gpus[0].free_bytes)} free"
-        card = f"{gpus[0].name} ({gib(gpus[0].free_bytes)} free)"
-    else:
-        budget, budget_name, card = None, None, None
-    device = plan_device(preset, gpus, info.model_type) if gpus else assumed_gpu(preset, info.model_type)
-    # The strategy: asked for, or (auto) DDP when the model fits each GPU, FSDP when only sharded.
-    device = with_world(device, preset, info, world, budget_bytes=budget)
-    settings = memory_settings(preset, info, device)
-    est = estimate_training_memory(info, settings)
-    largest = None
+    gpus, view, device = _estimate_view(args, preset, info, world)
+    est, settings, budget = view.estimate, view.settings, view.budget_bytes
+    largest = card = None
     if budget is not None:
         from engine.sizes import largest_fitting
 
         largest = largest_fitting(settings, budget, world.size,
                                   ("ddp", "fsdp") if world.distributed else ("single",))
-    fits = None if budget is None else est.total_bytes <= budget
-    suggestion = fit(info, settings, budget) if budget is not None else None
+        card = f"{args.gpu_mem:g} GiB" if args.gpu_mem is not None else f"{gpus[0].name} ({gib(budget)} free)"
     fastest = None
     if args.fit:
         if budget is None:
@@ -217,10 +354,10 @@ def cmd_estimate(args) -> int:
                               mean_len=args.mean_len, gpu=gpus[0].name if gpus else None)
     if args.json:
         out = est.to_json()
-        out["fits"] = fits
+        out["fits"] = view.fits
         out["budget_bytes"] = budget
-        if suggestion is not None:
-            out["fit"] = {"max_micro_batch": suggestion.max_micro_batch, "max_seq_len": suggestion.max_seq_len}
+        if view.fit is not None:
+            out["fit"] = {"max_micro_batch": view.fit.max_micro_batch, "max_seq_len": view.fit.max_seq_len}
         if fastest is not None:
             out["fastest_fit"] = fastest.to_json()
         out["strategy_reason"] = device.strategy_reason
@@ -252,7 +389,7 @@ def cmd_estimate(args) -> int:
             f"{'on' if settings.gradient_checkpointing else 'off'}, {settings.optimizer}, {device.compute_dtype}")
     c.print(f"torch reserved peak (estimate): {gib(est.reserved_bytes)}; "
             f"the guide's inference rule (weights on disk x 1.2): {gib(est.inference_rule_bytes)}")
-    c.print(f"kernels: {device.kernels_note}", markup=False)
+    c.print(view.kernels, markup=False)
     for note in getattr(est, "notes", []):
         c.print(f"note: {note}")
     if info.weight_bytes_source == "gguf":  # what happens to a .gguf before it trains
@@ -261,17 +398,16 @@ def cmd_estimate(args) -> int:
     if budget is None:
         c.print("no NVIDIA GPU found here: pass --gpu-mem GIB to check against a GPU's memory")
     else:
-        room = budget - est.total_bytes
-        verdict = (f"[bold green]fits[/] in {budget_name}: {gib(room)} left" if fits
-                   else f"[bold red]does not fit[/] in {budget_name}: {gib(-room)} short")
-        c.print(verdict)
-        from tui.draft import cuda_context_line
+        from rich.text import Text
 
-        c.print(cuda_context_line(), markup=False)
-        if suggestion is not None:
-            from tui.draft import fit_line
+        from tui.steps.memory import fit_line
 
-            c.print(fit_line(suggestion, settings.seq_len))
+        # The memory step's verdict, as the plain prompts print it: FITS or DOES NOT FIT, the figures, the budget.
+        badge, figures = view.verdict
+        c.print(Text.assemble((badge, "bold green" if view.fits else "bold red"), f": {figures}; {view.budget_name}"))
+        c.print(view.context_line, markup=False)
+        if view.fit is not None:
+            c.print(fit_line(view.fit, settings.seq_len))
         if largest is not None:
             from engine.sizes import largest_words
 
@@ -285,7 +421,7 @@ def _print_fastest(c, fastest) -> None:
     """``estimate --fit``: the choice, why, and every way of splitting the effective batch that fits."""
     from rich.table import Table
 
-    from tui.draft import fastest_fit_lines
+    from tui.steps.memory import fastest_fit_lines
 
     c.print()
     for line in fastest_fit_lines(fastest, "pass --mean-len TOKENS with the data's mean example length"):
@@ -306,13 +442,27 @@ def _print_fastest(c, fastest) -> None:
 # lr
 
 
+def _lr_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--preset", metavar="FILE", help="count supervised tokens and steps from the preset's data")
+    s.add_argument("--base-lr", type=float, metavar="X")
+    s.add_argument("--supervised-tokens", type=int, metavar="N")
+    s.add_argument("--steps", type=int, metavar="N")
+    s.add_argument("--epochs", type=float, metavar="N")
+    s.add_argument("--pretrained-batch-tokens", type=int, metavar="N")
+    _add_trust_remote_code(s, "with --preset: allow a model that needs its own code to run it (the preset's "
+                              "trust_remote_code: true does not count here)")
+    _add_json(s)
+
+
+@command("lr", _lr_arguments, help="the guide's learning-rate rule, from numbers or from a preset's data")
 def cmd_lr(args) -> int:
     from engine.lr import RULE_FORMULA, note_on_lora_range, suggest_learning_rate
 
     extra = {}
     if args.preset:
         from engine.errors import NeedsRemoteCode
-        from tui.draft import Services, check_data, load_draft, lr_view
+        from tui.draft import Services, check_data, load_draft
+        from tui.steps.hyper import lr_view
 
         # The file's trust_remote_code: true is not consent to run the model's code: the flag is.
         draft = load_draft(args.preset)
@@ -372,6 +522,12 @@ def cmd_lr(args) -> int:
 # runs
 
 
+def _runs_arguments(s: argparse.ArgumentParser) -> None:
+    _add_runs_dir(s, default=None, help="the folder that holds the runs (default: runs)")
+    _add_json(s)
+
+
+@command("runs", _runs_arguments, help="every run with its status, step and loss")
 def cmd_runs(args) -> int:
     from engine.runs import list_runs
 
@@ -424,6 +580,18 @@ def _follow(run_dir: Path, detach: bool) -> int:
     return follow_run(run_dir)
 
 
+def _resume_arguments(s: argparse.ArgumentParser) -> None:
+    _add_run_dir(s)
+    s.add_argument("--max-steps", type=int, metavar="N",
+                   help="raise the run's target to N optimizer steps (a finished run needs it; its learning-rate "
+                        "schedule is stretched to N, its adapter kept as adapter-step-DONE/)")
+    s.add_argument("--master", metavar="HOST:PORT",
+                   help="a run over several machines: machine 0's address now (default: as it began)")
+    s.add_argument("--detach", action="store_true")
+
+
+@command("resume", _resume_arguments,
+         help="continue a stopped, failed or crashed run from its newest checkpoint")
 def cmd_resume(args) -> int:
     from engine.runs import resume_run
 
@@ -455,6 +623,7 @@ def _not_training(run_dir: Path) -> UserError:
     return UserError(f"{run_dir} is not training ({what})", hint)
 
 
+@command("stop", _add_run_dir, help="ask a run to save a checkpoint and stop")
 def cmd_stop(args) -> int:
     from engine.runs import require_run, stop_run
 
@@ -465,6 +634,14 @@ def cmd_stop(args) -> int:
     return EXIT_OK
 
 
+def _attach_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("run_dir", nargs="?", metavar="RUN_DIR")
+    _add_runs_dir(s)
+    s.add_argument("--plain", action="store_true",
+                   help="print one line per event instead of the full-screen view (the default without a terminal)")
+
+
+@command("attach", _attach_arguments, help="follow a run (the newest if none is named) with its whole history")
 def cmd_attach(args) -> int:
     from engine.runs import newest_run
 
@@ -484,6 +661,17 @@ def cmd_attach(args) -> int:
     return _report_run(run_dir, RunApp(run_dir).run())
 
 
+def _run_preset_arguments(p: argparse.ArgumentParser) -> None:
+    """``qlora-wizard --preset FILE``'s options, on the top-level parser (``main`` calls :func:`run_preset`)."""
+    p.add_argument("--preset", metavar="FILE", help="run this preset headless (see presets/)")
+    p.add_argument("--run-dir", metavar="DIR", help="with --preset: the run directory (default runs/<name>)")
+    p.add_argument("--detach", action="store_true", help="with --preset: start in the background and return")
+    p.add_argument("--nodes", type=int, metavar="N",
+                   help="with --preset: train on N machines together (sets distributed.nodes)")
+    p.add_argument("--node-rank", type=int, metavar="R", help="with --nodes: this machine's number, 0 to N-1")
+    p.add_argument("--master", metavar="HOST:PORT", help="with --nodes: machine 0's address and a free port")
+
+
 def run_preset(preset_path: str, run_dir: str | None, detach: bool, nodes: int | None = None,
                node_rank: int | None = None, master: str | None = None) -> int:
     """Headless: check the preset and the data, create the run, start the detached process, follow it.
@@ -491,7 +679,8 @@ def run_preset(preset_path: str, run_dir: str | None, detach: bool, nodes: int |
     ``nodes``/``node_rank``/``master``: this machine's part of a run over several; the torchrun
     command it starts is printed, and what the other machines type."""
     from engine.preset import load_preset, preset_from_dict
-    from tui.draft import node_commands, start_run
+    from tui.draft import start_run
+    from tui.steps.review import node_commands
 
     preset = load_preset(preset_path)
     if nodes is not None:
@@ -531,7 +720,7 @@ def _print_launch(run_dir: Path, preset, preset_path: str, master: str | None) -
     """For a run over several processes: the torchrun command this machine started, and for several
     machines what each one types."""
     from engine.runs import launch_command
-    from tui.draft import node_commands
+    from tui.steps.review import node_commands
 
     command = launch_command(run_dir)
     if command is None:
@@ -555,85 +744,6 @@ def _report_run(run_dir: Path, result: str | None) -> int:
     return run_exit_status(result)
 
 
-def _need_terminal(what: str) -> None:
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise UserError(f"{what} needs an interactive terminal",
-                        "run a preset headless with: qlora-wizard --preset FILE")
-
-
-def _wizard_draft(preset: str | None):
-    from tui.draft import Draft, load_draft
-
-    if preset:
-        return load_draft(preset)
-    from engine.preset import preset_from_dict
-
-    return Draft(preset_from_dict({"model": {"source": "builtin:tiny-llama"}, "data": {"train": "builtin:demo"}}))
-
-
-def cmd_cache(args) -> int:
-    from engine.cache import cache_report, clear_cache
-
-    if args.only and args.action != "clear":
-        raise UserError("--only is for `qlora-wizard cache clear`")
-    if args.action == "clear":
-        removed = clear_cache(args.only)
-        if args.json:
-            _print_json({"removed": removed.to_json()})
-            return EXIT_OK
-        if not removed.parts:
-            print(f"nothing to clear in {removed.root}")
-        for part in removed.parts:
-            print(f"removed {part.name}: {size(part.bytes)} in {part.files:,} files; {part.what}")
-        return EXIT_OK
-    report = cache_report()
-    if args.json:
-        _print_json(report.to_json())
-        return EXIT_OK
-    print(f"cache: {report.root} ({size(report.bytes)}; set QLORA_WIZARD_CACHE to move it)")
-    for part in report.parts:
-        print(f"  {part.name:<7} {size(part.bytes):>10}  {part.files:>6,} files  {part.what}")
-    if not report.parts:
-        print("  empty")
-    print("clear it with `qlora-wizard cache clear` (runs are kept: they live in their own folders); "
-          "models from the Hub are in huggingface_hub's cache (`hf cache`)")
-    return EXIT_OK
-
-
-def cmd_wizard(args) -> int:
-    _need_terminal("the wizard")
-    draft = _wizard_draft(args.preset)
-    # Textual loads only here, so `--help` and the headless paths stay light.
-    from tui.wizard import WizardApp
-
-    app = WizardApp(draft, ask_model=args.preset is None, runs_dir=args.runs_dir)
-    result = app.run()
-    if app.run_dir is not None:
-        return _report_run(app.run_dir, result)
-    from tui.draft import keep_draft
-
-    saved = keep_draft(app.draft)
-    if app.draft.exported_to:
-        print(f"preset exported to {app.draft.exported_to}; run it with: qlora-wizard --preset {app.draft.exported_to}")
-    elif saved:
-        print(f"no run started; the draft is kept in {saved} (open it again with: qlora-wizard wizard {saved})")
-    return EXIT_OK
-
-
-def cmd_plain(args) -> int:
-    _need_terminal("qlora-wizard plain")
-    from tui.plain import run_plain
-
-    return run_plain(_wizard_draft(args.preset), runs_dir=args.runs_dir)
-
-
-def cmd_demo(args) -> int:
-    print("qlora-wizard demo: a real QLoRA run of a tiny model on the bundled data, offline, on this machine.")
-    print(f"the same as: qlora-wizard --preset {DEMO_PRESET.relative_to(Path.cwd()) if DEMO_PRESET.is_relative_to(Path.cwd()) else DEMO_PRESET}")
-    print("Ctrl-C stops it after saving a checkpoint; `qlora-wizard resume RUN_DIR` continues it.\n")
-    return run_preset(str(DEMO_PRESET), args.run_dir, detach=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # After the run: try, eval, merge, card, push, plot
 
@@ -643,6 +753,16 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _try_arguments(s: argparse.ArgumentParser) -> None:
+    _add_run_dir(s)
+    s.add_argument("--prompt", metavar="TEXT", help="what to ask, laid out as the run's data was (alpaca: a blank "
+                   "line separates the instruction from its input); without it, the interactive screen")
+    _add_decoding(s)
+    _add_json(s, "print both answers as JSON")
+    s.add_argument("--plain", action="store_true", help="line-by-line prompts instead of the full-screen screen")
+
+
+@command("try", _try_arguments, help="a finished run's answer to a prompt next to its base model's")
 def cmd_try(args) -> int:
     import importlib.util
 
@@ -650,10 +770,10 @@ def cmd_try(args) -> int:
 
     if args.prompt is None:
         finished_run(args.run_dir)  # the one-line refusal before any screen opens
-        if importlib.util.find_spec("tui.try_screen") is None:
+        if importlib.util.find_spec("tui.try_command") is None:
             raise UserError("pass --prompt TEXT: the interactive try screen is not in this version",
                             f'e.g. qlora-wizard try {args.run_dir} --prompt "..."')
-        from tui.try_screen import run_try_app
+        from tui.try_command import run_try_app
 
         return run_try_app(Path(args.run_dir), plain=args.plain)
     decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p)
@@ -687,13 +807,23 @@ def _cell(text: str, width: int = 48) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+def _eval_arguments(s: argparse.ArgumentParser) -> None:
+    _add_run_dir(s)
+    s.add_argument("--generations", type=int, default=5, metavar="N",
+                   help="held-out prompts answered by both models (default 5; greedy)")
+    _add_decoding(s, temperature=False)
+    _add_json(s)
+
+
+@command("eval", _eval_arguments, help="validation loss and perplexity of base and fine-tuned, and answers against "
+         "references (writes RUN_DIR/eval.json)")
 def cmd_eval(args) -> int:
     from engine.after import Decoding, evaluate_run
 
     result = evaluate_run(args.run_dir, generations=args.generations,
                           decoding=Decoding(max_new_tokens=args.max_new_tokens, temperature=0), progress=_say)
     if args.json:
-        _print_json(result)
+        _print_json(result.as_dict())
         return EXIT_OK
     from rich.console import Console
     from rich.table import Table
@@ -702,31 +832,41 @@ def cmd_eval(args) -> int:
         return "-" if value is None else fmt.format(value)
 
     c = Console()
-    base, tuned = result["base"], result["fine_tuned"]
+    base, tuned = result.base, result.fine_tuned
     t = Table(title=f"{Path(args.run_dir).name}: base against fine-tuned on "
-                    f"{result['validation']['examples']:,} validation examples", title_justify="left")
+                    f"{result.validation.examples:,} validation examples", title_justify="left")
     for col in ("", "base", "fine-tuned"):
         t.add_column(col, justify="left" if not col else "right")
-    t.add_row("validation loss", num(base["loss"]), num(tuned["loss"]))
-    t.add_row("perplexity", num(base["perplexity"], "{:,.2f}"), num(tuned["perplexity"], "{:,.2f}"))
-    n = len(result["generations"])
+    t.add_row("validation loss", num(base.loss), num(tuned.loss))
+    t.add_row("perplexity", num(base.perplexity, "{:,.2f}"), num(tuned.perplexity, "{:,.2f}"))
+    n = len(result.generations)
     if n:
-        t.add_row("answers equal to the reference", f"{result['exact_matches']['base']}/{n}",
-                  f"{result['exact_matches']['fine_tuned']}/{n}")
+        t.add_row("answers equal to the reference", f"{result.exact_matches.base}/{n}",
+                  f"{result.exact_matches.fine_tuned}/{n}")
     c.print(t)
-    if result["validation"]["examples"] == 0:
+    if result.validation.examples == 0:
         c.print("the run had no validation split: no losses; the answers are for training examples")
     if n:
-        g = Table(title=f"answers ({result['generations_from']} examples, greedy)", title_justify="left")
+        g = Table(title=f"answers ({result.generations_from} examples, greedy)", title_justify="left")
         for col in ("prompt", "reference", "base", "fine-tuned"):
             g.add_column(col)
-        for a in result["generations"]:
-            g.add_row(_cell(a["prompt"]), _cell(a["reference"], 24), _cell(a["base"], 24), _cell(a["fine_tuned"], 24))
+        for a in result.generations:
+            g.add_row(_cell(a.prompt), _cell(a.reference, 24), _cell(a.base, 24), _cell(a.fine_tuned, 24))
         c.print(g)
-    c.print(f"written to {Path(result['run_dir']) / 'eval.json'}", markup=False, highlight=False)
+    c.print(f"written to {Path(result.run_dir) / 'eval.json'}", markup=False, highlight=False)
     return EXIT_OK
 
 
+def _merge_arguments(s: argparse.ArgumentParser) -> None:
+    _add_run_dir(s)
+    s.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the merged model")
+    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="weights of the merged model (default: the run's load dtype: fp32 for a CPU run, "
+                        "the GPU's 16-bit type for a GPU run)")
+
+
+@command("merge", _merge_arguments, help="merge the adapter into its base (reloaded in 16 bits or fp32) and save a "
+         "model AutoModelForCausalLM.from_pretrained loads")
 def cmd_merge(args) -> int:
     from engine.after import merge_run, plan_merge
 
@@ -737,6 +877,26 @@ def cmd_merge(args) -> int:
     return EXIT_OK
 
 
+def _export_arguments(s: argparse.ArgumentParser) -> None:
+    from engine.after.export import CHECK_PROMPTS, CHECK_TOKENS, DEFAULT_QUANT, QUANTS
+
+    _add_run_dir(s)
+    s.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the export")
+    s.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
+                   help=f"the GGUF's weights (default {DEFAULT_QUANT}; q4_k_m needs llama-cpp-python)")
+    _add_merged(s, "convert this merged folder (from `merge`) instead of merging again")
+    s.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer held-out prompts in llama.cpp and in transformers and compare (default: on where "
+                        "llama-cpp-python is installed)")
+    s.add_argument("--prompts", type=int, default=CHECK_PROMPTS, metavar="N",
+                   help=f"held-out prompts the check answers (default {CHECK_PROMPTS})")
+    s.add_argument("--max-new-tokens", type=int, default=CHECK_TOKENS, metavar="N",
+                   help=f"longest answer the check compares, in tokens (default {CHECK_TOKENS}; greedy)")
+    _add_json(s, "print the paths, sizes, quant and the check as JSON")
+
+
+@command("export", _export_arguments, help="a GGUF for llama.cpp, Ollama and LM Studio with the run's prompt "
+         "format, an Ollama Modelfile and a README, checked in llama.cpp")
 def cmd_export(args) -> int:
     from engine.after.export import export_run, plan_export
 
@@ -764,6 +924,13 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def _card_arguments(s: argparse.ArgumentParser) -> None:
+    _add_run_dir(s)
+    s.add_argument("--repo-id", metavar="ORG/NAME", help="the Hub repo the card's load command names")
+    _add_merged(s, "describe this merged folder instead of the adapter")
+
+
+@command("card", _card_arguments, help="write the run's model card (RUN_DIR/README.md) and its loss curves")
 def cmd_card(args) -> int:
     from engine.after import write_card
 
@@ -772,6 +939,22 @@ def cmd_card(args) -> int:
     return EXIT_OK
 
 
+def _push_arguments(s: argparse.ArgumentParser) -> None:
+    _add_run_dir(s)
+    s.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, e.g. you/my-adapter (created if missing)")
+    _add_merged(s, "upload this merged folder (from `merge`) instead")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--public", action="store_true",
+                   help="create the repo public (anyone can see it); without it the repo is private")
+    g.add_argument("--private", action="store_true",
+                   help="accepted for old scripts and does nothing: repos are private unless --public")
+    s.add_argument("--yes", action="store_true",
+                   help="upload without asking (for scripts); without it push shows the plan and asks on the "
+                        "terminal, and refuses when stdin is not one")
+
+
+@command("push", _push_arguments, help="upload the adapter (or a merged folder) with its model card to the Hub: "
+         "private unless --public, shown and asked first")
 def cmd_push(args) -> int:
     from engine.after.card import hub_token, plan_push, push_run
 
@@ -794,6 +977,12 @@ def cmd_push(args) -> int:
     return EXIT_OK
 
 
+def _plot_arguments(s: argparse.ArgumentParser) -> None:
+    _add_run_dir(s)
+    s.add_argument("--out", metavar="PATH", help="where to write them (its suffix becomes .svg and .png)")
+
+
+@command("plot", _plot_arguments, help="the loss curves as SVG and PNG (RUN_DIR/curves.svg and .png)")
 def cmd_plot(args) -> int:
     from engine.after import write_curves
 
@@ -802,212 +991,133 @@ def cmd_plot(args) -> int:
     return EXIT_OK
 
 
-def _add_decoding(s: argparse.ArgumentParser, temperature: bool = True) -> None:
-    from engine.after.session import Decoding
+# ---------------------------------------------------------------------------------------------
+# The cache, the wizard and the demo
 
-    d = Decoding()
-    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N",
-                   help=f"longest answer in tokens (default {d.max_new_tokens})")
-    if temperature:
-        s.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
-                       help=f"sampling temperature, 0 for greedy (default {d.temperature:g})")
-        s.add_argument("--top-p", type=float, default=d.top_p, metavar="P",
-                       help=f"nucleus sampling share (default {d.top_p:g})")
+
+def _cache_arguments(s: argparse.ArgumentParser) -> None:
+    from engine.cache import PARTS
+
+    s.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
+    s.add_argument("--only", choices=PARTS, help="with clear: only this part")
+    _add_json(s)
+
+
+@command("cache", _cache_arguments, help="where the cache is and what it holds (tokenized data, the demo model, "
+         "converted GGUF models); `cache clear` empties it")
+def cmd_cache(args) -> int:
+    from engine.cache import cache_report, clear_cache
+
+    if args.only and args.action != "clear":
+        raise UserError("--only is for `qlora-wizard cache clear`")
+    if args.action == "clear":
+        removed = clear_cache(args.only)
+        if args.json:
+            _print_json({"removed": removed.to_json()})
+            return EXIT_OK
+        if not removed.parts:
+            print(f"nothing to clear in {removed.root}")
+        for part in removed.parts:
+            print(f"removed {part.name}: {size(part.bytes)} in {part.files:,} files; {part.what}")
+        return EXIT_OK
+    report = cache_report()
+    if args.json:
+        _print_json(report.to_json())
+        return EXIT_OK
+    print(f"cache: {report.root} ({size(report.bytes)}; set QLORA_WIZARD_CACHE to move it)")
+    for part in report.parts:
+        print(f"  {part.name:<7} {size(part.bytes):>10}  {part.files:>6,} files  {part.what}")
+    if not report.parts:
+        print("  empty")
+    print("clear it with `qlora-wizard cache clear` (runs are kept: they live in their own folders); "
+          "models from the Hub are in huggingface_hub's cache (`hf cache`)")
+    return EXIT_OK
+
+
+def _need_terminal(what: str) -> None:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UserError(f"{what} needs an interactive terminal",
+                        "run a preset headless with: qlora-wizard --preset FILE")
+
+
+def _wizard_draft(preset: str | None):
+    from tui.draft import Draft, load_draft
+
+    if preset:
+        return load_draft(preset)
+    from engine.preset import preset_from_dict
+
+    return Draft(preset_from_dict({"model": {"source": "builtin:tiny-llama"}, "data": {"train": "builtin:demo"}}))
+
+
+def _wizard_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("preset", nargs="?", metavar="PRESET", help="start from this preset (e.g. presets/tiny-demo.yaml)")
+    _add_runs_dir(s)
+
+
+@command("wizard", _wizard_arguments, help="the full-screen wizard (the default with no arguments in a terminal)")
+def cmd_wizard(args) -> int:
+    _need_terminal("the wizard")
+    draft = _wizard_draft(args.preset)
+    # Textual loads only here, so `--help` and the headless paths stay light.
+    from tui.wizard import WizardApp
+
+    app = WizardApp(draft, ask_model=args.preset is None, runs_dir=args.runs_dir)
+    result = app.run()
+    if app.run_dir is not None:
+        return _report_run(app.run_dir, result)
+    from tui.draft import keep_draft
+
+    saved = keep_draft(app.draft)
+    if app.draft.exported_to:
+        print(f"preset exported to {app.draft.exported_to}; run it with: qlora-wizard --preset {app.draft.exported_to}")
+    elif saved:
+        print(f"no run started; the draft is kept in {saved} (open it again with: qlora-wizard wizard {saved})")
+    return EXIT_OK
+
+
+def _plain_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("preset", nargs="?", metavar="PRESET", help="start from this preset")
+    _add_runs_dir(s)
+
+
+@command("plain", _plain_arguments, help="the wizard's steps as line-by-line prompts (for terminals where "
+         "the full-screen app misbehaves)")
+def cmd_plain(args) -> int:
+    _need_terminal("qlora-wizard plain")
+    from tui.plain import run_plain
+
+    return run_plain(_wizard_draft(args.preset), runs_dir=args.runs_dir)
+
+
+def _demo_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--run-dir", metavar="DIR")
+
+
+@command("demo", _demo_arguments, help="train the offline demo preset (tiny model, bundled data)")
+def cmd_demo(args) -> int:
+    from engine.demo import DEMO_PRESET
+
+    print("qlora-wizard demo: a real QLoRA run of a tiny model on the bundled data, offline, on this machine.")
+    print(f"the same as: qlora-wizard --preset {DEMO_PRESET.relative_to(Path.cwd()) if DEMO_PRESET.is_relative_to(Path.cwd()) else DEMO_PRESET}")
+    print("Ctrl-C stops it after saving a checkpoint; `qlora-wizard resume RUN_DIR` continues it.\n")
+    return run_preset(str(DEMO_PRESET), args.run_dir, detach=False)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.preset import choices
-
+    """The ``qlora-wizard`` parser: the top-level ``--preset`` options, then every registered command."""
     p = _Parser(prog="qlora-wizard", description="QLoRA fine-tuning of Hugging Face causal language models, "
                 "right about memory, with runs that survive a dropped connection.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", metavar="FILE", help="run this preset headless (see presets/)")
-    p.add_argument("--run-dir", metavar="DIR", help="with --preset: the run directory (default runs/<name>)")
-    p.add_argument("--detach", action="store_true", help="with --preset: start in the background and return")
-    p.add_argument("--nodes", type=int, metavar="N",
-                   help="with --preset: train on N machines together (sets distributed.nodes)")
-    p.add_argument("--node-rank", type=int, metavar="R", help="with --nodes: this machine's number, 0 to N-1")
-    p.add_argument("--master", metavar="HOST:PORT", help="with --nodes: machine 0's address and a free port")
+    _run_preset_arguments(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    s = sub.add_parser("inspect", help="what is this model: sizes, parameters, LoRA-targetable layers")
-    s.add_argument("source", help="a Hub id (org/name), a model directory, a config.json or a .gguf file")
-    s.add_argument("--revision", help="a Hub branch, tag or commit")
-    s.add_argument("--trust-remote-code", action="store_true", help="allow models that need their own code")
-    s.add_argument("--json", action="store_true", help="print JSON")
-    s.set_defaults(func=cmd_inspect)
-
-    s = sub.add_parser("estimate", help="will QLoRA training fit: memory by component, largest batch that fits")
-    s.add_argument("source", nargs="?", help="a Hub id, a model directory, a config.json or a .gguf file")
-    s.add_argument("--preset", metavar="FILE", help="take the settings from a preset")
-    s.add_argument("--seq-len", type=int, metavar="N")
-    s.add_argument("--micro-batch", type=int, metavar="N")
-    s.add_argument("--lora-r", type=int, metavar="N")
-    s.add_argument("--targets", metavar="a,b,...|all", help="LoRA target layer names, or all")
-    s.add_argument("--optimizer", choices=choices("training.optimizer"))
-    s.add_argument("--quant", choices=choices("quantization.method"))
-    s.add_argument("--no-double-quant", action="store_true")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None)
-    g.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
-    s.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps (with --micro-batch: "
-                   "the effective batch --fit keeps)")
-    s.add_argument("--gpu-mem", type=float, metavar="GIB", help="check against this much GPU memory (per GPU)")
-    s.add_argument("--gpus", type=int, metavar="N",
-                   help="GPUs training the run: the estimate is per GPU (default: the preset's distributed.gpus "
-                        "when it is a number, else 1)")
-    s.add_argument("--strategy", choices=choices("distributed.strategy"),
-                   help="with --gpus N: ddp (every GPU holds the whole model), fsdp (sharded across them) or auto "
-                        "(ddp when it fits each GPU, else fsdp; default: the preset's distributed.strategy)")
-    s.add_argument("--fit", action="store_true",
-                   help="the fastest checkpointing, micro batch and accumulation that fit with a margin to "
-                        "spare, keeping the effective batch (micro batch x accumulation), and why")
-    s.add_argument("--mean-len", type=float, metavar="TOKENS",
-                   help="with --fit: the data's mean example length (default: every example --seq-len long)")
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a model that needs its own code to run it (a preset's trust_remote_code: true "
-                        "does not count here)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_estimate)
-
-    s = sub.add_parser("lr", help="the guide's learning-rate rule, from numbers or from a preset's data")
-    s.add_argument("--preset", metavar="FILE", help="count supervised tokens and steps from the preset's data")
-    s.add_argument("--base-lr", type=float, metavar="X")
-    s.add_argument("--supervised-tokens", type=int, metavar="N")
-    s.add_argument("--steps", type=int, metavar="N")
-    s.add_argument("--epochs", type=float, metavar="N")
-    s.add_argument("--pretrained-batch-tokens", type=int, metavar="N")
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="with --preset: allow a model that needs its own code to run it (the preset's "
-                        "trust_remote_code: true does not count here)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_lr)
-
-    s = sub.add_parser("runs", help="every run with its status, step and loss")
-    s.add_argument("--runs-dir", metavar="DIR", help="the folder that holds the runs (default: runs)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_runs)
-
-    s = sub.add_parser("resume", help="continue a stopped, failed or crashed run from its newest checkpoint")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.add_argument("--max-steps", type=int, metavar="N",
-                   help="raise the run's target to N optimizer steps (a finished run needs it; its learning-rate "
-                        "schedule is stretched to N, its adapter kept as adapter-step-DONE/)")
-    s.add_argument("--master", metavar="HOST:PORT",
-                   help="a run over several machines: machine 0's address now (default: as it began)")
-    s.add_argument("--detach", action="store_true")
-    s.set_defaults(func=cmd_resume)
-
-    s = sub.add_parser("stop", help="ask a run to save a checkpoint and stop")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.set_defaults(func=cmd_stop)
-
-    s = sub.add_parser("attach", help="follow a run (the newest if none is named) with its whole history")
-    s.add_argument("run_dir", nargs="?", metavar="RUN_DIR")
-    s.add_argument("--runs-dir", default="runs", metavar="DIR")
-    s.add_argument("--plain", action="store_true",
-                   help="print one line per event instead of the full-screen view (the default without a terminal)")
-    s.set_defaults(func=cmd_attach)
-
-    s = sub.add_parser("try", help="a finished run's answer to a prompt next to its base model's")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.add_argument("--prompt", metavar="TEXT", help="what to ask, laid out as the run's data was (alpaca: a blank "
-                   "line separates the instruction from its input); without it, the interactive screen")
-    _add_decoding(s)
-    s.add_argument("--json", action="store_true", help="print both answers as JSON")
-    s.add_argument("--plain", action="store_true", help="line-by-line prompts instead of the full-screen screen")
-    s.set_defaults(func=cmd_try)
-
-    s = sub.add_parser("eval", help="validation loss and perplexity of base and fine-tuned, and answers against "
-                       "references (writes RUN_DIR/eval.json)")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.add_argument("--generations", type=int, default=5, metavar="N",
-                   help="held-out prompts answered by both models (default 5; greedy)")
-    _add_decoding(s, temperature=False)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_eval)
-
-    s = sub.add_parser("merge", help="merge the adapter into its base (reloaded in 16 bits or fp32) and save a "
-                       "model AutoModelForCausalLM.from_pretrained loads")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the merged model")
-    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                   help="weights of the merged model (default: the run's load dtype: fp32 for a CPU run, "
-                        "the GPU's 16-bit type for a GPU run)")
-    s.set_defaults(func=cmd_merge)
-
-    s = sub.add_parser("export", help="a GGUF for llama.cpp, Ollama and LM Studio with the run's prompt format, "
-                       "an Ollama Modelfile and a README, checked in llama.cpp")
-    from engine.after.export import CHECK_PROMPTS, CHECK_TOKENS, DEFAULT_QUANT, QUANTS
-
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the export")
-    s.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
-                   help=f"the GGUF's weights (default {DEFAULT_QUANT}; q4_k_m needs llama-cpp-python)")
-    s.add_argument("--merged", metavar="DIR", help="convert this merged folder (from `merge`) instead of merging again")
-    s.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
-                   help="answer held-out prompts in llama.cpp and in transformers and compare (default: on where "
-                        "llama-cpp-python is installed)")
-    s.add_argument("--prompts", type=int, default=CHECK_PROMPTS, metavar="N",
-                   help=f"held-out prompts the check answers (default {CHECK_PROMPTS})")
-    s.add_argument("--max-new-tokens", type=int, default=CHECK_TOKENS, metavar="N",
-                   help=f"longest answer the check compares, in tokens (default {CHECK_TOKENS}; greedy)")
-    s.add_argument("--json", action="store_true", help="print the paths, sizes, quant and the check as JSON")
-    s.set_defaults(func=cmd_export)
-
-    s = sub.add_parser("card", help="write the run's model card (RUN_DIR/README.md) and its loss curves")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.add_argument("--repo-id", metavar="ORG/NAME", help="the Hub repo the card's load command names")
-    s.add_argument("--merged", metavar="DIR", help="describe this merged folder instead of the adapter")
-    s.set_defaults(func=cmd_card)
-
-    s = sub.add_parser("push", help="upload the adapter (or a merged folder) with its model card to the Hub: "
-                       "private unless --public, shown and asked first")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, e.g. you/my-adapter (created if missing)")
-    s.add_argument("--merged", metavar="DIR", help="upload this merged folder (from `merge`) instead")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--public", action="store_true",
-                   help="create the repo public (anyone can see it); without it the repo is private")
-    g.add_argument("--private", action="store_true",
-                   help="accepted for old scripts and does nothing: repos are private unless --public")
-    s.add_argument("--yes", action="store_true",
-                   help="upload without asking (for scripts); without it push shows the plan and asks on the "
-                        "terminal, and refuses when stdin is not one")
-    s.set_defaults(func=cmd_push)
-
-    s = sub.add_parser("plot", help="the loss curves as SVG and PNG (RUN_DIR/curves.svg and .png)")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.add_argument("--out", metavar="PATH", help="where to write them (its suffix becomes .svg and .png)")
-    s.set_defaults(func=cmd_plot)
-
-    s = sub.add_parser("cache", help="where the cache is and what it holds (tokenized data, the demo model, "
-                       "converted GGUF models); "
-                       "`cache clear` empties it")
-    s.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
-    from engine.cache import PARTS
-
-    s.add_argument("--only", choices=PARTS, help="with clear: only this part")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_cache)
-
-    s = sub.add_parser("wizard", help="the full-screen wizard (the default with no arguments in a terminal)")
-    s.add_argument("preset", nargs="?", metavar="PRESET", help="start from this preset (e.g. presets/tiny-demo.yaml)")
-    s.add_argument("--runs-dir", default="runs", metavar="DIR")
-    s.set_defaults(func=cmd_wizard)
-
-    s = sub.add_parser("plain", help="the wizard's steps as line-by-line prompts (for terminals where "
-                       "the full-screen app misbehaves)")
-    s.add_argument("preset", nargs="?", metavar="PRESET", help="start from this preset")
-    s.add_argument("--runs-dir", default="runs", metavar="DIR")
-    s.set_defaults(func=cmd_plain)
-
-    s = sub.add_parser("demo", help="train the offline demo preset (tiny model, bundled data)")
-    s.add_argument("--run-dir", metavar="DIR")
-    s.set_defaults(func=cmd_demo)
+    for c in COMMANDS:
+        s = sub.add_parser(c.name, help=c.help, **c.options)
+        c.arguments(s)
+        s.set_defaults(func=c.func)
     return p
 
 

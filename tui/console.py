@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from engine.curves import diagnose_history
 from engine.errors import EXIT_FAILED, EXIT_STOPPED, run_exit_status
 from engine.events import (
+    POLL_S,
     CheckpointEvent,
     EndEvent,
     ErrorEvent,
@@ -27,13 +29,10 @@ from engine.events import (
     StartEvent,
     StepEvent,
     extend_history,
-    finite,
     fold_history,
 )
 from engine.runs import is_running, log_tail, stop_run
 from tui.format import duration, gib
-
-POLL_S = 0.2
 
 
 def _float(value, spec: str) -> str:
@@ -51,8 +50,8 @@ def describe(event: Event) -> str:
         if event.world_words:
             on = f"{event.world_words} ({on})"
         return (f"{head}: {event.model_source} on {on}, "
-                f"{event.examples or '?'} examples, {event.supervised_tokens or '?'} supervised tokens, "
-                f"{event.total_steps or '?'} steps, memory estimate {gib(event.estimate_total)}"
+                f"{event.data.examples or '?'} examples, {event.data.supervised_tokens or '?'} supervised tokens, "
+                f"{event.total_steps or '?'} steps, memory estimate {gib(event.estimate.total_bytes)}"
                 + (f"; kernels: {event.kernels}" if event.kernels else "")
                 + (f"; {event.remote_code}" if event.remote_code else ""))
     if isinstance(event, StepEvent):
@@ -197,13 +196,9 @@ def follow_run(run_dir: str | Path, tty: bool | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, old)
     code = exit_status(history)
-    if history.evals and history.steps:
-        from engine.curves import diagnose
-
-        d = diagnose([(s.step, v) for s in history.steps if (v := finite(s.loss)) is not None],
-                     [(e.step, v) for e in history.evals if (v := finite(e.eval_loss)) is not None])
-        if d.verdict != "too early to tell":
-            print(f"learning curves: {d.verdict}: {d.message}")
+    d = diagnose_history(history)
+    if d is not None and d.verdict != "too early to tell":
+        print(f"learning curves: {d.verdict}: {d.message}")
     if code == EXIT_STOPPED:
         print(f"continue it with: qlora-wizard resume {run_dir}")
     return code

@@ -1,9 +1,11 @@
-"""The wizard's single state, the draft preset, and what each step shows of it, as plain functions.
+"""The wizard's single state, the draft preset: editing it, whether it is ready to run, and the
+engine calls behind it.
 
-No Textual import: the full-screen wizard (``tui/screens/``) and the plain prompts (``tui/plain.py``)
-share every figure and every check from here, so both say the same thing. The slow parts (reading
-a model's config, tokenizing the data, probing GPUs) are in :class:`Services`; callers run them off
-the UI thread.
+No Textual import: the full-screen wizard (``tui/screens/steps/``) and the plain prompts
+(``tui/plain.py``) edit the same :class:`Draft` and read fields the same way (:func:`parse_field`,
+:func:`shown`, :func:`choice_options`); what each step asks and shows is declared in
+:mod:`tui.steps`. The slow parts (reading a model's config, tokenizing the data, probing GPUs) are
+in :class:`Services`; callers run them off the UI thread.
 """
 
 from __future__ import annotations
@@ -15,22 +17,9 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from engine.arch import ATTENTION_QV, FUSED_QKV
+from engine.demo import DEMO_PRESET
 from engine.errors import UserError
 from engine.preset import Preset, describe_validation_error
-
-STEPS: tuple[tuple[str, str], ...] = (
-    ("model", "Model"),
-    ("memory", "Memory"),
-    ("targets", "LoRA targets"),
-    ("data", "Data"),
-    ("hyper", "Hyperparameters"),
-    ("review", "Review"),
-)
-"""The wizard's steps in order: (screen name, title)."""
-
-SHORTCUTS = (("qv", "q + v"), ("attention", "attention"), ("all", "all linear"))
-"""The LoRA target shortcuts both front ends offer: (key in :func:`target_shortcuts`, label)."""
 
 CHOICE_LABELS = {("quantization.method", "nf4"): "nf4 (QLoRA)", ("quantization.method", "none"): "none (16-bit LoRA)"}
 """How a few allowed values read in the forms and the prompts; every other value reads as itself."""
@@ -42,55 +31,6 @@ def choice_options(path: str) -> list[tuple[str, str]]:
     from engine.preset import choices
 
     return [(CHOICE_LABELS.get((path, value), value), value) for value in choices(path)]
-
-
-@dataclass(frozen=True)
-class FormField:
-    """One field of a form both front ends show: the screen as a labelled input, the prompts as a question."""
-
-    label: str
-    """What the field is called."""
-    path: str
-    """The dotted preset path it edits."""
-    kind: str = "str"
-    """``int``, ``float`` or ``str`` (``?`` when empty means none; see :func:`parse_field`)."""
-    hint: str = ""
-    """What an answer means, where the label alone does not say (the prompts add it in brackets)."""
-
-    @property
-    def is_choice(self) -> bool:
-        """Whether the schema fixes the field's values (a dropdown, a menu: :func:`choice_options`)."""
-        from engine.preset import choices
-
-        return bool(choices(self.path))
-
-    @property
-    def prompt(self) -> str:
-        """The question the plain prompts ask."""
-        return f"{self.label} ({self.hint})" if self.hint else self.label
-
-
-HYPER_FORM: tuple[FormField, ...] = (
-    FormField("epochs", "training.epochs", "float"),
-    FormField("max steps", "training.max_steps", "int?", "empty: train by epochs"),
-    FormField("micro batch", "training.micro_batch_size", "int"),
-    FormField("grad accumulation", "training.gradient_accumulation_steps", "int", "micro batches per step"),
-    FormField("sequence length", "training.seq_len", "int", "tokens"),
-    FormField("scheduler", "training.lr_scheduler"),
-    FormField("warmup ratio", "training.warmup_ratio", "float"),
-    FormField("weight decay", "training.weight_decay", "float"),
-    FormField("max grad norm", "training.max_grad_norm", "float", "0: no clipping"),
-    FormField("optimizer", "training.optimizer"),
-    FormField("seed", "training.seed", "int"),
-    FormField("eval every", "training.eval_steps", "int?", "steps; empty: once per epoch and at the end"),
-    FormField("save every", "training.save_steps", "int", "steps, a resumable checkpoint"),
-)
-"""The hyperparameter form, in order: the screen shows it whole; the prompts ask steps, epochs and
-accumulation first and the rest on request."""
-
-DEMO_DRAFT = Path(__file__).resolve().parent.parent / "presets" / "tiny-demo.yaml"
-"""The offline demo preset, which ``make run`` opens the wizard on."""
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +188,8 @@ class Draft:
         """Set checkpointing, micro batch and accumulation to the fastest that fit (``fastest_fit_for``),
         keeping the effective batch; returns the ``engine.speed.FastestFit`` with what was chosen and
         why. When nothing fits, the draft stays as it was. A UserError when there is no budget."""
+        from tui.steps.memory import fastest_fit_for
+
         result = fastest_fit_for(self, budget_bytes)
         c = result.choice
         if c is not None:
@@ -311,12 +253,18 @@ class Draft:
         """Whether ``data`` describes the draft's data settings."""
         return self.data is not None and self.data_key == self.data_fingerprint()
 
-    def first_missing(self) -> tuple[str, str] | None:
-        """The step that must be done before a run can start, with why; None when all are."""
+    def first_missing(self, needs: str | None = "data") -> tuple[str, str] | None:
+        """The step that must be done first, with why, for something that needs ``needs``: None,
+        ``model`` or ``data`` (a step's ``Step.needs``; by default a run, which needs both); None
+        when nothing is missing."""
+        from tui.steps import step_ref
+
+        if needs is None:
+            return None
         if not self.model_ready:
-            return "model", "read the model's config first (step 1)"
-        if not self.data_ready:
-            return "data", "check the data first (step 4)"
+            return "model", f"read the model's config first ({step_ref('model')})"
+        if needs == "data" and not self.data_ready:
+            return "data", f"check the data first ({step_ref('data')})"
         return None
 
 
@@ -353,426 +301,6 @@ def parse_field(text: str, kind: str, label: str) -> Any:
         except ValueError:
             raise UserError(f"{label}: {text!r} is not a number") from None
     return text
-
-
-# ---------------------------------------------------------------------------------------------
-# Step 1: model
-
-
-def model_facts(info) -> list[tuple[str, str]]:
-    """The facts the model step shows, as (label, value) rows."""
-    from tui.format import count, size
-
-    heads = f"{info.num_attention_heads} query / {info.num_key_value_heads} key-value"
-    rows = [
-        ("architecture", f"{info.architecture} ({info.model_type})"),
-        ("parameters", f"{count(info.params_total)} ({info.params_total:,})"),
-        ("hidden size", f"{info.hidden_size:,}"),
-        ("layers", f"{info.num_hidden_layers}"),
-        ("attention heads", heads),
-        ("intermediate size", f"{info.intermediate_size:,}"),
-        ("vocabulary", f"{info.vocab_size:,}"),
-        ("context", f"{info.context_length:,} tokens"),
-        ("weights", f"{size(info.weight_bytes)} GGUF file, dequantized to {info.dtype} for training"
-                    if info.weight_bytes_source == "gguf" else f"{size(info.weight_bytes)} in {info.dtype}"
-                    + ("" if info.weight_bytes_source != "estimate" else " (estimated from the parameters)")),
-    ]
-    if info.is_moe:
-        rows.append(("experts", f"{info.num_experts}"))
-    rows.append(("LoRA-targetable", ", ".join(info.lora_target_candidates)))
-    return rows
-
-
-def recent_models(runs_dir: str | os.PathLike = "runs", limit: int = 5) -> list[str]:
-    """Models of the newest runs, newest first, each once."""
-    from engine.runs import list_runs
-
-    seen: list[str] = []
-    for run in sorted(list_runs(runs_dir), key=lambda r: r.name, reverse=True):
-        if run.model and run.model not in seen:
-            seen.append(run.model)
-    return seen[:limit]
-
-
-# ---------------------------------------------------------------------------------------------
-# Step 2: memory
-
-
-NO_GPU_LINE = "no NVIDIA GPU found here: the estimate is for a bf16 GPU"
-"""What the memory step says on a machine without a GPU (the estimate assumes one that does bf16)."""
-
-
-def gpu_line(gpu) -> str:
-    """One detected GPU and its memory, as the memory step lists it."""
-    from tui.format import gib
-
-    return f"GPU {gpu.index}: {gpu.name}, {gib(gpu.free_bytes)} free of {gib(gpu.total_bytes)}"
-
-
-def parse_gib(text: str) -> int | None:
-    """GPU memory typed in GiB, as bytes; None when nothing is typed."""
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise UserError(f"GPU memory {text!r} is not a number of GiB above 0")
-    return int(value * 2**30)
-
-
-@dataclass(frozen=True)
-class MemoryView:
-    """The memory step's figures for the draft."""
-
-    estimate: Any
-    """``engine.memory.MemoryEstimate``."""
-    settings: Any
-    """``engine.memory.MemorySettings`` it was made for."""
-    budget_bytes: int | None
-    """The first GPU's free memory; None without a GPU."""
-    budget_name: str
-    """The budget in words."""
-    fit: Any
-    """``engine.memory.FitResult`` against the budget; None without one."""
-    kernels: str = ""
-    """Which attention and loss kernels the run gets and why (``DevicePlan.kernels_note``)."""
-    world_line: str = ""
-    """With several GPUs (or DDP/FSDP asked for): how many, which strategy and why, e.g.
-    ``2 x NVIDIA H100: DDP, per GPU (...)``; empty for one GPU, where nothing changes."""
-    sharing: str = ""
-    """With several GPUs: which components are sharded and which every GPU holds whole."""
-    largest: str = ""
-    """With several GPUs and a budget: the largest reference model each strategy fits on them."""
-
-    @property
-    def fits(self) -> bool | None:
-        """Whether the estimate fits the budget; None without a budget."""
-        return self.estimate.fits(self.budget_bytes)
-
-    @property
-    def verdict(self) -> tuple[str | None, str]:
-        """``FITS`` / ``DOES NOT FIT`` (None without a budget) and the figures behind it, in words."""
-        from tui.format import gib
-
-        total = gib(self.estimate.total_bytes)
-        if self.fits is None:
-            return None, f"needs {total} at the peak"
-        room = self.budget_bytes - self.estimate.total_bytes
-        if self.fits:
-            share = 100 * self.estimate.total_bytes / self.budget_bytes
-            return "FITS", f"{total} of {gib(self.budget_bytes)} ({share:.0f} %), {gib(room)} left"
-        return "DOES NOT FIT", f"needs {total}, {gib(self.budget_bytes)} available ({gib(-room)} short)"
-
-    context_line = property(lambda self: cuda_context_line())
-    """What the CUDA context costs (``cuda_context_line``)."""
-
-
-def cuda_context_line() -> str:
-    """What the CUDA context costs, which the total includes and torch's counters never show: the
-    same on a 16 GB, a 24 GB or an 80 GB card, only the room left differs."""
-    from engine.memory import CUDA_CONTEXT_BYTES
-    from tui.format import gib
-
-    return (f"the total counts {gib(CUDA_CONTEXT_BYTES)} of CUDA context (measured on an H100 and an H200, "
-            "CUDA 13); other cards and drivers take a few hundred MiB more or less")
-
-
-STRATEGY_SHORT = {"single": "one GPU", "ddp": "DDP", "fsdp": "FSDP"}
-"""Each strategy in a word, for the memory step's GPU line (``engine.distributed.STRATEGY_WORDS`` says more)."""
-
-
-def draft_world(draft: Draft):
-    """The GPUs a run of the draft would train on (``engine.distributed.World``, as CUDA GPUs: the
-    estimate is for a GPU even on a machine without one), when there are several or the preset asks
-    for DDP or FSDP; None otherwise (one GPU: the memory step shows what it always did)."""
-    from engine.distributed import World
-    from engine.plan import planned_world_size
-
-    d = draft.preset.distributed
-    size = planned_world_size(draft.preset, draft.gpus)
-    if size < 2 and d.strategy not in ("ddp", "fsdp"):
-        return None
-    return World(max(1, size // d.nodes), d.nodes, "cuda")
-
-
-def _first_gpu(draft: Draft):
-    """The first GPU CUDA will use (``CUDA_VISIBLE_DEVICES`` applied); None without one."""
-    from engine.distributed import visible_gpus
-
-    gpus = visible_gpus(draft.gpus) if draft.gpus else []
-    return gpus[0] if gpus else None
-
-
-def draft_device(draft: Draft, budget_bytes: int | None = None):
-    """The device plan of the draft: the first GPU, or an assumed bf16 one (``engine.plan.DevicePlan``);
-    with several GPUs (``draft_world``) also the strategy, chosen against ``budget_bytes`` per GPU
-    (else the first visible GPU's free memory)."""
-    from engine.plan import assumed_gpu, plan_device, with_world
-
-    info, gpus = draft.info, draft.gpus
-    plan = plan_device(draft.preset, gpus, info.model_type) if gpus else assumed_gpu(draft.preset, info.model_type)
-    world = draft_world(draft)
-    if world is None:
-        return plan
-    if budget_bytes is None and _first_gpu(draft) is not None:
-        budget_bytes = _first_gpu(draft).free_bytes
-    return with_world(plan, draft.preset, info, world, budget_bytes=budget_bytes)
-
-
-def draft_estimate(draft: Draft, device=None) -> tuple[Any, Any]:
-    """The memory settings of the draft on the first GPU (or an assumed bf16 one) and their estimate."""
-    from engine.memory import estimate_training_memory
-    from engine.plan import memory_settings
-
-    settings = memory_settings(draft.preset, draft.info, device or draft_device(draft))
-    return settings, estimate_training_memory(draft.info, settings)
-
-
-def fit_line(fit, seq_len: int) -> str:
-    """What fits a budget (``engine.memory.FitResult``), in one line: the largest micro batch at this
-    sequence length and the longest sequence at micro batch 1."""
-    mb, sl = fit.max_micro_batch, fit.max_seq_len
-    return (f"largest micro batch at {seq_len:,} tokens: {mb if mb else 'none fits'}; "
-            f"longest sequence at micro batch 1: {f'{sl:,}' if sl else 'none fits'}")
-
-
-def _budget(draft: Draft, budget_bytes: int | None) -> tuple[int | None, str]:
-    """The memory to check against (typed, else the first GPU's free memory) and it in words."""
-    from tui.format import gib
-
-    gpus = draft.gpus
-    if budget_bytes is not None:
-        return budget_bytes, f"{gib(budget_bytes)} (typed)"
-    if gpus:
-        return gpus[0].free_bytes, f"{gpus[0].name}: {gib(gpus[0].free_bytes)} free of {gib(gpus[0].total_bytes)}"
-    return None, "no NVIDIA GPU here: type the GPU's memory to check against"
-
-
-def memory_view(draft: Draft, budget_bytes: int | None = None) -> MemoryView:
-    """Estimate the draft's training memory against ``budget_bytes`` (else the first GPU's free memory);
-    with several GPUs per GPU, for the strategy the run would take, and the largest reference model
-    each strategy fits on them (``engine.sizes``)."""
-    from engine.memory import fit
-
-    typed = budget_bytes
-    budget_bytes, name = _budget(draft, budget_bytes)
-    device = draft_device(draft, budget_bytes)
-    settings, est = draft_estimate(draft, device)
-    result = fit(draft.info, settings, budget_bytes) if budget_bytes else None
-    view = MemoryView(est, settings, budget_bytes, name, result, f"kernels: {device.kernels_note}")
-    world = draft_world(draft)
-    if world is None:
-        return view
-    from dataclasses import replace
-
-    from engine.sizes import largest_fitting, largest_words
-    from tui.format import gib
-
-    gpu = _first_gpu(draft)
-    card = gpu.name if gpu is not None else "a bf16-capable GPU"
-    machines = f" x {world.nodes} machines" if world.nodes > 1 else ""
-    per_gpu = ", per GPU" if world.distributed else ""
-    line = (f"{world.procs_per_node} x {card}{machines}: {STRATEGY_SHORT[device.strategy]}{per_gpu} "
-            f"({device.strategy_reason})")
-    largest = ""
-    if budget_bytes and world.distributed:
-        words = f"{gib(budget_bytes)}" if typed is not None or gpu is None else f"{card} ({gib(budget_bytes)} free)"
-        largest = largest_words(largest_fitting(settings, budget_bytes, world.size, ("ddp", "fsdp")), world.size, words)
-    return replace(view, world_line=line, sharing=est.sharing_words(), largest=largest)
-
-
-FASTEST_FIT_NO_DATA = "check the data (step 4) for its real lengths"
-"""What the memory step adds when the fastest fit had to assume every example is seq_len long."""
-
-
-def fastest_fit_for(draft: Draft, budget_bytes: int | None = None):
-    """The fastest checkpointing, micro batch and accumulation that fit (``engine.speed.fastest_fit``)
-    for the draft on the first GPU (or an assumed one) against ``budget_bytes`` (else the GPU's free
-    memory), keeping the draft's effective batch and using the checked data's lengths when the data
-    check is current. A UserError when there is no budget to fit."""
-    from engine.speed import fastest_fit
-
-    budget, _ = _budget(draft, budget_bytes)
-    if not budget:
-        raise UserError("no GPU memory to fit against", "type the GPU's memory in GiB")
-    settings, _ = draft_estimate(draft)
-    stats = draft.data.stats if draft.data_ready else None
-    return fastest_fit(
-        draft.info, settings, budget,
-        gradient_accumulation_steps=draft.preset.training.gradient_accumulation_steps,
-        mean_len=(stats.mean_len or None) if stats else None,
-        max_len=(stats.max_len or None) if stats else None,
-        gpu=draft.gpus[0].name if draft.gpus else None,
-    )
-
-
-def fastest_fit_lines(result, lengths_hint: str = FASTEST_FIT_NO_DATA) -> list[str]:
-    """What both front ends show of a ``FastestFit``: the choice in one line, then each reason, and
-    ``lengths_hint`` when the data's lengths were not known."""
-    head = f"fastest that fits: {result.summary}" if result.found else result.reasons[0]
-    reasons = list(result.reasons if result.found else result.reasons[1:])
-    if result.found and not result.lengths_known:
-        reasons.append(lengths_hint)
-    return [head, *(f"  - {r}" for r in reasons)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Step 3: LoRA targets
-
-
-def target_shortcuts(info) -> dict[str, list[str]]:
-    """The layer sets the targets step offers: ``qv`` (query and value), ``attention``, ``all``."""
-    from engine.memory import layer_role
-
-    names = info.lora_target_candidates
-    qv = [n for n in names if n in ATTENTION_QV] or [n for n in names if n in FUSED_QKV]
-    attention = [n for n in names if (layer_role(n) or "").startswith("attn")]
-    return {"qv": qv or list(names[:1]), "attention": attention or qv or list(names[:1]),
-            "all": list(info.default_targets)}
-
-
-def targets_value(info, selected: list[str]) -> str | list[str]:
-    """The preset's ``lora.targets`` for a selection: ``all-linear`` when it is exactly the default set."""
-    ordered = [n for n in info.lora_target_candidates if n in selected]
-    return "all-linear" if set(ordered) == set(info.default_targets) else ordered
-
-
-def selected_targets(draft: Draft) -> list[str]:
-    """The layer names the draft adapts, in model order."""
-    from engine.plan import resolve_targets
-
-    return list(resolve_targets(draft.preset, draft.info))
-
-
-@dataclass(frozen=True)
-class LoraView:
-    """The trainable parameters of a LoRA setup and the memory they add."""
-
-    trainable: int
-    """LoRA parameters over every adapted module."""
-    share: float
-    """``trainable`` as a share of the model's parameters."""
-    memory_bytes: int
-    """Adapter weights, their gradients and the optimizer states."""
-
-
-def lora_view(draft: Draft) -> LoraView:
-    """The draft's adapters: how many parameters they train and what they hold in memory."""
-    _, est = draft_estimate(draft)
-    c = est.components
-    added = c["lora_weights"] + c["lora_gradients"] + c["optimizer_states"]
-    return LoraView(est.lora_params, est.lora_params / max(1, draft.info.params_total), added)
-
-
-# ---------------------------------------------------------------------------------------------
-# Step 4: data
-
-EXAMPLE_LIMIT = 600
-"""Characters of an example shown; longer ones are cut in the middle."""
-
-
-def render_example(pieces: list[tuple[str, bool]], trained_style: str, marks: tuple[str, str] = ("", ""),
-                   limit: int = EXAMPLE_LIMIT):
-    """One example as the model sees it (a ``rich.text.Text``): the trained part in ``trained_style``
-    and between ``marks`` (for a terminal without colour), long ones cut in the middle."""
-    from rich.text import Text
-
-    text = Text()
-    for piece, trained in pieces:
-        text.append(f"{marks[0]}{piece}{marks[1]}" if trained else piece, trained_style if trained else "")
-    if len(text) > limit:
-        text = Text.assemble(text[: limit // 2], ("\n  ...\n", "dim"), text[-limit // 2:])
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
-# Step 5: learning rate
-
-
-@dataclass(frozen=True)
-class LrView:
-    """The learning-rate rule with this run's numbers."""
-
-    base_lr: float | None
-    """The pretrained model's peak learning rate (draft, else the family table)."""
-    pretrained_batch_tokens: int | None
-    """The pretraining batch in tokens (draft, else the family table)."""
-    source: str
-    """Where the base rate and batch come from."""
-    supervised_tokens: int
-    """Tokens trained on in one pass over the data."""
-    steps: int
-    """Optimizer steps of the run."""
-    epochs: float
-    """Passes over the data."""
-    steps_per_epoch: int
-    """Optimizer steps per pass."""
-    suggestion: Any
-    """``engine.lr.LrSuggestion``; None while a number is missing."""
-    missing: str | None
-    """What has to be typed before the rule can be applied."""
-
-
-def draft_world_size(draft: Draft) -> int:
-    """The processes a run of the draft would train on here (GPUs x machines; ``distributed``)."""
-    from engine.plan import planned_world_size
-
-    return planned_world_size(draft.preset, draft.gpus)
-
-
-def batch_words(draft: Draft) -> tuple[int, str]:
-    """The effective batch and how it is made, e.g. (64, "micro batch 8 x accumulation 4 x 2 GPUs")."""
-    from engine.plan import effective_batch
-
-    t = draft.preset.training
-    world = draft_world_size(draft)
-    made = f"micro batch {t.micro_batch_size} x {t.gradient_accumulation_steps}"
-    if world > 1:
-        unit = "GPUs" if draft.gpus else "processes"
-        made = f"micro batch {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x {world} {unit}"
-    return effective_batch(draft.preset, world), made
-
-
-def lr_view(draft: Draft, steps: int | None = None, epochs: float | None = None,
-            supervised_tokens: int | None = None) -> LrView:
-    """Apply the guide's rule to the draft's data and batch (needs ``draft.data``). ``steps``, ``epochs``
-    and ``supervised_tokens`` put other numbers in place of the run's (``qlora-wizard lr`` flags)."""
-    from engine.lr import family_defaults, suggest_learning_rate
-    from engine.plan import steps_per_epoch, total_steps
-
-    p, stats = draft.preset, draft.data.stats
-    t = p.training
-    world = draft_world_size(draft)  # data parallel: each step takes a micro batch from every process
-    spe = steps_per_epoch(stats.examples, t.micro_batch_size, t.gradient_accumulation_steps, world)
-    if epochs is None:
-        epochs = (steps or total_steps(p, stats.examples, world)) / spe if (steps or t.max_steps) else t.epochs
-    steps = steps or total_steps(p, stats.examples, world)
-    supervised = supervised_tokens or stats.supervised_tokens
-    family = family_defaults(draft.info.family, draft.info.params_total) if draft.info else None
-    base_lr = p.model.base_lr or (family.base_lr if family else None)
-    bsz = p.model.pretrained_batch_tokens or (family.pretrained_batch_tokens if family else None)
-    if p.model.base_lr or p.model.pretrained_batch_tokens:
-        source = "typed in this preset"
-        if family:
-            batch = f"{family.pretrained_batch_tokens:,}" if family.pretrained_batch_tokens else "?"
-            source += f" (the {draft.info.family} family table: {family.base_lr:g}, {batch} tokens)"
-    elif family:
-        source = family.source
-    else:
-        fam = draft.info.family if draft.info else "?"
-        source = f"no published values for the {fam} family: type the model's pretraining rate and batch"
-    missing = None
-    if base_lr is None:
-        missing = "the base learning rate"
-    elif bsz is None:
-        missing = "the pretraining batch in tokens"
-    suggestion = None
-    if missing is None:
-        suggestion = suggest_learning_rate(base_lr, supervised, steps, epochs, bsz)
-    return LrView(base_lr, bsz, source, supervised, steps, epochs, spe, suggestion, missing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -868,19 +396,6 @@ def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_ran
     return launch_run(preset, run_dir, node_rank, master)
 
 
-def node_commands(preset: Preset, preset_path: str, master: str | None) -> list[str]:
-    """What each machine of a multi-machine run types (``qlora-wizard --preset ... --node-rank R``);
-    empty for one machine. ``master``: machine 0's HOST:PORT (a placeholder when not known yet)."""
-    nodes = preset.distributed.nodes
-    if nodes <= 1:
-        return []
-    import shlex
-
-    where = master or "HOST:29500"
-    return [f"qlora-wizard --preset {shlex.quote(preset_path)} --nodes {nodes} --node-rank {r} --master {where}"
-            for r in range(nodes)]
-
-
 @dataclass(frozen=True)
 class Services:
     """Everything the wizard asks of the engine, in one place, so tests can feed it fixed answers
@@ -899,14 +414,6 @@ class Services:
     model); asked at the moment the person agrees. Raises UserError."""
 
 
-def default_export_path(draft: Draft) -> str:
-    """``<run name or model name>-qlora.yaml`` in the current folder ."""
-    from engine.runs import slug
-
-    short = draft.preset.model.source.rstrip("/").split("/")[-1].replace("builtin:", "")
-    return f"{draft.preset.output.name or slug(short + '-qlora')}.yaml"
-
-
 def keep_draft(draft: Draft) -> Path | None:
     """Save the draft to the cache's ``last-draft.yaml`` so no answer is lost; None if it cannot be written."""
     from engine.demo import cache_root
@@ -922,9 +429,9 @@ def keep_draft(draft: Draft) -> Path | None:
 
 
 def load_draft(path: str | os.PathLike | None) -> Draft:
-    """A draft from a preset file (the demo when None). A file's ``model.trust_remote_code: true`` is
+    """A draft from a preset file (the demo, ``engine.demo.DEMO_PRESET``, when None). A file's ``model.trust_remote_code: true`` is
     not consent: the draft holds it false and remembers the question (``Draft.code_from_file``)."""
     from engine.preset import load_preset
 
-    preset, asked = untrusted(load_preset(path or DEMO_DRAFT))
+    preset, asked = untrusted(load_preset(path or DEMO_PRESET))
     return Draft(preset, code_from_file=asked)

@@ -1,10 +1,12 @@
 """The wizard's six steps as plain line-by-line prompts: ``qlora-wizard plain``.
 
 For terminals where the full-screen app misbehaves (a serial console, a screen reader, a
-multiplexer that mangles the layout). It edits the same :class:`~tui.draft.Draft` and shows the
-same figures and checks as the full-screen wizard (all from :mod:`tui.draft`), asking one question
-at a time with questionary and printing plain lines, and it ends the same way: an exported preset
-and a started run, followed by the console runner (:func:`tui.console.follow_run`).
+multiplexer that mangles the layout). It edits the same :class:`~tui.draft.Draft` and renders the
+same step declarations as the full-screen wizard (:data:`tui.steps.STEPS`: each step's fields, with
+the same choices, and what it needs done first), showing the same figures and checks (from the
+steps' modules), asking one question at a time with questionary and printing plain lines, and it
+ends the same way: an exported preset and a started run, followed by the console runner
+(:func:`tui.console.follow_run`).
 
 Enter keeps the value shown; ``?`` at a value prints the field's help; after each step a menu goes
 on, goes back or jumps to any step. Ctrl-C (or the end of the input) at any question keeps the
@@ -22,41 +24,15 @@ from rich.console import Console
 from rich.text import Text
 
 from engine.errors import EXIT_OK, EXIT_STOPPED, NeedsRemoteCode, UserError, first_line
-from tui.draft import (
-    HYPER_FORM,
-    NO_GPU_LINE,
-    SHORTCUTS,
-    STEPS,
-    Draft,
-    FormField,
-    Services,
-    batch_words,
-    choice_options,
-    default_export_path,
-    fastest_fit_lines,
-    fit_line,
-    gpu_line,
-    keep_draft,
-    lora_view,
-    lr_view,
-    memory_view,
-    model_facts,
-    node_commands,
-    parse_field,
-    parse_gib,
-    recent_models,
-    render_example,
-    selected_targets,
-    shown,
-    target_shortcuts,
-    targets_value,
-)
+from tui.draft import Draft, Services, choice_options, keep_draft, parse_field, shown
 from tui.format import count, gib
-
-
-STEP_NAMES = tuple(name for name, _ in STEPS)
-"""The steps' names in order."""
-
+from tui.steps import STEP_NAMES, STEPS, FormField, Step
+from tui.steps.data import render_example
+from tui.steps.hyper import batch_words, lr_view
+from tui.steps.memory import NO_GPU_LINE, fastest_fit_lines, fit_line, gpu_line, memory_view, parse_gib
+from tui.steps.model import model_facts, recent_models
+from tui.steps.review import default_export_path, node_commands
+from tui.steps.targets import SHORTCUTS, lora_view, selected_targets, target_shortcuts, targets_value
 
 TRAINED_STYLE = "bold green"
 """How the tokens the model is trained on are shown on a terminal (they are also put between « »)."""
@@ -66,6 +42,9 @@ TRAINED_MARKS = ("«", "»")
 
 _FINISHED = "finished"
 """What the review step returns when the walk is over (a run started, or the person is done)."""
+
+FAILED = object()
+"""What :meth:`PlainWizard.attempt` returns when the call failed (and the error line was printed)."""
 
 
 class PlainWizard:
@@ -89,6 +68,12 @@ class PlainWizard:
         """GPU memory typed to check against, on a machine without a GPU."""
         self.run_dir: Path | None = None
         """The run started at the review step."""
+        self.steps: dict[str, Callable[[Step], str | None]] = {
+            "model": self.step_model, "memory": self.step_memory, "targets": self.step_targets,
+            "data": self.step_data, "hyper": self.step_hyper, "review": self.step_review,
+        }
+        """Each step's prompts by the step's name (``tui.steps.STEPS``): the walk asks them through this.
+        Each takes its step's declaration and returns the step to go to next (None: ask), or the end."""
 
     # ---- output and questions ----------------------------------------------------------
 
@@ -99,6 +84,20 @@ class PlainWizard:
     def error(self, message: str) -> None:
         """Print a problem as one ``error:`` line."""
         self.say(("error: ", "bold red"), message)
+
+    def attempt(self, call: Callable[[], Any], what: str, passes: tuple[type[Exception], ...] = ()) -> Any:
+        """``call()``'s result; when it raises, one ``error:`` line and :data:`FAILED`. The line is a
+        UserError's own, or ``what: <first line>`` of any other exception: every failure is said in
+        one line. Exceptions of the types in ``passes`` are raised on, for the caller to handle."""
+        try:
+            return call()
+        except passes:
+            raise
+        except UserError as exc:
+            self.error(exc.one_line())
+        except Exception as exc:  # noqa: BLE001 - any failure is said in one line
+            self.error(f"{what}: {first_line(exc)}")
+        return FAILED
 
     def text(self, message: str, default: str = "") -> str:
         """Ask for a line of text; Enter keeps ``default``."""
@@ -140,9 +139,15 @@ class PlainWizard:
         """Ask a preset field that has a fixed set of values (the schema's)."""
         self.draft.set(path, self.select(label, choice_options(path), default=self.draft.get(path)))
 
+    def ask_switch_field(self, question: str, path: str) -> None:
+        """Ask an on/off preset field as a yes/no question; Enter keeps the draft's value."""
+        self.draft.set(path, self.confirm(question, default=self.draft.get(path)))
+
     def ask_form_field(self, f: FormField) -> None:
-        """Ask one field of a form the full-screen wizard shows too."""
-        if f.is_choice:
+        """Ask one field a step declares (the full-screen wizard shows it too), by its kind."""
+        if f.is_switch:
+            self.ask_switch_field(f.prompt, f.path)
+        elif f.is_choice:
             self.ask_choice_field(f.prompt, f.path)
         else:
             self.ask_field(f.prompt, f.path, f.kind)
@@ -155,10 +160,10 @@ class PlainWizard:
                  "shown, ? at a value prints its help, Ctrl-C keeps the draft and quits.")
         index = 0
         while True:
-            name, title = STEPS[index]
+            step = STEPS[index]
             self.console.print()
-            self.say((f"step {index + 1} of {len(STEPS)}: {title}", "bold underline"))
-            goto = getattr(self, f"step_{name}")()
+            self.say((f"step {index + 1} of {len(STEPS)}: {step.title}", "bold underline"))
+            goto = self.not_yet(step) or self.steps[step.name](step)
             if goto == _FINISHED:
                 return self.run_dir
             index = STEP_NAMES.index(goto) if goto else self.next_step(index)
@@ -166,26 +171,28 @@ class PlainWizard:
     def next_step(self, index: int) -> int:
         """After a step: go on to the next (the default), back to the previous, or to any other step."""
         choices = []
-        for i, (_, title) in enumerate(STEPS):
+        for i, step in enumerate(STEPS):
             if i == index:
                 continue
             verb = "continue to" if i == index + 1 else ("back to" if i == index - 1 else "go to")
-            choices.append((f"{verb} {i + 1}. {title}", str(i)))
+            choices.append((f"{verb} {i + 1}. {step.title}", str(i)))
         return int(self.select("next", choices, default=str(index + 1)))
 
-    def _need(self, what: str) -> str | None:
-        """The step to go to (saying why) when the model or the data this step needs is missing."""
-        if not self.draft.model_ready:
-            self.say(("not yet: ", "yellow"), "read the model's config first (step 1)")
-            return "model"
-        if what == "data" and not self.ensure_data():
-            self.say(("not yet: ", "yellow"), "check the data first (step 4)")
-            return "data"
-        return None
+    def not_yet(self, step: Step) -> str | None:
+        """The step to go to first (saying why) when what ``step`` needs (``Step.needs``: the model
+        read, the data checked) is not done, else None; the data is checked here first when the
+        step needs it and its settings changed since."""
+        if step.needs == "data":
+            self.ensure_data()
+        missing = self.draft.first_missing(step.needs)
+        if missing is None:
+            return None
+        self.say(("not yet: ", "yellow"), missing[1])
+        return missing[0]
 
-    # ---- step 1: model -----------------------------------------------------------------
+    # ---- the model step ----------------------------------------------------------------
 
-    def step_model(self) -> str | None:
+    def step_model(self, step: Step) -> str | None:
         """Choose the model (typed, a shipped preset's or a recent one) and show what it is."""
         failed = False
         while True:
@@ -233,10 +240,9 @@ class PlainWizard:
         """The person agreed to run the model's own code: pin a Hub model's revision to the commit it
         points to now, and trust it; False (said) when the commit cannot be told."""
         m = self.draft.preset.model
-        try:
-            revision = self.services.pin_revision(m.source, m.revision)
-        except UserError as exc:
-            self.error(exc.one_line())
+        revision = self.attempt(lambda: self.services.pin_revision(m.source, m.revision),
+                                f"cannot pin the revision of {m.source}")
+        if revision is FAILED:
             return False
         self.draft.allow_code(revision)
         if revision and revision != m.revision:
@@ -263,7 +269,8 @@ class PlainWizard:
             slow = " (the demo model is created once, about 15 s)" if key[0].startswith("builtin:") else ""
             self.say((f"reading {key[0]}{slow} ...", "yellow"))
             try:
-                info = self.services.inspect_model(*key)
+                info = self.attempt(lambda: self.services.inspect_model(*key), f"cannot read {key[0]}",
+                                    passes=(NeedsRemoteCode,))
             except NeedsRemoteCode as exc:
                 if refused:  # just said no to the preset's trust_remote_code: not asked twice
                     self.error(f"{exc.message}; it is not read without your consent")
@@ -276,11 +283,7 @@ class PlainWizard:
                 if not self.allow_code():
                     return False
                 continue
-            except UserError as exc:
-                self.error(exc.one_line())
-                return False
-            except Exception as exc:  # noqa: BLE001 - any failure is said in one line
-                self.error(f"cannot read {key[0]}: {first_line(exc)}")
+            if info is FAILED:
                 return False
             break
         note = self.draft.accept_model(key, info)
@@ -297,22 +300,18 @@ class PlainWizard:
         for note in info.notes:
             self.say(("  note: ", "yellow"), note)
 
-    # ---- step 2: memory ----------------------------------------------------------------
+    # ---- the memory step ---------------------------------------------------------------
 
-    def step_memory(self) -> str | None:
-        """Show the training memory against the GPU; ask the settings that move it until it fits or they stop."""
-        need = self._need("model")
-        if need:
-            return need
+    def step_memory(self, step: Step) -> str | None:
+        """Show the training memory against the GPU; ask the settings that move it until it fits or they
+        stop (the micro batch last, the largest that fits as its default)."""
         self.show_gpus()
         self.show_memory()
+        batch = step.field("training.micro_batch_size")
         while True:
-            self.ask_choice_field("quantization", "quantization.method")
-            self.ask_field("sequence length (tokens)", "training.seq_len", "int")
-            self.draft.set("training.gradient_checkpointing", self.confirm(
-                "gradient checkpointing (far less memory, about 30 % slower)?",
-                default=self.draft.get("training.gradient_checkpointing")))
-            self.ask_choice_field("optimizer", "training.optimizer")
+            for f in step.fields:
+                if f != batch:
+                    self.ask_form_field(f)
             view = memory_view(self.draft, self.budget_bytes)
             default = None
             largest = view.fit.max_micro_batch if view.fit is not None else None
@@ -321,11 +320,10 @@ class PlainWizard:
                 self.say(f"micro batch {self.draft.get('training.micro_batch_size')} does not fit; "
                          f"the default below is the largest that fits: {largest}")
             if view.fit is not None:
-                self.ask_field("micro batch (f: the fastest that fit, with checkpointing and accumulation)",
-                               "training.micro_batch_size", "int", default=default,
-                               shortcuts={"f": self.apply_fastest_fit})
+                self.ask_field(f"{batch.label} (f: the fastest that fit, with checkpointing and accumulation)",
+                               batch.path, batch.kind, default=default, shortcuts={"f": self.apply_fastest_fit})
             else:
-                self.ask_field("micro batch", "training.micro_batch_size", "int", default=default)
+                self.ask_field(batch.prompt, batch.path, batch.kind, default=default)
             view = memory_view(self.draft, self.budget_bytes)
             self.say("now ", self.verdict(view))
             if view.fits is False and self.confirm("it does not fit: change the settings again?", default=True):
@@ -405,13 +403,11 @@ class PlainWizard:
             self.say(view.largest)
         return view
 
-    # ---- step 3: LoRA targets ----------------------------------------------------------
+    # ---- the LoRA targets step ---------------------------------------------------------
 
-    def step_targets(self) -> str | None:
-        """Which layers get adapters (a shortcut or picked by name), rank, alpha and dropout."""
-        need = self._need("model")
-        if need:
-            return need
+    def step_targets(self, step: Step) -> str | None:
+        """Which layers get adapters (a shortcut or picked by name), then the step's form: rank, alpha
+        and dropout."""
         info = self.draft.info
         chosen = set(selected_targets(self.draft))
         r = self.draft.preset.lora.r
@@ -438,9 +434,8 @@ class PlainWizard:
         else:
             names = shortcuts[answer]
         self.draft.set("lora.targets", targets_value(info, names))
-        self.ask_field("rank r", "lora.r", "int")
-        self.ask_field("alpha", "lora.alpha", "float")
-        self.ask_field("dropout", "lora.dropout", "float")
+        for f in step.fields:
+            self.ask_form_field(f)
         view = lora_view(self.draft)
         p = self.draft.preset.lora
         self.say("adapting ", (", ".join(selected_targets(self.draft)), "bold"))
@@ -449,13 +444,11 @@ class PlainWizard:
                  f"gradients, optimizer states); update scale alpha / r = {p.alpha / p.r:g}")
         return None
 
-    # ---- step 4: data ------------------------------------------------------------------
+    # ---- the data step -----------------------------------------------------------------
 
-    def step_data(self) -> str | None:
-        """The training data and validation share, checked and tokenized; its statistics and an example."""
-        need = self._need("model")
-        if need:
-            return need
+    def step_data(self, step: Step) -> str | None:
+        """The training data and the step's form (format, validation share, training on the prompts),
+        checked and tokenized; its statistics and an example."""
         while True:
             source = self.text("training data (a .jsonl/.json/.csv/.parquet file, a Hub dataset id, or "
                                "builtin:demo)", self.draft.get("data.train"))
@@ -464,7 +457,8 @@ class PlainWizard:
                 continue
             if source != self.draft.get("data.train"):
                 self.draft.set("data.train", source)
-            self.ask_field("validation share (0 for none)", "data.validation_split", "float")
+            for f in step.fields:
+                self.ask_form_field(f)
             if self.ensure_data():
                 break
         self.show_data()
@@ -478,13 +472,8 @@ class PlainWizard:
         if not draft.model_ready:
             return False
         self.say((f"checking and tokenizing {draft.get('data.train')} ...", "yellow"))
-        try:
-            report = self.services.check_data(draft.preset)
-        except UserError as exc:
-            self.error(exc.one_line())
-            return False
-        except Exception as exc:  # noqa: BLE001 - any failure is said in one line
-            self.error(f"cannot read {draft.get('data.train')}: {first_line(exc)}")
+        report = self.attempt(lambda: self.services.check_data(draft.preset), f"cannot read {draft.get('data.train')}")
+        if report is FAILED:
             return False
         draft.data, draft.data_key = report, draft.data_fingerprint()
         return True
@@ -505,33 +494,33 @@ class PlainWizard:
                       "bold"))
             self.console.print(render_example(report.examples[0], TRAINED_STYLE, TRAINED_MARKS))
 
-    # ---- step 5: hyperparameters -------------------------------------------------------
+    # ---- the hyperparameters step ------------------------------------------------------
 
     FIRST_ASKED = ("training.max_steps", "training.epochs", "training.gradient_accumulation_steps")
     """The hyperparameters asked every time; the rest of the form on request."""
 
-    def step_hyper(self) -> str | None:
-        """Steps or epochs, gradient accumulation (and on request the rest of the form), then the learning rate."""
-        need = self._need("data")
-        if need:
-            return need
-        form = {f.path: f for f in HYPER_FORM}
-        self.ask_form_field(form["training.max_steps"])
+    RATE = "training.learning_rate"
+    """The field asked last, the rule's value shown (:meth:`ask_learning_rate`)."""
+
+    def step_hyper(self, step: Step) -> str | None:
+        """Steps or epochs, gradient accumulation (and on request the rest of the form, base rate and
+        pretraining batch included), then the learning rate."""
+        self.ask_form_field(step.field("training.max_steps"))
         if self.draft.get("training.max_steps") is None:
-            self.ask_form_field(form["training.epochs"])
-        self.ask_form_field(form["training.gradient_accumulation_steps"])
+            self.ask_form_field(step.field("training.epochs"))
+        self.ask_form_field(step.field("training.gradient_accumulation_steps"))
         self.show_batch()
-        more = [f for f in HYPER_FORM if f.path not in self.FIRST_ASKED]
+        more = [f for f in step.fields if f.path not in self.FIRST_ASKED and f.path != self.RATE]
         if self.confirm(f"change more settings ({', '.join(f.label for f in more)})?", default=False):
             before = (self.draft.data_key, self.draft.get("training.micro_batch_size"))
             for f in more:
                 self.ask_form_field(f)
-            need = self._need("data")
+            need = self.not_yet(step)
             if need:
                 return need
             if (self.draft.data_key, self.draft.get("training.micro_batch_size")) != before:
                 self.show_batch()
-        self.ask_learning_rate()
+        self.ask_learning_rate(step.field(self.RATE))
         return None
 
     def show_batch(self) -> None:
@@ -541,8 +530,9 @@ class PlainWizard:
         self.say("effective batch ", (f"{effective}", "bold"), f" examples ({made}); "
                  f"{view.steps_per_epoch:,} steps per epoch, ", (f"{view.steps:,} steps", "bold"), " in all")
 
-    def ask_learning_rate(self) -> None:
-        """The guide's rule with this run's numbers (asking for any it lacks); the rate, the suggestion by default."""
+    def ask_learning_rate(self, rate: FormField) -> None:
+        """The guide's rule with this run's numbers (asking for any it lacks); the rate (``rate``), the
+        suggestion by default."""
         from engine.lr import RULE_FORMULA, note_on_lora_range
 
         view = lr_view(self.draft)
@@ -560,21 +550,19 @@ class PlainWizard:
                     f"{view.epochs:g} epochs: {s.tokens_per_step:,.0f} tokens per step")
         self.say((per_step, "dim"))
         self.say((f"   base rate and batch: {view.source}", "dim"))
-        self.ask_field("learning rate (the rule's value shown)", "training.learning_rate", "float",
+        self.ask_field(f"{rate.label} (the rule's value shown)", rate.path, rate.kind,
                        default=float(f"{s.learning_rate:.3g}"))
-        note = note_on_lora_range(self.draft.get("training.learning_rate"))
+        note = note_on_lora_range(self.draft.get(rate.path))
         if note:
             self.say(("note: ", "yellow"), note)
 
-    # ---- step 6: review ----------------------------------------------------------------
+    # ---- the review step ---------------------------------------------------------------
 
-    def step_review(self) -> str | None:
-        """The preset as YAML; export it; start the run, or finish, or go back."""
-        missing = self.draft.first_missing()
-        if missing is not None:
-            self.say(("not yet: ", "yellow"), missing[1])
-            return missing[0]
-        self.ask_field("run name (empty: the model's name and the time)", "output.name", "str?")
+    def step_review(self, step: Step) -> str | None:
+        """The step's form (the run's name), the preset as YAML; export it; start the run, or finish,
+        or go back."""
+        for f in step.fields:
+            self.ask_form_field(f)
         self.console.print(Text(self.draft.preset.to_yaml().rstrip()))
         self.export()
         nodes = self.draft.preset.distributed.nodes
@@ -587,7 +575,7 @@ class PlainWizard:
         if self.confirm("start training now?", default=True) and self.start():
             return _FINISHED
         choices = [("finish here (run it later)", "finish")]
-        choices += [(f"back to {i + 1}. {title}", name) for i, (name, title) in enumerate(STEPS[:-1])]
+        choices += [(f"back to {i + 1}. {s.title}", s.name) for i, s in enumerate(STEPS[:-1])]
         answer = self.select("what now", choices, default="finish")
         if answer != "finish":
             return answer
@@ -642,13 +630,9 @@ class PlainWizard:
         if self.draft.preset.distributed.nodes > 1 and not self.ask_node():
             return False
         self.say(("starting the training process ...", "yellow"))
-        try:
-            run_dir = self.services.start_run(self.draft.preset, **self.draft.start_kwargs())
-        except UserError as exc:
-            self.error(exc.one_line())
-            return False
-        except Exception as exc:  # noqa: BLE001 - any failure is said in one line
-            self.error(f"could not start the run: {first_line(exc)}")
+        run_dir = self.attempt(lambda: self.services.start_run(self.draft.preset, **self.draft.start_kwargs()),
+                               "could not start the run")
+        if run_dir is FAILED:
             return False
         self.run_dir = Path(run_dir)
         from engine.runs import launch_command

@@ -1,38 +1,33 @@
 """The wizard: a Textual app that walks the draft preset through six steps to a live run.
 
-The app owns the :class:`~tui.draft.Draft` (the single state). Slow engine work runs in thread
-workers that post :mod:`tui.messages`; the handlers here update the draft and tell the current
-step to show it. Everything the app asks of the engine comes through :class:`~tui.draft.Services`
-(given to the constructor), and the run screen's readers through ``run_screen``, so tests can
-give it a fixed GPU or a recorded run while the rest stays real.
+The app owns the :class:`~tui.draft.Draft` (the single state) and installs one screen per step of
+:data:`tui.steps.STEPS` (its class from :data:`tui.screens.steps.SCREENS`). Slow engine work runs in
+thread workers that post :mod:`tui.messages` (a failure as one line, :meth:`WizardApp._attempt`);
+the handlers here update the draft and tell the current step to show it. Everything the app asks
+of the engine comes through :class:`~tui.draft.Services` (given to the constructor), and the run
+screen's readers through ``run_screen``, so tests can give it a fixed GPU or a recorded run while
+the rest stays real.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from textual import on, work
 from textual.app import App, SystemCommand
+from textual.message import Message
 from textual.screen import Screen
 
 from engine.errors import NeedsRemoteCode, UserError, first_line
 from tui import messages as msg
-from tui.draft import STEPS, Draft, Services
-from tui.screens.step import StepScreen
+from tui.draft import Draft, Services
+from tui.screens.steps import SCREENS, StepScreen
+from tui.steps import STEPS, step_ref
 
-
-def _step_screens() -> dict[str, type[StepScreen]]:
-    from tui.screens.data import DataScreen
-    from tui.screens.hyper import HyperScreen
-    from tui.screens.memory import MemoryScreen
-    from tui.screens.model import ModelScreen
-    from tui.screens.review import ReviewScreen
-    from tui.screens.targets import TargetsScreen
-
-    return {"model": ModelScreen, "memory": MemoryScreen, "targets": TargetsScreen, "data": DataScreen,
-            "hyper": HyperScreen, "review": ReviewScreen}
+_FAILED = object()
+"""What :meth:`WizardApp._attempt` returns when the call failed (its message is posted)."""
 
 
 class WizardApp(App[str]):
@@ -87,8 +82,8 @@ class WizardApp(App[str]):
 
     def on_mount(self) -> None:
         """Install the steps, open the first, and start the background looks at the GPU and the model."""
-        for name, cls in _step_screens().items():
-            self.install_screen(cls(), name)
+        for step in STEPS:
+            self.install_screen(SCREENS[step.name](step), step.name)
         self.push_screen(self.start_step)
         self.probe_gpus()
         if not self.ask_model:
@@ -108,6 +103,19 @@ class WizardApp(App[str]):
             screen.refresh_view()
 
     # ---- workers and their messages ----------------------------------------------------
+
+    def _attempt(self, call: Callable[[], Any], failed: Callable[[str, Exception], Message], what: str) -> Any:
+        """In a worker: ``call()``'s result; when it raises, ``failed(line, exception)`` is posted and
+        ``_FAILED`` returned. The line is a UserError's own, or ``what: <first line>`` of any other
+        exception: every failure is said on screen, in one line."""
+        try:
+            return call()
+        except UserError as exc:
+            line, error = exc.one_line(), exc
+        except Exception as exc:  # noqa: BLE001 - any failure is said on screen, in one line
+            line, error = f"{what}: {first_line(exc)}", exc
+        self.post_message(failed(line, error))
+        return _FAILED
 
     def read_model(self) -> None:
         """Read the draft's model config in the background. When the preset file said to run the
@@ -157,14 +165,10 @@ class WizardApp(App[str]):
 
     @work(thread=True, exclusive=True, group="model", exit_on_error=False)
     def _pin_code(self, key: tuple) -> None:
-        try:
-            revision = self.services.pin_revision(key[0], key[1])
-        except UserError as exc:
-            self.post_message(msg.ModelFailed(key, exc.one_line(), needs_code=False))
-        except Exception as exc:  # noqa: BLE001 - any failure is said on screen, in one line
-            self.post_message(msg.ModelFailed(key, f"cannot pin the revision of {key[0]}: {first_line(exc)}",
-                                              needs_code=False))
-        else:
+        revision = self._attempt(lambda: self.services.pin_revision(key[0], key[1]),
+                                 lambda line, _: msg.ModelFailed(key, line, needs_code=False),
+                                 f"cannot pin the revision of {key[0]}")
+        if revision is not _FAILED:
             self.call_from_thread(self._code_allowed, key, revision)
 
     def _code_allowed(self, key: tuple, revision: str | None) -> None:
@@ -175,15 +179,10 @@ class WizardApp(App[str]):
 
     @work(thread=True, exclusive=True, group="model", exit_on_error=False)
     def _read_model(self, key: tuple) -> None:
-        try:
-            info = self.services.inspect_model(*key)
-        except NeedsRemoteCode as exc:
-            self.post_message(msg.ModelFailed(key, exc.one_line(), needs_code=True))
-        except UserError as exc:
-            self.post_message(msg.ModelFailed(key, exc.one_line(), needs_code=False))
-        except Exception as exc:  # noqa: BLE001 - any failure is said on screen, in one line
-            self.post_message(msg.ModelFailed(key, f"cannot read {key[0]}: {first_line(exc)}", needs_code=False))
-        else:
+        info = self._attempt(lambda: self.services.inspect_model(*key),
+                             lambda line, exc: msg.ModelFailed(key, line, needs_code=isinstance(exc, NeedsRemoteCode)),
+                             f"cannot read {key[0]}")
+        if info is not _FAILED:
             self.post_message(msg.ModelRead(key, info))
 
     @on(msg.ModelRead)
@@ -230,13 +229,9 @@ class WizardApp(App[str]):
 
     @work(thread=True, exclusive=True, group="data", exit_on_error=False)
     def _check_data(self, key: str, preset) -> None:
-        try:
-            report = self.services.check_data(preset)
-        except UserError as exc:
-            self.post_message(msg.DataFailed(key, exc.one_line()))
-        except Exception as exc:  # noqa: BLE001
-            self.post_message(msg.DataFailed(key, f"cannot read {preset.data.train}: {first_line(exc)}"))
-        else:
+        report = self._attempt(lambda: self.services.check_data(preset), lambda line, _: msg.DataFailed(key, line),
+                               f"cannot read {preset.data.train}")
+        if report is not _FAILED:
             self.post_message(msg.DataChecked(key, report))
 
     @on(msg.DataChecked)
@@ -304,13 +299,9 @@ class WizardApp(App[str]):
 
     @work(thread=True, exclusive=True, group="start", exit_on_error=False)
     def _start_run(self, preset, place: dict) -> None:
-        try:
-            run_dir = self.services.start_run(preset, **place)
-        except UserError as exc:
-            self.post_message(msg.RunFailed(exc.one_line()))
-        except Exception as exc:  # noqa: BLE001
-            self.post_message(msg.RunFailed(f"could not start the run: {first_line(exc)}"))
-        else:
+        run_dir = self._attempt(lambda: self.services.start_run(preset, **place),
+                                lambda line, _: msg.RunFailed(line), "could not start the run")
+        if run_dir is not _FAILED:
             self.post_message(msg.RunStarted(run_dir))
 
     @on(msg.RunStarted)
@@ -352,9 +343,9 @@ class WizardApp(App[str]):
         yield from super().get_system_commands(screen)
         if not isinstance(screen, StepScreen):
             return
-        for i, (name, title) in enumerate(STEPS, 1):
-            yield SystemCommand(f"Go to step {i}: {title}", f"Show the {title.lower()} step",
-                                lambda n=name: self.goto(n))
+        for step in STEPS:
+            yield SystemCommand(f"Go to {step_ref(step.name)}: {step.title}", f"Show the {step.title.lower()} step",
+                                lambda n=step.name: self.goto(n))
         from engine.preset import shipped_presets
 
         for path in shipped_presets():

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from engine.after.session import FinishedRun, finished_run
 from engine.errors import UserError, first_line, os_error
-from engine.events import finite
+from engine.events import StartData, finite
 from engine.gguf import is_gguf
 from engine.preset import Preset
 
@@ -183,7 +183,7 @@ def card_text(run: FinishedRun, *, repo_id: str | None = None, merged: str | Pat
     source = preset.model.source
     hub_base = _is_hub_id(run.preset.model.source)
     start, end = history.start, history.end
-    data = dict(start.data) if start else {}
+    data = start.data if start else StartData()
     where = _where_name(repo_id, merged)
     meta: dict = {}
     if hub_base:
@@ -217,14 +217,14 @@ def card_text(run: FinishedRun, *, repo_id: str | None = None, merged: str | Pat
         lines.append("- merged: the adapter added into the base reloaded in 16 bits or more (not into 4-bit "
                      "weights), with peft's `merge_and_unload`")
     lines += ["", "## Data", "", "| | |", "|---|---|", f"| source | `{preset.data.train}` |"]
-    rows = [("format", data.get("format")), ("training examples", data.get("examples")),
-            ("validation examples", data.get("validation_examples")), ("training tokens", data.get("tokens")),
-            ("supervised tokens (trained)", data.get("supervised_tokens")),
-            ("validation tokens scored", data.get("validation_supervised_tokens")),
+    rows = [("format", data.format), ("training examples", data.examples),
+            ("validation examples", data.validation_examples), ("training tokens", data.tokens),
+            ("supervised tokens (trained)", data.supervised_tokens),
+            ("validation tokens scored", data.validation_supervised_tokens),
             ("mean / longest example (tokens)",
-             f"{data.get('mean_len', 0):,.0f} / {data.get('max_len', 0):,}" if data else None),
-            ("sequence length", data.get("seq_len")), ("truncated examples", data.get("truncated")),
-            ("removed duplicates", data.get("removed_duplicates"))]
+             None if data.empty else f"{data.mean_len or 0:,.0f} / {data.max_len or 0:,}"),
+            ("sequence length", data.seq_len), ("truncated examples", data.truncated),
+            ("removed duplicates", data.removed_duplicates)]
     lines += [f"| {name} | {value:,} |" if isinstance(value, int) else f"| {name} | {value} |"
               for name, value in rows if value is not None]
     last = history.last_step

@@ -17,13 +17,209 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.after.session import Decoding, TrySession, adapter_switch, finished_run
 from engine.errors import UserError, os_error
 from engine.preset import atomic_write_text
 
 EVAL_FILE = "eval.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The result, as ``eval.json`` holds it
+
+
+def _object(raw: Any) -> dict:
+    """A JSON object as it is; anything else as the empty object (a reader of an older or damaged file)."""
+    return raw if isinstance(raw, dict) else {}
+
+
+@dataclass(frozen=True)
+class EvalScores:
+    """Validation loss and perplexity of one model (the base, or the fine-tuned)."""
+
+    loss: float | None = None
+    """Mean cross-entropy per scored token; None without a validation split (or for a loss that is not
+    finite)."""
+    perplexity: float | None = None
+    """``exp(loss)``; None where the loss is."""
+
+    @classmethod
+    def of(cls, loss: float | None) -> EvalScores:
+        """The scores of a mean loss (None, NaN and infinity give none)."""
+        if loss is None or not math.isfinite(loss):
+            return cls()
+        return cls(loss, math.exp(min(loss, 700.0)))
+
+    def as_dict(self) -> dict:
+        """As ``eval.json`` holds it."""
+        return {"loss": self.loss, "perplexity": self.perplexity}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> EvalScores:
+        """Read back from ``eval.json`` (a key it lacks is None)."""
+        raw = _object(raw)
+        return cls(raw.get("loss"), raw.get("perplexity"))
+
+
+@dataclass(frozen=True)
+class EvalValidation:
+    """What the losses were taken on: the run's validation split."""
+
+    examples: int = 0
+    """Validation examples (0: the run had no validation split)."""
+    scored_tokens: int = 0
+    """Tokens the loss was taken on."""
+
+    def as_dict(self) -> dict:
+        """As ``eval.json`` holds it."""
+        return {"examples": self.examples, "scored_tokens": self.scored_tokens}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> EvalValidation:
+        """Read back from ``eval.json``."""
+        raw = _object(raw)
+        return cls(raw.get("examples", 0), raw.get("scored_tokens", 0))
+
+
+@dataclass(frozen=True)
+class EvalGeneration:
+    """One held-out prompt answered by both models, next to its reference."""
+
+    prompt: str
+    """The prompt as a person would type it."""
+    reference: str
+    """The answer the run trained towards."""
+    base: str
+    """The base model's answer (adapter off)."""
+    fine_tuned: str
+    """The fine-tuned model's answer (adapter on)."""
+
+    def as_dict(self) -> dict:
+        """As ``eval.json`` holds it."""
+        return {"prompt": self.prompt, "reference": self.reference, "base": self.base, "fine_tuned": self.fine_tuned}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> EvalGeneration:
+        """Read back from ``eval.json`` (a text it lacks is empty)."""
+        raw = _object(raw)
+        return cls(*(raw.get(k, "") for k in ("prompt", "reference", "base", "fine_tuned")))
+
+
+@dataclass(frozen=True)
+class EvalExactMatches:
+    """How many generated answers equal their reference (whitespace at the ends aside), per model."""
+
+    base: int = 0
+    """The base model's."""
+    fine_tuned: int = 0
+    """The fine-tuned model's."""
+
+    @classmethod
+    def of(cls, generations: tuple[EvalGeneration, ...]) -> EvalExactMatches:
+        """Counted over the generated answers."""
+        return cls(sum(g.base.strip() == g.reference.strip() for g in generations),
+                   sum(g.fine_tuned.strip() == g.reference.strip() for g in generations))
+
+    def as_dict(self) -> dict:
+        """As ``eval.json`` holds it."""
+        return {"base": self.base, "fine_tuned": self.fine_tuned}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> EvalExactMatches:
+        """Read back from ``eval.json``."""
+        raw = _object(raw)
+        return cls(raw.get("base", 0), raw.get("fine_tuned", 0))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What ``evaluate_run`` found: the base against the fine-tuned model on the run's held-out data.
+
+    ``as_dict`` is ``RUN_DIR/eval.json``'s content, a stable interface: its keys and values do not
+    change, and ``from_dict`` reads any file written before."""
+
+    run_dir: str
+    """The run evaluated."""
+    model: str
+    """The base model as the preset names it."""
+    adapter: str
+    """The adapter evaluated (``RUN_DIR/adapter``)."""
+    device: str
+    """Where the model ran (``cuda`` or ``cpu``)."""
+    format: str
+    """The data format the run trained with."""
+    validation: EvalValidation
+    """The split the losses were taken on."""
+    base: EvalScores
+    """The base model's scores (adapter off)."""
+    fine_tuned: EvalScores
+    """The fine-tuned model's scores (adapter on)."""
+    run_eval_loss: float | None
+    """The run's own last validation loss (its ``eval`` events average per batch); None without one."""
+    generations_from: str
+    """Where the prompts came from: ``validation``, or the training data when the run had no
+    validation split (said in words)."""
+    decoding: Decoding
+    """How the answers were generated."""
+    generations: tuple[EvalGeneration, ...]
+    """The prompts answered by both models."""
+    exact_matches: EvalExactMatches
+    """How many of those answers equal their reference."""
+    elapsed_s: float
+    """How long the evaluation took, in seconds."""
+
+    def as_dict(self) -> dict:
+        """The result as ``eval.json`` holds it (and ``qlora-wizard eval --json`` prints it)."""
+        d = self.decoding
+        return {
+            "run_dir": self.run_dir,
+            "model": self.model,
+            "adapter": self.adapter,
+            "device": self.device,
+            "format": self.format,
+            "validation": self.validation.as_dict(),
+            "base": self.base.as_dict(),
+            "fine_tuned": self.fine_tuned.as_dict(),
+            "run_eval_loss": self.run_eval_loss,
+            "generations_from": self.generations_from,
+            "decoding": {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature, "top_p": d.top_p},
+            "generations": [g.as_dict() for g in self.generations],
+            "exact_matches": self.exact_matches.as_dict(),
+            "elapsed_s": self.elapsed_s,
+        }
+
+    def to_json(self) -> str:
+        """The text of ``eval.json``."""
+        return json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> EvalResult:
+        """Read back from ``eval.json``'s content, tolerantly: a key the file lacks reads as empty."""
+        raw = _object(raw)
+        known = {k: v for k, v in _object(raw.get("decoding")).items()
+                 if k in ("max_new_tokens", "temperature", "top_p")}
+        try:
+            decoding = Decoding(**known)
+        except (UserError, TypeError):
+            decoding = Decoding()
+        return cls(
+            run_dir=raw.get("run_dir", ""), model=raw.get("model", ""), adapter=raw.get("adapter", ""),
+            device=raw.get("device", ""), format=raw.get("format", ""),
+            validation=EvalValidation.from_dict(raw.get("validation")),
+            base=EvalScores.from_dict(raw.get("base")), fine_tuned=EvalScores.from_dict(raw.get("fine_tuned")),
+            run_eval_loss=raw.get("run_eval_loss"), generations_from=raw.get("generations_from", ""),
+            decoding=decoding,
+            generations=tuple(EvalGeneration.from_dict(g) for g in raw.get("generations") or ()),
+            exact_matches=EvalExactMatches.from_dict(raw.get("exact_matches")),
+            elapsed_s=raw.get("elapsed_s", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation
 
 
 def _batches(dataset, size: int):
@@ -88,14 +284,8 @@ def validation_loss(session: TrySession, dataset, *, adapter: bool, batch_size: 
     return (total / count if count else float("nan")), count
 
 
-def _scores(loss: float | None) -> dict:
-    if loss is None or not math.isfinite(loss):
-        return {"loss": None, "perplexity": None}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-
-
 def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding(temperature=0),
-                 progress: Callable[[str], None] | None = None, session: TrySession | None = None) -> dict:
+                 progress: Callable[[str], None] | None = None, session: TrySession | None = None) -> EvalResult:
     """Validation loss and perplexity of base (adapter off) and fine-tuned on the run's validation split,
     plus ``generations`` generated answers of each against their references; written to
     ``RUN_DIR/eval.json`` and returned.
@@ -117,13 +307,6 @@ def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding
         say("preparing the validation data as the run did")
         # The tokenizer the run tokenized with, so the run's tokenized-data cache is found again.
         prepared = data_mod.prepare_data(run.preset.data, data_mod.load_tokenizer(run.preset.model), t.seq_len, t.seed)
-        result: dict = {
-            "run_dir": str(run.run_dir),
-            "model": run.preset.model.source,
-            "adapter": str(run.adapter),
-            "device": session.device,
-            "format": run.format,
-        }
         base_loss = tuned_loss = None
         tokens = 0
         if prepared.validation is not None:
@@ -133,32 +316,36 @@ def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding
             say("validation loss of the fine-tuned model")
             tuned_loss, _ = validation_loss(session, prepared.validation, adapter=True, batch_size=batch)
         evals = run.history.evals
-        result["validation"] = {"examples": len(prepared.validation) if prepared.validation is not None else 0,
-                                "scored_tokens": tokens}
-        result["base"] = _scores(base_loss)
-        result["fine_tuned"] = _scores(tuned_loss)
-        result["run_eval_loss"] = evals[-1].eval_loss if evals else None
         examples = session.examples(generations) if generations else []
         held = prepared.validation is not None
-        result["generations_from"] = "validation" if held else "training (the run had no validation split)"
-        result["decoding"] = {"max_new_tokens": decoding.max_new_tokens, "temperature": decoding.temperature,
-                              "top_p": decoding.top_p}
         answers = []
         for i, ex in enumerate(examples, start=1):
             say(f"generating answer {i} of {len(examples)}")
             base = session.answer(ex.prompt, adapter=False, decoding=decoding)
             tuned = session.answer(ex.prompt, adapter=True, decoding=decoding)
-            answers.append({"prompt": ex.prompt, "reference": ex.reference, "base": base, "fine_tuned": tuned})
-        result["generations"] = answers
-        result["exact_matches"] = {
-            who: sum(a[who].strip() == a["reference"].strip() for a in answers) for who in ("base", "fine_tuned")}
-        result["elapsed_s"] = round(time.time() - started, 2)
+            answers.append(EvalGeneration(ex.prompt, ex.reference, base, tuned))
+        result = EvalResult(
+            run_dir=str(run.run_dir),
+            model=run.preset.model.source,
+            adapter=str(run.adapter),
+            device=session.device,
+            format=run.format,
+            validation=EvalValidation(len(prepared.validation) if held else 0, tokens),
+            base=EvalScores.of(base_loss),
+            fine_tuned=EvalScores.of(tuned_loss),
+            run_eval_loss=evals[-1].eval_loss if evals else None,
+            generations_from="validation" if held else "training (the run had no validation split)",
+            decoding=decoding,
+            generations=tuple(answers),
+            exact_matches=EvalExactMatches.of(tuple(answers)),
+            elapsed_s=round(time.time() - started, 2),
+        )
     finally:
         if own:
             session.close()
     path = Path(run.run_dir) / EVAL_FILE
     try:
-        atomic_write_text(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(path, result.to_json())
     except OSError as exc:
         raise os_error(exc, "write", path) from None
     return result

@@ -98,7 +98,7 @@ class FinishedRun:
         """The data format the run trained with: the preset's, or the one detected (start event)."""
         if self.preset.data.format != "auto":
             return self.preset.data.format
-        detected = self.history.start.data.get("format") if self.history.start else None
+        detected = self.history.start.data.format if self.history.start else None
         return detected or "auto"
 
 

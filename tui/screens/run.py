@@ -33,16 +33,12 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from engine.curves import diagnose_history
 from engine.errors import UserError
-from engine.events import EventTail, RunHistory, extend_history, finite, fold_history
+from engine.events import POLL_S, EventTail, RunHistory, extend_history, finite, fold_history
 from engine.runs import run_log_path
 from tui.console import describe
 from tui.dialogs.confirm import Confirm
 from tui.format import STATUS_STYLES, duration, gib
 from tui.widgets.live import Curve, ProgressLine, TailLines
-
-POLL_S = 0.2
-"""Seconds between looks at the events file (and the process and the log): what is written shows
-within a poll, or at the next redraw when news comes faster than ``SHOW_EVERY_S``."""
 
 LOG_LINES = 200
 """Lines of ``train.log`` kept for the log screen; the crash panel shows the last few."""
@@ -84,7 +80,7 @@ def eta_seconds(history: RunHistory) -> float | None:
 def memory_line(history: RunHistory) -> str:
     """Memory in use against the estimate: reserved on CUDA, the process's RSS on the CPU."""
     start, step = history.start, history.last_step
-    estimate = start.estimate_reserved if start else None
+    estimate = start.estimate.reserved_bytes if start else None
     ranks = step.ranks if step and step.ranks else None
     if (step and step.mem_reserved is not None) or (start and start.device == "cuda"):
         line = f"memory {gib(step.mem_reserved if step else None)} reserved of {gib(estimate)} estimated"

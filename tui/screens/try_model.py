@@ -33,8 +33,9 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static, TextArea
 
 from engine.after import Decoding, TrySession
+from engine.after.evaluate import EvalResult
 from engine.errors import UserError, first_line
-from tui.try_screen import (
+from tui.try_command import (
     DECODING_FIELDS,
     EVAL_GENERATIONS,
     EXAMPLES,
@@ -191,7 +192,7 @@ class TryScreen(Screen[None]):
     class Evaluated(Message, bubble=False):
         """The evaluation finished (``result``) or failed (``error``)."""
 
-        def __init__(self, result: dict | None, error: str | None = None) -> None:
+        def __init__(self, result: EvalResult | None, error: str | None = None) -> None:
             super().__init__()
             self.result = result
             """``evaluate_run``'s result."""
@@ -221,7 +222,7 @@ class TryScreen(Screen[None]):
         """Why the run cannot be tried."""
         self.problem: str | None = None
         """A refused decoding value or a failed generation, in one line."""
-        self.eval_result: dict | None = None
+        self.eval_result: EvalResult | None = None
         """The last evaluation's result."""
         self.eval_tried = False
         """An evaluation was asked for (its box stays on screen)."""

@@ -3,6 +3,7 @@
 Each field knows its path and how to read its text; the step screen that holds it sets the draft
 (validated) on every change and shows the one-line error in place when the value is refused.
 The field's tooltip is the schema's own help text, so the form and the YAML say the same.
+:func:`form_widget` makes the one a step declares (``tui.steps.FormField``) by its kind.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from textual.widgets import Checkbox, Input, Select
 
 from engine.preset import field_help
 from tui.draft import choice_options, parse_field, shown
+from tui.steps import FormField
 
 
 class PresetInput(Input):
@@ -71,3 +73,13 @@ class PresetSwitch(Checkbox):
         if self.value != value:
             with self.prevent(Checkbox.Changed):
                 self.value = value
+
+
+def form_widget(f: FormField, value: Any) -> PresetInput | PresetSelect | PresetSwitch:
+    """The widget for a declared field, by its kind: a switch for ``bool``, a dropdown of the schema's
+    values for a field that has a fixed set, else a text field (saying ``f.empty_text`` while empty)."""
+    if f.is_switch:
+        return PresetSwitch(f.path, value)
+    if f.is_choice:
+        return PresetSelect(f.path, value)
+    return PresetInput(f.path, f.kind, value, placeholder=f.empty_text)

@@ -1,14 +1,17 @@
 """What every wizard step shares: the steps bar, Back and Next, and the form fields bound to the draft.
 
-A step edits the app's draft through its :class:`~tui.widgets.fields.PresetInput` (and Select,
-Switch) fields: every change is validated at once and a refused value is named in place, in the
-step's error line, without changing the draft. ``ctrl+n``/``ctrl+b`` move on and back (the Footer
-dims Next while the step is not done), and the command palette (``ctrl+p``) jumps to any step.
+Each screen renders its step's declaration (:class:`tui.steps.Step`): the title, what it needs
+done first (Next stays dimmed until it is), and its form fields, made by kind from ``step.fields``
+(:meth:`StepScreen.compose_fields`). A step edits the app's draft through those
+:class:`~tui.widgets.fields.PresetInput` (and Select, Switch) fields: every change is validated at
+once and a refused value is named in place, in the step's error line, without changing the draft.
+``ctrl+n``/``ctrl+b`` move on and back (the Footer dims Next while the step is not done), and the
+command palette (``ctrl+p``) jumps to any step.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from rich.text import Text
 from textual import on
@@ -16,11 +19,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, Footer, Header, Input, Select, Static
+from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, Static
 
 from engine.errors import UserError
-from tui.draft import STEPS, Draft
-from tui.widgets.fields import PresetInput, PresetSelect, PresetSwitch
+from tui.draft import Draft
+from tui.steps import STEP_NAMES, STEPS, FormField, Step, get_step
+from tui.widgets.fields import PresetInput, PresetSelect, PresetSwitch, form_widget
 
 if TYPE_CHECKING:
     from tui.wizard import WizardApp
@@ -32,10 +36,10 @@ class StepsBar(Static):
     def show(self, current: str) -> None:
         """Highlight ``current``."""
         text = Text(no_wrap=True, overflow="ellipsis")
-        for i, (name, title) in enumerate(STEPS, 1):
+        for i, step in enumerate(STEPS, 1):
             if i > 1:
                 text.append(" > ", "dim")
-            text.append(f"{i} {title}", "bold reverse" if name == current else "")
+            text.append(f"{i} {step.title}", "bold reverse" if step.name == current else "")
         self.update(text)
 
 
@@ -43,7 +47,8 @@ class StepScreen(Screen[None]):
     """A wizard step: subclasses give ``STEP``, ``compose_step`` and ``refresh_step``."""
 
     STEP = ""
-    """This step's name in ``tui.draft.STEPS``."""
+    """The name of the step this screen shows (``tui.steps.STEPS``): its key in the screen registry
+    (``tui.screens.steps.SCREENS``)."""
     NEEDS_DATA = False
     """Whether the step shows figures of the checked data (it is checked when the step opens)."""
 
@@ -54,6 +59,11 @@ class StepScreen(Screen[None]):
 
     app: "WizardApp"
 
+    def __init__(self, step: Step | None = None) -> None:
+        super().__init__()
+        self.step = step or get_step(self.STEP)
+        """The step's declaration: title, what it needs first, its form fields."""
+
     @property
     def draft(self) -> Draft:
         """The app's draft preset and what is known about it."""
@@ -62,7 +72,7 @@ class StepScreen(Screen[None]):
     @property
     def index(self) -> int:
         """This step's position, from 0."""
-        return [name for name, _ in STEPS].index(self.STEP)
+        return STEP_NAMES.index(self.step.name)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -81,13 +91,20 @@ class StepScreen(Screen[None]):
         """The step's own widgets."""
         yield from ()
 
+    def compose_fields(self, fields: Iterable[FormField] | None = None) -> ComposeResult:
+        """A label and a bound widget (``tui.widgets.fields.form_widget``) for each of ``fields``
+        (by default all of the step's), for a form grid to hold."""
+        for f in self.step.fields if fields is None else fields:
+            yield Label(f.label)
+            yield form_widget(f, self.draft.get(f.path))
+
     _shown = False
 
     def on_mount(self) -> None:
         """Show the draft."""
         self._shown = True
-        self.query_one(StepsBar).show(self.STEP)
-        self.sub_title = dict(STEPS)[self.STEP]
+        self.query_one(StepsBar).show(self.step.name)
+        self.sub_title = self.step.title
 
     def on_screen_resume(self) -> None:
         """Another step may have changed the draft: show it as it is now (and count the data again
@@ -113,8 +130,9 @@ class StepScreen(Screen[None]):
         """Bring the step's own figures up to date (subclasses)."""
 
     def ready(self) -> bool:
-        """Whether the step is done well enough to go on."""
-        return True
+        """Whether the step is done well enough to go on: by default, once what it needs is done
+        (``Step.needs``: the model read, the data checked)."""
+        return self.draft.first_missing(self.step.needs) is None
 
     def set_error(self, message: str | None) -> None:
         """Show (or clear) the step's one-line error."""
@@ -192,9 +210,9 @@ class StepScreen(Screen[None]):
     def action_back(self) -> None:
         """Go to the previous step."""
         if self.index > 0:
-            self.app.goto(STEPS[self.index - 1][0])
+            self.app.goto(STEPS[self.index - 1].name)
 
     def action_next(self) -> None:
         """Go to the next step, if this one is done."""
         if self.index < len(STEPS) - 1 and self.ready():
-            self.app.goto(STEPS[self.index + 1][0])
+            self.app.goto(STEPS[self.index + 1].name)

@@ -1,4 +1,4 @@
-"""Step 1, Model: a Hub id or a local folder (or a shipped preset, or a recent model); the config is
+"""The model step: a Hub id or a local folder (or a shipped preset, or a recent model); the config is
 read in a worker and its facts shown: sizes, heads, vocabulary, context, parameters, weight size
 and the layer names LoRA can target. A model that needs its own code asks for consent first."""
 
@@ -14,8 +14,8 @@ from textual.widgets.option_list import Option
 
 from engine.errors import UserError
 from engine.preset import shipped_presets
-from tui.draft import model_facts, recent_models
-from tui.screens.step import StepScreen
+from tui.screens.steps.step import StepScreen
+from tui.steps.model import model_facts, recent_models
 
 PLACEHOLDER = "org/name on the Hub, a model folder, a .gguf file, or builtin:tiny-llama"
 

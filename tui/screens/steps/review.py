@@ -1,4 +1,4 @@
-"""Step 6, Review: the whole preset as YAML; export it to a file (asking before overwriting one);
+"""The review step: the whole preset as YAML; export it to a file (asking before overwriting one);
 start the run, which opens the live run screen."""
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from textual.widgets import Button, Input, Label, Static
 
 from engine.errors import UserError
 from tui.dialogs.confirm import Confirm
-from tui.draft import default_export_path, node_commands
-from tui.screens.step import StepScreen
-from tui.widgets.fields import PresetInput
+from tui.screens.steps.step import StepScreen
+from tui.steps.review import default_export_path, node_commands
 
 
 class ReviewScreen(StepScreen):
@@ -31,8 +30,7 @@ class ReviewScreen(StepScreen):
 
     def compose_step(self) -> ComposeResult:
         with Grid(id="review-form", classes="form4"):
-            yield Label("run name")
-            yield PresetInput("output.name", "str?", self.draft.get("output.name"), placeholder="model and time")
+            yield from self.compose_fields()
             yield Label("export to")
             yield Input(id="export-path", compact=True, tooltip="A .yaml file: rerun it with qlora-wizard --preset FILE")
         with Grid(id="node-form", classes="form4"):

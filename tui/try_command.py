@@ -10,7 +10,7 @@ separated by a blank line: ``Reverse the word.\\n\\nfree``).
 
 What both front ends do is here, once, with no Textual import: reading a decoding setting from typed
 text (:func:`set_decoding`), cycling through the validation examples (:class:`ExampleCycle`), and
-turning ``evaluate_run``'s result into rows and lines (:func:`eval_rows`, :func:`eval_lines`).
+turning ``evaluate_run``'s ``EvalResult`` into rows and lines (:func:`eval_rows`, :func:`eval_lines`).
 The model work itself is ``engine.after``'s.
 """
 
@@ -23,9 +23,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from engine.errors import EXIT_OK, EXIT_STOPPED, UserError, first_line
+
+if TYPE_CHECKING:
+    from engine.after.evaluate import EvalResult
 
 EXAMPLES = 20
 """Validation examples offered (``ctrl+e`` / ``:example`` cycle through them)."""
@@ -130,30 +133,25 @@ def _number(value, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
-def eval_rows(result: dict) -> list[tuple[str, str, str]]:
+def eval_rows(result: EvalResult) -> list[tuple[str, str, str]]:
     """``(model, validation loss, perplexity)`` for the base model and the fine-tuned one."""
-    rows = []
-    for key, label in (("base", "base"), ("fine_tuned", "fine-tuned")):
-        part = result.get(key) or {}
-        rows.append((label, _number(part.get("loss"), ".4f"), _number(part.get("perplexity"), ",.2f")))
-    return rows
+    return [(label, _number(scores.loss, ".4f"), _number(scores.perplexity, ",.2f"))
+            for label, scores in (("base", result.base), ("fine-tuned", result.fine_tuned))]
 
 
-def eval_lines(result: dict) -> list[str]:
+def eval_lines(result: EvalResult) -> list[str]:
     """What the evaluation found, in two short lines: how the validation loss moved, and how many
     generated answers equal their reference."""
     lines = []
-    b, t = ((result.get(k) or {}).get("loss") for k in ("base", "fine_tuned"))
-    n = (result.get("validation") or {}).get("examples")
+    b, t = result.base.loss, result.fine_tuned.loss
+    n = result.validation.examples
     if isinstance(b, (int, float)) and isinstance(t, (int, float)) and b > 0:
         lines.append(f"loss {(t - b) / b:+.1%} vs base, {n or '?'} examples")
     elif n == 0:
         lines.append("no validation split: no losses to compare")
-    answers = result.get("generations") or []
-    exact = result.get("exact_matches") or {}
+    answers, exact = result.generations, result.exact_matches
     if answers:
-        lines.append(f"exact: base {exact.get('base', 0)}/{len(answers)}, "
-                     f"fine-tuned {exact.get('fine_tuned', 0)}/{len(answers)}")
+        lines.append(f"exact: base {exact.base}/{len(answers)}, fine-tuned {exact.fine_tuned}/{len(answers)}")
     return lines
 
 
@@ -306,7 +304,7 @@ class PlainTry:
             self.say(f"{label:<12}{loss:>10}{ppl:>12}")
         for line in eval_lines(result):
             self.say(line)
-        self.say(f"written to {Path(result.get('run_dir', self.session.run_dir)) / 'eval.json'}")
+        self.say(f"written to {Path(result.run_dir) / 'eval.json'}")
 
 
 def run_try_plain(run_dir: str | os.PathLike, *, read: Callable[[str], str] = input,

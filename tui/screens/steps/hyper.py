@@ -1,4 +1,4 @@
-"""Step 5, Hyperparameters: a validated form for the schedule, batch, optimizer and intervals, and
+"""The hyperparameters step: a validated form for the schedule, batch, optimizer and intervals, and
 the learning rate from the guide's rule with this run's numbers filled in (supervised tokens from
 the data, steps per epoch from data and batch, base rate and pretraining batch from the model
 family, all editable); the person takes the suggestion or types another rate, and sees a note when
@@ -12,14 +12,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, VerticalScroll
 from textual.timer import Timer
-from textual.widgets import Button, Label, Static
+from textual.widgets import Button, Static
 
 from engine.errors import UserError
 from engine.lr import note_on_lora_range
 from engine.lr import RULE_FORMULA
-from tui.draft import HYPER_FORM, batch_words, lr_view
-from tui.screens.step import StepScreen
-from tui.widgets.fields import PresetInput, PresetSelect
+from tui.screens.steps.step import StepScreen
+from tui.steps import step_ref
+from tui.steps.hyper import LR_FORM, batch_words, lr_view
+from tui.widgets.fields import PresetInput
 
 RECOUNT = frozenset({"training.seq_len", "training.seed"})
 """Fields that change the tokenized data (truncation, split): the supervised tokens are counted again."""
@@ -37,26 +38,14 @@ class HyperScreen(StepScreen):
     ]
 
     def compose_step(self) -> ComposeResult:
-        d = self.draft
         with VerticalScroll(classes="step-body"):
             with Grid(id="hyper-form", classes="form4") as form:
                 form.border_title = "schedule and batch"
-                for f in HYPER_FORM:
-                    yield Label(f.label)
-                    if f.is_choice:
-                        yield PresetSelect(f.path, d.get(f.path))
-                    else:
-                        yield PresetInput(f.path, f.kind, d.get(f.path), placeholder="(none)" if f.kind.endswith("?") else "")
+                yield from self.compose_fields(f for f in self.step.fields if f not in LR_FORM)
             yield Static(id="batch-line")
             with Grid(id="lr-form", classes="form4") as form:
                 form.border_title = "learning rate"
-                yield Label("base rate")
-                yield PresetInput("model.base_lr", "float?", d.get("model.base_lr"), placeholder="family table")
-                yield Label("pretrain batch (tokens)")
-                yield PresetInput("model.pretrained_batch_tokens", "int?", d.get("model.pretrained_batch_tokens"),
-                                  placeholder="family table")
-                yield Label("learning rate")
-                yield PresetInput("training.learning_rate", "float", d.get("training.learning_rate"))
+                yield from self.compose_fields(f for f in self.step.fields if f in LR_FORM)
                 yield Button("Use suggestion", id="use", compact=True)
                 yield Static()
             yield Static(id="lr-rule")
@@ -65,10 +54,6 @@ class HyperScreen(StepScreen):
         """Show the rule."""
         super().on_mount()
         self.refresh_view()
-
-    def ready(self) -> bool:
-        """Ready once the data is counted (the rule and the step count need it)."""
-        return self.draft.data_ready
 
     def field_changed(self, path: str) -> None:
         """A change to sequence length or seed recounts the tokens, once typing pauses."""
@@ -105,7 +90,8 @@ class HyperScreen(StepScreen):
             use.disabled = True
             return
         if view is None:
-            why = self.app.data_error or "check the data first (step 4): the rule needs its supervised tokens"
+            why = (self.app.data_error
+                   or f"check the data first ({step_ref('data')}): the rule needs its supervised tokens")
             rule.update(Text(why, "yellow"))
             use.disabled = True
             return

@@ -1,4 +1,4 @@
-"""Step 4, Data: a file or a Hub dataset, checked and tokenized in a worker; the detected format,
+"""The data step: a file or a Hub dataset, checked and tokenized in a worker; the detected format,
 three examples as the model sees them with the trained part highlighted, the statistics (examples,
 tokens, supervised tokens, truncated, removed by cleaning, whether every example ends with the stop
 token: a yellow warning when some do not) and the validation split."""
@@ -13,9 +13,9 @@ from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import Button, Input, Label, Static
 
-from tui.draft import render_example
-from tui.screens.step import StepScreen
-from tui.widgets.fields import PresetInput, PresetSelect, PresetSwitch
+from tui.screens.steps.step import StepScreen
+from tui.steps import step_ref
+from tui.steps.data import render_example
 
 PLACEHOLDER = "a .jsonl/.json/.csv/.parquet file, a Hub dataset id, or builtin:demo"
 TRAINED_STYLE = "bold black on green"
@@ -38,12 +38,7 @@ class DataScreen(StepScreen):
             yield Input(placeholder=PLACEHOLDER, id="train", compact=True, value=d.get("data.train"))
             yield Button("Check", id="check", compact=True)
         with Grid(id="data-form", classes="form-row"):
-            yield Label("format")
-            yield PresetSelect("data.format", d.get("data.format"))
-            yield Label("validation share")
-            yield PresetInput("data.validation_split", "float", d.get("data.validation_split"))
-            yield Label("train on prompts")
-            yield PresetSwitch("data.train_on_inputs", d.get("data.train_on_inputs"))
+            yield from self.compose_fields()
         with Horizontal(classes="step-body"):
             with VerticalScroll(id="stats-box") as box:
                 box.border_title = "statistics"
@@ -60,7 +55,8 @@ class DataScreen(StepScreen):
 
     def ready(self) -> bool:
         """Done when the data in the field has been checked."""
-        return self.draft.data_ready and self.query_one("#train", Input).value.strip() == self.draft.get("data.train")
+        typed = self.query_one("#train", Input).value.strip()
+        return super().ready() and self.draft.data_ready and typed == self.draft.get("data.train")
 
     def _check(self) -> None:
         source = self.query_one("#train", Input).value.strip()
@@ -71,7 +67,7 @@ class DataScreen(StepScreen):
             self.draft.set("data.train", source)
         self.set_error(None)
         if not self.draft.model_ready:
-            self.set_error("read a model first (step 1): its tokenizer counts the tokens")
+            self.set_error(f"read a model first ({step_ref('model')}): its tokenizer counts the tokens")
             return
         self.app.check_data(force=True)
 
@@ -103,7 +99,8 @@ class DataScreen(StepScreen):
         elif app.data_error:
             status.update(Text(app.data_error, "bold red"))
         elif not draft.model_ready:
-            status.update(Text("read a model first (step 1): its tokenizer counts the tokens", "yellow"))
+            status.update(Text(f"read a model first ({step_ref('model')}): its tokenizer counts the tokens",
+                               "yellow"))
         elif not draft.data_ready:
             status.update(Text("press Enter to check the data", "dim"))
         else:

@@ -1,4 +1,4 @@
-"""Step 3, LoRA targets: the model's own layer names with their sizes and the parameters LoRA adds
+"""The LoRA targets step: the model's own layer names with their sizes and the parameters LoRA adds
 to each; shortcuts for query and value, all attention, all linear; rank, alpha and dropout; the
 trainable parameters, their share of the model and the memory they add."""
 
@@ -8,20 +8,14 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
-from textual.widgets import Button, Label, SelectionList, Static
+from textual.widgets import Button, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
 from engine.errors import UserError
-from tui.draft import (
-    SHORTCUTS,
-    lora_view,
-    selected_targets,
-    target_shortcuts,
-    targets_value,
-)
 from tui.format import count, size
-from tui.screens.step import StepScreen
-from tui.widgets.fields import PresetInput
+from tui.screens.steps.step import StepScreen
+from tui.steps import step_ref
+from tui.steps.targets import SHORTCUTS, lora_view, selected_targets, target_shortcuts, targets_value
 
 
 class TargetsScreen(StepScreen):
@@ -42,13 +36,7 @@ class TargetsScreen(StepScreen):
             with Vertical(id="targets-right"):
                 with Grid(id="lora-form", classes="form") as form:
                     form.border_title = "adapters"
-                    d = self.draft
-                    yield Label("rank r")
-                    yield PresetInput("lora.r", "int", d.get("lora.r"))
-                    yield Label("alpha")
-                    yield PresetInput("lora.alpha", "float", d.get("lora.alpha"))
-                    yield Label("dropout")
-                    yield PresetInput("lora.dropout", "float", d.get("lora.dropout"))
+                    yield from self.compose_fields()
                 yield Static(id="lora-summary")
 
     def on_mount(self) -> None:
@@ -58,7 +46,7 @@ class TargetsScreen(StepScreen):
 
     def ready(self) -> bool:
         """A model with at least one layer chosen."""
-        return self.draft.model_ready and bool(self.query_one("#layers", SelectionList).selected)
+        return super().ready() and bool(self.query_one("#layers", SelectionList).selected)
 
     def _fill_layers(self) -> None:
         """(Re)build the list for the draft's model; keeps it when the model is the same."""
@@ -82,7 +70,7 @@ class TargetsScreen(StepScreen):
         """Show the layers and what the adapters cost."""
         summary = self.query_one("#lora-summary", Static)
         if not self.draft.model_ready:
-            summary.update(Text("read a model first (step 1)", "yellow"))
+            summary.update(Text(f"read a model first ({step_ref('model')})", "yellow"))
             return
         if getattr(self, "_listed_r", None) != self.draft.preset.lora.r:
             self._listed_for = None  # the LoRA counts in the labels depend on r

@@ -1,4 +1,4 @@
-"""Step 2, Memory: will it fit? The detected GPUs, the estimate by component, a bar against the
+"""The memory step: will it fit? The detected GPUs, the estimate by component, a bar against the
 GPU's free memory with the guide's size x 1.2 figure for reference, updated on every change of
 quantization, micro batch, sequence length, checkpointing or optimizer. With several GPUs the
 estimate is per GPU for the strategy the run takes (DDP or FSDP), with what is sharded and what
@@ -19,10 +19,10 @@ from textual.widgets import Input, Label, Static
 
 from engine.errors import UserError
 from engine.memory import COMPONENT_DESCRIPTIONS
-from tui.draft import NO_GPU_LINE, fastest_fit_lines, gpu_line, memory_view, parse_gib
 from tui.format import gib, size
-from tui.screens.step import StepScreen
-from tui.widgets.fields import PresetInput, PresetSelect, PresetSwitch
+from tui.screens.steps.step import StepScreen
+from tui.steps import step_ref
+from tui.steps.memory import NO_GPU_LINE, fastest_fit_lines, gpu_line, memory_view, parse_gib
 
 
 def memory_bar(total: int, budget: int | None, rule: int, width: int) -> Text:
@@ -69,17 +69,7 @@ class MemoryScreen(StepScreen):
         with Horizontal(classes="step-body"):
             with Grid(id="memory-form", classes="form") as form:
                 form.border_title = "settings"
-                d = self.draft
-                yield Label("quantization")
-                yield PresetSelect("quantization.method", d.get("quantization.method"))
-                yield Label("micro batch")
-                yield PresetInput("training.micro_batch_size", "int", d.get("training.micro_batch_size"))
-                yield Label("sequence length")
-                yield PresetInput("training.seq_len", "int", d.get("training.seq_len"))
-                yield Label("grad checkpointing")
-                yield PresetSwitch("training.gradient_checkpointing", d.get("training.gradient_checkpointing"))
-                yield Label("optimizer")
-                yield PresetSelect("training.optimizer", d.get("training.optimizer"))
+                yield from self.compose_fields()
                 yield Label("GPU memory (GiB)")
                 yield Input(placeholder="the GPU's free memory", id="budget", compact=True,
                             tooltip="Check against this much memory instead of the detected GPU's free memory")
@@ -94,10 +84,6 @@ class MemoryScreen(StepScreen):
         """Show the estimate."""
         super().on_mount()
         self.refresh_view()
-
-    def ready(self) -> bool:
-        """The model must be read to estimate anything."""
-        return self.draft.model_ready
 
     def _budget(self) -> int | None:
         return parse_gib(self.query_one("#budget", Input).value)
@@ -116,7 +102,7 @@ class MemoryScreen(StepScreen):
             gpus.update(Text(f"{NO_GPU_LINE}; type its memory to check", "yellow"))
         verdict, bar, table = (self.query_one(f"#{n}", Static) for n in ("verdict", "bar", "components"))
         if not draft.model_ready:
-            verdict.update(Text("read a model first (step 1)", "yellow"))
+            verdict.update(Text(f"read a model first ({step_ref('model')})", "yellow"))
             bar.update("")
             table.update("")
             return
