@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.demo import DEMO_PRESET
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "hf-configs"
 """Real config.json files of published models (one folder each) and their official parameter counts."""
-DEMO_PRESET = ROOT / "presets" / "tiny-demo.yaml"
 
 
 def _built_real_model() -> Path | None:
@@ -81,9 +82,30 @@ def copied_run(run_dir: Path, into: Path) -> Path:
     return target
 
 
+IN_PROCESS = frozenset({"inspect", "estimate", "lr", "runs", "cache", "try", "eval", "merge", "export", "card",
+                        "plot", "--help"})
+"""The commands ``run_cli`` runs in this interpreter: they read, print and write files, and never start,
+signal or follow a training process. Each would spend most of a fresh interpreter's time importing
+torch and transformers again; the rest (a start, resume, stop, attach, push) always get a fresh one."""
+
+IN_PROCESS_ENV = frozenset({"COLUMNS"})
+"""Environment variables that may be set for an in-process run (read when used, not at import)."""
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess:
-    """Run `qlora-wizard ARGS` in a fresh interpreter, as a person would, and capture its output."""
+            input: str | None = None, fresh: bool | None = None) -> subprocess.CompletedProcess:
+    """Run `qlora-wizard ARGS` and capture its exit status, standard output and standard error.
+
+    A command that starts, signals or follows a training process, reads standard input, or needs its
+    own environment runs in a fresh interpreter, as a person would run it; the read-and-print
+    commands (``IN_PROCESS``) run ``tui.cli.main`` in this one, with its own streams, working folder
+    and environment, and an exception that escapes it shows as a traceback on standard error with
+    status 1, as the interpreter would. ``fresh=True`` forces a fresh interpreter."""
+    if fresh is None:
+        fresh = (not args or args[0] not in IN_PROCESS or input is not None
+                 or not set(env or {}) <= IN_PROCESS_ENV)
+    if not fresh:
+        return _run_in_process(list(args), cwd or ROOT, env or {})
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run(
@@ -91,6 +113,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
         cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
         stdin=subprocess.DEVNULL if input is None else None, input=input,
     )
+
+
+def _run_in_process(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    import io
+    import traceback
+    from unittest import mock
+
+    from tui.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    streams = (sys.stdin, sys.stdout, sys.stderr)
+    try:
+        with mock.patch.dict(os.environ, env):
+            os.chdir(cwd)
+            sys.stdin, sys.stdout, sys.stderr = io.StringIO(""), out, err
+            try:
+                code = main(args)
+            except SystemExit as exc:  # argparse's usage errors, --help
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # noqa: BLE001 - shown as the interpreter would show it
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = streams
+        os.chdir(here)
+    return subprocess.CompletedProcess(["qlora-wizard", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
