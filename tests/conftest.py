@@ -41,10 +41,25 @@ def hf_configs() -> Path:
     return FIXTURES
 
 
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+"""This process's name among pytest-xdist's workers (``gw0``), or None in a single-process run."""
+
+if WORKER:
+    # Several workers share two cores with the training processes they start: one thread each keeps
+    # OpenMP's busy-waiting threads from taking turns on the cores (torch reads this at import).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Keep the demo model and tokenized-data cache of the tests away from the user's cache, offline."""
-    cache = os.environ.get("QLORA_WIZARD_TEST_CACHE") or str(tmp_path_factory.mktemp("qw-cache"))
+    """Keep the demo model and tokenized-data cache of the tests away from the user's cache, offline;
+    the workers of one run share it (the demo model and the data cache are written atomically)."""
+    cache = os.environ.get("QLORA_WIZARD_TEST_CACHE")
+    if not cache:
+        base = tmp_path_factory.getbasetemp()
+        folder = (base.parent if WORKER else base) / "qw-cache"
+        folder.mkdir(exist_ok=True)
+        cache = str(folder)
     os.environ["QLORA_WIZARD_CACHE"] = cache
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -237,3 +252,15 @@ def wait_for(predicate, timeout: float = 240, poll: float = 0.2):
             return value
         time.sleep(poll)
     raise AssertionError("timed out waiting")
+
+
+FIRST = ("test_gpu_suite.py", "test_real_model.py", "test_distributed.py", "test_faults.py", "test_export.py",
+         "test_train.py", "test_wizard.py", "test_after.py")
+"""The files that take longest (minutes each, on two cores), in that order: they start first, so no
+worker is left with one of them alone at the end of a run over several workers."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first (``FIRST``), the rest as collected; the tests of a file keep their order."""
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))

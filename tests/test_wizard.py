@@ -373,6 +373,9 @@ async def test_snapshot(step):
         await _ready(pilot, data=step in ("data", "hyper", "review"))
         app.screen.set_focus(None)
         await pilot.pause(0.3)
+        # The footer's keys are drawn after the step's own refresh: under load, a frame or two later.
+        await wait_until(pilot, lambda: "palette" in screen_text(app).rstrip().splitlines()[-1], timeout=10,
+                         what="the footer's keys")
         assert_snapshot(f"wizard-{step}-80x24", screen_text(app))
 
 
