@@ -17,9 +17,8 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from engine.after.session import Decoding, TrySession, adapter_switch, finished_run
 from engine.errors import UserError, os_error
@@ -30,11 +29,6 @@ EVAL_FILE = "eval.json"
 
 # ---------------------------------------------------------------------------------------------
 # The result, as ``eval.json`` holds it
-
-
-def _object(raw: Any) -> dict:
-    """A JSON object as it is; anything else as the empty object (a reader of an older or damaged file)."""
-    return raw if isinstance(raw, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -54,16 +48,6 @@ class EvalScores:
             return cls()
         return cls(loss, math.exp(min(loss, 700.0)))
 
-    def as_dict(self) -> dict:
-        """As ``eval.json`` holds it."""
-        return {"loss": self.loss, "perplexity": self.perplexity}
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> EvalScores:
-        """Read back from ``eval.json`` (a key it lacks is None)."""
-        raw = _object(raw)
-        return cls(raw.get("loss"), raw.get("perplexity"))
-
 
 @dataclass(frozen=True)
 class EvalValidation:
@@ -73,16 +57,6 @@ class EvalValidation:
     """Validation examples (0: the run had no validation split)."""
     scored_tokens: int = 0
     """Tokens the loss was taken on."""
-
-    def as_dict(self) -> dict:
-        """As ``eval.json`` holds it."""
-        return {"examples": self.examples, "scored_tokens": self.scored_tokens}
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> EvalValidation:
-        """Read back from ``eval.json``."""
-        raw = _object(raw)
-        return cls(raw.get("examples", 0), raw.get("scored_tokens", 0))
 
 
 @dataclass(frozen=True)
@@ -97,16 +71,6 @@ class EvalGeneration:
     """The base model's answer (adapter off)."""
     fine_tuned: str
     """The fine-tuned model's answer (adapter on)."""
-
-    def as_dict(self) -> dict:
-        """As ``eval.json`` holds it."""
-        return {"prompt": self.prompt, "reference": self.reference, "base": self.base, "fine_tuned": self.fine_tuned}
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> EvalGeneration:
-        """Read back from ``eval.json`` (a text it lacks is empty)."""
-        raw = _object(raw)
-        return cls(*(raw.get(k, "") for k in ("prompt", "reference", "base", "fine_tuned")))
 
 
 @dataclass(frozen=True)
@@ -124,23 +88,13 @@ class EvalExactMatches:
         return cls(sum(g.base.strip() == g.reference.strip() for g in generations),
                    sum(g.fine_tuned.strip() == g.reference.strip() for g in generations))
 
-    def as_dict(self) -> dict:
-        """As ``eval.json`` holds it."""
-        return {"base": self.base, "fine_tuned": self.fine_tuned}
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> EvalExactMatches:
-        """Read back from ``eval.json``."""
-        raw = _object(raw)
-        return cls(raw.get("base", 0), raw.get("fine_tuned", 0))
-
 
 @dataclass(frozen=True)
 class EvalResult:
     """What ``evaluate_run`` found: the base against the fine-tuned model on the run's held-out data.
 
     ``as_dict`` is ``RUN_DIR/eval.json``'s content, a stable interface: its keys and values do not
-    change, and ``from_dict`` reads any file written before."""
+    change."""
 
     run_dir: str
     """The run evaluated."""
@@ -173,49 +127,13 @@ class EvalResult:
     """How long the evaluation took, in seconds."""
 
     def as_dict(self) -> dict:
-        """The result as ``eval.json`` holds it (and ``qlora-wizard eval --json`` prints it)."""
-        d = self.decoding
-        return {
-            "run_dir": self.run_dir,
-            "model": self.model,
-            "adapter": self.adapter,
-            "device": self.device,
-            "format": self.format,
-            "validation": self.validation.as_dict(),
-            "base": self.base.as_dict(),
-            "fine_tuned": self.fine_tuned.as_dict(),
-            "run_eval_loss": self.run_eval_loss,
-            "generations_from": self.generations_from,
-            "decoding": {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature, "top_p": d.top_p},
-            "generations": [g.as_dict() for g in self.generations],
-            "exact_matches": self.exact_matches.as_dict(),
-            "elapsed_s": self.elapsed_s,
-        }
+        """The result as ``eval.json`` holds it (and ``qlora-wizard eval --json`` prints it): the fields
+        in their order, the parts as nested objects."""
+        return asdict(self)
 
     def to_json(self) -> str:
         """The text of ``eval.json``."""
         return json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n"
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> EvalResult:
-        """Read back from ``eval.json``'s content, tolerantly: a key the file lacks reads as empty."""
-        raw = _object(raw)
-        known = {k: v for k, v in _object(raw.get("decoding")).items()
-                 if k in ("max_new_tokens", "temperature", "top_p")}
-        try:
-            decoding = Decoding(**known)
-        except (UserError, TypeError):
-            decoding = Decoding()
-        return cls(
-            run_dir=raw.get("run_dir", ""), model=raw.get("model", ""), adapter=raw.get("adapter", ""),
-            device=raw.get("device", ""), format=raw.get("format", ""),
-            validation=EvalValidation.from_dict(raw.get("validation")),
-            base=EvalScores.from_dict(raw.get("base")), fine_tuned=EvalScores.from_dict(raw.get("fine_tuned")),
-            run_eval_loss=raw.get("run_eval_loss"), generations_from=raw.get("generations_from", ""),
-            decoding=decoding,
-            generations=tuple(EvalGeneration.from_dict(g) for g in raw.get("generations") or ()),
-            exact_matches=EvalExactMatches.from_dict(raw.get("exact_matches")),
-            elapsed_s=raw.get("elapsed_s", 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
