@@ -184,18 +184,23 @@ def test_what_is_missing_comes_from_what_a_step_needs():
     assert draft.first_missing() == draft.first_missing("data")  # a run needs everything
 
 
-def test_the_memory_steps_budget_is_the_first_visible_gpus(monkeypatch):
-    """``CUDA_VISIBLE_DEVICES=1``: the run trains on GPU 1, so its free memory is the budget, not GPU 0's."""
-    from tui.steps.memory import _budget
+def test_the_memory_steps_budget_and_plan_are_the_first_visible_gpus(monkeypatch, hf_configs):
+    """``CUDA_VISIBLE_DEVICES=1``: the run trains on GPU 1, so its free memory is the budget and its
+    card the one planned for, not GPU 0's."""
+    from engine.modelinfo import inspect_model
+    from tui.steps.memory import draft_device, memory_budget
 
     draft = load_draft(DEMO_PRESET)
+    draft.info = inspect_model(str(hf_configs / "meta-llama__Llama-3.1-8B"))
     draft.gpus = [GpuInfo(0, "Busy GPU", 24 * 2**30, 2**30, (8, 9)),
                   GpuInfo(1, "Test GPU 24GB", 24 * 2**30, 23 * 2**30, (8, 9))]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert _budget(draft, None) == (2**30, "Busy GPU: 1.00 GiB free of 24.00 GiB")
+    assert memory_budget(draft, None) == (2**30, "Busy GPU: 1.00 GiB free of 24.00 GiB")
+    assert draft_device(draft).name == "Busy GPU"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert _budget(draft, None) == (23 * 2**30, "Test GPU 24GB: 23.00 GiB free of 24.00 GiB")
-    assert _budget(draft, 8 * 2**30) == (8 * 2**30, "8.00 GiB (typed)")
+    assert memory_budget(draft, None) == (23 * 2**30, "Test GPU 24GB: 23.00 GiB free of 24.00 GiB")
+    assert draft_device(draft).name == "Test GPU 24GB"
+    assert memory_budget(draft, 8 * 2**30) == (8 * 2**30, "8.00 GiB (typed)")
 
 
 def test_no_step_number_is_written_out_in_tui():

@@ -258,22 +258,20 @@ def _estimate_view(args, preset, info, world):
     memory; with the visible GPUs and the device plan behind it."""
     from engine.distributed import visible_gpus
     from engine.gpu import probe_gpus
-    from engine.memory import estimate_training_memory, fit
-    from engine.plan import assumed_gpu, memory_settings, plan_device, with_world
+    from engine.memory import fit
     from tui.draft import Draft
-    from tui.steps.memory import MemoryView, _budget
+    from tui.steps.memory import MemoryView, draft_device, draft_estimate, memory_budget
 
     gpus = visible_gpus(probe_gpus())  # the GPUs CUDA will use: the first is the one planned for
+    draft = Draft(preset, info=info, gpus=gpus)
     typed = int(args.gpu_mem * 2**30) if args.gpu_mem is not None else None
-    budget, budget_name = _budget(Draft(preset, info=info, gpus=gpus), typed)
+    budget, budget_name = memory_budget(draft, typed)
     if typed is not None:
         budget_name = f"{args.gpu_mem:g} GiB (--gpu-mem)"
-    device = plan_device(preset, gpus, info.model_type) if gpus else assumed_gpu(preset, info.model_type)
     # The strategy: asked for, or (auto) DDP when the model fits each GPU, FSDP when only sharded.
-    device = with_world(device, preset, info, world, budget_bytes=budget)
-    settings = memory_settings(preset, info, device)
-    view = MemoryView(estimate_training_memory(info, settings), settings, budget, budget_name,
-                      fit(info, settings, budget) if budget is not None else None,
+    device = draft_device(draft, budget, world=world)
+    settings, est = draft_estimate(draft, device)
+    view = MemoryView(est, settings, budget, budget_name, fit(info, settings, budget) if budget is not None else None,
                       kernels=f"kernels: {device.kernels_note}")
     return gpus, view, device
 

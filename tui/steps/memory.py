@@ -119,15 +119,17 @@ def _first_gpu(draft: Draft):
     return gpus[0] if gpus else None
 
 
-def draft_device(draft: Draft, budget_bytes: int | None = None):
-    """The device plan of the draft: the first GPU, or an assumed bf16 one (``engine.plan.DevicePlan``);
-    with several GPUs (``draft_world``) also the strategy, chosen against ``budget_bytes`` per GPU
-    (else the first visible GPU's free memory)."""
+def draft_device(draft: Draft, budget_bytes: int | None = None, world=None):
+    """The device plan of the draft: the first visible GPU, or an assumed bf16 one
+    (``engine.plan.DevicePlan``); for several GPUs (``world``, else ``draft_world``) also the strategy,
+    chosen against ``budget_bytes`` per GPU (else the first visible GPU's free memory)."""
+    from engine.distributed import visible_gpus
     from engine.plan import assumed_gpu, plan_device, with_world
 
-    info, gpus = draft.info, draft.gpus
+    info = draft.info
+    gpus = visible_gpus(draft.gpus) if draft.gpus else []
     plan = plan_device(draft.preset, gpus, info.model_type) if gpus else assumed_gpu(draft.preset, info.model_type)
-    world = draft_world(draft)
+    world = world or draft_world(draft)
     if world is None:
         return plan
     if budget_bytes is None and _first_gpu(draft) is not None:
@@ -152,7 +154,7 @@ def fit_line(fit, seq_len: int) -> str:
             f"longest sequence at micro batch 1: {f'{sl:,}' if sl else 'none fits'}")
 
 
-def _budget(draft: Draft, budget_bytes: int | None) -> tuple[int | None, str]:
+def memory_budget(draft: Draft, budget_bytes: int | None) -> tuple[int | None, str]:
     """The memory to check against (typed, else the first visible GPU's free memory) and it in words."""
     from tui.format import gib
 
@@ -171,7 +173,7 @@ def memory_view(draft: Draft, budget_bytes: int | None = None) -> MemoryView:
     from engine.memory import fit
 
     typed = budget_bytes
-    budget_bytes, name = _budget(draft, budget_bytes)
+    budget_bytes, name = memory_budget(draft, budget_bytes)
     device = draft_device(draft, budget_bytes)
     settings, est = draft_estimate(draft, device)
     result = fit(draft.info, settings, budget_bytes) if budget_bytes else None
@@ -205,7 +207,7 @@ def fastest_fit_for(draft: Draft, budget_bytes: int | None = None):
     check is current. A UserError when there is no budget to fit."""
     from engine.speed import fastest_fit
 
-    budget, _ = _budget(draft, budget_bytes)
+    budget, _ = memory_budget(draft, budget_bytes)
     if not budget:
         raise UserError("no GPU memory to fit against", "type the GPU's memory in GiB")
     settings, _ = draft_estimate(draft)
