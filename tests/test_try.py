@@ -71,15 +71,19 @@ async def test_both_answers_stream_side_by_side_in_the_runs_template(finished_ru
         tuned, base = (screen.query_one(f"#{p}-pane").text for p in ("tuned", "base"))
         assert tuned.strip() and base.strip()
         assert tuned != base, "the adapter changed nothing"
-        left, right = region_text(app, "#tuned-pane"), region_text(app, "#base-pane")
-        assert left.startswith("fine-tuned") and "done in" in left and tuned.split()[0] in left
-        assert right.startswith("base (adapter off)") and "done in" in right and base.split()[0] in right
         # Under each answer, a dim line: ended by the stop token (the fine-tuned model learned to stop), or
         # cut at the length limit.
         notes = [screen.query_one(f"#{p}-pane").note for p in ("tuned", "base")]
-        assert notes[0] == "ended by the stop token </s>" and "(ended by the stop token </s>)" in left
+        assert notes[0] == "ended by the stop token </s>"
         assert notes[1] in ("ended by the stop token </s>", "cut at the length limit of 128 tokens: the model did not stop")
-        assert notes[1].split(":")[0].split()[-1] in right
+        # Each pane keeps the end of its answer in view (a long one scrolls there a frame after it is shown):
+        # the answer's last words, the note under it, and the time in the pane's border.
+        await wait_until(pilot, lambda: "(ended by the stop token </s>)" in region_text(app, "#tuned-pane")
+                         and notes[1].split(":")[0].split()[-1] in region_text(app, "#base-pane"),
+                         timeout=10, what="the notes under both answers")
+        left, right = region_text(app, "#tuned-pane"), region_text(app, "#base-pane")
+        assert left.startswith("fine-tuned") and "done in" in left and tuned.split()[-1] in left
+        assert right.startswith("base (adapter off)") and "done in" in right and base.split()[-1] in right
         # Streamed as generated: the base answer (a long one) arrived in growing pieces.
         request = screen.request
         pieces = [m.text for m in messages if isinstance(m, TryScreen.Streamed) and m.request == request
