@@ -564,6 +564,37 @@ def test_cache_hit_returns_same_data_without_tokenizing(tmp_path, tok, monkeypat
         D.prepare_data(s, tok, 128, 3, cache_dir=tmp_path / "cache")
 
 
+def test_a_rerun_finds_its_prepared_data_without_loading_the_tokenizer(tmp_path, demo_cache):
+    """What ``--preset`` checks before starting a run it prepared the data for before: the same
+    statistics, read in a fresh interpreter that never imports transformers or torch."""
+    import shutil
+
+    from engine.demo import ensure_demo_model
+
+    model = tmp_path / "model"
+    shutil.copytree(ensure_demo_model(), model)
+    recs = [{"instruction": f"n{i}", "output": f"v{i}"} for i in range(30)]
+    s = settings(write_jsonl(tmp_path / "d.jsonl", recs), validation_split=0.1)
+    m = ModelSettings(source=str(model))
+    cache = tmp_path / "cache"
+    assert D.cached_stats(s, m, 128, 3, cache_dir=cache) is None  # never prepared
+    prepared = D.prepare_data(s, D.load_tokenizer(m), 128, 3, cache_dir=cache)
+    script = (f"import json, sys\nfrom engine import data as D\nfrom engine.preset import DataSettings, ModelSettings\n"
+              f"s = DataSettings.model_validate_json({s.model_dump_json()!r})\n"
+              f"st = D.cached_stats(s, ModelSettings(source={str(model)!r}), 128, 3, cache_dir={str(cache)!r})\n"
+              f"print(json.dumps(st.to_json()))\n"
+              f"print(sorted(n for n in ('torch', 'transformers', 'datasets') if n in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
+    stats, imported = r.stdout.splitlines()
+    assert D.DataStats.from_json(json.loads(stats)) == prepared.stats and imported == "[]"
+    # Other settings, or a tokenizer file changed since, are not found: the data is prepared again.
+    assert D.cached_stats(s, m, 64, 3, cache_dir=cache) is None
+    (model / "tokenizer_config.json").write_text((model / "tokenizer_config.json").read_text() + "\n")
+    assert D.cached_stats(s, m, 128, 3, cache_dir=cache) is None
+
+
 def test_default_cache_dir_under_cache_root(demo_cache):
     assert D.default_data_cache_dir() == demo_cache / "data"
 

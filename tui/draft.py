@@ -389,10 +389,13 @@ def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_ran
     # Data that leaves nothing to train at this seq_len is refused here, with the numbers, not in the
     # detached run. Tokenized under the key the training process uses (same data, seq_len, seed and
     # tokenizer), so the run loads this cache entry instead of tokenizing again.
-    prepared = data_mod.prepare_data(preset.data, data_mod.load_tokenizer(preset.model), preset.training.seq_len,
-                                     preset.training.seed)
-    if note is not None and prepared.stats.stop_line():
-        note(prepared.stats.stop_line())
+    # Data prepared before for this tokenizer is found without loading it (or torch): a rerun starts at once.
+    t = preset.training
+    stats = data_mod.cached_stats(preset.data, preset.model, t.seq_len, t.seed)
+    if stats is None:
+        stats = data_mod.prepare_data(preset.data, data_mod.load_tokenizer(preset.model), t.seq_len, t.seed).stats
+    if note is not None and stats.stop_line():
+        note(stats.stop_line())
     return launch_run(preset, run_dir, node_rank, master)
 
 

@@ -56,7 +56,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.data.cache import cache_key, default_data_cache_dir, load_cached, save_cached, source_identity, to_dataset
+from engine.data.cache import (
+    cache_key,
+    default_data_cache_dir,
+    load_cached,
+    recalled_fingerprint,
+    remember_fingerprint,
+    save_cached,
+    source_identity,
+    to_dataset,
+)
 from engine.data.formats import FORMATS, accepted_formats, detect_format, get_format, kind_of
 from engine.data.sources import Source, iter_raw, open_source, resolve_data_path, validation_source
 from engine.data.tokenize import (
@@ -64,13 +73,14 @@ from engine.data.tokenize import (
     segments,
     supervised_count,
     tokenize_examples,
+    tokenizer_files_identity,
     tokenizer_fingerprint,
 )
 from engine.errors import UserError
-from engine.preset import DataSettings
+from engine.preset import DataSettings, ModelSettings
 
 __all__ = [
-    "FORMATS", "BadRecord", "DataStats", "PreparedData", "check_records", "default_data_cache_dir",
+    "FORMATS", "BadRecord", "DataStats", "PreparedData", "cached_stats", "check_records", "default_data_cache_dir",
     "detect_format", "held_out_examples", "load_tokenizer", "prepare_data", "preview", "resolve_data_path",
     "supervised_count", "tokenizer_fingerprint",
 ]
@@ -392,16 +402,11 @@ def prepare_data(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_data_cache_dir()
     train_src = open_source(settings.train, settings.split, "data.train")
     val_src = validation_source(settings, train_src)
-    entry = cache_dir / cache_key({
-        "train": source_identity(train_src),
-        "validation": source_identity(val_src),
-        # The sources count by what they hold (above), not by how their paths are written: the wizard's
-        # train.jsonl and the run's /abs/path/train.jsonl are one entry.
-        "settings": settings.model_dump(mode="json", exclude={"train", "validation"}),
-        "seq_len": seq_len,
-        "seed": seed,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-    })
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    identity = tokenizer_files_identity(str(getattr(tokenizer, "name_or_path", "")))
+    if identity is not None:
+        remember_fingerprint(identity, fingerprint, cache_dir)
+    entry = _cache_entry(cache_dir, settings, train_src, val_src, seq_len, seed, fingerprint)
     hit = _from_cache(entry)
     if hit is not None:
         return hit
@@ -452,6 +457,46 @@ def prepare_data(
             saved.cache_hit = False
             return saved
     return PreparedData(train=train_ds, validation=val_ds, stats=stats, format=fmt, cache_path=None, cache_hit=False)
+
+
+def _cache_entry(cache_dir: Path, settings: DataSettings, train_src: Source, val_src: Source | None, seq_len: int,
+                 seed: int, fingerprint: dict) -> Path:
+    """The cache entry of this data, these settings and this tokenizer (its fingerprint)."""
+    return cache_dir / cache_key({
+        "train": source_identity(train_src),
+        "validation": source_identity(val_src),
+        # The sources count by what they hold (above), not by how their paths are written: the wizard's
+        # train.jsonl and the run's /abs/path/train.jsonl are one entry.
+        "settings": settings.model_dump(mode="json", exclude={"train", "validation"}),
+        "seq_len": seq_len,
+        "seed": seed,
+        "tokenizer": fingerprint,
+    })
+
+
+def cached_stats(settings: DataSettings, model: ModelSettings, seq_len: int, seed: int,
+                 cache_dir: Path | None = None) -> DataStats | None:
+    """The statistics of data prepared before for this model's tokenizer, read without loading the
+    tokenizer (or torch): a local model folder whose tokenizer files are as they were when the data
+    was prepared, and a cache entry for this data and these settings. None otherwise (prepare it)."""
+    from engine.demo import resolve_model_source
+    from engine.gguf import is_gguf
+
+    if model.revision or model.trust_remote_code or is_gguf(model.source):
+        return None  # a revision or shipped code can change what loads: load it
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_data_cache_dir()
+    fingerprint = recalled_fingerprint(tokenizer_files_identity(resolve_model_source(model.source)), cache_dir)
+    if fingerprint is None:
+        return None
+    train_src = open_source(settings.train, settings.split, "data.train")
+    val_src = validation_source(settings, train_src)
+    if "hub" in (train_src.kind, val_src and val_src.kind):
+        return None  # a Hub dataset's identity is found by loading it
+    entry = _cache_entry(cache_dir, settings, train_src, val_src, seq_len, seed, fingerprint)
+    try:
+        return DataStats.from_json(json.loads((entry / "stats.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _stop_token(tok, tokenizer) -> dict:

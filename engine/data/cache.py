@@ -110,3 +110,38 @@ def save_cached(entry: Path, train, val, stats: dict) -> bool:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+FINGERPRINTS_DIR = "tokenizers"
+"""The folder of the data cache that remembers each local tokenizer's fingerprint by its files'
+identity (``engine.data.tokenize.tokenizer_files_identity``), so a start can find its cache entry
+without loading the tokenizer."""
+
+
+def remember_fingerprint(identity: str, fingerprint: dict, cache_dir: Path) -> None:
+    """Keep a tokenizer's fingerprint under its files' identity (atomically; silently not where the
+    cache cannot be written: it only saves time)."""
+    folder = cache_dir / FINGERPRINTS_DIR
+    target = folder / f"{identity}.json"
+    if target.is_file():
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{identity}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(fingerprint, fh, sort_keys=True)
+        os.replace(tmp, target)
+    except OSError:
+        pass
+
+
+def recalled_fingerprint(identity: str | None, cache_dir: Path) -> dict | None:
+    """The fingerprint remembered for a tokenizer's files' identity, or None."""
+    if identity is None:
+        return None
+    try:
+        data = json.loads((cache_dir / FINGERPRINTS_DIR / f"{identity}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+

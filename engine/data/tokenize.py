@@ -96,6 +96,30 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     }
 
 
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges",
+                           "spiece", "sentencepiece", "config.json")
+"""The files of a model folder that a tokenizer loads from (``config.json`` can name its class)."""
+
+
+def tokenizer_files_identity(folder: str) -> str | None:
+    """What identifies the tokenizer of a local model folder without loading it: the folder, each file
+    it loads from (name, size, modification time) and the versions of the libraries that read them.
+    None for anything but a folder (a Hub id's files are only found by loading it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if not folder or not os.path.isdir(folder):
+        return None
+    real = os.path.realpath(folder)
+    try:
+        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(real)
+                       if e.is_file() and e.name.startswith(TOKENIZER_FILE_PREFIXES))
+        versions = [version(name) for name in ("transformers", "tokenizers")]
+    except (OSError, PackageNotFoundError):
+        return None
+    material = repr((real, files, versions)).encode()
+    return hashlib.sha256(material).hexdigest()[:24]
+
+
 def stop_token_ids(tokenizer) -> set[int]:
     """The tokens that end an answer: the EOS and the other special tokens (a chat template's
     end-of-turn marker such as ``<end_of_turn>`` or ``<|im_end|>``); BOS, UNK and a padding token
