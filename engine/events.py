@@ -144,6 +144,20 @@ class StartData(Record):
     """The stop token the training examples end with (the most common one)."""
     stop_is_eos: bool | None = None
     """Whether that is the tokenizer's end-of-sequence token."""
+    pairs: int | None = None
+    """Preference pairs (dpo, orpo): the training pairs; 0 for data of single responses."""
+    prompt_tokens: int | None = None
+    """Prompt tokens of the training pairs, each prompt once."""
+    chosen_tokens: int | None = None
+    """Chosen answer tokens of the training pairs."""
+    rejected_tokens: int | None = None
+    """Rejected answer tokens of the training pairs."""
+    removed_identical: int | None = None
+    """Pairs dropped because their two answers are the same."""
+    removed_empty_side: int | None = None
+    """Pairs dropped because an answer is empty."""
+    removed_prompt_too_long: int | None = None
+    """Pairs dropped because their prompt leaves no answer token within ``seq_len``."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +280,10 @@ class StartEvent(Event):
     """Liger Kernel's fused blocks and loss run."""
     total_steps: int | None = None
     steps_per_epoch: int | None = None
+    method: str = "sft"
+    """What the run teaches: ``sft``, ``dpo`` or ``orpo`` (``training.method``)."""
+    reference: str | None = None
+    """dpo: ``precomputed`` or ``each_step`` (``engine.preference.reference_mode``); None otherwise."""
     resumed_from_step: int | None = None
     """The checkpoint's step a resume continues from; None for a fresh start (or a resume without one)."""
     resume_requested: bool = False
@@ -308,7 +326,9 @@ class StepEvent(Event):
     """An optimizer step (every ``logging_steps``)."""
 
     kind: ClassVar[str] = "step"
-    FLOATS: ClassVar[tuple[str, ...]] = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch")
+    FLOATS: ClassVar[tuple[str, ...]] = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch",
+                                         "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy",
+                                         "nll_loss")
     step: int = 0
     total_steps: int | None = None
     epoch: float = 0.0
@@ -330,6 +350,17 @@ class StepEvent(Event):
     ranks: list | None = None
     """Several processes: each rank's ``{"rank", "tokens", "mem_*"}`` now; the ``mem_*`` fields above
     are then the highest of any rank and ``tokens`` the sum."""
+    rewards_chosen: float | None = None
+    """dpo, orpo: the implicit reward of the chosen answers (dpo: beta x the log-probability ratio to the
+    reference; orpo: beta x the log-probability), the mean over the logged steps' pairs."""
+    rewards_rejected: float | None = None
+    """dpo, orpo: the same for the rejected answers."""
+    reward_margin: float | None = None
+    """dpo, orpo: chosen minus rejected reward, the mean over pairs."""
+    reward_accuracy: float | None = None
+    """dpo, orpo: the share of pairs whose chosen answer has the higher reward."""
+    nll_loss: float | None = None
+    """orpo: the supervised part of its loss (the chosen answers' negative log-likelihood)."""
 
 
 @dataclass(frozen=True)
@@ -337,10 +368,14 @@ class EvalEvent(Event):
     """A validation pass."""
 
     kind: ClassVar[str] = "eval"
-    FLOATS: ClassVar[tuple[str, ...]] = ("eval_loss", "epoch")
+    FLOATS: ClassVar[tuple[str, ...]] = ("eval_loss", "epoch", "eval_reward_margin", "eval_reward_accuracy")
     step: int = 0
     epoch: float = 0.0
     eval_loss: float | None = None
+    eval_reward_margin: float | None = None
+    """dpo, orpo: chosen minus rejected reward on the validation pairs."""
+    eval_reward_accuracy: float | None = None
+    """dpo, orpo: the share of validation pairs whose chosen answer has the higher reward."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ a proportionally noisier gradient, so the rate shrinks with the square root of t
 comes from full fine-tuning; LoRA adapters usually train at higher rates, so the result is shown
 with its arithmetic and a note, and the person decides. LLaMA-Factory ships the same rule as a
 script (base 3e-4, reference batch 4M tokens).
+
+The rule is for supervised fine-tuning: a preference method (dpo, orpo) does not train a token-level
+cross-entropy alone, so for those :func:`preference_advice` gives the rates published runs used
+(TRL's scripts, the alignment-handbook, the DPO and ORPO authors), with their sources, instead.
 """
 
 from __future__ import annotations
@@ -154,3 +158,120 @@ def note_on_lora_range(lr: float) -> str | None:
         return (f"{value:.3g} is above the {low:.0e} to {high:.0e} that LoRA runs usually use; a rate this high "
                 "can make the loss diverge")
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference tuning (dpo, orpo): the rule above does not apply; the published rates do.
+
+
+@dataclass(frozen=True)
+class PreferenceAdvice:
+    """The learning rate a preference method's LoRA run starts from, with its sources, given in place of
+    the guide's rule (which is for supervised tokens)."""
+
+    method: str
+    """``dpo`` or ``orpo`` (``training.method``)."""
+    learning_rate: float
+    """The suggested peak learning rate for LoRA adapters."""
+    source: str
+    """Where the suggested rate comes from, in words a person can check."""
+    band: tuple[float, float]
+    """The rates published runs of the method used: full fine-tuning at the low end, LoRA at the high end."""
+    band_source: str
+    """Where the ends of ``band`` come from."""
+    rule: str
+    """Why the guide's rule is not used for this method."""
+    beta: str
+    """What ``training.beta`` means for this method, and its usual value."""
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (``qlora-wizard lr --json``)."""
+        return {"method": self.method, "learning_rate": self.learning_rate, "source": self.source,
+                "range": list(self.band), "range_source": self.band_source, "rule": self.rule,
+                "beta_meaning": self.beta}
+
+
+RULE_IS_FOR_SUPERVISED_TOKENS = (
+    "the guide's rule is for supervised tokens: it scales the rate with the supervised tokens of each step, "
+    "the batch of a token-level cross-entropy"
+)
+"""The first half of every preference method's ``rule``."""
+
+_PREFERENCE: dict[str, PreferenceAdvice] = {
+    # TRL's own DPO script (trl/scripts/dpo.py, TRL 1.16) shows two runs of the same model and data:
+    # --learning_rate 5.0e-7 for full training and 5.0e-6 with --use_peft (LoRA r 32, alpha 16). The
+    # alignment-handbook's recipes/zephyr-7b-beta/dpo/config_qlora.yaml (4-bit, LoRA r 16) uses
+    # learning_rate 5.0e-6 with beta 0.01. The DPO paper (Rafailov et al. 2023, appendix B) trained the
+    # full model at 1e-6 (RMSprop, batch 64, beta 0.1), and TRL's DPOConfig defaults to learning_rate
+    # 1e-6 and beta 0.1.
+    "dpo": PreferenceAdvice(
+        method="dpo",
+        learning_rate=5e-6,
+        source="TRL's DPO script (trl/scripts/dpo.py) trains LoRA at 5e-6 and the full model at 5e-7; the "
+               "Hugging Face alignment-handbook's Zephyr-7B DPO QLoRA recipe uses 5e-6 too",
+        band=(5e-7, 5e-6),
+        band_source="5e-7: TRL's DPO script, full training; 1e-6: the DPO paper (Rafailov et al. 2023, "
+                    "appendix B, full fine-tuning) and TRL's DPOConfig default; 5e-6: LoRA, as suggested",
+        rule=RULE_IS_FOR_SUPERVISED_TOKENS + "; DPO's loss is one term per pair (how much more than the "
+             "reference the model prefers the chosen answer to the rejected one), not a cross-entropy over "
+             "tokens, so the rule does not apply",
+        beta="how far the tuned model may move from the reference, higher keeps it closer; 0.1 is the DPO "
+             "paper's and TRL's default (the alignment-handbook's QLoRA recipe used 0.01)",
+    ),
+    # TRL's ORPO example (examples/scripts/orpo.py, 2024) gives --learning_rate 8e-6 for full training
+    # and 8e-5 with --use_peft (LoRA r 16, alpha 16, RMSprop), saying ORPO's best configuration is close
+    # to DPO's. The ORPO authors' script for Mistral-ORPO-beta (xfactlab/orpo,
+    # scripts/run_mistral_orpo_beta.sh) trains the full Mistral-7B at --lr 5e-6 with --alpha (lambda)
+    # 0.1. TRL 1.16's ORPOConfig (trl.experimental.orpo) defaults to learning_rate 1e-6 and beta 0.1,
+    # "denoted by lambda" in the paper.
+    "orpo": PreferenceAdvice(
+        method="orpo",
+        learning_rate=8e-5,
+        source="TRL's ORPO example (examples/scripts/orpo.py) trains LoRA at 8e-5 and the full model at 8e-6",
+        band=(5e-6, 8e-5),
+        band_source="5e-6: the ORPO authors' Mistral-ORPO-beta script (xfactlab/orpo), full fine-tuning; "
+                    "8e-6: TRL's ORPO example, full training; 8e-5: the same example with LoRA",
+        rule=RULE_IS_FOR_SUPERVISED_TOKENS + "; ORPO adds a term per pair (the odds of the chosen answer "
+             "against the rejected one) to the supervised loss on the chosen answer, and the published rates "
+             "are for that sum, so the rule is not used",
+        beta="ORPO's lambda, the weight of the preference term beside the supervised loss; 0.1 is TRL's "
+             "default and the ORPO authors' value",
+    ),
+}
+
+
+def preference_advice(method: str) -> PreferenceAdvice | None:
+    """The published learning rates of a preference method (``dpo``, ``orpo``), for LoRA; None for
+    ``sft``, whose rate the guide's rule gives (:func:`suggest_learning_rate`).
+
+    dpo: 5e-6, from TRL's DPO script (trl/scripts/dpo.py: 5e-6 with LoRA, 5e-7 full) and the
+    alignment-handbook's Zephyr-7B DPO QLoRA recipe (5e-6); the DPO paper (Rafailov et al. 2023,
+    appendix B) used 1e-6 with beta 0.1 on the full model, TRL's DPOConfig default.
+    orpo: 8e-5, from TRL's ORPO example (examples/scripts/orpo.py: 8e-5 with LoRA, 8e-6 full); the ORPO
+    authors trained Mistral-ORPO-beta fully at 5e-6 with lambda 0.1 (xfactlab/orpo).
+    """
+    return _PREFERENCE.get(method)
+
+
+def note_on_preference_range(method: str, lr: float) -> str | None:
+    """A short note when ``lr`` is outside the rates published runs of ``method`` (dpo, orpo) used; None
+    inside them."""
+    advice = _PREFERENCE[method]
+    low, high = advice.band
+    value = _positive("learning rate", lr)
+    if value < low:
+        return (f"{value:.3g} is below the {low:.0e} to {high:.0e} that published {method} runs used (full "
+                f"fine-tuning at the low end, LoRA at the high end); LoRA adapters usually need the high end: "
+                f"consider {advice.learning_rate:.0e}")
+    if value > high:
+        return (f"{value:.3g} is above the {low:.0e} to {high:.0e} that published {method} runs used; a rate "
+                f"this high can make the loss diverge: consider {advice.learning_rate:.0e}")
+    return None
+
+
+def note_on_rate(method: str, lr: float) -> str | None:
+    """The note on a chosen rate for a run of ``method``: against LoRA's usual band for sft
+    (:func:`note_on_lora_range`), against the method's published rates for dpo and orpo."""
+    if method in _PREFERENCE:
+        return note_on_preference_range(method, lr)
+    return note_on_lora_range(lr)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from engine.distributed import Rank
 from engine.errors import UserError
-from engine.preset import Preset
+from engine.preset import PREFERENCE_METHODS, Preset
 
 CPU_DTYPE = "float32"
 """On the CPU, bitsandbytes' NF4 kernels and the optimizers are exact and well tested in float32."""
@@ -272,6 +272,11 @@ def resolve_targets(preset: Preset, info) -> tuple[str, ...]:
     return tuple(targets)
 
 
+TRL_DPO_LOGPROB_CHUNK = 4096
+"""Positions whose log-probabilities TRL's DPO computes at once (``trl.kernels.chunked_logprob``'s
+``TOKEN_CHUNK_SIZE``); it never holds the whole logits."""
+
+
 def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
     """The memory model's settings for this preset on this device (``engine.memory.MemorySettings``)."""
     from engine.loss import chunked_loss_applies, loss_chunk_tokens
@@ -279,6 +284,17 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
 
     device = device or assumed_gpu(preset, info.model_type)
     t = preset.training
+    # dpo and orpo (TRL) put both answers of each pair in one padded batch: twice the rows, no packing.
+    # TRL's dpo computes the log-probabilities 4,096 positions at a time without the whole logits
+    # (trl.kernels.chunked_logprob); its orpo holds every position's logits, as transformers' loss does.
+    pairs = t.method in PREFERENCE_METHODS
+    if t.method == "dpo":
+        loss_chunk = TRL_DPO_LOGPROB_CHUNK
+    elif t.method == "orpo":
+        loss_chunk = None
+    else:
+        loss_chunk = (loss_chunk_tokens(info.vocab_size) if t.chunked_loss and chunked_loss_applies(info.model_type)
+                      else None)
     return MemorySettings(
         quantization=preset.quantization.method,
         double_quant=preset.quantization.double_quant,
@@ -286,19 +302,18 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         load_dtype=device.load_dtype,
         lora_rank=preset.lora.r,
         lora_targets=resolve_targets(preset, info),
-        micro_batch_size=t.micro_batch_size,
+        micro_batch_size=t.micro_batch_size * (2 if pairs else 1),
         seq_len=t.seq_len,
         gradient_checkpointing=t.gradient_checkpointing,
         optimizer=t.optimizer,
         attn_implementation=device.attn_implementation,
-        packing=t.packing,
+        packing=t.packing and not pairs,
         lora_dropout=preset.lora.dropout,
         # Trainer autocasts to bf16/fp16 on a GPU; on the CPU it computes in fp32.
         autocast=device.device == "cuda",
         # What engine.train does: the loss a chunk of positions at a time where it can (under DDP and
         # FSDP too, through the wrapped model's own forward with the head handing the hidden states on).
-        loss_chunk=(loss_chunk_tokens(info.vocab_size) if t.chunked_loss and chunked_loss_applies(info.model_type)
-                    else None),
+        loss_chunk=loss_chunk,
         liger=device.liger,
         # Per GPU: the strategy decides what each GPU holds (engine.memory), the world what it shares.
         strategy=device.strategy,

@@ -184,7 +184,8 @@ class LoraSettings(_Section):
     _init_from_plain = field_validator("init_from")(_plain_text)
 
 
-DataFormat = Literal["auto", "alpaca", "input_output", "prompt_completion", "text", "messages", "sharegpt"]
+DataFormat = Literal["auto", "alpaca", "input_output", "prompt_completion", "text", "messages", "sharegpt",
+                     "preference", "preference_messages"]
 
 
 class DataSettings(_Section):
@@ -202,7 +203,7 @@ class DataSettings(_Section):
     format: DataFormat = Field(
         "auto",
         description="Record layout: auto detects it from the keys (alpaca, input_output, prompt_completion, "
-        "text, messages, sharegpt).",
+        "text, messages, sharegpt; for dpo and orpo the pairs: preference, preference_messages).",
     )
     train_on_inputs: bool = Field(False, description="Also train on the prompt tokens (normally masked out).")
     skip_bad_records: bool = Field(
@@ -218,9 +219,42 @@ class DataSettings(_Section):
     _paths_plain = field_validator("train", "split", "validation")(_plain_text)
 
 
+METHODS = ("sft", "dpo", "orpo")
+"""What a run can teach: supervised fine-tuning, and the two preference methods (on pairs)."""
+PREFERENCE_METHODS = ("dpo", "orpo")
+"""The methods that train on pairs (a prompt, a chosen and a rejected answer)."""
+DEFAULT_BETA = 0.1
+"""TRL's default for DPO's beta and ORPO's lambda (the DPO and ORPO papers' value)."""
+
+
 class TrainingSettings(_Section):
     """The optimization: batch, schedule, optimizer, intervals."""
 
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="What the run teaches. sft: the responses of the data (supervised). dpo: Direct Preference "
+        "Optimization, to prefer each pair's chosen answer over its rejected one, measured against the model "
+        "before training (the reference). orpo: Odds Ratio Preference Optimization, supervised on the chosen "
+        "answer plus a preference term, no reference. dpo and orpo train on pairs (prompt, chosen, rejected).",
+    )
+    beta: float = Field(
+        DEFAULT_BETA, gt=0, le=100,
+        description="dpo: how far the tuned model may move from the reference (higher keeps it closer). orpo: "
+        "the weight (lambda) of the preference term beside the supervised loss. 0.1 for both (TRL's default, "
+        "the papers' value).",
+    )
+    dpo_loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid",
+        description="dpo's loss (TRL's loss_type): sigmoid (the DPO paper's), ipo (bounded; beta is its tau), "
+        "hinge (SLiC), robust (for noisy preference labels).",
+    )
+    reference: Literal["auto", "adapter_off", "precomputed"] = Field(
+        "auto",
+        description="dpo's reference log-probabilities. adapter_off: the base with the adapter switched off, "
+        "beside every step (no second copy of the weights). precomputed: once for all pairs before the first "
+        "step, then no reference pass at all. auto: precomputed when the run covers the data at least once, "
+        "else adapter_off.",
+    )
     seq_len: int = Field(2048, ge=16, le=1_048_576, description="Longest example in tokens; longer ones are truncated.")
     micro_batch_size: int = Field(1, ge=1, le=4096, description="Examples per forward pass on one GPU.")
     gradient_accumulation_steps: int = Field(
@@ -282,6 +316,26 @@ class TrainingSettings(_Section):
         "Weights & Biases (needs wandb and its login); auto is tensorboard when the tensorboard package is "
         "installed (the tensorboard extra), else none.",
     )
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> "TrainingSettings":
+        if self.method == "sft":
+            odd = [f"{k} {getattr(self, k)}" for k, default in (("dpo_loss", "sigmoid"), ("reference", "auto"))
+                   if getattr(self, k) != default]
+            if self.beta != DEFAULT_BETA:
+                odd.insert(0, f"beta {self.beta:g}")
+            if odd:
+                what = "it is a setting" if len(odd) == 1 else "they are settings"
+                raise ValueError(f"{', '.join(odd)} set for method sft: {what} of dpo and orpo; "
+                                 f"set method: dpo or orpo, or remove {'it' if len(odd) == 1 else 'them'}")
+        elif self.method == "orpo":
+            if self.reference != "auto":
+                raise ValueError(f"reference {self.reference} set for method orpo: orpo has no reference model; "
+                                 "remove it, or set method: dpo")
+            if self.dpo_loss != "sigmoid":
+                raise ValueError(f"dpo_loss {self.dpo_loss} set for method orpo: orpo has one loss; remove it, "
+                                 "or set method: dpo")
+        return self
 
 
 class DistributedSettings(_Section):

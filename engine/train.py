@@ -42,7 +42,7 @@ from engine.distributed import (
 )
 from engine.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, UserError, first_line, os_error
 from engine.events import EventWriter, NoEvents
-from engine.preset import Preset, load_preset
+from engine.preset import PREFERENCE_METHODS, Preset, load_preset
 from engine.runs import (
     ADAPTER_DIR,
     FULL_DISK_BYTES,
@@ -265,6 +265,17 @@ def _nvml_used_bytes(index: int = 0) -> int | None:
         return None
 
 
+PREFERENCE_LOGS = {"rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
+                   "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy", "nll_loss": "nll_loss"}
+"""TRL's DPO and ORPO log names, and the step event's fields they become."""
+
+
+def _preference_figures(logs: dict, prefix: str = "") -> dict:
+    """The preference figures among a training log's (or with ``prefix`` ``eval_``, a validation's)
+    values, under the step event's names; nothing for sft."""
+    return {field: float(logs[prefix + name]) for name, field in PREFERENCE_LOGS.items() if prefix + name in logs}
+
+
 class EventsCallback(_CallbackBase):
     """A TrainerCallback (``_on_base`` puts transformers' ``TrainerCallback`` beneath it) that turns the
     trainer's progress into step, eval and checkpoint events (on the rank that writes them) and a stop
@@ -333,6 +344,7 @@ class EventsCallback(_CallbackBase):
             tokens_seen=seen,
             ranks=every if run.rank.distributed else None,
             **mem,
+            **_preference_figures(logs),
         )
         if not math.isfinite(loss):
             run.nonfinite_step = state.global_step
@@ -347,7 +359,9 @@ class EventsCallback(_CallbackBase):
         self.run.last_eval_step = state.global_step
         if "eval_loss" in metrics:
             self.run.events.emit("eval", step=state.global_step, epoch=round(float(state.epoch or 0), 4),
-                                 eval_loss=float(metrics["eval_loss"]))
+                                 eval_loss=float(metrics["eval_loss"]),
+                                 **{f"eval_{k}": v for k, v in _preference_figures(metrics, "eval_").items()
+                                    if k in ("reward_margin", "reward_accuracy")})
         return control
 
     def on_save(self, args, state, control, **kw):
@@ -503,6 +517,12 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
     """transformers TrainingArguments for this preset and device."""
     from transformers import TrainingArguments
 
+    return TrainingArguments(**_training_kwargs(preset, run_dir, device_plan, steps, spe, validate))
+
+
+def _training_kwargs(preset: Preset, run_dir: Path, device_plan, steps: int, spe: int, validate: bool) -> dict:
+    """The TrainingArguments for this preset and device, as keywords (TRL's configs for dpo and orpo
+    take the same, and their method's own)."""
     from engine.plan import report_to
 
     t = preset.training
@@ -514,7 +534,7 @@ def _training_args(preset: Preset, run_dir: Path, device_plan, steps: int, spe: 
     if cuda and optim == "adamw_torch":
         optim = "adamw_torch_fused"  # one kernel for all adapter tensors instead of a launch per tensor
     eval_every = t.eval_steps or spe
-    return TrainingArguments(
+    return dict(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
@@ -989,6 +1009,8 @@ class TrainingRecipe:
         ``failed`` (a non-finite loss)."""
         self.adapter_dir: Path | None = None
         """The adapter written (None on every rank but the one that writes it)."""
+        self.reference: str | None = None
+        """dpo: how the reference log-probabilities are had (``engine.preference.reference_mode``)."""
 
     def setup(self) -> None:
         """Everything before the first step, cheapest checks first: the preset and its data, the
@@ -1011,7 +1033,7 @@ class TrainingRecipe:
         report_to(self.preset)  # a logger that is not installed is said now, not after the model has loaded
         from engine import data as data_mod
 
-        data_mod.check_records(self.preset.data)
+        data_mod.check_records(self.preset.data, method=self.preset.training.method)
 
     def _plan_device(self) -> None:
         """The model's description (no weights yet), this process's GPU and what it held before, and
@@ -1103,11 +1125,13 @@ class TrainingRecipe:
         from engine import data as data_mod
         from engine.memory import estimate_training_memory
         from engine.plan import memory_settings, resolve_targets, steps_per_epoch, total_steps
+        from engine.preference import reference_mode
 
         preset, info = self.preset, self.info
         t = preset.training
         self.tokenizer = data_mod.load_tokenizer(preset.model)
-        self.prepared = prepared = data_mod.prepare_data(preset.data, self.tokenizer, t.seq_len, t.seed)
+        self.prepared = prepared = data_mod.prepare_data(preset.data, self.tokenizer, t.seq_len, t.seed,
+                                                         method=t.method)
         if prepared.stats.examples == 0:
             raise UserError(f"no training examples left in {preset.data.train} after cleaning",
                             "check data.drop_phrases, data.dedupe and the sequence length")
@@ -1121,6 +1145,7 @@ class TrainingRecipe:
         self.steps_per_epoch = steps_per_epoch(prepared.stats.examples, t.micro_batch_size,
                                                t.gradient_accumulation_steps, world_size)
         self.steps = total_steps(preset, prepared.stats.examples, world_size)
+        self.reference = reference_mode(preset, prepared.stats.examples, self.steps, world_size)
 
     def _emit_start(self) -> None:
         """The checkpoint a resume continues from, and the start event: everything the run was set up with."""
@@ -1152,6 +1177,8 @@ class TrainingRecipe:
             fused_kernels=plan.liger,
             total_steps=self.steps,
             steps_per_epoch=self.steps_per_epoch,
+            method=preset.training.method,
+            reference=self.reference,
             resumed_from_step=resumed_from,
             resume_requested=self.resume,
             pid=os.getpid(),
@@ -1174,8 +1201,11 @@ class TrainingRecipe:
         from engine.loss import chunked_loss_applies, loss_chunk_tokens
 
         run, preset, plan = self.run, self.preset, self.device_plan
-        own_loss = preset.training.chunked_loss and chunked_loss_applies(self.info.model_type)
         run.callback = _on_base(EventsCallback, TrainerCallback)(run)
+        if preset.training.method in PREFERENCE_METHODS:
+            self._build_preference_trainer()
+            return
+        own_loss = preset.training.chunked_loss and chunked_loss_applies(self.info.model_type)
         self.trainer = trainer = _on_base(CountingTrainer, Trainer)(
             run=run,
             own_loss=own_loss,
@@ -1196,6 +1226,20 @@ class TrainingRecipe:
             # Trainable (LoRA) and frozen weights in separate FSDP units, so use_orig_params=False shards both.
             trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
         _log_tensorboard_to(trainer, run.run_dir)
+
+    def _build_preference_trainer(self) -> None:
+        """TRL's DPO or ORPO trainer (``engine.preference``) on the engine's tokenized pairs."""
+        from engine.preference import build_preference_trainer, preference_args
+
+        run, preset, plan = self.run, self.preset, self.device_plan
+        kwargs = _training_kwargs(preset, run.run_dir, plan, self.steps, self.steps_per_epoch,
+                                  self.prepared.validation is not None)
+        self.trainer = build_preference_trainer(
+            run=run, preset=preset, model=self.model, args=preference_args(preset, kwargs, self.reference),
+            train_dataset=self.prepared.train, eval_dataset=self.prepared.validation, tokenizer=self.tokenizer,
+            callbacks=[run.callback, *self.callbacks],
+        )
+        _log_tensorboard_to(self.trainer, run.run_dir)
 
     def train(self) -> None:
         """The Trainer's loop (from the checkpoint on a resume), and how it ended (``outcome``). A stop
@@ -1249,7 +1293,8 @@ class TrainingRecipe:
             fsdp_trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
             fsdp_trainer.save_model(str(partial))  # collective: every rank gathers, rank 0 writes
         elif main:
-            self.model.save_pretrained(partial)
+            # Only the trained adapter: dpo keeps a frozen copy of the starting one beside it ("ref").
+            self.model.save_pretrained(partial, selected_adapters=["default"])
         if not main:
             return None
         self.tokenizer.save_pretrained(partial)

@@ -174,6 +174,10 @@ def _prompt_layout(run: FinishedRun) -> str:
             f"and it writes the response:\n\n```text\n{text}\n```")
 
 
+METHOD_WORDS = {"dpo": "Direct Preference Optimization (DPO)", "orpo": "Odds Ratio Preference Optimization (ORPO)"}
+"""The preference methods as a model card names them (sft is the card's default, unnamed)."""
+
+
 def card_text(run: FinishedRun, *, repo_id: str | None = None, merged: str | Path | None = None) -> str:
     """The model card (Markdown with the Hub's YAML header) for the run's adapter or a merged folder.
     It names no local path: the preset in it is :func:`shareable_preset`'s."""
@@ -190,10 +194,13 @@ def card_text(run: FinishedRun, *, repo_id: str | None = None, merged: str | Pat
         meta["base_model"] = source
     meta["library_name"] = "transformers" if merged else "peft"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["qlora-wizard", "qlora", "lora"] + ([] if merged else ["peft"])
-    kind = ("The model {base} with a LoRA adapter, trained with QLoRA, merged into it" if merged
-            else "A LoRA adapter (PEFT format) for {base}, trained with QLoRA")
     q, lora, t = preset.quantization, preset.lora, preset.training
+    method = METHOD_WORDS.get(t.method)
+    meta["tags"] = (["qlora-wizard", "qlora", "lora"] + ([] if merged else ["peft"])
+                    + ([t.method, "trl"] if method else []))
+    trained = "trained with QLoRA" + (f" by {method}" if method else "")
+    kind = ("The model {base} with a LoRA adapter, " + trained + ", merged into it" if merged
+            else "A LoRA adapter (PEFT format) for {base}, " + trained)
     base_line = f"[{source}](https://huggingface.co/{source})" if hub_base else f"`{source}`"
     if source.startswith("builtin:"):
         base_line += " (the qlora-wizard offline demo model)"
@@ -230,6 +237,11 @@ def card_text(run: FinishedRun, *, repo_id: str | None = None, merged: str | Pat
     last = history.last_step
     val = history.evals[-1] if history.evals else None
     lines += ["", "## Training", ""]
+    if method:
+        lines.append(f"- method: {method} on TRL's trainer, beta {t.beta:g}"
+                     + (f", loss {t.dpo_loss}" if t.method == "dpo" else "")
+                     + (f", reference log-probabilities {start.reference.replace('_', ' ')}"
+                        if start and start.reference else ""))
     lines.append(f"- {history.step:,} optimizer steps, learning rate {t.learning_rate:g} ({t.lr_scheduler}), "
                  f"effective batch {t.micro_batch_size * t.gradient_accumulation_steps}"
                  + (f", on {start.device_name}" if start and start.device_name else "")
@@ -238,6 +250,9 @@ def card_text(run: FinishedRun, *, repo_id: str | None = None, merged: str | Pat
         lines.append(f"- final training loss: {last.loss:.4f} (step {last.step})")
     if val is not None and finite(val.eval_loss) is not None:
         lines.append(f"- final validation loss: {val.eval_loss:.4f} (step {val.step})")
+    if val is not None and val.eval_reward_accuracy is not None:
+        lines.append(f"- final preference accuracy on the validation pairs: {val.eval_reward_accuracy:.0%}, "
+                     f"reward margin {val.eval_reward_margin:+.3f} (step {val.step})")
     loads_from = ("" if repo_id else
                   f"\n`{where}` is {'the merged folder' if merged else 'the run folder' + chr(39) + 's `adapter/`'}, "
                   "or the Hub repo it is pushed to.\n")

@@ -45,23 +45,35 @@ def cache_key(material: dict) -> str:
 
 def to_dataset(tok):
     """A datasets.Dataset with int32 list columns input_ids and labels, built straight from Arrow."""
+    return columns_dataset({"input_ids": tok.input_ids, "labels": tok.labels})
+
+
+def pairs_dataset(pairs):
+    """A datasets.Dataset of tokenized preference pairs: int32 list columns prompt_ids, chosen_ids and
+    rejected_ids (TRL's tokenized layout)."""
+    return columns_dataset({"prompt_ids": pairs.prompt_ids, "chosen_ids": pairs.chosen_ids,
+                            "rejected_ids": pairs.rejected_ids})
+
+
+def columns_dataset(columns: dict):
+    """A datasets.Dataset with an int32 list column per name (each a list of int arrays, one per row),
+    built straight from Arrow."""
     import datasets
     import numpy as np
     import pyarrow as pa
 
     list_type = getattr(datasets, "List", None) or datasets.Sequence
     seq = list_type(datasets.Value("int32"))
-    features = datasets.Features({"input_ids": seq, "labels": seq})
-    offsets = np.zeros(len(tok.input_ids) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(x) for x in tok.input_ids])
+    features = datasets.Features({name: seq for name in columns})
 
     def column(arrays):
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(x) for x in arrays])
         values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, dtype=np.int32)
         return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(pa.list_(pa.int32()))
 
-    return datasets.Dataset.from_dict(
-        {"input_ids": column(tok.input_ids), "labels": column(tok.labels)}, features=features
-    )
+    return datasets.Dataset.from_dict({name: column(arrays) for name, arrays in columns.items()},
+                                      features=features)
 
 
 def load_cached(entry: Path) -> tuple[Any, Any, dict] | None:

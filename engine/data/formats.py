@@ -30,12 +30,23 @@ the generation prompt" and "everything up to this turn"). Without a chat templat
 plain layout ``### System:`` / ``### User:`` / ``### Assistant:``, each header line followed by the
 turn and a blank line, each assistant turn ending with the EOS token.
 
+Preference pairs (``training.method`` dpo and orpo) are a prompt and two answers to it, the chosen
+(preferred) one and the rejected one (:class:`RenderedPair`). ``preference`` takes three texts, the
+prompt being exactly the text the model is given (as for prompt_completion) and each answer ending
+with the EOS token. ``preference_messages`` takes two conversations that share their prompt turns and
+differ in one final assistant turn each (or TRL's layout: ``prompt`` the turns, ``chosen`` and
+``rejected`` the answers); with a chat template the prompt is the turns with the generation prompt,
+each answer the text the template renders for the assistant turn, end-of-turn marker included (the
+EOS appended only where the template ends the turn without a special token); without one, the plain
+layout above, each answer ending with the EOS token. The drop phrases are matched against the
+chosen answer.
+
 Trying a trained model (``engine.after``), what a person types is rendered as the prompt part of a
 one-turn example of the run's format (``render_prompt``), exactly as training rendered it: alpaca
 reads a blank line as the end of the instruction and the start of its input; input_output and
-prompt_completion take the text as the input or the prompt; text is continued as it is; a
-conversation is one user turn followed by the assistant's header (the chat template's generation
-prompt).
+prompt_completion (and preference) take the text as the input or the prompt; text is continued as it
+is; a conversation (and preference_messages) is one user turn followed by the assistant's header (the
+chat template's generation prompt).
 """
 
 from __future__ import annotations
@@ -90,10 +101,18 @@ class RecordFormat:
     """Its keys in words, for the message that lists the accepted formats."""
     detect_rank: ClassVar[int]
     """Detection tries the formats in this order (lower first): the more specific keys win."""
+    pair: ClassVar[bool] = False
+    """A format of preference pairs (a prompt, a chosen and a rejected answer: dpo and orpo) rather
+    than of single responses (sft)."""
 
     def detects(self, keys: set) -> bool:
         """Whether a record with these keys is in this format."""
         raise NotImplementedError
+
+    def detects_record(self, rec: dict) -> bool:
+        """Whether a record is in this format: by its keys (a format whose keys are another's too looks
+        at the values)."""
+        return self.detects(set(rec))
 
     def normalize(self, rec: dict) -> tuple[dict | None, str | None]:
         """The example in this format's fixed shape, or what is wrong with the record."""
@@ -129,10 +148,12 @@ def register(cls: type[RecordFormat]) -> type[RecordFormat]:
 
 
 def detect_format(keys) -> str | None:
-    """The record format that a record's keys indicate, or None."""
+    """The record format that a record's keys indicate, or None. Given the record itself (a dict),
+    its values decide between formats with the same keys (pairs of texts or of conversations)."""
+    record = keys if isinstance(keys, dict) else None
     keys = set(keys)
     for fmt in sorted(FORMATS.values(), key=lambda f: f.detect_rank):
-        if fmt.detects(keys):
+        if fmt.detects(keys) if record is None else fmt.detects_record(record):
             return fmt.name
     return None
 
@@ -341,24 +362,9 @@ class _Conversation(RecordFormat):
             return None, f"field '{key}' is {kind_of(turns)}, expected a list of turns"
         if not turns:
             return None, f"field '{key}' is an empty list"
-        messages = []
-        for i, turn in enumerate(turns, start=1):
-            if not isinstance(turn, dict):
-                return None, f"turn {i} is {kind_of(turn)}, expected an object"
-            role = turn.get("role", turn.get("from"))
-            if not isinstance(role, str):
-                return None, f"turn {i} has no role ('role' or 'from')"
-            mapped = ROLE_NAMES.get(role.strip().lower())
-            if mapped is None:
-                return None, (f"turn {i} has unknown role '{role}' (accepted: system, user, assistant; "
-                              f"ShareGPT: human, gpt)")
-            raw = turn.get("content", turn.get("value"))
-            if raw is None:
-                return None, f"turn {i} has no content ('content' or 'value')"
-            content = _content_text(raw)
-            if content is None:
-                return None, f"turn {i} content is {kind_of(raw)}, expected text"
-            messages.append([mapped, content])
+        messages, problem = _parse_turns(turns)
+        if problem:
+            return None, problem
         last = max((i for i, m in enumerate(messages) if m[0] == "assistant"), default=None)
         if last is None:
             return None, "no assistant turn"
@@ -377,11 +383,7 @@ class _Conversation(RecordFormat):
         return "\n".join(c for r, c in example["messages"] if r == "assistant")
 
     def render_prompt(self, prompt: str, tokenizer, adds_bos: bool) -> Rendered:
-        messages = [{"role": "user", "content": prompt}]
-        if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template:
-            return Rendered(_apply_template(tokenizer, messages, add_generation_prompt=True), [], False, False)
-        return Rendered(PLAIN_TURN_HEADERS["user"] + prompt + PLAIN_TURN_END + PLAIN_TURN_HEADERS["assistant"],
-                        [], adds_bos, False)
+        return _one_user_turn(prompt, tokenizer, adds_bos)
 
     def typed_prompt(self, example: dict) -> tuple[str, str]:
         # The first exchange: the last user turn before the first answer, and that answer.
@@ -409,6 +411,45 @@ class ShareGPT(_Conversation):
     keys = "conversations: [{from, value}]"
     detect_rank = 1
     key = "conversations"
+
+
+def _parse_turns(turns: list) -> tuple[list | None, str | None]:
+    """A list of turns as ``[role, content]`` (roles mapped to system / user / assistant), or what is
+    wrong with the first bad turn (``turn N ...``)."""
+    messages = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            return None, f"turn {i} is {kind_of(turn)}, expected an object"
+        role = turn.get("role", turn.get("from"))
+        if not isinstance(role, str):
+            return None, f"turn {i} has no role ('role' or 'from')"
+        mapped = ROLE_NAMES.get(role.strip().lower())
+        if mapped is None:
+            return None, (f"turn {i} has unknown role '{role}' (accepted: system, user, assistant; "
+                          f"ShareGPT: human, gpt)")
+        raw = turn.get("content", turn.get("value"))
+        if raw is None:
+            return None, f"turn {i} has no content ('content' or 'value')"
+        content = _content_text(raw)
+        if content is None:
+            return None, f"turn {i} content is {kind_of(raw)}, expected text"
+        messages.append([mapped, content])
+    return messages, None
+
+
+def _has_template(tokenizer) -> bool:
+    """Whether the tokenizer has a chat template (a non-empty string)."""
+    return isinstance(tokenizer.chat_template, str) and bool(tokenizer.chat_template)
+
+
+def _one_user_turn(prompt: str, tokenizer, adds_bos: bool) -> Rendered:
+    """What a person typed as one user turn followed by the assistant's header (the chat template's
+    generation prompt, or the plain layout's)."""
+    messages = [{"role": "user", "content": prompt}]
+    if _has_template(tokenizer):
+        return Rendered(_apply_template(tokenizer, messages, add_generation_prompt=True), [], False, False)
+    return Rendered(PLAIN_TURN_HEADERS["user"] + prompt + PLAIN_TURN_END + PLAIN_TURN_HEADERS["assistant"],
+                    [], adds_bos, False)
 
 
 def _render_plain_chat(messages: list[dict], tokenizer, adds_bos: bool) -> Rendered:
@@ -493,6 +534,205 @@ def _locate_assistant_turns(full: str, messages: list[dict], specials: list[str]
             spans.append((found, end))
         pos = end
     return spans
+
+
+# --------------------------------------------------------------------------------------------
+# Preference pairs (dpo, orpo)
+
+
+@dataclass
+class RenderedPair:
+    """A preference pair as the text the model sees: the prompt, and the two answers that follow it."""
+
+    prompt: str
+    """The text the model is given (not trained)."""
+    chosen: str
+    """The preferred answer, as it follows the prompt (with a chat template's end-of-turn marker)."""
+    rejected: str
+    """The other answer, likewise."""
+    bos: bool
+    """Put the BOS token in front of the prompt."""
+    eos: tuple[bool, bool]
+    """Append the EOS token to the chosen answer, to the rejected answer."""
+
+
+class _Pair(RecordFormat):
+    """A prompt and two answers to it, the chosen (preferred) and the rejected one. Normalized to
+    ``{"prompt": ..., "chosen": str, "rejected": str}``."""
+
+    pair = True
+    detect_keys: ClassVar[frozenset] = frozenset({"chosen", "rejected"})
+    """The keys every record of a pair format has."""
+
+    @staticmethod
+    def _conversational(rec: dict) -> bool:
+        """Whether the record's prompt or sides are lists (turns) rather than texts."""
+        return any(isinstance(rec.get(k), list) for k in ("prompt", "chosen", "rejected"))
+
+    def render_pair(self, example: dict, tokenizer, adds_bos: bool) -> RenderedPair:
+        """The prompt and the two answers as the model sees them (``TemplateRefused`` when a chat
+        template refuses the conversation)."""
+        raise NotImplementedError
+
+    def render(self, example: dict, tokenizer, adds_bos: bool) -> Rendered:
+        # As one example: the prompt and the chosen answer (the answer trained).
+        pair = self.render_pair(example, tokenizer, adds_bos)
+        start = len(pair.prompt)
+        return Rendered(pair.prompt + pair.chosen, [(start, start + len(pair.chosen))], pair.bos, pair.eos[0])
+
+    def response_text(self, example: dict) -> str:
+        return example["chosen"]
+
+
+@register
+class Preference(_Pair):
+    """``prompt``, ``chosen``, ``rejected`` (texts): the prompt is exactly the text the model is given,
+    each answer follows it directly and ends with the EOS token."""
+
+    name = "preference"
+    keys = "prompt, chosen, rejected"
+    detect_rank = -2
+
+    def detects(self, keys: set) -> bool:
+        return {"prompt", *self.detect_keys} <= keys
+
+    def detects_record(self, rec: dict) -> bool:
+        # Texts (a record without its prompt too: normalizing it says what is missing).
+        return self.detect_keys <= set(rec) and not self._conversational(rec)
+
+    def normalize(self, rec: dict) -> tuple[dict | None, str | None]:
+        out = {}
+        for key in ("prompt", "chosen", "rejected"):
+            if isinstance(rec.get(key), list):
+                return None, (f"field '{key}' is a list, expected text (pairs of conversations: data.format "
+                              f"preference_messages)")
+            text, problem = _as_text(rec, key)
+            if problem:
+                return None, problem
+            out[key] = text
+        if not out["prompt"].strip():
+            return None, "empty prompt ('prompt' is empty)"
+        return out, None
+
+    def render_pair(self, example: dict, tokenizer, adds_bos: bool) -> RenderedPair:
+        return RenderedPair(example["prompt"], example["chosen"], example["rejected"], adds_bos, (True, True))
+
+    def render_prompt(self, prompt: str, tokenizer, adds_bos: bool) -> Rendered:
+        return Rendered(prompt, [], adds_bos, False)
+
+    def typed_prompt(self, example: dict) -> tuple[str, str]:
+        return example["prompt"], example["chosen"]
+
+
+@register
+class PreferenceMessages(_Pair):
+    """``chosen``, ``rejected``: two conversations ({role, content} turns) that share their prompt turns
+    and differ in one final assistant turn each; or TRL's layout, ``prompt`` the shared turns and
+    ``chosen``/``rejected`` the answers. Rendered with the chat template, else the plain layout."""
+
+    name = "preference_messages"
+    keys = "chosen, rejected: [{role, content}], optional prompt"
+    detect_rank = -1
+
+    def detects(self, keys: set) -> bool:
+        return self.detect_keys <= keys
+
+    def detects_record(self, rec: dict) -> bool:
+        return self.detect_keys <= set(rec) and self._conversational(rec)
+
+    @staticmethod
+    def _turns(rec: dict, key: str) -> tuple[list | None, str | None]:
+        """One field's turns as ``[role, content]``, or what is wrong with it."""
+        turns = rec.get(key)
+        if turns is None:
+            return None, f"missing field '{key}'"
+        if isinstance(turns, str):
+            return None, f"field '{key}' is text, expected a list of turns (pairs of texts: data.format preference)"
+        if not isinstance(turns, list):
+            return None, f"field '{key}' is {kind_of(turns)}, expected a list of turns"
+        if not turns:
+            return None, f"field '{key}' is an empty list"
+        messages, problem = _parse_turns(turns)
+        return messages, (f"{key} {problem}" if problem else None)
+
+    def normalize(self, rec: dict) -> tuple[dict | None, str | None]:
+        sides = []
+        for key in ("chosen", "rejected"):
+            turns, problem = self._turns(rec, key)
+            if problem:
+                return None, problem
+            sides.append(turns)
+        chosen, rejected = sides
+        if rec.get("prompt") is not None:  # TRL's layout: the prompt turns, then each side's answer
+            prompt, problem = self._turns(rec, "prompt")
+            if problem:
+                return None, problem
+            chosen, rejected = prompt + chosen, prompt + rejected
+        # The prompt is every turn before the first one where the two differ; each keeps its last turn.
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            if len(chosen) == 1 and len(rejected) == 1:
+                return None, "chosen and rejected share no prompt: each is only an answer (give the prompt turns)"
+            return None, "chosen and rejected share no prompt: they differ from their first turn"
+        if len(chosen) != shared + 1 or len(rejected) != shared + 1:
+            return None, (f"chosen and rejected differ from turn {shared + 1} on: they must differ only in one "
+                          f"final assistant turn each")
+        for key, turns in (("chosen", chosen), ("rejected", rejected)):
+            if turns[-1][0] != "assistant":
+                return None, f"{key} ends with a {turns[-1][0]} turn, expected the assistant's answer"
+        return {"prompt": chosen[:shared], "chosen": chosen[-1][1], "rejected": rejected[-1][1]}, None
+
+    def render_pair(self, example: dict, tokenizer, adds_bos: bool) -> RenderedPair:
+        prompt = [{"role": r, "content": c} for r, c in example["prompt"]]
+        if not _has_template(tokenizer):
+            # The plain layout of the messages format, up to the assistant's header; each answer ends with EOS.
+            text = "".join(PLAIN_TURN_HEADERS[m["role"]] + m["content"] + PLAIN_TURN_END for m in prompt)
+            return RenderedPair(text + PLAIN_TURN_HEADERS["assistant"], example["chosen"], example["rejected"],
+                                adds_bos, (True, True))
+        head = _apply_template(tokenizer, prompt, add_generation_prompt=True)
+        full = [_apply_template(tokenizer, prompt + [{"role": "assistant", "content": example[side]}])
+                for side in ("chosen", "rejected")]
+        # The prompt is what the three renderings share (as TRL takes it: a template may add to the
+        # generation prompt what the rendered answer does not have).
+        shared = len(common_prefix(head, *full))
+        specials = _special_texts(tokenizer)
+        answers, eos = [], []
+        for text in full:
+            answer = text[shared:]
+            # Whitespace after the end-of-turn marker is layout, not something to learn (as for sft).
+            stripped = answer.rstrip()
+            ends = any(stripped.endswith(s) for s in specials)
+            answers.append(stripped if ends else answer)
+            eos.append(not ends)  # a turn that ends without a special token gets the EOS
+        return RenderedPair(head[:shared], answers[0], answers[1], False, (eos[0], eos[1]))
+
+    def render_prompt(self, prompt: str, tokenizer, adds_bos: bool) -> Rendered:
+        return _one_user_turn(prompt, tokenizer, adds_bos)
+
+    def typed_prompt(self, example: dict) -> tuple[str, str]:
+        # The last user turn of the prompt, and the chosen answer.
+        user = next((c for r, c in reversed(example["prompt"]) if r == "user"), "")
+        return user, example["chosen"]
+
+
+def common_prefix(*seqs):
+    """The longest prefix the sequences (texts, lists) share."""
+    n = 0
+    for items in zip(*seqs):
+        if any(x != items[0] for x in items[1:]):
+            break
+        n += 1
+    return seqs[0][:n]
+
+
+def _special_texts(tokenizer) -> list[str]:
+    """The tokenizer's special tokens as text (an end-of-turn marker is one)."""
+    specials = [s for s in getattr(tokenizer, "all_special_tokens", []) if s]
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials += [t.content for t in added.values() if getattr(t, "special", False) and t.content]
+    return specials
 
 
 def get_format(name: str) -> RecordFormat:

@@ -1,7 +1,7 @@
 """Where records come from: local files (JSON lines, JSON, CSV, Parquet), a Hub dataset, or the
-bundled demo set, read as ``(unit, number, record, problem)`` so that a bad record is named by its
-file and line (CSV: row, the header being row 1; Parquet and Hub datasets: row, from 1; a JSON
-list: record, from 1)."""
+bundled demo sets (``builtin:demo``, ``builtin:demo-pairs``), read as ``(unit, number, record,
+problem)`` so that a bad record is named by its file and line (CSV: row, the header being row 1;
+Parquet and Hub datasets: row, from 1; a JSON list: record, from 1)."""
 
 from __future__ import annotations
 
@@ -46,13 +46,20 @@ class Source:
     """The loaded Hub dataset, once loaded."""
 
 
-def resolve_data_path(spec: str) -> str:
-    """``builtin:demo`` becomes the bundled demo file; anything else is returned unchanged."""
+def builtin_data() -> dict[str, Path]:
+    """The bundled data sets by name: ``builtin:demo`` (alpaca records) and ``builtin:demo-pairs``
+    (its preference pairs, for dpo and orpo)."""
     from engine.demo import DEMO_DATA, DEMO_DATA_FILE
+    from engine.demo_data import DEMO_PAIRS, DEMO_PAIRS_FILE
 
-    if spec.strip() == DEMO_DATA:
-        return str(DEMO_DATA_FILE)
-    return spec
+    return {DEMO_DATA: DEMO_DATA_FILE, DEMO_PAIRS: DEMO_PAIRS_FILE}
+
+
+def resolve_data_path(spec: str) -> str:
+    """A bundled data set's name (``builtin:demo``, ``builtin:demo-pairs``) becomes its file; anything
+    else is returned unchanged."""
+    path = builtin_data().get(spec.strip())
+    return str(path) if path is not None else spec
 
 
 def open_source(spec: str, split: str, setting: str) -> Source:
@@ -61,7 +68,8 @@ def open_source(spec: str, split: str, setting: str) -> Source:
     if spec.startswith("builtin:"):
         resolved = resolve_data_path(spec)
         if resolved == spec:
-            raise UserError(f"{setting}: unknown built-in data set '{spec}'", "the bundled one is builtin:demo")
+            raise UserError(f"{setting}: unknown built-in data set '{spec}'",
+                            f"the bundled ones are {' and '.join(builtin_data())}")
         return Source(display=spec, kind="jsonl", path=Path(resolved))
     path = Path(spec).expanduser()
     ext = path.suffix.lower()

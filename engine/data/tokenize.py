@@ -10,6 +10,10 @@ Stopping: an example teaches the model to stop when each of its trained parts (t
 assistant turn of a conversation) ends with a stop token, the EOS or a special token such as the chat
 template's end-of-turn marker (:func:`stop_token_ids`). Those that do not are counted, and how many of
 them were cut at seq_len (the rest: a chat template that ends a turn without a special token).
+
+Preference pairs (:func:`tokenize_pairs`) are not masked: they become TRL's tokenized columns, the
+prompt's tokens and each answer's, split where the tokenizations of the prompt and of prompt + answer
+part; a pair's chosen answer is what must end with a stop token.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.data.formats import Rendered, RecordFormat, TemplateRefused
+from engine.data.formats import Rendered, RecordFormat, RenderedPair, TemplateRefused, common_prefix
 from engine.errors import NeedsRemoteCode, UserError, first_line
 from engine.preset import ModelSettings
 
@@ -253,6 +257,131 @@ def tokenize_examples(examples: list, fmt: RecordFormat, tokenizer, seq_len: int
                 result.unstopped_cut += int(cut)
             result.input_ids.append(ids)
             result.labels.append(labels)
+    return result
+
+
+@dataclass
+class TokenizedPairs:
+    """Token ids of a set of preference pairs (TRL's tokenized layout), and what happened to the rest."""
+
+    prompt_ids: list = field(default_factory=list)
+    """numpy int32 arrays: each prompt, the BOS first where the tokenizer adds one."""
+    chosen_ids: list = field(default_factory=list)
+    """The chosen answers' tokens, each ending with its stop token (unless cut at seq_len)."""
+    rejected_ids: list = field(default_factory=list)
+    """The rejected answers' tokens, likewise."""
+    truncated: int = 0
+    """Pairs whose answers (one or both) were cut at seq_len."""
+    removed_identical: int = 0
+    """Pairs whose two answers are the same (as text, or as the tokens left within seq_len)."""
+    removed_empty_side: int = 0
+    """Pairs with an empty (or blank) answer."""
+    removed_prompt_too_long: int = 0
+    """Pairs whose prompt leaves no answer token within seq_len."""
+    skipped_bad: int = 0
+    removed_prompts: list = field(default_factory=list)
+    """The prompt lengths of the pairs removed for their prompt (each is kept from a seq_len of that plus one)."""
+    unstopped: int = 0
+    """Kept pairs whose chosen answer does not end with a stop token."""
+    unstopped_cut: int = 0
+    """Of those, the ones cut at seq_len."""
+    stop_ends: Counter = field(default_factory=Counter)
+    """The stop tokens the kept chosen answers end with: token id -> pairs."""
+
+    def __len__(self) -> int:
+        """The pairs kept."""
+        return len(self.prompt_ids)
+
+    def prompt_tokens(self) -> int:
+        """Prompt tokens, each prompt once."""
+        return int(sum(len(x) for x in self.prompt_ids))
+
+    def chosen_tokens(self) -> int:
+        """Chosen answer tokens."""
+        return int(sum(len(x) for x in self.chosen_ids))
+
+    def rejected_tokens(self) -> int:
+        """Rejected answer tokens."""
+        return int(sum(len(x) for x in self.rejected_ids))
+
+    def tokens(self) -> int:
+        """Real tokens a pass runs: each side is the prompt and its answer, so each prompt counts twice."""
+        return 2 * self.prompt_tokens() + self.chosen_tokens() + self.rejected_tokens()
+
+    def supervised(self) -> int:
+        """Answer tokens, both sides (what the preference loss scores)."""
+        return self.chosen_tokens() + self.rejected_tokens()
+
+    def lengths(self) -> list[int]:
+        """The length of each sequence a pass runs: prompt + chosen and prompt + rejected of every pair."""
+        return [len(p) + len(a) for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)
+                for a in (c, r)]
+
+
+def tokenize_pairs(examples: list, fmt: RecordFormat, tokenizer, seq_len: int, source: str,
+                   skip_bad_records: bool) -> TokenizedPairs:
+    """Render and tokenize preference pairs (examples are ((unit, number), pair dict)), split each at
+    the prompt boundary and cut at seq_len.
+
+    The prompt, prompt + chosen and prompt + rejected are tokenized as wholes and the prompt is the
+    tokens all three share (as TRL does): a token that would merge across the boundary belongs to the
+    answers, so prompt + answer is exactly the tokenization of the whole text. Pairs with an empty
+    answer, with identical answers, or whose prompt leaves no answer token within seq_len are removed
+    and counted; a longer prompt + answer has the answer cut."""
+    import numpy as np
+
+    bos_first = adds_bos(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
+    result = TokenizedPairs()
+    chunk = 1000
+    for start in range(0, len(examples), chunk):
+        rendered: list[RenderedPair] = []
+        for (unit, number), example in examples[start: start + chunk]:
+            if not example["chosen"].strip() or not example["rejected"].strip():
+                result.removed_empty_side += 1
+                continue
+            if example["chosen"] == example["rejected"]:
+                result.removed_identical += 1
+                continue
+            try:
+                rendered.append(fmt.render_pair(example, tokenizer, bos_first))
+            except TemplateRefused as exc:
+                if not skip_bad_records:
+                    raise UserError(
+                        f"{source} {unit} {number}: the chat template refused this conversation ({exc})",
+                        "fix the record or set data.skip_bad_records: true",
+                    ) from None
+                result.skipped_bad += 1
+        if not rendered:
+            continue
+        texts = [t for r in rendered for t in (r.prompt, r.prompt + r.chosen, r.prompt + r.rejected)]
+        enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for i, r in enumerate(rendered):
+            head, whole_chosen, whole_rejected = enc[3 * i: 3 * i + 3]
+            shared = len(common_prefix(head, whole_chosen, whole_rejected))
+            prompt = ([bos] if r.bos else []) + list(head[:shared])
+            answers = [list(whole[shared:]) + ([eos] if add_eos else [])
+                       for whole, add_eos in ((whole_chosen, r.eos[0]), (whole_rejected, r.eos[1]))]
+            room = seq_len - len(prompt)
+            if room <= 0:
+                result.removed_prompt_too_long += 1
+                result.removed_prompts.append(len(prompt))
+                continue
+            cut = any(len(a) > room for a in answers)
+            chosen, rejected = (a[:room] for a in answers)
+            if chosen == rejected:
+                result.removed_identical += 1
+                continue
+            result.truncated += int(cut)
+            if chosen and chosen[-1] in stops:
+                result.stop_ends[chosen[-1]] += 1
+            else:
+                result.unstopped += 1
+                result.unstopped_cut += int(len(answers[0]) > room)
+            result.prompt_ids.append(np.asarray(prompt, dtype=np.int32))
+            result.chosen_ids.append(np.asarray(chosen, dtype=np.int32))
+            result.rejected_ids.append(np.asarray(rejected, dtype=np.int32))
     return result
 
 

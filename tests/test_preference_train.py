@@ -1,0 +1,93 @@
+"""Preference tuning (training.method dpo, orpo) end to end on the CPU: the demo pairs, TRL's loss,
+the engine's process, events, checkpoints, stop and resume, as a person runs it (``--preset``,
+``stop``, ``resume``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_cli, wait_for, write_preset
+from engine.events import fold_history, read_events
+
+PAIRS = dict(data__train="builtin:demo-pairs", training__learning_rate=5e-4, training__micro_batch_size=4,
+             training__gradient_accumulation_steps=1, training__seq_len=128, training__logging_steps=1)
+"""The demo's pairs at a rate the tiny demo model moves at within a few steps."""
+
+
+def _steps(run_dir: Path) -> list:
+    return [e for e in read_events(run_dir) if e.kind == "step"]
+
+
+def test_dpo_trains_on_the_demo_pairs_stops_resumes_and_keeps_only_its_adapter(tmp_path):
+    preset = write_preset(tmp_path, training__method="dpo", training__max_steps=16, training__eval_steps=8,
+                          training__save_steps=1000, **PAIRS)
+    run_dir = tmp_path / "run"
+    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), "--detach")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: len(_steps(run_dir)) >= 3 or fold_history(read_events(run_dir)).end)
+    r = run_cli("stop", str(run_dir), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    end = wait_for(lambda: fold_history(read_events(run_dir)).end)
+    assert end.status == "stopped" and Path(end.checkpoint).name == f"checkpoint-{end.step}"
+    stopped_at = end.step
+
+    r = run_cli("resume", str(run_dir), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    h = fold_history(read_events(run_dir))
+    assert h.end.status == "finished" and [s.step for s in h.steps] == list(range(1, 17))
+    assert h.resumes[0].resumed_from_step == stopped_at
+    start = h.start
+    assert start.method == "dpo" and start.reference == "each_step"  # 16 x 4 pairs: less than one pass
+    assert start.data.examples > 100
+    # Every step carries the preference figures TRL computed; the model learns to prefer the chosen answers.
+    assert all(s.reward_margin is not None and s.reward_accuracy is not None for s in h.steps)
+    assert all(s.tokens and s.tokens > 0 for s in h.steps)
+    last = h.evals[-1]
+    assert last.step == 16 and last.eval_reward_margin > 0 and last.eval_reward_accuracy >= 0.6
+    # The follower says it in words.
+    assert "DPO (reference each step) of builtin:tiny-llama" in r.stdout
+    assert "margin +" in r.stdout and "pref acc" in r.stdout and "preference accuracy" in r.stdout
+    # The adapter is the trained one alone: TRL's frozen reference copy is not written beside it.
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()
+    assert not (run_dir / "checkpoints" / "README.md").exists()
+    # Its card names the method and the preference accuracy reached.
+    r = run_cli("card", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    card = (run_dir / "README.md").read_text()
+    assert "trained with QLoRA by Direct Preference Optimization (DPO)" in card
+    assert "- method: Direct Preference Optimization (DPO) on TRL's trainer, beta 0.1, loss sigmoid" in card
+    assert "final preference accuracy on the validation pairs: " in card
+
+
+def test_orpo_trains_without_a_reference_and_logs_its_supervised_part(tmp_path):
+    preset = write_preset(tmp_path, training__method="orpo", training__max_steps=4, training__eval_steps=4,
+                          training__save_steps=1000, **PAIRS)
+    run_dir = tmp_path / "run"
+    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    h = fold_history(read_events(run_dir))
+    assert h.end.status == "finished" and h.start.method == "orpo" and h.start.reference is None
+    assert all(s.nll_loss is not None and s.reward_accuracy is not None for s in h.steps)
+    assert h.evals[-1].eval_reward_accuracy is not None
+    assert "ORPO of builtin:tiny-llama" in r.stdout
+
+
+def test_dpo_on_supervised_data_and_sft_on_pairs_are_one_line_each(tmp_path):
+    for method, data, said in (("dpo", "builtin:demo", "training.method dpo trains on pairs"),
+                               ("sft", "builtin:demo-pairs", "training.method sft trains on single responses")):
+        preset = write_preset(tmp_path, training__method=method, data__train=data)
+        r = run_cli("--preset", str(preset), "--run-dir", str(tmp_path / f"run-{method}"))
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and said in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / f"run-{method}").exists()
+
+
+def test_a_start_event_says_the_method_and_an_older_one_reads_as_sft():
+    from engine.events import parse_event
+
+    dpo = parse_event({"kind": "start", "time": 1.0, "method": "dpo", "reference": "precomputed"})
+    assert (dpo.method, dpo.reference) == ("dpo", "precomputed")
+    assert parse_event(json.loads(json.dumps(dpo.to_json()))) == dpo
+    older = parse_event({"kind": "start", "time": 1.0})
+    assert (older.method, older.reference) == ("sft", None)
