@@ -1,13 +1,20 @@
-"""The guide's learning-rate rule, its arithmetic, the sourced family table and the LoRA note."""
+"""The guide's learning-rate rule, its arithmetic, the sourced family table and the LoRA note; for
+dpo and orpo, whose loss is not a cross-entropy over supervised tokens, the methods' published rates
+in place of the rule, in the hyperparameters step's view and in ``qlora-wizard lr``."""
 
 from __future__ import annotations
 
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
+from conftest import run_cli, write_preset
+from engine.demo import DEMO_PRESET
 from engine.errors import UserError
-from engine.lr import LORA_LR_BAND, family_defaults, note_on_lora_range, suggest_learning_rate
+from engine.lr import (LORA_LR_BAND, family_defaults, note_on_lora_range, note_on_rate, preference_advice,
+                       suggest_learning_rate)
 
 
 def test_the_guides_worked_example():
@@ -95,3 +102,99 @@ def test_note_on_lora_range():
     assert above and "above" in above
     with pytest.raises(UserError):
         note_on_lora_range(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# dpo and orpo: the published rates instead of the rule
+
+
+def test_preference_methods_get_their_published_rates_with_sources():
+    assert preference_advice("sft") is None  # the rule's method
+    dpo = preference_advice("dpo")
+    assert dpo.learning_rate == 5e-6 and dpo.band == (5e-7, 5e-6)
+    assert "TRL's DPO script" in dpo.source and "alignment-handbook" in dpo.source
+    assert "DPO paper" in dpo.band_source and "1e-6" in dpo.band_source
+    orpo = preference_advice("orpo")
+    assert orpo.learning_rate == 8e-5 and orpo.band == (5e-6, 8e-5)
+    assert "TRL's ORPO example" in orpo.source and "xfactlab/orpo" in orpo.band_source
+    for advice in (dpo, orpo):
+        low, high = advice.band
+        assert low <= advice.learning_rate <= high
+        assert advice.rule.startswith("the guide's rule is for supervised tokens")
+        assert "0.1" in advice.beta
+        assert advice.to_json()["range"] == [low, high] and advice.to_json()["method"] == advice.method
+    assert "reference" in dpo.beta and "lambda" in orpo.beta
+
+
+def test_a_preference_rate_outside_the_published_ones_gets_its_own_note():
+    assert note_on_rate("dpo", 5e-6) is None and note_on_rate("dpo", 1e-6) is None
+    above = note_on_rate("dpo", 2e-4)  # LoRA's sft rate is far too high for dpo
+    assert above and "above the 5e-07 to 5e-06 that published dpo runs used" in above and "5e-06" in above
+    below = note_on_rate("orpo", 1e-6)
+    assert below and "below the 5e-06 to 8e-05 that published orpo runs used" in below and "8e-05" in below
+    assert note_on_rate("orpo", 8e-5) is None
+    # sft keeps LoRA's band
+    assert note_on_rate("sft", 2e-4) is None and note_on_rate("sft", 3e-3) == note_on_lora_range(3e-3)
+    with pytest.raises(UserError):
+        note_on_rate("dpo", 0)
+
+
+def _view_draft(method: str):
+    """The demo draft with ``method`` and checked-data figures of its own (no model, no tokenizing)."""
+    from tui.draft import DataReport, load_draft
+
+    draft = load_draft(DEMO_PRESET)
+    draft.set_many({"training.method": method, "training.max_steps": None, "training.epochs": 1.0,
+                    "model.base_lr": 3e-4, "model.pretrained_batch_tokens": 4_000_000})
+    draft.data = DataReport(stats=SimpleNamespace(examples=160, supervised_tokens=20_000), examples=[])
+    return draft
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_the_hyperparameters_view_gives_a_preference_methods_rates_not_the_rule(method):
+    from tui.steps.hyper import advice_lines, lr_view
+
+    view = lr_view(_view_draft(method))
+    assert view.method == method and view.advice == preference_advice(method)
+    assert view.suggestion is None and view.missing is None  # the rule is not offered as the rate
+    assert view.suggested_rate == preference_advice(method).learning_rate
+    assert view.steps_per_epoch == 10 and view.steps == 10  # the batch's figures are still the data's
+    lines = "\n".join(words for words, _ in advice_lines(view.advice))
+    assert f"learning rate for {method}: the guide's rule is not used" in lines
+    assert "the guide's rule is for supervised tokens" in lines and "published" in lines and "beta" in lines
+
+
+def test_the_hyperparameters_view_for_sft_is_the_rule():
+    from tui.steps.hyper import lr_view
+
+    view = lr_view(_view_draft("sft"))
+    assert view.method == "sft" and view.advice is None
+    assert view.suggestion.learning_rate == pytest.approx(3e-4 * math.sqrt(20_000 / 10 / 4_000_000))
+    assert view.suggested_rate == view.suggestion.learning_rate
+
+
+@pytest.mark.parametrize("method,rate,source", [("dpo", "5e-06", "TRL's DPO script"),
+                                                ("orpo", "8e-05", "TRL's ORPO example")])
+def test_lr_for_a_preference_preset_prints_the_methods_rates(tmp_path, method, rate, source):
+    preset = write_preset(tmp_path, training__method=method, training__learning_rate=2e-4)
+    r = run_cli("lr", "--preset", str(preset), "--steps", "10")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith(f"learning rate for {method}: {rate} (suggested for LoRA)")
+    assert "the guide's rule is for supervised tokens" in out and f"source: {source}" in out
+    assert "lr = base_lr" not in out and "--steps: the rule's numbers, not used" in out
+    assert "note: 0.0002 is above" in out and f"published {method} runs" in out
+    r = run_cli("lr", "--preset", str(preset), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data == {**preference_advice(method).to_json(), "beta": 0.1, "chosen_learning_rate": 2e-4,
+                    "note": note_on_rate(method, 2e-4)}
+    assert data["method"] == method and data["learning_rate"] == float(rate)
+
+
+def test_lr_json_names_the_method_for_the_rule_too():
+    r = run_cli("lr", "--base-lr", "5e-5", "--supervised-tokens", "2000000", "--steps", "350",
+                "--pretrained-batch-tokens", "4000000", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["method"] == "sft" and f"{data['learning_rate']:.3g}" == "1.89e-06"

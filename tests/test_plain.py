@@ -71,7 +71,8 @@ def test_demo_walk_exports_the_preset_and_trains(here, started_runs, capsys):
         ENTER,                                          #   continue
         ENTER, ENTER, ENTER, ENTER, ENTER,              # 4 data: builtin:demo, format, validation share,
                                                         #   train on prompts; continue
-        typed("4"), ENTER, ENTER, ENTER, ENTER,         # 5 max steps 4; grad accum; no more; the rule's lr; continue
+        ENTER,                                          # 5 method: sft
+        typed("4"), ENTER, ENTER, ENTER, ENTER,         #   max steps 4; grad accum; no more; the rule's lr; continue
         typed("plain-demo"), ENTER, ENTER,              # 6 run name; export to the default file; start
     ]
     code = drive(load_draft(DEMO_PRESET), keys, services=Services(probe_gpus=lambda: [GPU_24]))
@@ -155,7 +156,7 @@ def test_no_gpu_budget_fit_layers_overwrite_and_finish_without_a_run(here, capsy
         ENTER, ENTER, ENTER, ENTER,                          #   r, alpha, dropout; continue
         ENTER, ENTER, typed("0.2"), ENTER,                   # 4 data; format; validation share 0.2; train on
         ENTER,                                               #   prompts; continue
-        ENTER, ENTER, "y",                                   # 5 max steps, grad accum; more settings: yes
+        ENTER, ENTER, ENTER, "y",                            # 5 method sft, max steps, grad accum; more: yes
         ENTER, ENTER, DOWN + ENTER, ENTER, ENTER, ENTER,     #   micro batch, seq len, linear, warmup, decay, norm
         ENTER, ENTER, ENTER, ENTER,                          #   optimizer, seed, eval, save
         ENTER, ENTER,                                        #   base rate, pretraining batch
@@ -272,7 +273,7 @@ def test_a_two_machine_run_asks_this_machines_place_and_starts_its_part(here, ca
         UP + UP + ENTER, typed("8"), ENTER, ENTER,      # 3 targets: q + v; r 8
         ENTER,
         ENTER, ENTER, ENTER, ENTER, ENTER,              # 4 data
-        typed("4"), ENTER, ENTER, ENTER, ENTER,         # 5 max steps 4
+        ENTER, typed("4"), ENTER, ENTER, ENTER, ENTER,  # 5 method sft; max steps 4
         typed("two"), ENTER, ENTER,                     # 6 run name; export; start
         typed("5"), typed("10.0.0.1:29500"),            #   machine 5 of 2: refused
         typed("1"), typed("10.0.0.1:29500"),            #   machine 1

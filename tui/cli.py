@@ -452,7 +452,8 @@ def _lr_arguments(s: argparse.ArgumentParser) -> None:
     _add_json(s)
 
 
-@command("lr", _lr_arguments, help="the guide's learning-rate rule, from numbers or from a preset's data")
+@command("lr", _lr_arguments, help="the guide's learning-rate rule, from numbers or from a preset's data "
+                                     "(for a dpo or orpo preset: the method's published rates)")
 def cmd_lr(args) -> int:
     from engine.lr import RULE_FORMULA, note_on_lora_range, suggest_learning_rate
 
@@ -464,6 +465,8 @@ def cmd_lr(args) -> int:
 
         # The file's trust_remote_code: true is not consent to run the model's code: the flag is.
         draft = load_draft(args.preset)
+        if draft.preset.training.method != "sft":
+            return _print_preference_lr(args, draft.preset)
         if args.trust_remote_code:
             draft.allow_code(None)
         for path, value in (("model.base_lr", args.base_lr), ("model.pretrained_batch_tokens",
@@ -475,7 +478,12 @@ def cmd_lr(args) -> int:
             if m.base_lr is None or m.pretrained_batch_tokens is None:
                 # The model family's published values fill what the preset leaves out.
                 draft.info = Services().inspect_model(m.source, m.revision, m.trust_remote_code)
-            draft.data = check_data(draft.preset)
+            report = check_data(draft.preset)
+            if report.method != "sft":  # pairs under sft: refused, as a headless start refuses them
+                from engine.data import check_records
+
+                check_records(draft.preset.data, method="sft")
+            draft.data = report
         except NeedsRemoteCode as exc:
             said = ("the preset's trust_remote_code: true does not count for a look: "
                     if draft.code_from_file is not None else "")
@@ -502,8 +510,8 @@ def cmd_lr(args) -> int:
         s = suggest_learning_rate(base_lr, supervised, steps, epochs, bsz)
     note = note_on_lora_range(s.learning_rate)
     if args.json:
-        _print_json({"learning_rate": s.learning_rate, "arithmetic": s.arithmetic, "base_lr": base_lr,
-                     "supervised_tokens": supervised, "steps": steps, "epochs": epochs,
+        _print_json({"method": "sft", "learning_rate": s.learning_rate, "arithmetic": s.arithmetic,
+                     "base_lr": base_lr, "supervised_tokens": supervised, "steps": steps, "epochs": epochs,
                      "pretrained_batch_tokens": bsz, "note": note, **extra})
         return EXIT_OK
     print(f"learning rate: {s.learning_rate:.3g}")
@@ -511,6 +519,33 @@ def cmd_lr(args) -> int:
     print(f"     = {s.arithmetic}")
     if extra.get("source"):
         print(f"  base rate and pretraining batch: {extra['source']}")
+    if note:
+        print(f"note: {note}")
+    return EXIT_OK
+
+
+def _print_preference_lr(args, preset) -> int:
+    """``lr --preset`` for a dpo or orpo preset: the method's published rates with their sources instead
+    of the rule (which is for supervised tokens), and the note on the preset's own rate. Neither the
+    model nor the data is read: the advice is a figure of neither."""
+    from engine.lr import note_on_rate, preference_advice
+    from tui.steps.hyper import advice_lines
+
+    t = preset.training
+    advice = preference_advice(t.method)
+    note = note_on_rate(t.method, t.learning_rate)
+    rule_numbers = ("base_lr", "supervised_tokens", "steps", "epochs", "pretrained_batch_tokens")
+    unused = [f"--{name.replace('_', '-')}" for name in rule_numbers if getattr(args, name) is not None]
+    if args.json:
+        _print_json({**advice.to_json(), "beta": t.beta, "chosen_learning_rate": t.learning_rate, "note": note})
+        return EXIT_OK
+    print(f"learning rate for {t.method}: {advice.learning_rate:.3g} (suggested for LoRA)")
+    for words, _style in advice_lines(advice)[1:]:
+        print(f"  {words.strip()}")
+    print(f"  source: {advice.source}")
+    print(f"  this preset: learning rate {t.learning_rate:g}, beta {t.beta:g}")
+    if unused:
+        print(f"  {', '.join(unused)}: the rule's numbers, not used for {t.method}")
     if note:
         print(f"note: {note}")
     return EXIT_OK

@@ -49,8 +49,12 @@ def describe(event: Event) -> str:
         on = event.device_name or "?"
         if event.world_words:
             on = f"{event.world_words} ({on})"
-        return (f"{head}: {event.model_source} on {on}, "
-                f"{event.data.examples or '?'} examples, {event.data.supervised_tokens or '?'} supervised tokens, "
+        units = "pairs" if event.method != "sft" else "examples"
+        method = {"dpo": "DPO", "orpo": "ORPO"}.get(event.method, "")
+        if method and event.reference:
+            method += f" (reference {event.reference.replace('_', ' ')})"
+        return (f"{head}: {method + ' of ' if method else ''}{event.model_source} on {on}, "
+                f"{event.data.examples or '?'} {units}, {event.data.supervised_tokens or '?'} supervised tokens, "
                 f"{event.total_steps or '?'} steps, memory estimate {gib(event.estimate.total_bytes)}"
                 + (f"; kernels: {event.kernels}" if event.kernels else "")
                 + (f"; {event.remote_code}" if event.remote_code else ""))
@@ -61,12 +65,20 @@ def describe(event: Event) -> str:
             parts.append(f"lr {event.learning_rate:.2e}")
         if event.grad_norm is not None:
             parts.append(f"grad {_float(event.grad_norm, '.3f')}")
+        if event.reward_margin is not None:
+            parts.append(f"margin {event.reward_margin:+.3f}")
+        if event.reward_accuracy is not None:
+            parts.append(f"pref acc {event.reward_accuracy:.0%}")
         parts.append(f"{event.tokens_per_s or 0:,.0f} tok/s")
         if event.mem_reserved:
             parts.append(f"mem {gib(event.mem_reserved)}" + (" (highest rank)" if event.ranks else ""))
         return "  ".join(parts)
     if isinstance(event, EvalEvent):
-        return f"eval at step {event.step}: validation loss {_float(event.eval_loss, '.4f')}"
+        line = f"eval at step {event.step}: validation loss {_float(event.eval_loss, '.4f')}"
+        if event.eval_reward_accuracy is not None:
+            line += (f", preference accuracy {event.eval_reward_accuracy:.0%}, "
+                     f"margin {_float(event.eval_reward_margin, '+.3f')}")
+        return line
     if isinstance(event, CheckpointEvent):
         return f"checkpoint at step {event.step}: {event.path}"
     if isinstance(event, ErrorEvent):

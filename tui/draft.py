@@ -43,10 +43,14 @@ class DataReport:
 
     stats: Any
     """``engine.data.DataStats`` of the prepared training and validation sets."""
-    examples: list[list[tuple[str, bool]]]
-    """Up to three examples as the model sees them: (text, trained?) pieces."""
+    examples: list[list[tuple[str, bool | None]]]
+    """Up to three examples as the model sees them: (text, trained?) pieces; for preference pairs the
+    prompt, the chosen and the rejected answer, each after a label piece (trained? None)."""
     bad_records: int = 0
     """Malformed records passed over (only with ``data.skip_bad_records``)."""
+    method: str = "sft"
+    """The training method the data was checked for: the draft's, or the one its data calls for
+    (``suited_method``), which the draft takes on (``Draft.accept_data``)."""
 
 
 @dataclass
@@ -241,12 +245,29 @@ class Draft:
         return self.info is not None and self.info_key == self.model_key()
 
     def data_fingerprint(self) -> str:
-        """What the data check depends on: the data settings, seq_len, seed and the model (its tokenizer)."""
+        """What the data check depends on: the data settings, seq_len, seed, the model (its tokenizer)
+        and the training method (which kind of data it takes)."""
         import json
 
         p = self.preset
-        return json.dumps([p.data.model_dump(mode="json"), p.training.seq_len, p.training.seed, self.model_key()],
-                          sort_keys=True)
+        return json.dumps([p.data.model_dump(mode="json"), p.training.seq_len, p.training.seed, self.model_key(),
+                           p.training.method], sort_keys=True)
+
+    def accept_data(self, report: DataReport) -> str | None:
+        """Take a data check's report: its method too, when the data called for another one (the
+        settings that method does not use go back to their defaults), with the words that say so."""
+        note = None
+        if report.method != self.preset.training.method:
+            from tui.steps import get_step
+
+            before = self.preset.training.method
+            self.set_many(get_step("hyper").changes("training.method", report.method, self.preset))
+            note = (f"the data holds preference pairs: training.method is now dpo, not {before} (orpo is the "
+                    "other choice, in Hyperparameters)" if report.method == "dpo" else
+                    f"the data holds single responses: training.method is now sft, not {before} (dpo and orpo "
+                    "train on pairs)")
+        self.data, self.data_key = report, self.data_fingerprint()
+        return note
 
     @property
     def data_ready(self) -> bool:
@@ -347,15 +368,39 @@ def _probe_gpus() -> list:
     return probe_gpus()
 
 
+def suited_method(preset: Preset) -> str:
+    """The training method for the preset's data: its own when the data is of its kind; dpo for pairs
+    under sft, sft for single responses under dpo or orpo (the wizard switches and says so; a preset run
+    headless is refused instead). Unreadable data keeps the method, for its check to say why."""
+    from engine import data as data_mod
+    from engine.preset import PREFERENCE_METHODS
+
+    method = preset.training.method
+    try:
+        data_mod.check_records(preset.data, method=method)
+        return method
+    except UserError:
+        other = "sft" if method in PREFERENCE_METHODS else "dpo"
+        try:
+            data_mod.check_records(preset.data, method=other)
+        except UserError:
+            return method
+        return other
+
+
 def check_data(preset: Preset) -> DataReport:
-    """Check the records, tokenize (cached) and render three examples: the data step's work."""
+    """Check the records, tokenize (cached) and render three examples: the data step's work. Data of
+    the other kind than the method takes (pairs under sft) is checked for the method it suits
+    (``DataReport.method``)."""
     from engine import data as data_mod
 
-    _, _, bad = data_mod.check_records(preset.data)
+    method = suited_method(preset)
+    _, _, bad = data_mod.check_records(preset.data, method=method)
     tokenizer = data_mod.load_tokenizer(preset.model)
-    prepared = data_mod.prepare_data(preset.data, tokenizer, preset.training.seq_len, preset.training.seed)
+    prepared = data_mod.prepare_data(preset.data, tokenizer, preset.training.seq_len, preset.training.seed,
+                                     method=method)
     examples = data_mod.preview(preset.data, tokenizer, preset.training.seq_len, n=3)
-    return DataReport(prepared.stats, examples, len(bad))
+    return DataReport(prepared.stats, examples, len(bad), method)
 
 
 def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_rank: int = 0,
@@ -372,7 +417,7 @@ def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_ran
     run_dir = run_dir_for(preset, run_dir)
     check_new_run_dir(run_dir)
     # Bad data is found here, before any weights load: one line, exit 2.
-    data_mod.check_records(preset.data)
+    data_mod.check_records(preset.data, method=preset.training.method)
     # A run that starts from a saved adapter has that adapter's rank, alpha and targets, as run.
     preset = with_init_adapter(preset)
     if not preset.model.source.startswith("builtin:"):
@@ -391,9 +436,10 @@ def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_ran
     # tokenizer), so the run loads this cache entry instead of tokenizing again.
     # Data prepared before for this tokenizer is found without loading it (or torch): a rerun starts at once.
     t = preset.training
-    stats = data_mod.cached_stats(preset.data, preset.model, t.seq_len, t.seed)
+    stats = data_mod.cached_stats(preset.data, preset.model, t.seq_len, t.seed, method=t.method)
     if stats is None:
-        stats = data_mod.prepare_data(preset.data, data_mod.load_tokenizer(preset.model), t.seq_len, t.seed).stats
+        stats = data_mod.prepare_data(preset.data, data_mod.load_tokenizer(preset.model), t.seq_len, t.seed,
+                                      method=t.method).stats
     if note is not None and stats.stop_line():
         note(stats.stop_line())
     return launch_run(preset, run_dir, node_rank, master)

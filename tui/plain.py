@@ -28,7 +28,7 @@ from tui.draft import Draft, Services, choice_options, keep_draft, parse_field, 
 from tui.format import count, gib
 from tui.steps import STEP_NAMES, STEPS, FormField, Step
 from tui.steps.data import render_example
-from tui.steps.hyper import batch_words, lr_view
+from tui.steps.hyper import METHOD_FORM, advice_lines, batch_words, lr_view
 from tui.steps.memory import NO_GPU_LINE, fastest_fit_lines, fit_line, gpu_line, memory_view, parse_gib
 from tui.steps.model import model_facts, recent_models
 from tui.steps.review import default_export_path, node_commands
@@ -475,7 +475,9 @@ class PlainWizard:
         report = self.attempt(lambda: self.services.check_data(draft.preset), f"cannot read {draft.get('data.train')}")
         if report is FAILED:
             return False
-        draft.data, draft.data_key = report, draft.data_fingerprint()
+        note = draft.accept_data(report)
+        if note:
+            self.say((note, "yellow"))
         return True
 
     def show_data(self) -> None:
@@ -489,32 +491,44 @@ class PlainWizard:
         if report.bad_records:
             self.say(("  ", ""), (f"{report.bad_records:,} malformed records skipped (data.skip_bad_records)",
                                   "yellow"))
-        if report.examples:
+        if report.examples and report.stats.paired:
+            self.say((f"pair 1 of {len(report.examples)} as the model sees it: the prompt, the chosen and the rejected "
+                      f"answer (trained parts between « »):", "bold"))
+            self.console.print(render_example(report.examples[0], TRAINED_STYLE, TRAINED_MARKS))
+        elif report.examples:
             self.say((f"example 1 of {len(report.examples)} as the model sees it (trained part between « »):",
                       "bold"))
             self.console.print(render_example(report.examples[0], TRAINED_STYLE, TRAINED_MARKS))
 
     # ---- the hyperparameters step ------------------------------------------------------
 
-    FIRST_ASKED = ("training.max_steps", "training.epochs", "training.gradient_accumulation_steps")
+    METHOD_ASKED = tuple(f.path for f in METHOD_FORM)
+    """The method and its settings, asked first every time (those the chosen method uses)."""
+
+    FIRST_ASKED = METHOD_ASKED + ("training.max_steps", "training.epochs", "training.gradient_accumulation_steps")
     """The hyperparameters asked every time; the rest of the form on request."""
 
     RATE = "training.learning_rate"
     """The field asked last, the rule's value shown (:meth:`ask_learning_rate`)."""
 
     def step_hyper(self, step: Step) -> str | None:
-        """Steps or epochs, gradient accumulation (and on request the rest of the form, base rate and
-        pretraining batch included), then the learning rate."""
-        self.ask_form_field(step.field("training.max_steps"))
+        """The method and the settings of it, steps or epochs, gradient accumulation (and on request the
+        rest of the form, base rate and pretraining batch included), then the learning rate."""
+        self.ask_method(step)
+        need = self.not_yet(step)  # the data is checked again if the method changed what it is
+        if need:
+            return need
+        self.ask_hyper_field(step, step.field("training.max_steps"))
         if self.draft.get("training.max_steps") is None:
-            self.ask_form_field(step.field("training.epochs"))
-        self.ask_form_field(step.field("training.gradient_accumulation_steps"))
+            self.ask_hyper_field(step, step.field("training.epochs"))
+        self.ask_hyper_field(step, step.field("training.gradient_accumulation_steps"))
         self.show_batch()
-        more = [f for f in step.fields if f.path not in self.FIRST_ASKED and f.path != self.RATE]
+        more = [f for f in step.fields if f.path not in self.FIRST_ASKED and f.path != self.RATE
+                and f.offered(self.draft.preset)]
         if self.confirm(f"change more settings ({', '.join(f.label for f in more)})?", default=False):
             before = (self.draft.data_key, self.draft.get("training.micro_batch_size"))
             for f in more:
-                self.ask_form_field(f)
+                self.ask_hyper_field(step, f)
             need = self.not_yet(step)
             if need:
                 return need
@@ -522,6 +536,29 @@ class PlainWizard:
                 self.show_batch()
         self.ask_learning_rate(step.field(self.RATE))
         return None
+
+    def ask_method(self, step: Step) -> None:
+        """What the run teaches (``training.method``), then the settings of it that the answer uses."""
+        for f in step.fields:
+            if f.path in self.METHOD_ASKED:
+                self.ask_hyper_field(step, f)
+
+    def ask_hyper_field(self, step: Step, f: FormField) -> None:
+        """Ask one field of the step when it applies to the draft's method (``FormField.applies``); a
+        choice is set with the fields its answer makes stop applying back to their defaults
+        (``Step.changes``: the method switched to sft puts beta and the dpo settings back), which the
+        preset would refuse otherwise."""
+        if not f.offered(self.draft.preset):
+            return
+        if f.is_choice:
+            self.ask_step_choice(step, f)
+        else:
+            self.ask_form_field(f)
+
+    def ask_step_choice(self, step: Step, f: FormField) -> None:
+        """Ask a choice field of ``step`` (the schema's values), setting what the answer changes with it."""
+        value = self.select(f.prompt, choice_options(f.path), default=self.draft.get(f.path))
+        self.draft.set_many(step.changes(f.path, value, self.draft.preset))
 
     def show_batch(self) -> None:
         """The effective batch and the run's steps."""
@@ -531,11 +568,22 @@ class PlainWizard:
                  f"{view.steps_per_epoch:,} steps per epoch, ", (f"{view.steps:,} steps", "bold"), " in all")
 
     def ask_learning_rate(self, rate: FormField) -> None:
-        """The guide's rule with this run's numbers (asking for any it lacks); the rate (``rate``), the
-        suggestion by default."""
-        from engine.lr import RULE_FORMULA, note_on_lora_range
+        """The guide's rule with this run's numbers (asking for any it lacks), or for dpo and orpo the
+        method's published rates with their sources; the rate (``rate``), the suggestion by default."""
+        from engine.lr import RULE_FORMULA, note_on_rate
 
         view = lr_view(self.draft)
+        method = self.draft.preset.training.method
+        if view.advice is not None:
+            for words, style in advice_lines(view.advice):
+                self.say((words, style))
+            self.say((f"   source: {view.advice.source}", "dim"))
+            self.ask_field(f"{rate.label} (the suggestion for LoRA shown)", rate.path, rate.kind,
+                           default=view.advice.learning_rate)
+            note = note_on_rate(method, self.draft.get(rate.path))
+            if note:
+                self.say(("note: ", "yellow"), note)
+            return
         while view.suggestion is None:
             self.say(("type ", "yellow"), (f"{view.missing}: {view.source}", "yellow"))
             if view.base_lr is None:
@@ -552,7 +600,7 @@ class PlainWizard:
         self.say((f"   base rate and batch: {view.source}", "dim"))
         self.ask_field(f"{rate.label} (the rule's value shown)", rate.path, rate.kind,
                        default=float(f"{s.learning_rate:.3g}"))
-        note = note_on_lora_range(self.draft.get(rate.path))
+        note = note_on_rate(method, self.draft.get(rate.path))
         if note:
             self.say(("note: ", "yellow"), note)
 

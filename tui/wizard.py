@@ -239,7 +239,9 @@ class WizardApp(App[str]):
         if message.key != self.draft.data_fingerprint():
             return
         self.data_busy, self.data_error = False, None
-        self.draft.data, self.draft.data_key = message.report, message.key
+        note = self.draft.accept_data(message.report)
+        if note:
+            self.notify(note)
         self.refresh_step()
 
     @on(msg.DataFailed)

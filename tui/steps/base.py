@@ -9,6 +9,7 @@ No Textual import: the full-screen wizard (``tui/screens/steps/``) and the plain
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 NEEDS = (None, "model", "data")
 """What a step can need done first: nothing, the model's config read, or the data checked (which
@@ -33,6 +34,15 @@ class FormField:
     """The prompts' question, where it is not the label and the hint (a yes/no question, say)."""
     placeholder: str = ""
     """What the screen's empty field says (``(none)`` for a field whose empty value means none)."""
+    applies: Callable[[Any], bool] | None = None
+    """Whether the field means anything for a preset (it gets the ``Preset``); None: always. A field that
+    does not apply is not offered (the screen hides it, the prompts do not ask it) and keeps its default:
+    a change that makes it stop applying puts it back (:meth:`Step.changes`), as the preset would refuse
+    a setting of another method (``beta`` under ``method: sft``)."""
+
+    def offered(self, preset: Any) -> bool:
+        """Whether the front ends offer the field for ``preset`` (see ``applies``)."""
+        return self.applies is None or bool(self.applies(preset))
 
     @property
     def is_choice(self) -> bool:
@@ -83,6 +93,23 @@ class Step:
         if self.needs not in NEEDS:
             raise ValueError(f"step {self.name!r}: needs must be one of {NEEDS}, not {self.needs!r}")
 
+    def changes(self, path: str, value: Any, preset: Any) -> dict[str, Any]:
+        """What setting ``path`` to ``value`` in ``preset`` sets, for ``Draft.set_many`` (validated together):
+        the field itself, and each of the step's fields that the new value makes stop applying
+        (``FormField.applies``) back to the schema's default where it is not there already."""
+        section, name = path.split(".")
+        after = preset.model_copy(update={section: getattr(preset, section).model_copy(update={name: value})})
+        values: dict[str, Any] = {}
+        for f in self.fields:
+            if f.path == path or f.offered(after):
+                continue
+            default = schema_default(f.path)
+            part, key = f.path.split(".")
+            if getattr(getattr(preset, part), key) != default:
+                values[f.path] = default
+        values[path] = value
+        return values
+
     def field(self, path: str) -> FormField:
         """The field that edits ``path``."""
         return next(f for f in self.fields if f.path == path)
@@ -91,3 +118,14 @@ class Step:
     def paths(self) -> tuple[str, ...]:
         """The preset paths of the step's fields, in order."""
         return tuple(f.path for f in self.fields)
+
+
+def schema_default(path: str) -> Any:
+    """The value the preset schema gives a dotted path (``training.beta``) when a preset leaves it out."""
+    from engine.preset import Preset
+
+    model: Any = Preset
+    *sections, name = path.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[name].get_default(call_default_factory=True)

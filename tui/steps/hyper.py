@@ -1,6 +1,9 @@
-"""The hyperparameters step: the schedule, batch, optimizer and intervals, and the learning rate from
-the guide's rule with this run's numbers (supervised tokens from the data, steps per epoch from data
-and batch, base rate and pretraining batch from the model family unless typed).
+"""The hyperparameters step: what the run teaches (the method, and the settings of dpo and orpo), the
+schedule, batch, optimizer and intervals, and the learning rate: for sft from the guide's rule with
+this run's numbers (supervised tokens from the data, steps per epoch from data and batch, base rate
+and pretraining batch from the model family unless typed); for dpo and orpo, whose loss is not a
+cross-entropy over supervised tokens alone, the rates published runs of the method used, with their
+sources (``engine.lr.preference_advice``).
 
 It needs the checked data: the rule and the step count are figures of it.
 """
@@ -12,6 +15,30 @@ from typing import Any
 
 from tui.draft import Draft
 from tui.steps.base import FormField, Step
+
+
+def uses_beta(preset: Any) -> bool:
+    """Whether the preset's method has a beta (dpo and orpo)."""
+    from engine.preset import PREFERENCE_METHODS
+
+    return preset.training.method in PREFERENCE_METHODS
+
+
+def is_dpo(preset: Any) -> bool:
+    """Whether the preset's method is dpo (its loss and its reference are dpo's own settings)."""
+    return preset.training.method == "dpo"
+
+
+METHOD_FORM: tuple[FormField, ...] = (
+    FormField("method", "training.method", hint="sft: supervised; dpo, orpo: on preference pairs"),
+    FormField("beta", "training.beta", "float", "dpo: closeness to the reference; orpo: preference weight",
+              applies=uses_beta),
+    FormField("dpo loss", "training.dpo_loss", applies=is_dpo),
+    FormField("reference", "training.reference", applies=is_dpo),
+)
+"""What the run teaches and the settings of that method: the screen's method box, the prompts' first
+questions. A setting that the method does not use is not offered, and goes back to its default when the
+method changes (``FormField.applies``, ``Step.changes``): the preset refuses it otherwise."""
 
 HYPER_FORM: tuple[FormField, ...] = (
     FormField("epochs", "training.epochs", "float"),
@@ -45,7 +72,7 @@ shown."""
 
 @dataclass(frozen=True)
 class LrView:
-    """The learning-rate rule with this run's numbers."""
+    """The learning-rate rule with this run's numbers, or for dpo and orpo the method's published rates."""
 
     base_lr: float | None
     """The pretrained model's peak learning rate (draft, else the family table)."""
@@ -64,7 +91,19 @@ class LrView:
     suggestion: Any
     """``engine.lr.LrSuggestion``; None while a number is missing."""
     missing: str | None
-    """What has to be typed before the rule can be applied."""
+    """What has to be typed before the rule can be applied (None for dpo and orpo: the rule is not used)."""
+    method: str = "sft"
+    """What the run teaches (``training.method``)."""
+    advice: Any = None
+    """``engine.lr.PreferenceAdvice`` for dpo and orpo, shown instead of the rule; None for sft."""
+
+    @property
+    def suggested_rate(self) -> float | None:
+        """The rate offered to take: the method's suggestion for LoRA (dpo, orpo), else the rule's value;
+        None while the rule lacks a number."""
+        if self.advice is not None:
+            return self.advice.learning_rate
+        return self.suggestion.learning_rate if self.suggestion is not None else None
 
 
 def draft_world_size(draft: Draft) -> int:
@@ -90,8 +129,9 @@ def batch_words(draft: Draft) -> tuple[int, str]:
 def lr_view(draft: Draft, steps: int | None = None, epochs: float | None = None,
             supervised_tokens: int | None = None) -> LrView:
     """Apply the guide's rule to the draft's data and batch (needs ``draft.data``). ``steps``, ``epochs``
-    and ``supervised_tokens`` put other numbers in place of the run's (``qlora-wizard lr`` flags)."""
-    from engine.lr import family_defaults, suggest_learning_rate
+    and ``supervised_tokens`` put other numbers in place of the run's (``qlora-wizard lr`` flags). For a
+    dpo or orpo draft the rule is not applied: ``advice`` holds the method's published rates instead."""
+    from engine.lr import family_defaults, preference_advice, suggest_learning_rate
     from engine.plan import steps_per_epoch, total_steps
 
     p, stats = draft.preset, draft.data.stats
@@ -115,16 +155,31 @@ def lr_view(draft: Draft, steps: int | None = None, epochs: float | None = None,
     else:
         fam = draft.info.family if draft.info else "?"
         source = f"no published values for the {fam} family: type the model's pretraining rate and batch"
+    advice = preference_advice(t.method)
     missing = None
-    if base_lr is None:
-        missing = "the base learning rate"
-    elif bsz is None:
-        missing = "the pretraining batch in tokens"
+    if advice is None:  # dpo and orpo: the rule is for supervised tokens, nothing to type for it
+        if base_lr is None:
+            missing = "the base learning rate"
+        elif bsz is None:
+            missing = "the pretraining batch in tokens"
     suggestion = None
-    if missing is None:
+    if missing is None and advice is None:
         suggestion = suggest_learning_rate(base_lr, supervised, steps, epochs, bsz)
-    return LrView(base_lr, bsz, source, supervised, steps, epochs, spe, suggestion, missing)
+    return LrView(base_lr, bsz, source, supervised, steps, epochs, spe, suggestion, missing, t.method, advice)
 
 
-STEP = Step("hyper", "Hyperparameters", HYPER_FORM + LR_FORM, needs="data")
+def advice_lines(advice: Any) -> list[tuple[str, str]]:
+    """What every front end says of a preference method's learning rate above its suggestion, line by
+    line with a rich style: that the guide's rule is for supervised tokens and why it does not apply, the
+    published range with its sources, and what beta means (``advice``: ``engine.lr.PreferenceAdvice``)."""
+    low, high = advice.band
+    return [
+        (f"learning rate for {advice.method}: the guide's rule is not used", "bold"),
+        (f"   {advice.rule}", "dim"),
+        (f"   published {advice.method} rates run from {low:.0e} to {high:.0e} ({advice.band_source})", "dim"),
+        (f"   beta: {advice.beta}", "dim"),
+    ]
+
+
+STEP = Step("hyper", "Hyperparameters", METHOD_FORM + HYPER_FORM + LR_FORM, needs="data")
 """The hyperparameters step."""

@@ -1,7 +1,8 @@
 """The data step: a file or a Hub dataset, checked and tokenized in a worker; the detected format,
-three examples as the model sees them with the trained part highlighted, the statistics (examples,
-tokens, supervised tokens, truncated, removed by cleaning, whether every example ends with the stop
-token: a yellow warning when some do not) and the validation split."""
+three examples as the model sees them with the trained part highlighted (preference pairs: the prompt,
+the chosen and the rejected answer, labelled), the statistics (examples, tokens, supervised tokens,
+truncated, removed by cleaning, whether every example ends with the stop token: a yellow warning when
+some do not; for pairs their counts, tokens by part and removals) and the validation split."""
 
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ class DataScreen(StepScreen):
             lines.append(Text(f"{report.bad_records:,} malformed records skipped (data.skip_bad_records)", "yellow"))
         stats.update(Group(*lines))
         parts = []
+        noun = "pair" if report.stats.paired else "example"
         for i, pieces in enumerate(report.examples, 1):
-            parts.append(Text(f"example {i}", "bold underline"))
+            parts.append(Text(f"{noun} {i}", "bold underline"))
             parts.append(render_example(pieces, TRAINED_STYLE))
         examples.update(Group(*parts) if parts else Text("no example to show", "dim"))
