@@ -299,6 +299,12 @@ def test_the_wizard_takes_the_method_the_data_calls_for_and_a_start_refuses_the_
     note = draft.accept_data(check_data(draft.preset))
     assert draft.preset.training.method == "dpo" and note.startswith("the data holds preference pairs")
     assert draft.data_ready and draft.data.stats.paired
+    # A method the person chose stands: single responses under it are refused in one line, not switched.
+    draft.set("training.method", "orpo")
+    draft.set("data.train", "builtin:demo")
+    with pytest.raises(UserError, match=r"^training\.method orpo trains on pairs, but data\.train \(builtin:demo\)"):
+        draft.accept_data(check_data(draft.preset))
+    assert draft.preset.training.method == "orpo" and not draft.data_ready
     # A preset started as it is (headless) is refused in one line instead, before any run directory.
     with pytest.raises(UserError, match=r"^training\.method dpo trains on pairs, but data\.train \(builtin:demo\) "
                                         r"holds alpaca records"):

@@ -52,6 +52,15 @@ def test_dpo_trains_on_the_demo_pairs_stops_resumes_and_keeps_only_its_adapter(t
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()
     assert not (run_dir / "checkpoints" / "README.md").exists()
+    # eval scores the held-out pairs with both models: the tuned one prefers the chosen answers more often.
+    r = run_cli("eval", str(run_dir), "--generations", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    prefs = json.loads(r.stdout)["preferences"]
+    assert prefs["pairs"] == start.data.validation_examples > 0 and prefs["beta"] == 0.1
+    assert prefs["fine_tuned_accuracy"] > prefs["base_accuracy"] and prefs["reward_accuracy"] >= 0.6, prefs
+    assert prefs["reward_margin"] > 0
+    r = run_cli("eval", str(run_dir), "--generations", "0")
+    assert "chosen answer likelier than rejected" in r.stdout and "validation pairs" in r.stdout
     # Its card names the method and the preference accuracy reached.
     r = run_cli("card", str(run_dir))
     assert r.returncode == 0, r.stderr

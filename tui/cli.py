@@ -866,11 +866,19 @@ def cmd_eval(args) -> int:
 
     c = Console()
     base, tuned = result.base, result.fine_tuned
+    prefs = result.preferences
     t = Table(title=f"{Path(args.run_dir).name}: base against fine-tuned on "
-                    f"{result.validation.examples:,} validation examples", title_justify="left")
+                    f"{result.validation.examples:,} validation {'pairs' if prefs else 'examples'}",
+              title_justify="left")
     for col in ("", "base", "fine-tuned"):
         t.add_column(col, justify="left" if not col else "right")
-    t.add_row("validation loss", num(base.loss), num(tuned.loss))
+    if prefs:
+        t.add_row("chosen answer likelier than rejected", num(prefs.base_accuracy, "{:.0%}"),
+                  num(prefs.fine_tuned_accuracy, "{:.0%}"))
+        t.add_row("reward accuracy (dpo's, against the base)", "", num(prefs.reward_accuracy, "{:.0%}"))
+        t.add_row("reward margin", "", num(prefs.reward_margin, "{:+.3f}"))
+    what = "chosen answers' " if prefs else "validation "
+    t.add_row(f"{what}loss", num(base.loss), num(tuned.loss))
     t.add_row("perplexity", num(base.perplexity, "{:,.2f}"), num(tuned.perplexity, "{:,.2f}"))
     n = len(result.generations)
     if n:

@@ -86,6 +86,9 @@ class Draft:
     the person here has not answered yet. A file's word is not consent to run a model's code just to
     look at it: a draft loaded from a file holds ``trust_remote_code`` false until the person agrees
     (:meth:`allow_code`), and both front ends ask before the model is read."""
+    method_chosen: bool = False
+    """The person set ``training.method`` (a form): a data check then refuses data of the other kind
+    instead of switching the method to suit it (``accept_data``)."""
 
     def set_node(self, node_rank: Any, master: str | None) -> None:
         """Place this machine in a run over several: its number and machine 0's address; a bad value
@@ -127,6 +130,7 @@ class Draft:
 
     def set_many(self, values: dict[str, Any]) -> None:
         """Set several fields at once, validated together; on a bad value nothing changes."""
+        chosen = "training.method" in values
         data = self.preset.model_dump(mode="json")
         for path, value in values.items():
             section, name = path.split(".")
@@ -135,6 +139,7 @@ class Draft:
             self.preset = Preset.model_validate(data)
         except ValidationError as exc:
             raise UserError(describe_validation_error(exc, "draft").removeprefix("preset draft: ")) from None
+        self.method_chosen = self.method_chosen or chosen
 
     def replace(self, preset: Preset) -> None:
         """Start over from another preset (a shipped one, say); derived facts are kept only where still valid."""
@@ -255,13 +260,21 @@ class Draft:
 
     def accept_data(self, report: DataReport) -> str | None:
         """Take a data check's report: its method too, when the data called for another one (the
-        settings that method does not use go back to their defaults), with the words that say so."""
+        settings that method does not use go back to their defaults), with the words that say so;
+        unless the person chose the method (``method_chosen``): then the data is refused, a one-line
+        :class:`UserError` (and the draft keeps no report)."""
         note = None
         if report.method != self.preset.training.method:
             from tui.steps import get_step
 
             before = self.preset.training.method
+            if self.method_chosen:  # the person's choice stands: the data is refused, in its own words
+                from engine import data as data_mod
+
+                data_mod.check_records(self.preset.data, method=before)
+                raise UserError(f"training.method {before} does not train on {self.preset.data.train}")
             self.set_many(get_step("hyper").changes("training.method", report.method, self.preset))
+            self.method_chosen = False
             note = (f"the data holds preference pairs: training.method is now dpo, not {before} (orpo is the "
                     "other choice, in Hyperparameters)" if report.method == "dpo" else
                     f"the data holds single responses: training.method is now sft, not {before} (dpo and orpo "

@@ -475,7 +475,9 @@ class PlainWizard:
         report = self.attempt(lambda: self.services.check_data(draft.preset), f"cannot read {draft.get('data.train')}")
         if report is FAILED:
             return False
-        note = draft.accept_data(report)
+        note = self.attempt(lambda: draft.accept_data(report), f"cannot train on {draft.get('data.train')}")
+        if note is FAILED:
+            return False
         if note:
             self.say((note, "yellow"))
         return True

@@ -239,7 +239,11 @@ class WizardApp(App[str]):
         if message.key != self.draft.data_fingerprint():
             return
         self.data_busy, self.data_error = False, None
-        note = self.draft.accept_data(message.report)
+        try:
+            note = self.draft.accept_data(message.report)
+        except UserError as exc:  # data of the other kind than the method the person chose
+            self.data_error, self.draft.data = exc.one_line(), None
+            note = None
         if note:
             self.notify(note)
         self.refresh_step()

@@ -90,6 +90,28 @@ class EvalExactMatches:
 
 
 @dataclass(frozen=True)
+class EvalPreferences:
+    """A preference run's held-out pairs scored by both models: how often each makes the chosen answer
+    the likelier one, and the fine-tuned model's implicit reward against the base (dpo's measure)."""
+
+    pairs: int = 0
+    """Held-out pairs scored."""
+    base_accuracy: float | None = None
+    """The share of pairs whose chosen answer the base model finds likelier (summed log-probability of
+    the answer's tokens) than the rejected one."""
+    fine_tuned_accuracy: float | None = None
+    """The same share for the fine-tuned model."""
+    reward_accuracy: float | None = None
+    """The share of pairs whose implicit reward (beta x how much likelier the fine-tuned model makes an
+    answer than the base does) is higher for the chosen answer: dpo's preference accuracy, against the
+    base (a run started from another adapter was trained against that one)."""
+    reward_margin: float | None = None
+    """The implicit reward of the chosen answers minus the rejected ones', the mean over pairs."""
+    beta: float | None = None
+    """The run's ``training.beta``, the scale of the rewards."""
+
+
+@dataclass(frozen=True)
 class EvalResult:
     """What ``evaluate_run`` found: the base against the fine-tuned model on the run's held-out data.
 
@@ -125,6 +147,9 @@ class EvalResult:
     """How many of those answers equal their reference."""
     elapsed_s: float
     """How long the evaluation took, in seconds."""
+    preferences: EvalPreferences | None = None
+    """dpo and orpo runs: the held-out pairs scored by both models (the losses above are then the
+    chosen answers'); None for sft."""
 
     def as_dict(self) -> dict:
         """The result as ``eval.json`` holds it (and ``qlora-wizard eval --json`` prints it): the fields
@@ -202,6 +227,48 @@ def validation_loss(session: TrySession, dataset, *, adapter: bool, batch_size: 
     return (total / count if count else float("nan")), count
 
 
+def _answer_logps(session: TrySession, pairs, *, adapter: bool) -> list[tuple[float, float, int]]:
+    """(log-probability of the chosen answer, of the rejected one, the chosen answer's tokens) of each
+    pair given its prompt, one sequence at a time (no full batch of logits held)."""
+    import torch
+
+    out = []
+    device = session.model.device
+    with torch.inference_mode(), adapter_switch(session.model, adapter):
+        for row in pairs:
+            prompt = list(row["prompt_ids"])
+            sides = []
+            for side in ("chosen_ids", "rejected_ids"):
+                answer = list(row[side])
+                ids = torch.tensor([prompt + answer], device=device)
+                labels = torch.tensor([[-100] * len(prompt) + answer], device=device)
+                total, count = summed_loss(session.model, ids, torch.ones_like(ids), labels)
+                sides.append((-total, count))
+            out.append((sides[0][0], sides[1][0], sides[0][1]))
+    return out
+
+
+def preference_scores(session: TrySession, pairs, beta: float, say) -> tuple[EvalPreferences, float, float, int]:
+    """The held-out pairs scored by the base and the fine-tuned model: (their preferences, the base's
+    and the fine-tuned model's loss per token of the chosen answers, the chosen answers' tokens)."""
+    say(f"scoring {len(pairs):,} held-out pairs with the base model")
+    base = _answer_logps(session, pairs, adapter=False)
+    say("scoring them with the fine-tuned model")
+    tuned = _answer_logps(session, pairs, adapter=True)
+    n = len(pairs)
+    tokens = sum(c for _, _, c in base)
+    margins = [beta * ((tc - bc) - (tr - br)) for (bc, br, _), (tc, tr, _) in zip(base, tuned)]
+    prefs = EvalPreferences(
+        pairs=n,
+        base_accuracy=sum(c > r for c, r, _ in base) / n,
+        fine_tuned_accuracy=sum(c > r for c, r, _ in tuned) / n,
+        reward_accuracy=sum(m > 0 for m in margins) / n,
+        reward_margin=sum(margins) / n,
+        beta=beta,
+    )
+    return prefs, -sum(c for c, _, _ in base) / max(tokens, 1), -sum(c for c, _, _ in tuned) / max(tokens, 1), tokens
+
+
 def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding(temperature=0),
                  progress: Callable[[str], None] | None = None, session: TrySession | None = None) -> EvalResult:
     """Validation loss and perplexity of base (adapter off) and fine-tuned on the run's validation split,
@@ -224,10 +291,14 @@ def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding
         t = run.preset.training
         say("preparing the validation data as the run did")
         # The tokenizer the run tokenized with, so the run's tokenized-data cache is found again.
-        prepared = data_mod.prepare_data(run.preset.data, data_mod.load_tokenizer(run.preset.model), t.seq_len, t.seed)
+        prepared = data_mod.prepare_data(run.preset.data, data_mod.load_tokenizer(run.preset.model), t.seq_len, t.seed,
+                                         method=t.method)
         base_loss = tuned_loss = None
         tokens = 0
-        if prepared.validation is not None:
+        preferences = None
+        if prepared.validation is not None and prepared.stats.paired:
+            preferences, base_loss, tuned_loss, tokens = preference_scores(session, prepared.validation, t.beta, say)
+        elif prepared.validation is not None:
             batch = max(1, t.micro_batch_size)
             say(f"validation loss of the base model on {len(prepared.validation):,} examples")
             base_loss, tokens = validation_loss(session, prepared.validation, adapter=False, batch_size=batch)
@@ -257,6 +328,7 @@ def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding
             generations=tuple(answers),
             exact_matches=EvalExactMatches.of(tuple(answers)),
             elapsed_s=round(time.time() - started, 2),
+            preferences=preferences,
         )
     finally:
         if own:
