@@ -50,6 +50,25 @@ if WORKER:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_sessionstart(session):
+    """Under pytest-xdist, the controller builds the demo model into the workers' shared test cache
+    before they start, with every core (a worker has one thread): else each worker would wait for, or
+    build, its own."""
+    if WORKER or not session.config.getoption("numprocesses", None):
+        return
+    cache = os.environ.get("QLORA_WIZARD_TEST_CACHE")
+    if not cache:
+        folder = session.config._tmp_path_factory.getbasetemp() / "qw-cache"
+        folder.mkdir(exist_ok=True)
+        cache = str(folder)
+    from unittest import mock
+
+    from engine.demo import ensure_demo_model
+
+    with mock.patch.dict(os.environ, {"QLORA_WIZARD_CACHE": cache, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}):
+        ensure_demo_model()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep the demo model and tokenized-data cache of the tests away from the user's cache, offline;
@@ -78,13 +97,41 @@ def demo_cache(_isolated_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, demo_cache) -> Path:
-    """One short real demo run (30 steps, validated every 10, its adapter saved), trained once per session.
+    """One short real demo run (30 steps, validated every 10, its adapter saved), trained once per session
+    (the first worker to need it trains it; the others wait for it under a lock and share it).
     Read-only: a module that writes into a run (eval, card, try) takes a copy (``copied_run``)."""
-    tmp = tmp_path_factory.mktemp("demo-run")
-    preset = write_preset(tmp, training__max_steps=30, training__eval_steps=10, training__save_steps=30)
-    run_dir = tmp / "run"
-    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+    import fcntl
+    import shutil
+
+    from engine.events import fold_history, read_events
+
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if WORKER else base) / "demo-run"
+    folder.mkdir(exist_ok=True)
+    run_dir = folder / "run"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        end = fold_history(read_events(run_dir)).end if (run_dir / "events.jsonl").is_file() else None
+        if end is None or end.status != "finished":
+            shutil.rmtree(run_dir, ignore_errors=True)
+            preset = write_preset(folder, training__max_steps=30, training__eval_steps=10, training__save_steps=30)
+            r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
+            assert r.returncode == 0, r.stdout + r.stderr
+    return run_dir
+
+
+def trained_in_process(preset: Path, run_dir: Path) -> Path:
+    """A finished run trained in this interpreter (``create_run`` and ``run_training``, what the training
+    process runs): for tests of what comes after training, which need a run of their own but not a
+    process start. Starting, stopping and following a run are tested as a person does them (``run_cli``)."""
+    from engine.preset import load_preset
+    from engine.runs import create_run
+    from engine.train import run_training
+
+    run_dir = create_run(load_preset(preset), run_dir)
+    status = run_training(run_dir)
+    log = run_dir / "train.log"
+    assert status == 0, log.read_text()[-3000:] if log.is_file() else f"exit status {status}"
     return run_dir
 
 

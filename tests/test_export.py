@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copied_run, run_cli, write_preset
+from conftest import copied_run, run_cli, trained_in_process, write_preset
 from engine.after.export import converter_installed, llama_cpp_installed
 
 needs_converter = pytest.mark.skipif(
@@ -298,9 +298,7 @@ def test_export_of_each_family_runs_in_llama_cpp_as_in_transformers(model_type, 
         data = {"data__train": str(chats)}
     preset = write_preset(tmp_path, model__source=str(model), training__max_steps=2, training__eval_steps=2,
                           training__save_steps=2, training__micro_batch_size=4, training__seq_len=96, **data)
-    run_dir = tmp_path / "run"
-    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    run_dir = trained_in_process(preset, tmp_path / "run")
     result = _export(run_dir, tmp_path / "gguf", "--quant", "f16", "--prompts", "4", "--max-new-tokens", "16")
     check = result["check"]
     assert result["architecture"] == {"gemma3_text": "gemma3", "mistral": "llama"}.get(model_type, model_type)
