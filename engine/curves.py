@@ -84,11 +84,73 @@ def diagnose(train: list[tuple[int, float]], validation: list[tuple[int, float]]
     )
 
 
+EXPLODED_LOG_RATIO = 50.0
+"""A reward margin of more than this many nats (margin / beta: how much likelier the model makes the
+chosen answer than the rejected one, beyond the reference) means the rejected answers are being
+driven towards probability zero: the loss is near zero and tells nothing more."""
+
+CHANCE_ACCURACY = 0.55
+"""Preference accuracy at or below this (over the last quarter of the steps) is chance: the model
+does not tell the chosen answer from the rejected one."""
+
+FALLING_REWARD = 0.05
+"""Chosen rewards this far below zero, and lower than over the first quarter of the steps, are
+falling: the chosen answers become less likely than under the reference."""
+
+
+def diagnose_preferences(steps: list[tuple[int, float, float, float, float]], beta: float) -> Diagnosis:
+    """DPO's and ORPO's failure signs from the step events' figures, each (step, margin, accuracy,
+    chosen reward, rejected reward): margins that explode, accuracy stuck at chance, chosen rewards
+    falling along with the rejected ones; else a good sign."""
+    if len(steps) < 8:
+        return Diagnosis("too early to tell", "the preference diagnosis needs at least eight logged steps")
+    quarter = max(2, len(steps) // 4)
+    first, last = steps[:quarter], steps[-quarter:]
+    margin = _mean([m for _, m, _, _, _ in last])
+    accuracy = _mean([a for _, _, a, _, _ in last])
+    chosen_first, chosen_last = _mean([c for _, _, _, c, _ in first]), _mean([c for _, _, _, c, _ in last])
+    rejected_last = _mean([r for _, _, _, _, r in last])
+    if margin / max(beta, 1e-12) > EXPLODED_LOG_RATIO:
+        return Diagnosis(
+            "margins exploding",
+            f"the reward margin reached {margin:.2f} (beta {beta:g}: {margin / beta:.0f} nats): the rejected answers "
+            f"are being pushed towards probability zero and the loss has nothing left to teach; keep an earlier "
+            f"checkpoint, lower the learning rate, or raise beta",
+        )
+    if accuracy <= CHANCE_ACCURACY:
+        return Diagnosis(
+            "accuracy at chance",
+            f"preference accuracy is {accuracy:.0%} over the last steps, no better than a coin: the model does not "
+            f"tell the chosen answers from the rejected ones; check that chosen and rejected differ in what you "
+            f"want taught, raise the learning rate, or train longer",
+        )
+    if chosen_last < -FALLING_REWARD and chosen_last < chosen_first and rejected_last < chosen_last:
+        return Diagnosis(
+            "chosen rewards falling",
+            f"the chosen answers' reward fell to {chosen_last:+.3f} while the rejected ones' fell faster "
+            f"({rejected_last:+.3f}): the margin grows because both answers become less likely, a known DPO "
+            f"failure; lower the learning rate, raise beta, or use orpo (which also trains on the chosen answers)",
+        )
+    return Diagnosis(
+        "learning the preference",
+        f"preference accuracy {accuracy:.0%} and a reward margin of {margin:+.3f} over the last steps, the chosen "
+        f"answers' reward {chosen_last:+.3f}",
+    )
+
+
 def diagnose_history(history) -> Diagnosis | None:
-    """The diagnosis of a run's history (``engine.events.RunHistory``), once it has validation losses;
-    NaN losses (a diverged run) are left out."""
+    """The diagnosis of a run's history (``engine.events.RunHistory``): for dpo and orpo the
+    preference figures' (``diagnose_preferences``), once there are eight logged steps; else the loss
+    curves' (``diagnose``), once there are validation losses. NaN losses (a diverged run) are left out."""
     from engine.events import finite
 
+    start = history.start
+    if start is not None and start.method != "sft":
+        beta = (start.preset.get("training") or {}).get("beta") or 0.1
+        figures = [(s.step, s.reward_margin, s.reward_accuracy, s.rewards_chosen, s.rewards_rejected)
+                   for s in history.steps
+                   if None not in (s.reward_margin, s.reward_accuracy, s.rewards_chosen, s.rewards_rejected)]
+        return diagnose_preferences(figures, float(beta)) if figures else None
     if not history.evals:
         return None
     return diagnose([(s.step, v) for s in history.steps if (v := finite(s.loss)) is not None],

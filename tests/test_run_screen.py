@@ -298,3 +298,44 @@ async def test_snapshot(tmp_path, monkeypatch, kind):
         await wait_for(pilot, wanted)
         await pilot.pause(0.2)
         assert_snapshot(f"run-{kind}-80x24", screen_text(app))
+
+
+def _dpo_run(run_dir: Path, total: int, figures) -> None:
+    """A finished dpo run whose steps carry ``figures(step)`` = (margin, accuracy, chosen, rejected)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = _start(total) | {"method": "dpo", "reference": "each_step",
+                             "preset": {"model": {"source": "builtin:tiny-llama"}, "training": {"beta": 0.1}}}
+    events = [start]
+    for s in range(1, total + 1):
+        margin, acc, chosen, rejected = figures(s)
+        events.append(_step(s, total, 0.69 - 0.3 * s / total) | {
+            "reward_margin": margin, "reward_accuracy": acc, "rewards_chosen": chosen, "rewards_rejected": rejected})
+    events.append({"kind": "end", "time": 1000 + total, "status": "finished", "step": total,
+                   "adapter": str(run_dir / "adapter"), "elapsed_s": total})
+    _write(run_dir, events)
+
+
+async def test_a_dpo_run_shows_its_reward_margin_and_preference_accuracy_curves(tmp_path):
+    run_dir = tmp_path / "dpo"
+    _dpo_run(run_dir, 40, lambda s: (0.02 * s, min(1.0, 0.5 + s / 60), 0.01 * s, -0.01 * s))
+    app = _app(run_dir)
+    async with app.run_test(size=(120, 30)) as pilot:
+        text = await wait_for(pilot, "FINISHED", "reward margin", "preference accuracy", "learning curves:",
+                              timeout=10)
+        assert "margin +0.800" in text and "pref acc 100%" in text
+        assert "learning rate" not in text.split("learning curves")[0].split("tok/s")[1]  # its box gave way
+        assert "learning curves: learning the preference" in text
+        assert app.screen.query_one("#margin-box").display and not app.screen.query_one("#lr-box").display
+
+
+def test_the_preference_diagnosis_names_dpos_failure_signs():
+    from engine.curves import diagnose_preferences
+
+    def run(f):
+        return diagnose_preferences([(s, *f(s)) for s in range(1, 41)], beta=0.1).verdict
+
+    assert run(lambda s: (0.3 * s, 1.0, 0.1 * s, -0.2 * s)) == "margins exploding"  # 12 / 0.1 = 120 nats
+    assert run(lambda s: (0.001 * (s % 3), 0.5, 0.0, 0.0)) == "accuracy at chance"
+    assert run(lambda s: (0.02 * s, 0.9, -0.01 * s, -0.03 * s)) == "chosen rewards falling"
+    assert run(lambda s: (0.02 * s, 0.9, 0.01 * s, -0.01 * s)) == "learning the preference"
+    assert diagnose_preferences([(1, 0.0, 0.0, 0.0, 0.0)], 0.1).verdict == "too early to tell"

@@ -97,9 +97,17 @@ def memory_line(history: RunHistory) -> str:
 
 
 def diagnosis_line(history: RunHistory) -> str | None:
-    """The guide's reading of the learning curves, once there are validation losses."""
+    """The guide's reading of the learning curves, once there are validation losses (for dpo and orpo:
+    the preference figures' reading, once there are eight steps)."""
     d = diagnose_history(history)
     return f"learning curves: {d.verdict}: {d.message}" if d else None
+
+
+CURVES = (("loss", "training loss"), ("val", "validation loss"), ("lr", "learning rate"),
+          ("margin", "reward margin"), ("acc", "preference accuracy"))
+"""The curve boxes, left to right: (key, title)."""
+PREFERENCE_CURVES = ("margin", "acc")
+"""The boxes a dpo or orpo run shows in place of the learning rate's (its rate stays on the metrics line)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,9 +242,10 @@ class RunScreen(Screen[None]):
         yield ProgressLine(id="progress")
         yield Static(id="metrics")
         with Horizontal(id="curves"):
-            for key, title in (("loss", "training loss"), ("val", "validation loss"), ("lr", "learning rate")):
+            for key, title in CURVES:
                 with Vertical(id=f"{key}-box", classes="curve") as box:
                     box.border_title = title
+                    box.display = key not in PREFERENCE_CURVES  # shown once the run says it is dpo or orpo
                     yield Curve(id=f"{key}-curve")
         yield Static(id="diagnosis")
         yield Static(id="alert")
@@ -341,9 +350,14 @@ class RunScreen(Screen[None]):
         val = finite(h.evals[-1].eval_loss) if h.evals else None
         lr = finite(last.learning_rate) if last else None
         speed = finite(last.tokens_per_s) if last else None
+        pairs = start is not None and start.method != "sft"
+        margin = finite(last.reward_margin) if last else None
+        acc = finite(last.reward_accuracy) if last else None
         metrics = Text.assemble(
             "loss ", (f"{loss:.4f}" if loss is not None else str(last.loss if last else "-"), "bold cyan"),
             "  val ", (f"{val:.4f}" if val is not None else "-", "bold magenta"),
+            *(("  margin ", (f"{margin:+.3f}" if margin is not None else "-", "bold green"),
+               "  pref acc ", (f"{acc:.0%}" if acc is not None else "-", "bold yellow")) if pairs else ()),
             "  lr ", (f"{lr:.2e}" if lr is not None else "-", "bold"),
             "  ", (f"{speed:,.0f}" if speed is not None else "-", "bold"), " tok/s",
             "\n", memory_line(h),
@@ -354,14 +368,21 @@ class RunScreen(Screen[None]):
             "loss": [v for s in h.steps if (v := finite(s.loss)) is not None],
             "val": [v for e in h.evals if (v := finite(e.eval_loss)) is not None],
             "lr": [v for s in h.steps if (v := finite(s.learning_rate)) is not None],
+            "margin": [v for s in h.steps if (v := finite(s.reward_margin)) is not None],
+            "acc": [v for s in h.steps if (v := finite(s.reward_accuracy)) is not None],
         }
+        for key, _ in CURVES:  # a preference run: its margin and accuracy where the learning rate was
+            box = self.query_one(f"#{key}-box")
+            shown = (key in PREFERENCE_CURVES) == pairs or key in ("loss", "val")
+            if box.display != shown:
+                box.display = shown
         # The latest values are on the metrics line, in the curves' colours; the boxes' titles stay
         # fixed, so a new step redraws the curves' insides only.
         for key, data in curves.items():
             self.query_one(f"#{key}-curve", Curve).show(data)
 
-        self._update("#diagnosis", Text(diagnosis_line(h) or "learning curves: waiting for validation losses",
-                                        "italic"))
+        waiting = "waiting for eight steps" if pairs else "waiting for validation losses"
+        self._update("#diagnosis", Text(diagnosis_line(h) or f"learning curves: {waiting}", "italic"))
 
         subtitle = (f"d leaves it training; come back with: qlora-wizard attach {self.run_dir}"
                     if status in ("running", "starting") else "")
