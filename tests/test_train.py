@@ -263,46 +263,40 @@ def _pid(run_dir: Path) -> int:
     return json.loads((run_dir / "process.json").read_text())["pid"]
 
 
-def test_sigterm_checkpoints_and_ends_stopped_then_resume_finishes(tmp_path):
-    run_dir = _start_detached(tmp_path, training__max_steps=60, training__save_steps=1000)
-    wait_for(lambda: len(_steps(run_dir)) >= 5)
-    os.kill(_pid(run_dir), signal.SIGTERM)
-    end = wait_for(lambda: fold_history(read_events(run_dir)).end)
-    assert end.status == "stopped"
-    assert end.checkpoint and Path(end.checkpoint).is_dir()
-    stopped_at = end.step
-    assert Path(end.checkpoint).name == f"checkpoint-{stopped_at}"
-    r = run_cli("runs", "--runs-dir", str(tmp_path), "--json")
-    assert json.loads(r.stdout)[0]["status"] == "stopped"
-
-    r = run_cli("resume", str(run_dir), timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    h = fold_history(read_events(run_dir))
-    assert [s.step for s in h.steps] == list(range(1, 61))
-    assert h.resumes[0].resumed_from_step == stopped_at
-    assert h.end.status == "finished"
-
-
-def test_kill_9_is_reported_as_crashed_and_resume_continues_the_step_numbers(tmp_path):
-    run_dir = _start_detached(tmp_path, training__max_steps=50, training__save_steps=10)
+def test_kill_9_is_crashed_sigterm_is_stopped_and_each_resume_goes_on_where_the_run_left_off(tmp_path):
+    """SIGKILL leaves a crashed run that resumes from its last checkpoint; SIGTERM checkpoints the step
+    it is at and ends stopped; a resume then finishes. The step numbers run on, and nothing before a
+    checkpoint is trained twice."""
+    run_dir = _start_detached(tmp_path, training__max_steps=60, training__save_steps=10)
     wait_for(lambda: any(e.kind == "checkpoint" for e in read_events(run_dir)) and len(_steps(run_dir)) >= 13)
     os.kill(_pid(run_dir), signal.SIGKILL)
     wait_for(lambda: json.loads(run_cli("runs", "--runs-dir", str(tmp_path), "--json").stdout)[0]["status"]
              == "crashed", timeout=30)
-    r = run_cli("runs", "--runs-dir", str(tmp_path))
-    assert "crashed" in r.stdout
-
+    assert "crashed" in run_cli("runs", "--runs-dir", str(tmp_path)).stdout
     last_ckpt = max(e.step for e in read_events(run_dir) if e.kind == "checkpoint")
-    r = run_cli("resume", str(run_dir), timeout=600)
+
+    r = run_cli("resume", str(run_dir), "--detach", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming {run_dir} from checkpoint-{last_ckpt}" in r.stdout
+    wait_for(lambda: len(fold_history(read_events(run_dir)).resumes) == 1
+             and _steps(run_dir)[-1] >= last_ckpt + 5 and _steps(run_dir)[-1] < 60)
+    os.kill(_pid(run_dir), signal.SIGTERM)
+    end = wait_for(lambda: fold_history(read_events(run_dir)).end)
+    assert end.status == "stopped" and end.checkpoint and Path(end.checkpoint).is_dir()
+    stopped_at = end.step
+    assert Path(end.checkpoint).name == f"checkpoint-{stopped_at}"
+    assert json.loads(run_cli("runs", "--runs-dir", str(tmp_path), "--json").stdout)[0]["status"] == "stopped"
+
+    r = run_cli("resume", str(run_dir), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
     h = fold_history(read_events(run_dir))
-    assert [s.step for s in h.steps] == list(range(1, 51))
-    assert h.resumes[-1].resumed_from_step == last_ckpt
-    # nothing before the checkpoint is trained twice: the resumed process starts right after it
-    raw_steps = _steps(run_dir)
-    second_start = len(raw_steps) - (50 - last_ckpt)
-    assert raw_steps[second_start:] == list(range(last_ckpt + 1, 51))
+    assert [s.step for s in h.steps] == list(range(1, 61)) and h.end.status == "finished"
+    assert [e.resumed_from_step for e in h.resumes] == [last_ckpt, stopped_at]
+    # Each resumed process starts right after its checkpoint: the crashed run's steps past its last
+    # checkpoint are trained again, once; the stopped run's checkpoint was the step it stopped at.
+    raw = _steps(run_dir)
+    restarts = [i for i in range(1, len(raw)) if raw[i] <= raw[i - 1]]
+    assert len(restarts) == 1 and raw[restarts[0]:] == list(range(last_ckpt + 1, 61))
 
 
 def test_malformed_dataset_line_is_named_before_any_model_loads(tmp_path):
