@@ -162,7 +162,8 @@ def _demo_tokenizer(demo_cache):
     return AutoTokenizer.from_pretrained(ensure_demo_model())
 
 
-@pytest.mark.parametrize("fmt", ["alpaca", "input_output", "prompt_completion", "text", "messages", "sharegpt"])
+@pytest.mark.parametrize("fmt", ["alpaca", "input_output", "prompt_completion", "text", "messages", "sharegpt",
+                                 "preference", "preference_messages"])
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_each_formats_template_renders_what_training_rendered(demo_cache, fmt, chat_template):
     from engine.after.template import format_template, ollama_render, ollama_template, render
@@ -176,7 +177,7 @@ def test_each_formats_template_renders_what_training_rendered(demo_cache, fmt, c
     for prompt in PROMPTS:
         rendered = get_format(fmt).render_prompt(prompt, tok, True)
         want = (tok.bos_token if rendered.bos else "") + rendered.text
-        if fmt in ("messages", "sharegpt") and chat_template:
+        if fmt in ("messages", "sharegpt", "preference_messages") and chat_template:
             want = rendered.text  # the demo's chat template writes its BOS itself
         got = render(template, [{"role": "user", "content": prompt}], add_generation_prompt=True,
                      bos_token=tok.bos_token, eos_token=tok.eos_token)

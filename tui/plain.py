@@ -30,7 +30,17 @@ from tui.steps import STEP_NAMES, STEPS, FormField, Step
 from tui.steps.data import render_example
 from tui.steps.hyper import METHOD_FORM, advice_lines, batch_words, lr_view
 from tui.steps.memory import NO_GPU_LINE, fastest_fit_lines, fit_line, gpu_line, memory_view, parse_gib
-from tui.steps.model import model_facts, recent_models
+from tui.steps.model import (
+    INIT_FROM_HINT,
+    INIT_FROM_TITLE,
+    init_from_choices,
+    init_from_value,
+    init_from_values,
+    model_facts,
+    recent_models,
+    stale_init_from,
+    starting_runs,
+)
 from tui.steps.review import default_export_path, node_commands
 from tui.steps.targets import SHORTCUTS, lora_view, selected_targets, target_shortcuts, targets_value
 
@@ -200,7 +210,30 @@ class PlainWizard:
                 break
             failed = True
         self.show_model()
+        self.ask_init_from()
         return None
+
+    def ask_init_from(self) -> None:
+        """Offer the finished runs of this model to start from (``lora.init_from``), when there are any;
+        a run picked for another model before goes back to fresh adapters, said."""
+        note = stale_init_from(self.draft.preset)
+        if note:
+            self.draft.set("lora.init_from", None)
+            self.say(note)
+        runs = starting_runs(self.draft.preset.output.runs_dir, self.draft.preset.model.source)
+        if not runs:
+            return
+        current = self.draft.preset.lora.init_from
+        self.say((INIT_FROM_TITLE, "bold"), f": {INIT_FROM_HINT}")
+        answer = self.select(INIT_FROM_TITLE, init_from_choices(runs, current),
+                             default=init_from_value(runs, current))
+        if (answer or None) != current:
+            if self.attempt(lambda: self.draft.set_many(init_from_values(self.draft.preset, answer)),
+                            f"cannot start from {answer}") is FAILED:
+                return
+        if answer:
+            lora = self.draft.preset.lora
+            self.say(f"starting from the adapter in {answer} (LoRA rank {lora.r}, alpha {lora.alpha:g})")
 
     def pick_model(self, failed: bool) -> bool:
         """Ask which model; False when nothing usable was given."""

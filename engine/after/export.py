@@ -239,13 +239,13 @@ class PromptFormat:
 
 def prompt_format(run: FinishedRun, tokenizer) -> PromptFormat:
     """The run's prompt format: the Jinja template, the trained end of an answer and the stops."""
-    from engine.after.template import answer_end, format_template, stops_for, tokenizer_template
+    from engine.after.template import answer_end, format_template, is_chat, stops_for, tokenizer_template
     from engine.data.tokenize import adds_bos
 
     fmt = run.format if run.format != "auto" else "text"
     bos = adds_bos(tokenizer)
     template = format_template(fmt, tokenizer, bos)
-    chat = fmt in ("messages", "sharegpt")
+    chat = is_chat(fmt)  # a pair format (dpo, orpo) as its single-response twin
     plain_chat = chat and tokenizer_template(tokenizer) is None
     bos_token, eos_token = tokenizer.bos_token or "", tokenizer.eos_token or ""
     if chat:
@@ -650,11 +650,16 @@ def export_command(run_dir, out: str | None = None, quant: str | None = None) ->
 
 def export_readme(result: dict, run: FinishedRun, form: PromptFormat) -> str:
     """The export's README: what it is, how to run it in llama.cpp, Ollama and LM Studio, what was checked."""
+    from engine.after.card import METHOD_WORDS
+    from engine.after.template import prompt_format_of
+
     gguf = Path(result["gguf"]).name
     name = run.run_dir.name.lower()
     mib = result["gguf_bytes"] / 2**20
+    method = METHOD_WORDS.get(run.preset.training.method)
     lines = [f"# {run.run_dir.name}: {result['quant']} GGUF", "",
-             f"`{gguf}` ({mib:,.1f} MiB): {run.preset.model.source} fine-tuned with QLoRA by qlora-wizard, "
+             f"`{gguf}` ({mib:,.1f} MiB): {run.preset.model.source} fine-tuned with QLoRA"
+             f"{f' and {method}' if method else ''} by qlora-wizard, "
              f"the adapter merged in, converted by llama.cpp's own converter ({result['quant']}: "
              f"{QUANT_WORDS[result['quant']]}).", "",
              "## Prompt format", "",
@@ -662,6 +667,9 @@ def export_readme(result: dict, run: FinishedRun, form: PromptFormat) -> str:
              "training rendered a prompt" + (f", and the model stops where training taught it to: at `{form.end}`."
                                              if form.end else "."),
              ""]
+    if prompt_format_of(form.fmt) == "prompt_completion":
+        lines += ["Its prompts were the exact text the model was given, with no template around them: a message "
+                  "is given to the model as typed, so lay it out as the training prompts were.", ""]
     if form.fmt == "alpaca":
         lines += ["In llama.cpp and LM Studio (the GGUF's own template) a blank line in your message ends the "
                   "instruction and starts its input, as in training. Ollama's templates cannot split a message: "

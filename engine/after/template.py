@@ -9,7 +9,10 @@ text ``try`` shows):
 - messages and sharegpt: the tokenizer's own chat template (the one training used), or, for a
   tokenizer without one, the plain ``### User:`` / ``### Assistant:`` layout training used then;
 - alpaca: ``### Instruction:`` and, after the first blank line of the message, ``### Input:``
-  (``try``'s rule), then ``### Response:``; input_output, prompt_completion and text likewise.
+  (``try``'s rule), then ``### Response:``; input_output, prompt_completion and text likewise;
+- the preference pairs of a dpo or orpo run as their single-response twins (:data:`AS_FORMAT`): a
+  ``preference`` prompt is the exact text the model is given, as prompt_completion's, and
+  ``preference_messages`` conversations are rendered as ``messages`` are.
 
 An assistant message renders as its text followed by the trained end (the EOS for the plain
 formats), so a conversation history reads as consecutive training examples.
@@ -59,6 +62,25 @@ PLAIN_CHAT = ("{% for message in messages %}"
               "{% endif %}{% endfor %}{% if add_generation_prompt %}### Assistant:\n{% endif %}")
 """messages/sharegpt with a tokenizer that has no chat template: the plain layout training used."""
 
+AS_FORMAT = {"preference": "prompt_completion", "preference_messages": "messages"}
+"""The pair formats (dpo, orpo) as the single-response format whose prompt they render alike (the prompt
+part of a pair is rendered as that format's: ``RecordFormat.render_prompt``)."""
+
+CHAT_FORMATS = ("messages", "sharegpt")
+"""Formats rendered with the tokenizer's chat template (the plain chat layout without one)."""
+
+
+def prompt_format_of(fmt: str) -> str:
+    """The format whose prompt template a run of data format ``fmt`` takes (itself, or for a pair format
+    its single-response twin, :data:`AS_FORMAT`)."""
+    return AS_FORMAT.get(fmt, fmt)
+
+
+def is_chat(fmt: str) -> bool:
+    """Whether a run of data format ``fmt`` renders its prompts with the chat template (conversations)."""
+    return prompt_format_of(fmt) in CHAT_FORMATS
+
+
 _BODIES = {"alpaca": ALPACA_BODY, "input_output": INPUT_OUTPUT_BODY, "prompt_completion": AS_TYPED_BODY,
            "text": AS_TYPED_BODY}
 
@@ -76,7 +98,8 @@ def tokenizer_template(tokenizer) -> str | None:
 
 def format_template(fmt: str, tokenizer, adds_bos: bool) -> str:
     """The Jinja chat template that renders a run of format ``fmt`` as training did (see the module)."""
-    if fmt in ("messages", "sharegpt"):
+    fmt = prompt_format_of(fmt)
+    if fmt in CHAT_FORMATS:
         own = tokenizer_template(tokenizer)
         if own is not None:
             return own
@@ -224,7 +247,7 @@ def stops_for(fmt: str, end: str | None, uses_plain_chat: bool) -> list[str]:
     """The Modelfile's stop strings: the trained end of an answer, then, for the plain layouts, the
     header of a next example (a model that ran on would write it next)."""
     stops = [end] if end else []
-    header = NEXT_TURN.get("plain_chat" if uses_plain_chat else fmt)
+    header = NEXT_TURN.get("plain_chat" if uses_plain_chat else prompt_format_of(fmt))
     if header and header not in stops:
         stops.append(header)
     return stops

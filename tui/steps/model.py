@@ -4,11 +4,17 @@ LoRA can target).
 
 The model source is the step's own field (typed, or from a shipped preset or a recent run), so the
 declaration has no form fields; nothing must be done before it.
+
+Once the model is read, the step offers to start from a finished run of the same base model
+(``lora.init_from``: its adapter instead of fresh ones, :func:`starting_runs`), such as a dpo run from
+an sft one; nothing is offered when the runs folder holds no such run.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 from tui.steps.base import Step
 
@@ -46,6 +52,144 @@ def recent_models(runs_dir: str | os.PathLike = "runs", limit: int = 5) -> list[
         if run.model and run.model not in seen:
             seen.append(run.model)
     return seen[:limit]
+
+
+INIT_FROM_TITLE = "start from a finished run (lora.init_from)"
+"""What the choice of a run to start from is called (the screen's box, the prompts' question)."""
+
+INIT_FROM_HINT = ("its adapter instead of fresh ones (rank, alpha, layers kept): especially useful for dpo or orpo "
+                  "after an sft run (dpo's reference: the sft model)")
+"""What starting from a run means, shown with the choice."""
+
+FRESH_ADAPTERS = "none: fresh adapters"
+"""The choice of no run."""
+
+
+@dataclass(frozen=True)
+class StartingRun:
+    """A finished run of the draft's base model that a new run can start from (``lora.init_from``)."""
+
+    name: str
+    """The run directory's name."""
+    adapter: str
+    """Its ``adapter/`` folder, absolute: the value ``lora.init_from`` takes."""
+    method: str
+    """What it trained: ``sft``, ``dpo`` or ``orpo`` (its start event's)."""
+    steps: int
+    """Optimizer steps it took."""
+    eval_loss: float | None
+    """Its final validation loss (None without evaluations)."""
+    started: float | None
+    """When it started (epoch seconds), for the order."""
+
+    @property
+    def label(self) -> str:
+        """One line: the run, its method, steps and final validation loss."""
+        from engine.events import finite
+
+        loss = finite(self.eval_loss)
+        return (f"{self.name}: {self.method}, {self.steps:,} steps"
+                + (f", validation loss {loss:.4f}" if loss is not None else ""))
+
+
+def resolved_source(source: str) -> str:
+    """A model source as a run records it (``engine.runs.create_run``): a local path made absolute, a Hub
+    id or ``builtin:`` name as it is."""
+    if not source or source.startswith("builtin:") or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
+def starting_runs(runs_dir: str | os.PathLike, source: str) -> list[StartingRun]:
+    """The finished runs under ``runs_dir`` whose base model (their preset's ``model.source``, resolved
+    alike) is ``source`` and which saved an ``adapter/``, newest first; unreadable runs are passed over."""
+    from engine.errors import UserError
+    from engine.events import fold_history, read_events
+    from engine.preset import load_preset
+    from engine.runs import ADAPTER_DIR, PRESET_FILE
+
+    root = Path(runs_dir).expanduser()
+    want = resolved_source(source)
+    found = []
+    try:
+        dirs = [d for d in root.iterdir() if (d / PRESET_FILE).is_file()] if root.is_dir() else []
+    except OSError:
+        return []
+    for d in dirs:
+        adapter = d / ADAPTER_DIR
+        if not (adapter / "adapter_config.json").is_file():
+            continue
+        try:
+            if resolved_source(load_preset(d / PRESET_FILE).model.source) != want:
+                continue
+            history = fold_history(read_events(d))
+        except (UserError, OSError, ValueError):
+            continue
+        if history.end is None or history.end.status != "finished":
+            continue
+        start = history.start
+        found.append(StartingRun(d.name, str(adapter.resolve()), start.method if start else "sft", history.step,
+                                 history.evals[-1].eval_loss if history.evals else None,
+                                 start.time if start else None))
+    found.sort(key=lambda r: (r.started or 0.0, r.name), reverse=True)
+    return found
+
+
+def init_from_choices(runs: list[StartingRun], current: str | None = None) -> list[tuple[str, str]]:
+    """(label, value) of the choice of a run to start from: none first (value empty), then each run
+    (value its adapter folder); a ``current`` ``lora.init_from`` that is none of them (a preset file's)
+    is kept as a choice of its own, after none."""
+    choices = [(FRESH_ADAPTERS, "")]
+    if current and init_from_value(runs, current) == current and current not in (r.adapter for r in runs):
+        choices.append((f"keep: {current}", current))
+    return choices + [(r.label, r.adapter) for r in runs]
+
+
+def init_from_value(runs: list[StartingRun], current: str | None) -> str:
+    """The choice (:func:`init_from_choices`'s value) that ``lora.init_from`` = ``current`` is: the run
+    whose adapter it names (written another way, say relative), else itself; empty for none."""
+    if not current:
+        return ""
+    here = resolved_source(current)
+    return next((r.adapter for r in runs if r.adapter in (current, here)), current)
+
+
+def init_from_values(preset, adapter: str | None) -> dict:
+    """What choosing ``adapter`` (None: fresh adapters) sets, for ``Draft.set_many``: ``lora.init_from``,
+    and with an adapter its rank, alpha and target layers, which its weights fix (the run takes them
+    anyway, ``engine.plan.with_init_adapter``; the memory and targets steps then show them). Raises a
+    one-line UserError when the folder is not a LoRA adapter."""
+    values: dict = {"lora.init_from": adapter or None}
+    if adapter:
+        from engine.plan import with_init_adapter
+
+        lora = with_init_adapter(preset.model_copy(update={"lora": preset.lora.model_copy(
+            update={"init_from": adapter})})).lora
+        values.update({"lora.r": lora.r, "lora.alpha": lora.alpha, "lora.targets": lora.targets})
+    return values
+
+
+def stale_init_from(preset) -> str | None:
+    """When ``lora.init_from`` is a run's adapter whose base model is not the preset's (the model was
+    changed after a run was picked): the line that says it goes back to fresh adapters; else None."""
+    from engine.errors import UserError
+    from engine.preset import load_preset
+    from engine.runs import PRESET_FILE
+
+    folder = preset.lora.init_from
+    if not folder:
+        return None
+    run_preset = Path(folder).expanduser().parent / PRESET_FILE
+    if not run_preset.is_file():
+        return None
+    try:
+        base = load_preset(run_preset).model.source
+    except (UserError, OSError):
+        return None
+    if resolved_source(base) == resolved_source(preset.model.source):
+        return None
+    return (f"lora.init_from cleared: {Path(folder).parent.name} was trained on {base}, not "
+            f"{preset.model.source}; fresh adapters")
 
 
 STEP = Step("model", "Model")

@@ -1,6 +1,8 @@
 """The model step: a Hub id or a local folder (or a shipped preset, or a recent model); the config is
 read in a worker and its facts shown: sizes, heads, vocabulary, context, parameters, weight size
-and the layer names LoRA can target. A model that needs its own code asks for consent first."""
+and the layer names LoRA can target. A model that needs its own code asks for consent first. Once it
+is read, the finished runs of the same model are offered to start from (``lora.init_from``), in a box
+below that shows only when there are any."""
 
 from __future__ import annotations
 
@@ -8,14 +10,25 @@ from rich.table import Table
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from engine.errors import UserError
 from engine.preset import shipped_presets
 from tui.screens.steps.step import StepScreen
-from tui.steps.model import model_facts, recent_models
+from tui.steps.model import (
+    INIT_FROM_HINT,
+    INIT_FROM_TITLE,
+    StartingRun,
+    init_from_choices,
+    init_from_value,
+    init_from_values,
+    model_facts,
+    recent_models,
+    stale_init_from,
+    starting_runs,
+)
 
 PLACEHOLDER = "org/name on the Hub, a model folder, a .gguf file, or builtin:tiny-llama"
 
@@ -24,6 +37,28 @@ class ModelScreen(StepScreen):
     """Choose the base model and see what it is."""
 
     STEP = "model"
+
+    DEFAULT_CSS = """
+    ModelScreen #init-box {
+        height: auto;
+        border: round $primary-darken-1;
+        padding: 0 1;
+    }
+    ModelScreen #init-from {
+        height: auto;
+        max-height: 6;
+        border: none;
+        padding: 0;
+    }
+    """
+    """The box of runs to start from (its own here: only this step has it)."""
+
+    _runs_key: tuple | None = None
+    """(runs folder, model) that ``_runs`` were found for."""
+    _runs: list[StartingRun] = []
+    """The finished runs of the model to start from (``lora.init_from``)."""
+    _listed: tuple | None = None
+    """(choices, the chosen value) the list shows, so a refresh that changes neither leaves it be."""
 
     def compose_step(self) -> ComposeResult:
         with Horizontal(id="source-row"):
@@ -38,6 +73,11 @@ class ModelScreen(StepScreen):
                 box.border_title = "the model"
                 yield Static(id="model-status")
                 yield Static(id="facts")
+        with Vertical(id="init-box") as init_box:
+            init_box.border_title = INIT_FROM_TITLE
+            init_box.display = False
+            yield Static(Text(INIT_FROM_HINT, "dim"), id="init-hint")
+            yield OptionList(id="init-from")
 
     def on_mount(self) -> None:
         """Fill the choices and the field."""
@@ -99,6 +139,58 @@ class ModelScreen(StepScreen):
             self.query_one("#source", Input).value = value
             self._read(value)
 
+    @on(OptionList.OptionSelected, "#init-from")
+    def _init_chosen(self, event: OptionList.OptionSelected) -> None:
+        value = (event.option.id or "").removeprefix("init:") or None
+        if value != self.draft.preset.lora.init_from:
+            try:
+                self.draft.set_many(init_from_values(self.draft.preset, value))
+            except UserError as exc:
+                self.set_error(exc.one_line())
+                return
+        self.set_error(None)
+        self._show_init_from()
+
+    def _find_runs(self) -> None:
+        """Look for the finished runs of the draft's model once it is read (again when the model or the
+        runs folder changes); a run picked before for another model goes back to fresh adapters, said."""
+        preset = self.draft.preset
+        key = (preset.output.runs_dir, preset.model.source)
+        if key == self._runs_key:
+            return
+        self._runs_key = key
+        note = stale_init_from(preset)
+        if note:
+            self.draft.set("lora.init_from", None)
+            self.app.notify(note)
+        try:
+            self._runs = starting_runs(*key)
+        except Exception:  # noqa: BLE001 - unreadable runs just mean none to start from
+            self._runs = []
+
+    def _show_init_from(self) -> None:
+        """The runs to start from, the chosen one marked; the box hidden when there are none."""
+        box = self.query_one("#init-box", Vertical)
+        runs = self._runs if self.draft.model_ready else []
+        box.display = bool(runs)
+        if not runs:
+            return
+        current = self.draft.preset.lora.init_from
+        chosen = init_from_value(runs, current)
+        choices = init_from_choices(runs, current)
+        if (choices, chosen) == self._listed:
+            return  # as shown already
+        self._listed = (choices, chosen)
+        options = self.query_one("#init-from", OptionList)
+        highlighted = options.highlighted
+        options.clear_options()
+        for label, value in choices:
+            mark = "(•) " if value == chosen else "( ) "
+            options.add_option(Option(Text.assemble((mark, "bold" if value == chosen else "dim"), label),
+                                      id=f"init:{value}"))
+        if highlighted is not None:
+            options.highlighted = min(highlighted, options.option_count - 1)
+
     def refresh_step(self) -> None:
         """Show the model's facts, or what is happening, or what went wrong."""
         app, draft = self.app, self.draft
@@ -126,5 +218,7 @@ class ModelScreen(StepScreen):
             for note in draft.info.notes:
                 t.add_row("note", Text(note, "italic"))
             facts.update(t)
+            self._find_runs()
         else:
             facts.update("")
+        self._show_init_from()
