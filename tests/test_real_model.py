@@ -11,6 +11,7 @@ and ``merge`` writes a model whose logits are the adapter model's.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -165,3 +166,38 @@ def test_export_runs_in_llama_cpp_as_it_ran_in_transformers(real_run, tmp_path):
     assert 250 * 2**20 < result["gguf_bytes"] < 320 * 2**20
     assert abs(result["gguf_bytes_estimated"] / result["gguf_bytes"] - 1) < 0.1  # the size shown before
     assert (out / "Modelfile").read_text().count("PARAMETER stop") >= 1
+
+
+@pytest.mark.skipif(not os.environ.get("QLORA_WIZARD_HEAVY_TESTS"),
+                    reason="about 3 minutes on two cores (TRL's DPO projects every position through the real "
+                           "model's 262,144-word head): QLORA_WIZARD_HEAVY_TESTS=1 runs it")
+def test_a_short_dpo_run_prefers_the_chosen_answers_where_the_base_does_not(real_model, tmp_path, demo_cache):
+    """Preference tuning on the real model, on a task of its own: to answer "say it twice" with the word
+    twice rather than once. The base finds the single word likelier (a shorter answer); after a short
+    DPO run the tuned model prefers the chosen answer on held-out pairs (``eval``'s preferences)."""
+    import yaml
+
+    from conftest import trained_in_process
+
+    words = sorted(set(WORDS))
+    random.Random(1).shuffle(words)
+    words = words[:32]  # 24 pairs to train on, 8 held out: the real model's head (262,144 words) is slow here
+    data = tmp_path / "twice-pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": PROMPT.format(word=w), "chosen": f" {w} {w}",
+                                        "rejected": f" {w}"}) + "\n" for w in words))
+    preset = tmp_path / "dpo.yaml"
+    preset.write_text(yaml.safe_dump({
+        "model": {"source": str(real_model)},
+        "data": {"train": str(data), "validation_split": 0.25},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all-linear"},
+        "training": {"method": "dpo", "seq_len": 64, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
+                     "max_steps": 6, "learning_rate": 1e-3, "eval_steps": 6, "save_steps": 6,
+                     "logging_steps": 2, "seed": 0, "report_to": "none"},
+        "output": {"runs_dir": str(tmp_path / "runs")},
+    }))
+    run_dir = trained_in_process(preset, tmp_path / "run")
+    r = run_cli("eval", str(run_dir), "--generations", "0", "--json", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    prefs = json.loads(r.stdout)["preferences"]
+    assert prefs["pairs"] == 8 and prefs["base_accuracy"] <= 0.25, prefs
+    assert prefs["fine_tuned_accuracy"] >= 0.875 and prefs["reward_accuracy"] >= 0.875, prefs
