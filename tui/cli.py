@@ -1028,7 +1028,7 @@ def cmd_plot(args) -> int:
     from engine.after import write_curves
 
     svg, png = write_curves(args.run_dir, args.out)
-    print(f"loss curves written to {svg} and {png}")
+    print(f"curves written to {svg} and {png}")
     return EXIT_OK
 
 

@@ -256,7 +256,8 @@ def card_text(run: FinishedRun, *, repo_id: str | None = None, merged: str | Pat
     loads_from = ("" if repo_id else
                   f"\n`{where}` is {'the merged folder' if merged else 'the run folder' + chr(39) + 's `adapter/`'}, "
                   "or the Hub repo it is pushed to.\n")
-    lines += ["", f"![training and validation loss]({CURVES_FILE})", "",
+    pictured = "training and validation loss" + (", reward margin and preference accuracy" if method else "")
+    lines += ["", f"![{pictured}]({CURVES_FILE})", "",
               "## How to use it", "", "```python",
               _load_snippet(run, source, where, bool(merged)).rstrip(), "```", loads_from,
               _prompt_layout(run), "",
