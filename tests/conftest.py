@@ -135,6 +135,40 @@ def trained_in_process(preset: Path, run_dir: Path) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def tok(demo_cache):
+    """The demo model's tokenizer (it has a chat template)."""
+    from engine.data import load_tokenizer
+    from engine.preset import ModelSettings
+
+    return load_tokenizer(ModelSettings(source="builtin:tiny-llama"))
+
+
+@pytest.fixture
+def tok_plain(tok):
+    """The demo tokenizer without a chat template (conversations use the plain layout)."""
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    return t
+
+
+def write_jsonl(path: Path, records) -> str:
+    """Records (objects, or lines as they are) written one a line; the path as text."""
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def data_settings(train: str, **kw):
+    """``DataSettings`` for a file, without a validation split unless asked."""
+    from engine.preset import DataSettings
+
+    kw.setdefault("validation_split", 0)
+    return DataSettings(train=train, **kw)
+
+
 def copied_run(run_dir: Path, into: Path) -> Path:
     """A copy of a finished run to write into (the run directory's name kept)."""
     import shutil

@@ -14,37 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import data_settings as settings
+from conftest import write_jsonl
 from engine import data as D
 from engine.errors import UserError
 from engine.preset import DataSettings, ModelSettings
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def tok(demo_cache):
-    return D.load_tokenizer(ModelSettings(source="builtin:tiny-llama"))
-
-
-@pytest.fixture
-def tok_plain(tok):
-    """The demo tokenizer without a chat template (conversations use the plain layout)."""
-    import copy
-
-    t = copy.deepcopy(tok)
-    t.chat_template = None
-    return t
-
-
-def write_jsonl(path: Path, records) -> str:
-    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
-
-
-def settings(train: str, **kw) -> DataSettings:
-    kw.setdefault("validation_split", 0)
-    return DataSettings(train=train, **kw)
 
 
 def prep(s: DataSettings, tok, tmp_path: Path, seq_len: int = 512, seed: int = 0):

@@ -223,14 +223,15 @@ class DataStats:
             removed.append(f"{self.removed_phrases:,} containing a drop phrase")
         if self.removed_empty:
             removed.append(f"{self.removed_empty:,} with nothing left to train after truncation")
+        return lines + self._closing_lines(removed)
+
+    def _closing_lines(self, removed: list[str]) -> list[str]:
+        """The summary's last lines: what cleaning removed (``removed``, and the bad records), and
+        whether the examples teach the model to stop."""
         if self.skipped_bad:
-            removed.append(f"{self.skipped_bad:,} bad records")
-        if removed:
-            lines.append("removed: " + ", ".join(removed))
+            removed = [*removed, f"{self.skipped_bad:,} bad records"]
         stop = self.stop_line()
-        if stop:
-            lines.append(stop)
-        return lines
+        return (["removed: " + ", ".join(removed)] if removed else []) + ([stop] if stop else [])
 
     def _pair_lines(self) -> list[str]:
         """The summary of preference pairs: pairs, tokens by part, lengths, cuts and removals."""
@@ -256,14 +257,7 @@ class DataStats:
             removed.append(f"{self.removed_empty_side:,} with an empty answer")
         if self.removed_prompt_too_long:
             removed.append(f"{self.removed_prompt_too_long:,} whose prompt fills seq_len {self.seq_len:,}")
-        if self.skipped_bad:
-            removed.append(f"{self.skipped_bad:,} bad records")
-        if removed:
-            lines.append("removed: " + ", ".join(removed))
-        stop = self.stop_line()
-        if stop:
-            lines.append(stop)
-        return lines
+        return lines + self._closing_lines(removed)
 
     def stop_line(self) -> str:
         """Whether every training example ends with the stop token, so the model learns to stop; a

@@ -100,6 +100,14 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     }
 
 
+def _refused(exc: TemplateRefused, source: str, unit: str, number: int, skip_bad_records: bool) -> None:
+    """A conversation the chat template refused: one line naming the record, unless bad records are
+    skipped (the caller counts it)."""
+    if not skip_bad_records:
+        raise UserError(f"{source} {unit} {number}: the chat template refused this conversation ({exc})",
+                        "fix the record or set data.skip_bad_records: true") from None
+
+
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges",
                            "spiece", "sentencepiece", "config.json")
 """The files of a model folder that a tokenizer loads from (``config.json`` can name its class)."""
@@ -224,11 +232,7 @@ def tokenize_examples(examples: list, fmt: RecordFormat, tokenizer, seq_len: int
             try:
                 rendered.append(fmt.render(example, tokenizer, bos_first))
             except TemplateRefused as exc:
-                if not skip_bad_records:
-                    raise UserError(
-                        f"{source} {unit} {number}: the chat template refused this conversation ({exc})",
-                        "fix the record or set data.skip_bad_records: true",
-                    ) from None
+                _refused(exc, source, unit, number, skip_bad_records)
                 result.skipped_bad += 1
         for r, (ids, flags) in zip(rendered, _encode(rendered, tokenizer)):
             if r.bos:
@@ -347,11 +351,7 @@ def tokenize_pairs(examples: list, fmt: RecordFormat, tokenizer, seq_len: int, s
             try:
                 rendered.append(fmt.render_pair(example, tokenizer, bos_first))
             except TemplateRefused as exc:
-                if not skip_bad_records:
-                    raise UserError(
-                        f"{source} {unit} {number}: the chat template refused this conversation ({exc})",
-                        "fix the record or set data.skip_bad_records: true",
-                    ) from None
+                _refused(exc, source, unit, number, skip_bad_records)
                 result.skipped_bad += 1
         if not rendered:
             continue
