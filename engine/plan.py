@@ -82,7 +82,6 @@ def plan_device(preset: Preset, gpus: list | None = None, model_type: str | None
     """
     from engine.arch import profile
     from engine.attention import PACKED_SDPA, VARLEN_TORCH, describe_kernel, torch_varlen_supported
-    from engine.kernels import liger_decision
 
     # Soft-capped attention scores (Gemma 2): SDPA cannot do them, eager (or flash-attn) can.
     fallback = "eager" if profile(model_type).attention_softcap else "sdpa"
@@ -93,13 +92,17 @@ def plan_device(preset: Preset, gpus: list | None = None, model_type: str | None
     q, m, t = preset.quantization, preset.model, preset.training
     from engine.loss import chunked_loss_applies
 
-    own_loss = t.chunked_loss and chunked_loss_applies(model_type)
+    # dpo and orpo: TRL's loss on padded pairs (no packing, no engine loss, no Liger).
+    pairs = t.method in PREFERENCE_METHODS
+    packing = t.packing and not pairs
+    own_loss = t.chunked_loss and chunked_loss_applies(model_type) and not pairs
+    fused = "off" if pairs else t.fused_kernels
     if not gpus:
         compute = CPU_DTYPE if q.compute_dtype == "auto" else q.compute_dtype
         attn = fallback if m.attn_implementation in ("auto", "flash_attention_2") else m.attn_implementation
-        if attn == "sdpa" and t.packing:
+        if attn == "sdpa" and packing:
             attn = PACKED_SDPA
-        liger, why = liger_decision(t.fused_kernels, "cpu", model_type, own_loss=own_loss)
+        liger, why = _fused_decision(fused, "cpu", model_type, own_loss, pairs)
         return DevicePlan("cpu", compute, CPU_DTYPE, attn, "CPU", liger, f"{describe_kernel(attn)}; {why}")
     gpu = gpus[0]
     # bnb_4bit_compute_dtype defaults to float32, which is slow; bf16 needs compute capability 8.0+.
@@ -111,11 +114,21 @@ def plan_device(preset: Preset, gpus: list | None = None, model_type: str | None
 
         # flash-attn 2 runs on Ampere (8.0) and newer.
         attn = "flash_attention_2" if flash_attn_available() and gpu.compute_capability >= (8, 0) else fallback
-    if attn == "sdpa" and t.packing:
+    if attn == "sdpa" and packing:
         attn = VARLEN_TORCH if torch_varlen_supported(gpu.compute_capability) else PACKED_SDPA
-    liger, why = liger_decision(t.fused_kernels, "cuda", model_type, own_loss=own_loss,
-                                installed=True if assumed and t.fused_kernels == "liger" else None)
+    liger, why = _fused_decision(fused, "cuda", model_type, own_loss, pairs,
+                                 installed=True if assumed and fused == "liger" else None)
     return DevicePlan("cuda", compute, best16, attn, gpu.name, liger, f"{describe_kernel(attn)}; {why}")
+
+
+def _fused_decision(setting: str, device: str, model_type: str | None, own_loss: bool, pairs: bool,
+                    installed: bool | None = None) -> tuple[bool, str]:
+    """Liger or not, and why (``engine.kernels.liger_decision``); for dpo and orpo, TRL's loss says so."""
+    from engine.kernels import liger_decision
+
+    if pairs:
+        return False, "TRL's dpo/orpo loss on padded pairs (log-probabilities in chunks for dpo)"
+    return liger_decision(setting, device, model_type, own_loss=own_loss, installed=installed)
 
 
 def assumed_gpu(preset: Preset, model_type: str | None = None) -> DevicePlan:

@@ -9,10 +9,10 @@ accuracy), checkpoints, stop and resume, the adapter written whole or not at all
 
 What the engine changes in TRL's behaviour, and why:
 
-- The reference of dpo is the model as the run began: TRL keeps a frozen copy of the adapter under
-  the name ``ref`` (the base itself for a fresh adapter, whose update is zero; the adapter a run
-  starts from with ``lora.init_from``, as SFT-then-DPO needs), or precomputes its log-probabilities
-  once before the first step (``training.reference``).
+- The reference of dpo is the model as the run began: the base with the adapter switched off for a
+  fresh adapter (whose update is zero; TRL's frozen copy of it is dropped), or TRL's frozen copy of
+  the adapter a run starts from with ``lora.init_from`` (as SFT-then-DPO needs); or its
+  log-probabilities precomputed once before the first step (``training.reference``).
 - TRL casts the trainable adapter weights of a 4-bit model to bfloat16. At a preference rate (about
   5e-6) most Adam updates of a weight near 0.1 are below bfloat16's spacing there (about 5e-4) and
   are lost; the engine keeps them in float32, as its sft runs do.
@@ -162,6 +162,12 @@ def build_preference_trainer(*, run, preset: Preset, model, args, train_dataset,
         run=run, model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, callbacks=callbacks,
     )
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if not preset.lora.init_from and "ref" in getattr(unwrapped, "peft_config", {}):
+        # A fresh adapter's frozen copy is the base itself (its update is zero): the reference pass
+        # runs with the adapter switched off instead of through LoRA layers that add zeros.
+        unwrapped.delete_adapter("ref")
+        unwrapped.set_adapter("default")
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # TRL's bfloat16 cast (see the module's notes)

@@ -248,12 +248,13 @@ class TrainingSettings(_Section):
         description="dpo's loss (TRL's loss_type): sigmoid (the DPO paper's), ipo (bounded; beta is its tau), "
         "hinge (SLiC), robust (for noisy preference labels).",
     )
-    reference: Literal["auto", "adapter_off", "precomputed"] = Field(
+    reference: Literal["auto", "each_step", "precomputed"] = Field(
         "auto",
-        description="dpo's reference log-probabilities. adapter_off: the base with the adapter switched off, "
-        "beside every step (no second copy of the weights). precomputed: once for all pairs before the first "
-        "step, then no reference pass at all. auto: precomputed when the run covers the data at least once, "
-        "else adapter_off.",
+        description="dpo's reference log-probabilities, of the model as the run began (the base, or the adapter "
+        "lora.init_from starts from), never a second copy of the weights. each_step: a pass beside every step "
+        "(the adapter switched off, or its frozen starting copy). precomputed: once for all pairs before the "
+        "first step, then no reference pass at all. auto: precomputed when the run covers the data at least "
+        "once, else each_step.",
     )
     seq_len: int = Field(2048, ge=16, le=1_048_576, description="Longest example in tokens; longer ones are truncated.")
     micro_batch_size: int = Field(1, ge=1, le=4096, description="Examples per forward pass on one GPU.")

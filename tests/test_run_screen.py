@@ -253,8 +253,10 @@ async def test_lays_out_at_small_and_large_sizes(tmp_path, size):
                        "learning curves", "qlora-wizard resume", "Detach"):
             assert phrase in text, f"{phrase!r} is not on a {size[0]}x{size[1]} screen"
         # Every part got a place with room to draw in, and nothing fell off the bottom.
+        # (an sft run's curves: the preference boxes stay hidden)
         for widget in app.screen.query("#status, #progress, #metrics, .curve, #diagnosis, #alert"):
-            assert widget.region.width > 0 and widget.region.height > 0, widget
+            assert (widget.region.width > 0 and widget.region.height > 0) == widget.display, widget
+        assert not app.screen.query_one("#margin-box").display and not app.screen.query_one("#acc-box").display
         assert app.screen.max_scroll_y == 0
 
 
