@@ -21,6 +21,17 @@ and leaves out the first ``--warmup`` steps. The data is a deterministic generat
 records whose lengths spread from about 40 to 1000 tokens, as real instruction data does; it is
 written to a temporary folder and removed afterwards.
 
+``--method dpo`` measures preference tuning instead: the engine's dpo (its training process on a
+``training.method: dpo`` preset) against TRL's ``DPOTrainer`` as TRL's docs write QLoRA (``--baseline
+trl``, the only one: the plain recipe has no DPO), see ``trl_dpo_worker``. Both train on the same
+prompt/chosen/rejected texts (``make_pairs``: prompts and answers of spread lengths, each side
+within ``--seq-len``), TRL tokenizing them itself (the worker checks its tokens are the engine's),
+with the same beta, sigmoid loss, reference (``--reference``: a pass each step, TRL's default, or
+precomputed before the first step), batch, rate, steps and seed. Throughput counts the real tokens
+of both sides (the prompt in each); the losses are compared step by step (at step 1 both are
+ln 2 = 0.6931 whatever the weights, the fresh adapter's policy being its reference: the later steps
+are the test).
+
 ``--config DIR`` builds the model with random weights from a real ``config.json`` (for a GPU, where
 weights cannot be downloaded); the demo's character-level tokenizer supplies the ids. ``--model DIR``
 trains a pretrained model folder with its own tokenizer instead: ``make bench-real`` runs it on the
@@ -54,6 +65,8 @@ if str(ROOT) not in sys.path:
 
 H100_PEAK_FLOPS = 989e12
 WORDS_SEED = 1234
+PREFERENCE_LOGS = {"rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy"}
+"""TRL's preference figures a baseline's steps record, under the engine's step-event names."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +107,30 @@ def make_records(n: int, seed: int = WORDS_SEED, shortest: int = 40, longest: in
             "input": _text(rng, inp) if inp else "",
             "output": _text(rng, out),
         })
+    return records
+
+
+def make_pairs(n: int, seq_len: int, seed: int = WORDS_SEED, shortest: int = 40) -> list[dict]:
+    """Preference pairs (``prompt``, ``chosen``, ``rejected`` texts) whose prompt + longer answer is
+    log-uniform in [shortest, seq_len - 2] characters (character tokens; the 2 for BOS and EOS, so
+    nothing is cut): a prompt of 10-40 % of it, the chosen answer the rest, the rejected one 30-100 %
+    of the chosen's length, either the longer. Deterministic."""
+    rng = random.Random(seed)
+    longest = max(shortest + 1, seq_len - 2)
+    records = []
+    for i in range(n):
+        total = int(math.exp(rng.uniform(math.log(min(shortest, longest - 1)), math.log(longest))))
+        head = f"{i}: "
+        prompt_chars = max(len(head) + 4, int(total * rng.uniform(0.1, 0.4)))
+        long_side = max(4, total - prompt_chars)
+        short_side = max(3, int(long_side * rng.uniform(0.3, 1.0)))
+        chosen, rejected = _text(rng, long_side), _text(rng, short_side)
+        if rng.random() < 0.5:
+            chosen, rejected = rejected, chosen
+        if chosen == rejected:
+            rejected += "."
+        records.append({"prompt": head + _text(rng, prompt_chars - len(head) - 1) + "\n",
+                        "chosen": chosen, "rejected": rejected})
     return records
 
 
@@ -183,7 +220,8 @@ def _recorder(steps: list[dict], counter: dict):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 steps.append({"step": state.global_step, "time": time.time(), "loss": float(logs["loss"]),
-                              "tokens": counter["tokens"], "padded": counter["padded"]})
+                              "tokens": counter["tokens"], "padded": counter["padded"],
+                              **{field: float(logs[name]) for name, field in PREFERENCE_LOGS.items() if name in logs}})
 
     return Recorder()
 
@@ -387,6 +425,149 @@ def trl_worker(spec: dict, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# TRL's DPOTrainer (a worker process, --method dpo)
+
+
+class _HostCounter:
+    """A collator whose batches' real and computed tokens are counted on the host, before they go to the
+    device (as the engine's collator counts them: no read-back from the GPU per micro batch), queued in
+    the order collated; ``take`` adds the oldest to the counter as its micro batch trains (the data
+    loader collates a batch ahead)."""
+
+    def __init__(self, inner, counter: dict) -> None:
+        import collections
+
+        self.inner, self.counter, self.queue = inner, counter, collections.deque()
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.queue.append((int(batch["attention_mask"].sum()), int(batch["input_ids"].numel())))
+        return batch
+
+    def take(self) -> None:
+        tokens, padded = self.queue.popleft()
+        self.counter["tokens"] += tokens
+        self.counter["padded"] += padded
+
+
+def trl_dpo_worker(spec: dict, out: Path) -> None:
+    """TRL's ``DPOTrainer`` as its docs write QLoRA: the model given by path with ``quantization_config``
+    (NF4 + double quantization) and ``peft_config`` (LoRA), ``DPOConfig`` with the engine's batch, rate,
+    schedule, steps, seed, beta, sigmoid loss, ``max_length`` (the engine's seq_len) and reference
+    (``precompute_ref_log_probs`` for ``precomputed``; else TRL's default, a pass with the adapter
+    disabled beside each step), on the pair texts themselves, which TRL tokenizes; the worker checks its
+    tokens against the engine's, pair by pair.
+
+    Departures, each to train the same thing as the engine: ``bf16`` only on CUDA; the LoRA weights put
+    back to their fp32 values as created after TRL casts them to bf16 (unless ``trl_bf16_adapters``); on
+    the CPU, bitsandbytes' AVX512-BF16 inference repacking off, as the engine's process turns it off (a
+    no-grad forward in eval mode, as precomputing the reference is, would repack the 4-bit weights into
+    a layout with no backward); and the real tokens counted in the collator, on the host, taken as each
+    micro batch trains."""
+    import datasets
+    import torch
+    import transformers
+    import trl
+    import trl.trainer.dpo_trainer as dpo_module
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig
+    from trl import DPOConfig, DPOTrainer
+
+    transformers.logging.set_verbosity_error()
+    cuda = torch.cuda.is_available()
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    records = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line.strip()]
+    train = datasets.Dataset.from_list(records)
+    compute = torch.bfloat16 if cuda else torch.float32
+    model_init_kwargs = {"dtype": compute}
+    if cuda:
+        model_init_kwargs["device_map"] = {"": 0}
+    args = DPOConfig(
+        # AdamW as transformers' default has it on CUDA (fused), which the engine runs there too
+        **(_trainer_args(spec, cuda) | {"optim": "adamw_torch_fused" if cuda else "adamw_torch"}),
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        beta=spec["beta"],
+        loss_type=["sigmoid"],
+        max_length=spec["seq_len"],
+        precompute_ref_log_probs=spec["reference"] == "precomputed",
+        model_init_kwargs=model_init_kwargs,
+    )
+    steps: list[dict] = []
+    counter = {"tokens": 0, "padded": 0}
+
+    created: dict = {}
+    make_peft_model = dpo_module.get_peft_model
+
+    def get_peft_model(model, config, **kwargs):
+        if not cuda:
+            import bitsandbytes as bnb
+
+            for module in model.modules():
+                if isinstance(module, bnb.nn.Linear4bit):
+                    module.support_avx512bf16_for_cpu = False
+        model = make_peft_model(model, config, **kwargs)
+        created.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return model
+
+    class CountingTrainer(DPOTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.data_collator.take()
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    dpo_module.get_peft_model = get_peft_model
+    try:
+        trainer = CountingTrainer(
+            model=spec["model"], args=args, train_dataset=train, processing_class=tokenizer,
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+            peft_config=LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+                                   target_modules=spec["targets"], bias="none", task_type="CAUSAL_LM"),
+            callbacks=[_recorder(steps, counter)],
+        )
+    finally:
+        dpo_module.get_peft_model = make_peft_model
+    if not created:
+        raise SystemExit("TRL created no adapters where expected (its get_peft_model was not called)")
+    engine_pairs = datasets.load_from_disk(spec["tokenized"])
+    mismatch = _first_pair_mismatch(trainer.train_dataset, engine_pairs, spec["seq_len"])
+    if mismatch:
+        raise SystemExit(f"TRL's tokens differ from the engine's: {mismatch}")
+    adapter_dtypes = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
+    if not spec.get("trl_bf16_adapters"):
+        for n, p in trainer.model.named_parameters():
+            if n in created:
+                p.data = created[n].to(p.device)
+    trainer.data_collator = _HostCounter(trainer.data_collator, counter)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    train_start = time.time()
+    trainer.train()
+    mem = _per_step_tokens_and_peak(steps, cuda)
+    out.write_text(json.dumps({"train_start": train_start, "started": started, "steps": steps, **mem,
+                               "elapsed_s": time.time() - started, "trl_version": trl.__version__,
+                               "reference": "precomputed" if args.precompute_ref_log_probs else "adapter disabled",
+                               "adapter_dtype_from_trl": adapter_dtypes,
+                               "adapter_dtype_trained": sorted({str(p.dtype) for p in trainer.model.parameters()
+                                                                if p.requires_grad})}))
+
+
+def _first_pair_mismatch(trl_pairs, engine_pairs, seq_len: int) -> str | None:
+    """Where TRL's tokenized pairs first differ from the engine's (each answer cut where the engine cuts
+    it, at seq_len - the prompt's length, as TRL's collator does); None when they are the same."""
+    if len(trl_pairs) != len(engine_pairs):
+        return f"{len(trl_pairs)} pairs against the engine's {len(engine_pairs)}"
+    for i, (t, e) in enumerate(zip(trl_pairs, engine_pairs)):
+        prompt = list(t["prompt_ids"])
+        room = seq_len - len(prompt)
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            mine = prompt if key == "prompt_ids" else list(t[key])[:room]
+            if mine != [int(x) for x in e[key]]:
+                return f"pair {i}, {key}: {mine[:12]}... against {list(e[key])[:12]}..."
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # The engine (its real training process)
 
 
@@ -399,7 +580,9 @@ def engine_result(run_dir: Path) -> dict:
     if end is None or end.status != "finished":
         raise SystemExit(f"engine run {run_dir} ended {end.status if end else 'without an end'}: "
                          f"{end.message if end else ''}")
-    steps = [{"step": s.step, "time": s.time, "loss": float(s.loss), "tokens": s.tokens} for s in h.steps]
+    steps = [{"step": s.step, "time": s.time, "loss": float(s.loss), "tokens": s.tokens,
+              **{f: getattr(s, f) for f in PREFERENCE_LOGS.values() if getattr(s, f, None) is not None}}
+             for s in h.steps]
     mem = {k: getattr(end, k) for k in ("peak_rss", "peak_reserved", "peak_allocated") if getattr(end, k) is not None}
     return {"steps": steps, "started": h.start.time, "elapsed_s": end.elapsed_s, **mem}
 
@@ -431,6 +614,12 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 WORKERS = {"plain": plain_worker, "trl": trl_worker}
 """The baselines, each a worker process of its own."""
 
+PREFERENCE_WORKERS = {"trl": trl_dpo_worker}
+"""The baselines of ``--method dpo`` (the worker a spec with ``method: dpo`` runs)."""
+
+BASELINE_NAMES = {"sft": {"plain": "plain recipe", "trl": "TRL SFTTrainer"}, "dpo": {"trl": "TRL DPOTrainer"}}
+"""Each method's baselines, as the tables name them."""
+
 
 def parse_baselines(text: str) -> list[str]:
     """``plain``, ``trl`` or both (``plain,trl``), in the order given, each once."""
@@ -459,25 +648,27 @@ def summarize(results: dict[str, list[dict]], baselines: list[str], cuda: bool) 
         mem_ratios = {b: pk["engine"] / pk[b] for b in baselines}
         summary[key] = pk | {"ratio": mem_ratios[baselines[0]], "ratios": mem_ratios}
     en = results["engine"][0]["steps"]
-    diffs, same, padding = {}, {}, {}
+    diffs, first, same, padding = {}, {}, {}, {}
     for b in baselines:
         bl = results[b][0]["steps"]
         diffs[b] = max(abs(x["loss"] - y["loss"]) for x, y in zip(bl, en)) if len(bl) == len(en) else math.inf
+        first[b] = abs(bl[0]["loss"] - en[0]["loss"])
         same[b] = [x["tokens"] for x in bl] == [y["tokens"] for y in en]
         padded = sum(s["padded"] for s in bl)
         padding[b] = (padded - sum(s["tokens"] for s in bl)) / padded
     summary["final_loss"] = ({k: results[k][0]["steps"][-1]["loss"] for k in sides}
-                             | {"max_step_diff": diffs[baselines[0]], "max_step_diffs": diffs})
+                             | {"max_step_diff": diffs[baselines[0]], "max_step_diffs": diffs,
+                                "first_step_diffs": first})
     summary["same_tokens"] = same
     summary["padding_share"] = padding[baselines[0]]
     summary["padding_shares"] = padding
     return summary
 
 
-def results_table(summary: dict, baselines: list[str], cuda: bool, steps: int) -> str:
+def results_table(summary: dict, baselines: list[str], cuda: bool, steps: int, method: str = "sft") -> str:
     """The summary as a Markdown table: one column per baseline, then the engine."""
     sides = [*baselines, "engine"]
-    names = {"plain": "plain recipe", "trl": "TRL SFTTrainer", "engine": "engine"}
+    names = BASELINE_NAMES[method] | {"engine": "engine"}
     rows = [["", *(names[k] for k in sides)], ["---", *("---:" for _ in sides)]]
     rows.append(["real tokens/s, median (min-max)",
                  *(f"{summary[k]['median']:,.0f} ({summary[k]['min']:,.0f}-{summary[k]['max']:,.0f})" for k in sides)])
@@ -487,11 +678,36 @@ def results_table(summary: dict, baselines: list[str], cuda: bool, steps: int) -
         rows.append([f"{label}, median", *(_gib(summary[key][k]) for k in sides)])
         rows.append([f"engine / this, {label}", *(f"**{summary[key]['ratios'][b]:.2f}**" for b in baselines), ""])
     rows.append([f"loss at step {steps} (same examples)", *(f"{summary['final_loss'][k]:.4f}" for k in sides)])
+    if method != "sft":  # at step 1 both are ln 2; what the later steps differ by is the test
+        rows.append(["loss difference from the engine at step 1",
+                     *(f"{summary['final_loss']['first_step_diffs'][b]:.1e}" for b in baselines), ""])
     rows.append(["largest per-step loss difference from the engine",
                  *(f"{summary['final_loss']['max_step_diffs'][b]:.1e}" for b in baselines), ""])
     rows.append(["real tokens per step as the engine's",
                  *("yes" if summary["same_tokens"][b] else "**no**" for b in baselines), ""])
-    rows.append(["padding computed", *(f"{summary['padding_shares'][b]:.0%}" for b in baselines), "0%"])
+    # dpo: both pad each micro batch's rows to its longest, with TRL's collator, so the same share
+    rows.append(["padding computed", *(f"{summary['padding_shares'][b]:.0%}" for b in baselines),
+                 "0%" if method == "sft" else "the same (TRL's collator)"])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def loss_table(results: dict[str, list[dict]], baselines: list[str]) -> str:
+    """The first round's steps side by side, a Markdown table: each side's loss (and the baseline's
+    difference from the engine's), reward margin and preference accuracy."""
+    sides = [*baselines, "engine"]
+    head = ["step", *(f"{k} loss" for k in sides), *(f"{b} - engine" for b in baselines),
+            *(f"{k} margin" for k in sides), *(f"{k} accuracy" for k in sides)]
+    rows = [head, ["---:" for _ in head]]
+
+    def num(x, fmt):
+        return "" if x is None else format(x, fmt)
+
+    for i, e in enumerate(results["engine"][0]["steps"]):
+        at = {k: (results[k][0]["steps"][i] if i < len(results[k][0]["steps"]) else {}) for k in sides}
+        rows.append([str(e["step"]), *(num(at[k].get("loss"), ".6f") for k in sides),
+                     *(num(at[b].get("loss") - e["loss"] if "loss" in at[b] else None, "+.1e") for b in baselines),
+                     *(num(at[k].get("reward_margin"), "+.5f") for k in sides),
+                     *(num(at[k].get("reward_accuracy"), ".3f") for k in sides)])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
@@ -518,10 +734,17 @@ def main(argv: list[str] | None = None) -> int:
                         "training.chunked_loss false) instead of its own chunked loss, to measure that change")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--keep", type=Path, help="keep the work folder here instead of a temporary one")
-    p.add_argument("--baseline", type=parse_baselines, default=["plain"], metavar="NAMES",
+    p.add_argument("--baseline", type=parse_baselines, default=None, metavar="NAMES",
                    help="what the engine is measured against: plain (the recipe as tutorials write it, the "
                         "default), trl (TRL's SFTTrainer, padding-free; needs the 'bench' extra), or plain,trl "
-                        "(both, in the same interleaved rounds)")
+                        "(both, in the same interleaved rounds); with --method dpo trl (TRL's DPOTrainer), the "
+                        "only one")
+    p.add_argument("--method", choices=("sft", "dpo"), default="sft",
+                   help="sft (the default) or dpo: the engine's dpo against TRL's DPOTrainer on the same pairs")
+    p.add_argument("--beta", type=float, default=0.1, help="dpo's beta (both sides)")
+    p.add_argument("--reference", choices=("each_step", "precomputed"), default="each_step",
+                   help="dpo's reference log-probabilities: a pass beside each step (TRL's default) or "
+                        "precomputed before the first step (both sides)")
     p.add_argument("--trl-bf16-adapters", action="store_true",
                    help="keep TRL's cast of the LoRA weights to bf16 (its default for quantized models) instead of "
                         "training fp32 adapters as the engine and the plain recipe do")
@@ -530,9 +753,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        WORKERS[a.worker](json.loads(a.spec.read_text()), a.out)
+        spec = json.loads(a.spec.read_text())
+        (PREFERENCE_WORKERS if spec.get("method") == "dpo" else WORKERS)[a.worker](spec, a.out)
         return 0
-    baselines = a.baseline
+    dpo = a.method == "dpo"
+    baselines = a.baseline or (["trl"] if dpo else ["plain"])
+    if dpo and (set(baselines) - set(PREFERENCE_WORKERS) or a.engine_masked_sdpa or a.engine_full_loss):
+        p.error("--method dpo runs against --baseline trl only (TRL's DPOTrainer), without the --engine-* options")
     if "trl" in baselines:
         import importlib.util
 
@@ -572,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = demo_dir
             model_desc = "the demo model builtin:tiny-llama (pretrained briefly)"
         data_file = work / "data.jsonl"
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in make_records(a.examples)))
+        records = make_pairs(a.examples, a.seq_len) if dpo else make_records(a.examples)
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
 
         gc = not a.no_gradient_checkpointing
         preset = yaml.safe_load((ROOT / "presets" / "tiny-demo.yaml").read_text())
@@ -584,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
                                   max_steps=a.steps, learning_rate=a.lr, gradient_checkpointing=gc,
                                   save_steps=a.steps + 1000, eval_steps=None, logging_steps=1, seed=42,
                                   chunked_loss=not a.engine_full_loss)
+        if dpo:  # the same pairs in the same order on both sides: none dropped as duplicates, none held out
+            preset["data"].update(format="preference", dedupe=False)
+            preset["training"].update(method="dpo", beta=a.beta, dpo_loss="sigmoid", reference=a.reference)
         preset["output"] = {"runs_dir": str(work / "runs")}
         preset_file = work / "preset.yaml"
         preset_file.write_text(yaml.safe_dump(preset, sort_keys=False))
@@ -597,10 +828,15 @@ def main(argv: list[str] | None = None) -> int:
         pr = load_preset(preset_file)
         tokenizer = load_tokenizer(pr.model)
         tk0 = time.time()
-        prepared = prepare_data(pr.data, tokenizer, pr.training.seq_len, pr.training.seed)
+        prepared = prepare_data(pr.data, tokenizer, pr.training.seq_len, pr.training.seed, method=pr.training.method)
         tokenize_s = time.time() - tk0
         prepared.train.save_to_disk(str(work / "tokenized"))
-        lengths = [len(x) for x in prepared.train["input_ids"]]
+        if dpo:  # each side of a pair is a row of its own: the prompt and that answer
+            t = prepared.train
+            lengths = [len(p) + len(x) for p, c, r in zip(t["prompt_ids"], t["chosen_ids"], t["rejected_ids"])
+                       for x in (c, r)]
+        else:
+            lengths = [len(x) for x in prepared.train["input_ids"]]
         targets = list(resolve_targets(pr, inspect_model(str(model_dir))))
         from transformers import AutoConfig
 
@@ -612,18 +848,27 @@ def main(argv: list[str] | None = None) -> int:
             "lr_scheduler": pr.training.lr_scheduler, "warmup_ratio": pr.training.warmup_ratio,
             "output_dir": str(work / "baseline-out"), "trl_bf16_adapters": a.trl_bf16_adapters,
         }
+        if dpo:
+            spec.update(method="dpo", data=str(data_file), seq_len=a.seq_len, beta=a.beta, reference=a.reference)
         spec_file = work / "spec.json"
         spec_file.write_text(json.dumps(spec))
         fl = flops_per_token(model_dir, a.lora_r, lengths)
+        if dpo and a.reference == "each_step":  # and the reference's forward of every row: 2 N + attention's third
+            fl["reference_forward"] = 2 * fl["n_frozen_matmul"] + fl["attention"] / 3
+            fl["flops_per_token"] += fl["reference_forward"]
         n_params = fl["n_frozen_matmul"]
         print(f"model: {model_desc}; hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
               f"vocab {cfg.vocab_size}; linear weights {n_params:,}; LoRA r={a.lora_r} on {', '.join(targets)} "
               f"({fl['n_lora']:,} params)")
-        print(f"data: {len(lengths)} examples, {sum(lengths):,} tokens, length min {min(lengths)} / median "
+        what = f"{len(lengths) // 2} pairs ({len(lengths)} rows, prompt + one answer each)" if dpo else \
+            f"{len(lengths)} examples"
+        print(f"data: {what}, {sum(lengths):,} tokens, length min {min(lengths)} / median "
               f"{int(statistics.median(lengths))} / mean {sum(lengths) / len(lengths):.0f} / max {max(lengths)}; "
               f"engine tokenization {tokenize_s:.2f} s (cached afterwards)")
         print(f"runs: {a.steps} optimizer steps x micro batch {a.micro_batch}, seed {pr.training.seed}, lr {a.lr}, "
-              f"gradient checkpointing {'on' if gc else 'off'} in all; engine against {' and '.join(baselines)}, {a.rounds} rounds, "
+              f"gradient checkpointing {'on' if gc else 'off'} in all; "
+              f"{f'dpo, beta {a.beta}, sigmoid loss, reference {a.reference}; ' if dpo else ''}"
+              f"engine against {' and '.join(BASELINE_NAMES[a.method][b] for b in baselines)}, {a.rounds} rounds, "
               f"first {a.warmup} steps left out; device {'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'CPU'} "
               f"({os.cpu_count()} cores)", flush=True)
 
@@ -710,13 +955,16 @@ def main(argv: list[str] | None = None) -> int:
                 summary[k]["mfu"] = achieved / H100_PEAK_FLOPS
                 line += f"; {achieved / H100_PEAK_FLOPS:.2%} of the H100's 989 TFLOP/s bf16 peak"
             print(line)
+        if dpo:
+            print()
+            print(loss_table(results, baselines))
         print()
-        print(results_table(summary, baselines, cuda, a.steps))
+        print(results_table(summary, baselines, cuda, a.steps, a.method))
         print()
         print(f"benchmark wall time {time.time() - t0:.0f} s")
         if a.json:
             a.json.write_text(json.dumps({"summary": summary, "flops": fl, "spec": spec, "lengths": lengths,
-                                          "results": results}, indent=1))
+                                          "results": results, "method": a.method}, indent=1))
         return 0
     finally:
         if not a.keep:

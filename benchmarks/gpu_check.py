@@ -16,7 +16,11 @@ A case is NAME:SEQ:MICRO_BATCH:ckpt|nockpt:all|qv:RANK, then optional KEY=VALUE 
 (``eager``; ``sdpa_packed`` forces per-example SDPA where PyTorch's varlen kernel would be chosen),
 ``liger=on|off`` (``training.fused_kernels`` liger or off; default auto), ``dropout=``,
 ``gpus=N`` and ``strategy=ddp|fsdp`` (several processes through torchrun, as ``distributed:`` in a
-preset; the peaks are then the highest rank's, each rank's in ``ranks``).
+preset; the peaks are then the highest rank's, each rank's in ``ranks``), ``method=dpo|orpo``
+(preference tuning, ``training.method``: the case trains on pairs whose prompt and each answer fill
+SEQ, so a micro batch is ``2 x MICRO_BATCH`` full rows, as the estimate assumes; the row adds the
+method, the reference and the last step's reward accuracy and margin) and, for dpo,
+``reference=each_step|precomputed`` (``training.reference``; default the preset's auto).
 ``benchmarks/gpu_suite.py`` runs the matrix of these.
 """
 
@@ -65,6 +69,35 @@ def write_long_text_data(path: Path, records: int = 600, chars: int = 9000, seed
     return path
 
 
+def write_long_pair_data(path: Path, seq_len: int, records: int = 48, seed: int = 0) -> Path:
+    """Preference pairs (``prompt``, ``chosen``, ``rejected`` texts) that fill ``seq_len`` with the demo
+    tokenizer (one token a character): BOS, a prompt of about a quarter of it, then each answer and its
+    EOS up to ``seq_len`` exactly, so each side is one full row and nothing is cut. Deterministic."""
+    rng = random.Random(seed)
+    words = ["alpha", "river", "stone", "cloud", "lamp", "green", "north", "seven", "paper", "quiet"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n // 5 + 1))[:n]
+
+    prompt_chars = max(4, seq_len // 4)
+    answer_chars = seq_len - prompt_chars - 2  # BOS in front of the prompt, EOS after the answer
+    if answer_chars < 2:
+        raise ValueError(f"seq_len {seq_len} is too short for a prompt and two answers")
+    with open(path, "w") as fh:
+        for i in range(records):
+            prompt = f"{i} " + text(prompt_chars)
+            prompt = prompt[:prompt_chars - 1] + "\n"
+            chosen, rejected = text(answer_chars), text(answer_chars)
+            if chosen == rejected:  # never, at these lengths; the engine would drop the pair
+                rejected = "x" + rejected[1:]
+            fh.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    return path
+
+
+PREFERENCE_METHODS = ("dpo", "orpo")
+"""The case methods that train on pairs (``method=``)."""
+
+
 def parse_case(case: str) -> dict:
     """A case string as its fields (see the module docstring); ValueError for a malformed one."""
     parts = case.split(":")
@@ -72,14 +105,19 @@ def parse_case(case: str) -> dict:
         raise ValueError(f"case {case!r}: want NAME:SEQ:MICRO_BATCH:ckpt|nockpt:all|qv:RANK[:KEY=VALUE...]")
     name, seq, mb, ckpt, targets, rank = parts[:6]
     extra = dict(p.split("=", 1) for p in parts[6:])
-    unknown = set(extra) - {"opt", "quant", "attn", "liger", "dropout", "gpus", "strategy"}
+    unknown = set(extra) - {"opt", "quant", "attn", "liger", "dropout", "gpus", "strategy", "method", "reference"}
     if unknown or ckpt not in ("ckpt", "nockpt") or targets not in ("all", "qv"):
         raise ValueError(f"case {case!r}: unknown field(s) {sorted(unknown)}" if unknown else f"case {case!r}")
+    method, reference = extra.get("method", "sft"), extra.get("reference", "auto")
+    if method not in ("sft", *PREFERENCE_METHODS):
+        raise ValueError(f"case {case!r}: method {method!r}: want sft, dpo or orpo")
+    if reference not in ("auto", "each_step", "precomputed") or (reference != "auto" and method != "dpo"):
+        raise ValueError(f"case {case!r}: reference {reference!r}: each_step or precomputed, for method=dpo only")
     return {"name": name, "seq": int(seq), "mb": int(mb), "ckpt": ckpt == "ckpt", "targets": targets,
             "rank": int(rank), "opt": extra.get("opt", "adamw_torch"), "quant": extra.get("quant", "nf4"),
             "attn": extra.get("attn", "auto"), "liger": extra.get("liger", "auto"),
             "dropout": float(extra.get("dropout", 0.05)), "gpus": int(extra.get("gpus", 1)),
-            "strategy": extra.get("strategy", "auto")}
+            "strategy": extra.get("strategy", "auto"), "method": method, "reference": reference}
 
 
 FORCE_PACKED_SDPA = (
@@ -93,13 +131,18 @@ def case_preset(model_dir: Path, data: Path, case: str, steps: int) -> dict:
     """The preset a case trains with."""
     c = parse_case(case)
     attn = c["attn"] if c["attn"] in ("eager", "flash_attention_2") else ("sdpa" if c["attn"] != "auto" else "auto")
+    pairs = c["method"] in PREFERENCE_METHODS
+    method = {"method": c["method"]} if pairs else {}
+    if c["method"] == "dpo" and c["reference"] != "auto":
+        method["reference"] = c["reference"]
     return {
         "model": {"source": str(model_dir), "attn_implementation": attn},
         "quantization": {"method": c["quant"]},
         "lora": {"r": c["rank"], "alpha": 2 * c["rank"], "dropout": c["dropout"],
                  "targets": "all-linear" if c["targets"] == "all" else ["q_proj", "v_proj"]},
-        "data": {"train": str(data), "format": "text", "validation_split": 0.0, "dedupe": False},
-        "training": {"seq_len": c["seq"], "micro_batch_size": c["mb"], "gradient_accumulation_steps": 1,
+        "data": {"train": str(data), "format": "preference" if pairs else "text", "validation_split": 0.0,
+                 "dedupe": False},
+        "training": {**method, "seq_len": c["seq"], "micro_batch_size": c["mb"], "gradient_accumulation_steps": 1,
                      "max_steps": steps, "gradient_checkpointing": c["ckpt"], "save_steps": 10_000,
                      "optimizer": c["opt"], "logging_steps": 1,
                      "fused_kernels": {"on": "liger", "off": "off"}.get(c["liger"], "auto")},
@@ -108,15 +151,22 @@ def case_preset(model_dir: Path, data: Path, case: str, steps: int) -> dict:
 
 
 def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int, timeout: int = 900) -> dict:
-    """Train ``steps`` optimizer steps for one case; returns estimate and measurement."""
+    """Train ``steps`` optimizer steps for one case; returns estimate and measurement. A dpo or orpo
+    case trains on pairs filling its seq_len (``write_long_pair_data``, beside ``data``) instead:
+    twice the pairs its steps take, so the preset's reference auto runs it each step."""
     import yaml
 
+    c = parse_case(case)
+    if c["method"] in PREFERENCE_METHODS:
+        pairs = 2 * steps * c["mb"] * c["gpus"]
+        data = data.parent / f"pairs-{c['seq']}-{pairs}.jsonl"
+        if not data.exists():
+            write_long_pair_data(data, c["seq"], records=pairs)
     preset = case_preset(model_dir, data, case, steps)
     run_dir = runs / case.replace(":", "_").replace("=", "-")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     (run_dir / "preset.yaml").write_text(yaml.safe_dump(preset))
-    c = parse_case(case)
     env = None
     if c["gpus"] > 1:  # through torchrun, as the engine launches several processes
         import os
@@ -156,7 +206,12 @@ def run_case(model_dir: Path, data: Path, case: str, runs: Path, steps: int, tim
         "tokens_per_step": h.steps[-1].tokens if h.steps else None,
         "final_loss": h.steps[-1].loss if h.steps else None,
         "world": start.world.to_json() if start and start.world else None, "ranks": end.ranks,
+        "method": start.method if start else c["method"],
     }
+    if out["method"] in PREFERENCE_METHODS:
+        last = h.steps[-1] if h.steps else None
+        out.update(reference=start and start.reference,
+                   reward_accuracy=last and last.reward_accuracy, reward_margin=last and last.reward_margin)
     if out["peak_reserved"] and out["estimate_reserved"]:
         out["reserved_error"] = round(out["estimate_reserved"] / out["peak_reserved"] - 1, 4)
     if out["peak_device_used"] and out["estimate_total"]:

@@ -16,12 +16,16 @@ Sections (``--only`` picks some):
   denominator of every other section);
 * ``bench``: ``benchmarks/bench.py`` on the Llama-3.2-1B config (its recipe) and on the Llama-3.1-8B
   config at the shipped preset's settings (seq 2,048, micro batch 1, checkpointing, all linear r16),
-  the engine against the plain recipe and TRL's padding-free SFTTrainer (where trl is installed);
+  the engine against the plain recipe and TRL's padding-free SFTTrainer (where trl is installed); and
+  the engine's dpo against TRL's DPOTrainer (``--method dpo``) on the Llama-3.2-1B config;
 * ``profile``: one engine training process profiled with ``torch.profiler`` over a few steps after
   warm-up: top CUDA kernels and CPU ops by self time, kernel launches per step, the share of the
   step the GPU is idle, and the process's CPU time per step;
 * ``memory``: the memory matrix of issue 12, each case one real ``python -m engine.train`` process
   (``benchmarks/gpu_check.py``): estimate against torch's peak reserved and the device's count;
+* ``families``: the families of issue 22, Liger on and off, the same way;
+* ``preference``: dpo (its reference each step and precomputed) and orpo on pairs that fill the
+  sequence, the same way, with the last step's reward accuracy and margin;
 * ``distributed``: issue 14 on a machine with two or more GPUs: one case on one GPU, then DDP and
   FSDP-QLoRA through torchrun on all of them (throughput ratio, the highest rank's peak against the
   per-GPU estimate); skipped, and said so, with one GPU.
@@ -49,7 +53,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIGS = ROOT / "tests" / "fixtures" / "hf-configs"
-SECTIONS = ("env", "bench", "profile", "memory", "families", "distributed")
+SECTIONS = ("env", "bench", "profile", "memory", "families", "preference", "distributed")
 
 MEMORY_MATRIX = [
     # name:seq:micro batch:checkpointing:targets:rank[:key=value]: what each case covers
@@ -84,6 +88,18 @@ FAMILIES_MATRIX = [
     "Qwen3-30B-A3B:1024:1:ckpt:qv:8",
 ]
 """Liger on the families first profiled in issue 22 (unmeasured until a GPU runs this) and one MoE."""
+
+PREFERENCE_MATRIX = [
+    # dpo and orpo on pairs whose prompt and each answer fill seq_len: 2 x micro batch full rows, no packing
+    "Llama-3.2-1B:2048:2:ckpt:all:16:method=dpo:reference=each_step",       # dpo, the reference pass each step
+    "Llama-3.2-1B:2048:2:ckpt:all:16:method=dpo:reference=precomputed",     # ... and precomputed before step 1
+    "Llama-3.2-1B:2048:2:ckpt:all:16:method=orpo",                          # orpo: every position's logits held
+    "Llama-3.1-8B:2048:1:ckpt:all:16:opt=adamw_8bit:method=dpo:reference=each_step",  # the shipped 8B preset, dpo
+    "Llama-3.2-1B:2048:4:ckpt:all:16",                                      # sft on the same 4 rows of 2,048
+]
+"""Preference tuning (``training.method`` dpo and orpo): the estimate (both answers of each pair in one
+padded batch, TRL's dpo log-probabilities 4,096 positions at a time, orpo's full logits) against the
+measured peak; unmeasured until a GPU runs this. The sft case holds as many rows as the 1B pairs' cases."""
 
 DISTRIBUTED_MATRIX = [
     # the same case on one GPU, then DDP and FSDP on every GPU: throughput ratio and memory per rank
@@ -164,7 +180,8 @@ def env_section(cuda: bool) -> dict:
 
 
 def bench_cases(quick: bool, dry_run: bool) -> list[tuple[str, list[str]]]:
-    """(name, bench.py arguments) for each throughput comparison."""
+    """(name, bench.py arguments) for each throughput comparison; a case that names its own
+    ``--baseline`` (dpo: TRL's DPOTrainer) keeps it."""
     if dry_run:
         return [("demo", ["--rounds", "1", "--steps", "3", "--warmup", "1", "--examples", "24",
                           "--micro-batch", "4", "--seq-len", "256"])]
@@ -176,6 +193,10 @@ def bench_cases(quick: bool, dry_run: bool) -> list[tuple[str, list[str]]]:
          ["--config", str(CONFIGS / CONFIG_FOLDERS["Llama-3.1-8B"]), "--rounds", "1" if quick else "2",
           "--steps", "8" if quick else "12",
           "--warmup", "2", "--micro-batch", "1", "--seq-len", "2048", "--examples", "200"]),
+        ("Llama-3.2-1B DPO against TRL's DPOTrainer (2048 x2, ckpt, all r16, reference each step)",
+         ["--method", "dpo", "--baseline", "trl", "--config", str(CONFIGS / CONFIG_FOLDERS["Llama-3.2-1B"]),
+          "--rounds", "1" if quick else "2", "--steps", "8" if quick else "12", "--warmup", "2",
+          "--micro-batch", "2", "--seq-len", "2048", "--examples", "120", "--lr", "5e-6"]),
     ]
 
 
@@ -183,18 +204,20 @@ def bench_section(results: Results, work: Path, quick: bool, dry_run: bool, dead
     """The engine against the plain recipe and TRL, through bench.py, one process per run."""
     import importlib.util
 
-    baselines = "plain,trl" if importlib.util.find_spec("trl") else "plain"
+    default = "plain,trl" if importlib.util.find_spec("trl") else "plain"
     for name, args in bench_cases(quick, dry_run):
         if time.time() > deadline:
             results.add("bench", {"case": name, "skipped": "time is up (--max-minutes)"})
             continue
         out = work / f"bench-{len(results.rows)}.json"
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), *args, "--baseline", baselines,
-               "--json", str(out)]
+        baselines = args[args.index("--baseline") + 1] if "--baseline" in args else default
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), *args,
+               *([] if "--baseline" in args else ["--baseline", baselines]), "--json", str(out)]
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         row = {"case": name, "command": " ".join(cmd[1:]), "exit": proc.returncode,
-               "seconds": round(time.time() - t0, 1), "baselines": baselines}
+               "seconds": round(time.time() - t0, 1), "baselines": baselines,
+               "method": args[args.index("--method") + 1] if "--method" in args else "sft"}
         if out.exists():
             data = json.loads(out.read_text())
             row["summary"] = data.get("summary")
@@ -331,8 +354,10 @@ def profile_section(results: Results, work: Path, quick: bool, dry_run: bool, ke
 
 def memory_section(results: Results, work: Path, quick: bool, dry_run: bool, deadline: float, keep: bool,
                    section: str = "memory") -> None:
-    """The memory matrix (``section`` memory) or the families' (``families``): estimate against
-    measurement, one training process per case; each model is built once and deleted after its last case."""
+    """The memory matrix (``section`` memory), the families' (``families``) or the preference methods'
+    (``preference``): estimate against measurement, one training process per case; each model is built
+    once and deleted after its last case. The dry run's preference case is one of the memory matrix's
+    moved, not one more (its time matters: the test suite runs it)."""
     from gpu_check import build_random_model, run_case, write_long_text_data
 
     from engine.demo import ensure_demo_model
@@ -341,9 +366,11 @@ def memory_section(results: Results, work: Path, quick: bool, dry_run: bool, dea
                                 chars=600 if dry_run else 9000)
     if section == "families":
         cases = ["demo:128:4:nockpt:all:8:liger=off"] if dry_run else FAMILIES_MATRIX
+    elif section == "preference":
+        cases = ["demo:128:4:nockpt:qv:8:opt=adamw_8bit:method=dpo"] if dry_run else \
+            (PREFERENCE_MATRIX[:3] if quick else PREFERENCE_MATRIX)
     else:
-        cases = ["demo:256:2:ckpt:all:8", "demo:128:4:nockpt:qv:8:opt=adamw_8bit"] if dry_run else \
-            (QUICK_MEMORY_MATRIX if quick else MEMORY_MATRIX)
+        cases = ["demo:256:2:ckpt:all:8"] if dry_run else (QUICK_MEMORY_MATRIX if quick else MEMORY_MATRIX)
     last_use = {c.split(":")[0]: i for i, c in enumerate(cases)}
     for i, case in enumerate(cases):
         name = case.split(":")[0]
@@ -411,20 +438,28 @@ def _pct(x) -> str:
     return "" if x is None else f"{x * 100:+.1f} %"
 
 
-def _memory_table(memory: list[dict], title: str) -> list[str]:
-    """One markdown table of memory cases (none: no lines)."""
+def _memory_table(memory: list[dict], title: str, preference: bool = False) -> list[str]:
+    """One markdown table of memory cases (none: no lines); ``preference`` adds the method, the
+    reference and the last step's reward accuracy and margin."""
     lines: list[str] = []
     if memory:
+        extra = (" method | reference | reward accuracy | reward margin |", "---|---|---:|---:|") if preference \
+            else ("", "")
         lines += [f"## {title}", "",
                   "| case | attention | estimate reserved GiB | measured reserved GiB | error | allocated est/meas GiB "
-                  "| device error | tok/s | final loss | status |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| device error | tok/s | final loss |" + extra[0] + " status |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|" + extra[1] + "---|"]
         for r in memory:
+            cells = ""
+            if preference:
+                cells = (f" {r.get('method') or ''} | {r.get('reference') or ''} | "
+                         f"{'' if r.get('reward_accuracy') is None else format(r['reward_accuracy'], '.2f')} | "
+                         f"{'' if r.get('reward_margin') is None else format(r['reward_margin'], '+.4f')} |")
             lines.append(f"| {r['case']} | {r.get('attn') or ''} | {_gib(r.get('estimate_reserved'))} | "
                          f"{_gib(r.get('peak_reserved'))} | {_pct(r.get('reserved_error'))} | "
                          f"{_gib(r.get('estimate_allocated'))} / {_gib(r.get('peak_allocated'))} | "
                          f"{_pct(r.get('device_error'))} | {r.get('median_tokens_per_s') or 0:,.0f} | "
-                         f"{'' if r.get('final_loss') is None else format(r['final_loss'], '.4f')} | "
+                         f"{'' if r.get('final_loss') is None else format(r['final_loss'], '.4f')} |{cells} "
                          f"{r.get('status') or r.get('skipped', '')} |")
         lines.append("")
     return lines
@@ -472,8 +507,9 @@ def markdown(rows: list[dict]) -> str:
                       for k in r.get(key, [])[:10]]
             lines.append("")
     for section, title in (("memory", "Memory: estimate against the engine's own runs"),
-                           ("families", "Families: Liger on and off, estimate against the engine's own runs")):
-        lines += _memory_table([r for r in rows if r["section"] == section], title)
+                           ("families", "Families: Liger on and off, estimate against the engine's own runs"),
+                           ("preference", "Preference tuning: dpo and orpo, estimate against the engine's own runs")):
+        lines += _memory_table([r for r in rows if r["section"] == section], title, preference=section == "preference")
     dist = [r for r in rows if r["section"] == "distributed"]
     if dist:
         lines += ["## Several GPUs: DDP and FSDP through torchrun", "",
@@ -533,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         memory_section(results, work, a.quick, a.dry_run, deadline, a.keep_models)
     if "families" in only:
         memory_section(results, work, a.quick, a.dry_run, deadline, a.keep_models, section="families")
+    if "preference" in only:
+        memory_section(results, work, a.quick, a.dry_run, deadline, a.keep_models, section="preference")
     if "distributed" in only:
         distributed_section(results, work, a.dry_run, deadline, a.keep_models)
     report = markdown(results.rows)

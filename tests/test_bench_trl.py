@@ -1,6 +1,7 @@
 """The benchmark's TRL baseline (``benchmarks/bench.py --baseline trl``): the baselines it accepts, its
 summary against several baselines, and that TRL's padding-free SFTTrainer trains what the plain
-recipe trains (the same labels, real tokens and per-step losses) on a tiny random model."""
+recipe trains (the same labels, real tokens and per-step losses) on a tiny random model; and the
+plumbing of ``--method dpo`` (its pairs, its one baseline, its tables) against TRL's DPOTrainer."""
 
 from __future__ import annotations
 
@@ -108,3 +109,57 @@ def test_trl_trains_the_same_tokens_and_losses_as_the_plain_recipe(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
     assert runs["trl"]["adapter_dtype_from_trl"] == ["torch.bfloat16"]  # TRL's own cast, undone for the run
     assert runs["trl"]["adapter_dtype_trained"] == ["torch.float32"]
+
+
+def test_dpo_pairs_are_deterministic_and_fit_the_sequence_uncut():
+    bench = _bench()
+    pairs = bench.make_pairs(50, 128)
+    assert pairs == bench.make_pairs(50, 128) and len(pairs) == 50
+    for i, p in enumerate(pairs):
+        assert set(p) == {"prompt", "chosen", "rejected"} and p["prompt"].startswith(f"{i}: ")
+        assert p["chosen"] != p["rejected"] and p["prompt"].endswith("\n")
+        # BOS + prompt + the longer answer + EOS, one token a character with the demo tokenizer
+        assert 1 + len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) + 1 <= 128
+    lengths = [len(p["prompt"]) + len(p["chosen"]) for p in pairs]
+    assert min(lengths) < 60 and max(lengths) > 90  # spread, as real pairs are
+    assert any(len(p["chosen"]) < len(p["rejected"]) for p in pairs)  # either side the longer
+
+
+def test_dpo_runs_against_trls_dpotrainer_only(capsys):
+    bench = _bench()
+    for argv in (["--method", "dpo", "--baseline", "plain"], ["--method", "dpo", "--baseline", "plain,trl"],
+                 ["--method", "dpo", "--engine-full-loss"]):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(argv)
+        assert exc.value.code == 2
+        assert "--method dpo runs against --baseline trl only" in capsys.readouterr().err
+    assert bench.PREFERENCE_WORKERS == {"trl": bench.trl_dpo_worker}
+
+
+def test_dpo_summary_tables_put_the_losses_and_rewards_side_by_side():
+    bench = _bench()
+    tokens = [300, 280, 310]
+
+    def run(tps, losses, margins):
+        r = _run(tps, 2**30, losses, tokens, [360, 330, 360])
+        for s, m in zip(r["steps"], margins):
+            s.update(reward_margin=m, reward_accuracy=0.5)
+        return r
+
+    results = {"trl": [run(1000, [0.693147, 0.693147, 0.64], [0.0, 0.0, 0.11])] * 2,
+               "engine": [run(1100, [0.693147, 0.693147, 0.64003], [0.0, 0.0, 0.1101])] * 2}
+    s = bench.summarize(results, ["trl"], cuda=False)
+    assert s["throughput_ratios"] == pytest.approx({"trl": 1.1})
+    assert s["final_loss"]["first_step_diffs"] == {"trl": 0.0}
+    assert s["final_loss"]["max_step_diffs"] == pytest.approx({"trl": 3e-5})
+    table = bench.results_table(s, ["trl"], cuda=False, steps=3, method="dpo").splitlines()
+    assert table[0] == "|  | TRL DPOTrainer | engine |"
+    assert "| loss difference from the engine at step 1 | 0.0e+00 |  |" in table
+    assert "| padding computed | 15% | the same (TRL's collator) |" in table
+    # sft's table is as it was: no step-1 row
+    assert not any("at step 1" in line for line in bench.results_table(s, ["trl"], cuda=False, steps=3).splitlines())
+
+    losses = bench.loss_table(results, ["trl"]).splitlines()
+    assert losses[0] == ("| step | trl loss | engine loss | trl - engine | trl margin | engine margin "
+                         "| trl accuracy | engine accuracy |")
+    assert losses[4] == "| 3 | 0.640000 | 0.640030 | -3.0e-05 | +0.11000 | +0.11010 | 0.500 | 0.500 |"
