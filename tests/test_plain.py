@@ -285,3 +285,36 @@ def test_a_two_machine_run_asks_this_machines_place_and_starts_its_part(here, ca
     assert "qlora-wizard --preset two.yaml --nodes 2 --node-rank 1 --master HOST:29500" in out
     assert "this machine's number must be 0 to 1, not 5" in out
     assert started == [{"nodes": 2, "node_rank": 1, "master": "10.0.0.1:29500"}]
+
+
+@pytest.mark.slow
+def test_a_dpo_walk_on_the_demo_pairs_switches_the_method_and_trains(here, started_runs, capsys):
+    """The demo's pairs in the data step turn the draft's method to dpo (said); the hyperparameters step
+    asks dpo's settings and offers its published rate; the run trains with the preference figures."""
+    keys = [
+        ENTER, ENTER,                                   # 1 model: keep builtin:tiny-llama; continue
+        ENTER, ENTER, ENTER, ENTER, ENTER, ENTER,       # 2 memory: as it is; continue
+        UP + UP + ENTER, typed("8"), ENTER, ENTER,      # 3 targets: q + v; r 8; alpha, dropout
+        ENTER,                                          #   continue
+        typed("builtin:demo-pairs"), ENTER, ENTER,      # 4 data: the pairs; format, validation share,
+        ENTER, ENTER,                                   #   train on prompts; continue
+        ENTER, ENTER, ENTER, ENTER,                     # 5 method: dpo (as switched), beta, loss, reference
+        typed("4"), ENTER, ENTER, typed("0.0005"),      #   max steps 4; grad accum; no more; lr
+        ENTER,                                          #   continue
+        typed("plain-dpo"), ENTER, ENTER,               # 6 run name; export to the default file; start
+    ]
+    code = drive(load_draft(DEMO_PRESET), keys, services=Services(probe_gpus=lambda: [GPU_24]))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "the data holds preference pairs: training.method is now dpo, not sft" in out
+    assert "pair 1 of 3 as the model sees it" in out
+    assert "learning rate for dpo" in out and "the guide's rule is for supervised tokens" in out
+    preset = load_preset(here / "plain-dpo.yaml")
+    assert preset.training.method == "dpo" and preset.data.train == "builtin:demo-pairs"
+    assert preset.training.learning_rate == 0.0005
+    run_dir = here / "runs" / "plain-dpo"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[0]["method"] == "dpo" and events[-1]["status"] == "finished"
+    assert [e["step"] for e in events if e["kind"] == "step"] == [1, 2, 3, 4]
+    assert all("reward_accuracy" in e for e in events if e["kind"] == "step")
+    assert "DPO" in out and "finished at step 4" in out
