@@ -50,7 +50,7 @@ class DataReport:
     """Malformed records passed over (only with ``data.skip_bad_records``)."""
     method: str = "sft"
     """The training method the data was checked for: the draft's, or the one its data calls for
-    (``suited_method``), which the draft takes on (``Draft.accept_data``)."""
+    (``checked_for_suited_method``), which the draft takes on (``Draft.accept_data``)."""
 
 
 @dataclass
@@ -381,24 +381,24 @@ def _probe_gpus() -> list:
     return probe_gpus()
 
 
-def suited_method(preset: Preset) -> str:
-    """The training method for the preset's data: its own when the data is of its kind; dpo for pairs
-    under sft, sft for single responses under dpo or orpo (the wizard switches and says so; a preset run
-    headless is refused instead). Unreadable data keeps the method, for its check to say why."""
+def checked_for_suited_method(preset: Preset) -> tuple[str, int]:
+    """The training method for the preset's data, and its bad records (passed over with
+    ``data.skip_bad_records``): the preset's own method when the data is of its kind; dpo for pairs
+    under sft, sft for single responses under dpo or orpo (the wizard switches and says so; a preset
+    run headless is refused instead). Data that fits neither is refused as it is for the preset's
+    method (``engine.data.check_records``'s one line)."""
     from engine import data as data_mod
     from engine.preset import PREFERENCE_METHODS
 
     method = preset.training.method
     try:
-        data_mod.check_records(preset.data, method=method)
-        return method
-    except UserError:
+        return method, len(data_mod.check_records(preset.data, method=method)[2])
+    except UserError as refused:
         other = "sft" if method in PREFERENCE_METHODS else "dpo"
         try:
-            data_mod.check_records(preset.data, method=other)
+            return other, len(data_mod.check_records(preset.data, method=other)[2])
         except UserError:
-            return method
-        return other
+            raise refused from None
 
 
 def check_data(preset: Preset) -> DataReport:
@@ -407,13 +407,12 @@ def check_data(preset: Preset) -> DataReport:
     (``DataReport.method``)."""
     from engine import data as data_mod
 
-    method = suited_method(preset)
-    _, _, bad = data_mod.check_records(preset.data, method=method)
+    method, bad = checked_for_suited_method(preset)
     tokenizer = data_mod.load_tokenizer(preset.model)
     prepared = data_mod.prepare_data(preset.data, tokenizer, preset.training.seq_len, preset.training.seed,
                                      method=method)
     examples = data_mod.preview(preset.data, tokenizer, preset.training.seq_len, n=3)
-    return DataReport(prepared.stats, examples, len(bad), method)
+    return DataReport(prepared.stats, examples, bad, method)
 
 
 def start_run(preset: Preset, run_dir: str | os.PathLike | None = None, node_rank: int = 0,
