@@ -22,10 +22,8 @@ What the engine changes in TRL's behaviour, and why:
 
 from __future__ import annotations
 
-import functools
-
 from engine.preset import Preset
-from engine.train import REAL_TOKENS_KEY
+from engine.train import REAL_TOKENS_KEY, _on_base
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 """The engine's tokenized pair columns (TRL DPOTrainer's tokenized layout)."""
@@ -139,18 +137,15 @@ class CountingCollator:
         return batch
 
 
-@functools.cache
 def _trainer_class(method: str) -> type:
     """The engine's trainer for a method, on TRL's (made when a run first builds one)."""
     if method == "dpo":
         from trl import DPOTrainer
 
-        base, cls = DPOTrainer, EngineDPO
-    else:
-        from trl.experimental.orpo import ORPOTrainer
+        return _on_base(EngineDPO, DPOTrainer)
+    from trl.experimental.orpo import ORPOTrainer
 
-        base, cls = ORPOTrainer, EngineORPO
-    return type(cls.__name__, (cls, base), {"__doc__": cls.__doc__})
+    return _on_base(EngineORPO, ORPOTrainer)
 
 
 def build_preference_trainer(*, run, preset: Preset, model, args, train_dataset, eval_dataset, tokenizer,

@@ -731,9 +731,9 @@ class CountingTrainer(_TrainerBase):
 
 @functools.cache
 def _on_base(cls: type, base: type) -> type:
-    """``cls`` (``EventsCallback``, ``CountingTrainer``) as a subclass of the transformers class it is
-    written for, ``base``: made when a run first builds one, so that importing this module does not
-    import transformers."""
+    """``cls`` (``EventsCallback``, ``CountingTrainer``, ``engine.preference``'s trainers) as a subclass
+    of the transformers or TRL class it is written for, ``base``: made when a run first builds one, so
+    that importing this module does not import transformers."""
     return type(cls.__name__, (cls, base), {"__doc__": cls.__doc__})
 
 
