@@ -684,6 +684,8 @@ class RunSummary:
     started: float | None
     world: str | None = None
     """Several processes: ``2 GPUs, DDP`` (``8 GPUs x 2 machines, FSDP``); None for one."""
+    method: str = "sft"
+    """What the run trained: ``sft``, ``dpo`` or ``orpo`` (its start event's)."""
 
     def to_json(self) -> dict:
         """The stable JSON form of ``qlora-wizard runs --json`` (a NaN loss as the string "nan")."""
@@ -721,6 +723,7 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
         message=message,
         started=history.start.time if history.start else None,
         world=history.start.world_words if history.start else None,
+        method=history.start.method if history.start else "sft",
     )
 
 

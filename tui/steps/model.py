@@ -101,36 +101,21 @@ def resolved_source(source: str) -> str:
 
 
 def starting_runs(runs_dir: str | os.PathLike, source: str) -> list[StartingRun]:
-    """The finished runs under ``runs_dir`` whose base model (their preset's ``model.source``, resolved
-    alike) is ``source`` and which saved an ``adapter/``, newest first; unreadable runs are passed over."""
-    from engine.errors import UserError
-    from engine.events import fold_history, read_events
-    from engine.preset import load_preset
-    from engine.runs import ADAPTER_DIR, PRESET_FILE
+    """The finished runs under ``runs_dir`` (``engine.runs.list_runs``) whose base model (their preset's
+    ``model.source``, resolved alike) is ``source`` and which saved an ``adapter/``, newest first."""
+    from engine.runs import ADAPTER_DIR, list_runs
 
-    root = Path(runs_dir).expanduser()
     want = resolved_source(source)
-    found = []
     try:
-        dirs = [d for d in root.iterdir() if (d / PRESET_FILE).is_file()] if root.is_dir() else []
+        runs = list_runs(Path(runs_dir).expanduser())
     except OSError:
         return []
-    for d in dirs:
-        adapter = d / ADAPTER_DIR
-        if not (adapter / "adapter_config.json").is_file():
-            continue
-        try:
-            if resolved_source(load_preset(d / PRESET_FILE).model.source) != want:
-                continue
-            history = fold_history(read_events(d))
-        except (UserError, OSError, ValueError):
-            continue
-        if history.end is None or history.end.status != "finished":
-            continue
-        start = history.start
-        found.append(StartingRun(d.name, str(adapter.resolve()), start.method if start else "sft", history.step,
-                                 history.evals[-1].eval_loss if history.evals else None,
-                                 start.time if start else None))
+    found = []
+    for r in runs:
+        adapter = Path(r.path) / ADAPTER_DIR
+        if (r.status == "finished" and r.model is not None and resolved_source(r.model) == want
+                and (adapter / "adapter_config.json").is_file()):
+            found.append(StartingRun(r.name, str(adapter.resolve()), r.method, r.step, r.eval_loss, r.started))
     found.sort(key=lambda r: (r.started or 0.0, r.name), reverse=True)
     return found
 
