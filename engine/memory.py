@@ -170,6 +170,36 @@ tokens / ceil(vocabulary / hidden size) (``fused_linear_cross_entropy_forward``:
 ``chunk_size``), so a chunk's logits are about the size of the hidden states; they are computed in
 the compute dtype and the kernel writes their gradient in place."""
 
+TRL_LOGPROB_TOKEN_TILE = 4096
+"""Positions whose log-probabilities TRL's dpo head (``trl.kernels.chunked_logprob``, added by
+``trl.trainer.utils.add_fused_lm_head``) projects at once: ``TOKEN_CHUNK_SIZE``."""
+
+TRL_LOGPROB_VOCAB_TILE = 32768
+"""Vocabulary entries per tile of that head (``_CHUNKED_LOGPROB_CHUNK_SIZE`` in ``trl.trainer.utils``):
+a tile is at most 4,096 x 32,768 logits, computed into one reused buffer in the compute dtype."""
+
+TRL_TORCH_TILE_BYTES_PER_LOGIT = 29
+"""Where Triton does not run (the CPU), TRL folds each tile with torch operations on the whole tile
+(``_backward_tile``): beside the tile buffer, the backward holds the scaled tile, z, log p, p, the
+gradient, the target indicator's difference and its product with the incoming gradient in fp32
+(7 x 4 B) and a boolean target mask (1 B). Measured on the CPU (``benchmarks/preference_memory.py``):
+one step of 4 rows of 512 positions over a 32,000-entry vocabulary took 2,079 MiB, 2,082 MiB
+estimated with this (769 MiB with the 12 B a logit of transformers' loss). On a GPU the Triton
+kernel folds the tile in place."""
+
+TRL_TORCH_FORWARD_TILE_BYTES_PER_LOGIT = 13
+"""The same fold in the forward (``_forward_tile``): z, the mask of entries before the target and its
+masked copy, or the shifted z and its exponential (2 x 4 B + 4 B + 1 B) beside the tile buffer."""
+
+ORPO_BYTES_PER_LOGIT = 13.5
+"""Peak of TRL's orpo loss per logit, in the backward pass: it keeps every position's logits (for its
+logged mean logits), a contiguous copy of the chosen half for the supervised part (nn.CrossEntropyLoss,
+whose log-softmax is saved), the per-token log-probabilities of both halves (``selective_log_softmax``)
+and the logits' gradient. Measured on the CPU in fp32 for 4 rows of 512 positions over a 32,000-entry
+vocabulary (``benchmarks/preference_memory.py``): 13.9 B a logit beside the estimated activations with
+gradient checkpointing, 12.7 without; 13.5 puts both within 5 %. On a GPU the logits are bf16 under
+autocast; the fp32 figure is kept there (an upper bound, unmeasured)."""
+
 MOE_TOKENS_PER_EXPERT_FACTOR = 2
 """Mixture of experts: each token runs through top-k experts; k = 2 for Mixtral (Jiang et al.
 2024). ``ModelInfo`` does not carry k, so the activations of MoE models are approximate."""
@@ -266,6 +296,16 @@ class MemorySettings:
     ``fsdp`` (FULL_SHARD: weights, adapters, gradients and optimizer states sharded)."""
     world_size: int = 1
     """GPUs training the run, on all machines (1 for ``single``); the estimate is per GPU."""
+    method: str = "sft"
+    """The training method: ``sft`` (the loss above), ``dpo`` (TRL's fused log-probability head: tiles
+    of logits, never all of them; with ``reference: each_step`` a no-gradient pass of the reference
+    beside every step) or ``orpo`` (TRL's loss over every position's logits). The micro batch of a
+    pair method counts both answers' rows (2 x pairs)."""
+    reference: str | None = None
+    """dpo's reference log-probabilities: ``each_step`` (computed beside every step, between the
+    policy's forward and its backward) or ``precomputed`` (once, before training); None otherwise."""
+    triton: bool = True
+    """Whether TRL's kernels run in Triton (CUDA) or fold their tiles with torch operations (the CPU)."""
 
     def __post_init__(self) -> None:
         _choice("quantization", self.quantization, QUANTIZATIONS)
@@ -292,6 +332,11 @@ class MemorySettings:
         _flag("expandable_segments", self.expandable_segments)
         _choice("strategy", self.strategy, STRATEGIES)
         _positive_int("world_size", self.world_size)
+        _choice("method", self.method, ("sft", "dpo", "orpo"))
+        if self.reference not in ((None, "each_step", "precomputed") if self.method == "dpo" else (None,)):
+            raise UserError(f"memory settings: reference {self.reference!r} for method {self.method}",
+                            "dpo takes each_step or precomputed; the other methods have none")
+        _flag("triton", self.triton)
         if self.strategy == "single" and self.world_size != 1:
             raise UserError(f"memory settings: strategy single trains on one GPU, not {self.world_size}",
                             "pick ddp or fsdp for several GPUs")
@@ -666,6 +711,32 @@ def _stash_bytes(info: ModelInfo, s: MemorySettings, saved_per_layer: int, lora_
     return int(held)
 
 
+def _trl_tile_logits(info: ModelInfo, s: MemorySettings) -> int:
+    """Logits in one tile of TRL's fused log-probability head (dpo): at most 4,096 positions (every
+    position is counted; on a GPU only the answers' are scored) by 32,768 vocabulary entries."""
+    return min(s.tokens_per_micro_batch, TRL_LOGPROB_TOKEN_TILE) * min(info.vocab_size, TRL_LOGPROB_VOCAB_TILE)
+
+
+def reference_pass_bytes(info: ModelInfo, s: MemorySettings) -> int:
+    """Peak of dpo's reference pass computed each step: a forward without gradients that runs after the
+    policy's forward and before its backward (TRL's ``_compute_loss``), so the policy's stash is held
+    meanwhile. It holds the residual stream in and out of one layer, that layer's working tensors (q,
+    k, v and the attention output, gate, up and their product, a dequantized 4-bit weight) and one
+    forward fold of the head's tile. 0 for precomputed reference log-probabilities and other methods."""
+    if s.method != "dpo" or s.reference != "each_step":
+        return 0
+    w = _widths(info)
+    c = DTYPE_BYTES[s.compute_dtype]
+    m = 4 if _fp32_flow(info, s) else c
+    t = s.tokens_per_micro_batch
+    stream = 2 * (4 if _fp32_flow(info, s) else DTYPE_BYTES[s.load_dtype]) * w.hidden * t
+    layer = (c * (2 * w.q + 2 * w.kv) + 3 * m * w.intermediate * w.mlp_factor) * t
+    if s.quantization != "none" and info.targets:
+        layer += c * max(x.in_features * x.out_features for x in info.targets)
+    fold = c + (0 if s.triton else TRL_TORCH_FORWARD_TILE_BYTES_PER_LOGIT)
+    return int(stream + layer + fold * _trl_tile_logits(info, s))
+
+
 def loss_peak_bytes(info: ModelInfo, s: MemorySettings) -> int:
     """What the loss adds at its peak for one micro batch.
 
@@ -676,6 +747,13 @@ def loss_peak_bytes(info: ModelInfo, s: MemorySettings) -> int:
     """
     t = s.tokens_per_micro_batch
     c = DTYPE_BYTES[s.compute_dtype]
+    if s.method == "dpo":
+        # TRL's fused head: one tile of logits in the compute dtype (and the CPU's torch fold of it), the
+        # positions' hidden states gathered for it (compute dtype) and their gradient accumulated in fp32.
+        per_logit = c + (0 if s.triton else TRL_TORCH_TILE_BYTES_PER_LOGIT)
+        return per_logit * _trl_tile_logits(info, s) + (2 * c + 4) * t * info.hidden_size
+    if s.method == "orpo":
+        return int(ORPO_BYTES_PER_LOGIT * t * info.vocab_size)
     gathered = 3 * c * t * info.hidden_size  # trained positions' hidden states, their and all positions' gradients
     if s.liger:
         # Liger's fused linear cross-entropy: its gradient of the input (compute dtype), a per-token
@@ -732,6 +810,10 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
         "logits_and_loss": loss_component,
         "allocator_overhead": overhead,
     }
+    reference = reference_pass_bytes(info, s)
+    if s.method == "dpo":
+        # The reference pass comes before the backward: it adds only what it needs beyond the backward's peak.
+        per_gpu["reference_pass"] = max(0, reference - (layer_backward + loss_component))
     n = s.world_size
     sharded: tuple[str, ...] = ()
     if s.strategy == "fsdp":
@@ -770,6 +852,12 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
             f"Liger Kernel: fused linear cross-entropy ({loss_peak / GIB:.2f} GiB at the loss instead of "
             f"{full_loss / GIB:.1f} GiB of fp32 logits), fused RMSNorm, SwiGLU and RoPE in the blocks"
         )
+    elif s.method == "dpo":
+        notes.append(
+            f"dpo: TRL computes the answers' log-probabilities a tile of at most {TRL_LOGPROB_TOKEN_TILE:,} positions x "
+            f"{TRL_LOGPROB_VOCAB_TILE:,} vocabulary entries at a time ({loss_peak / GIB:.2f} GiB at its peak"
+            + ("" if s.triton else ", folded with torch operations on the CPU")
+            + f"), where a loss over all {t:,} positions' logits would hold {full_loss / GIB:.1f} GiB")
     elif s.loss_chunk is not None and full_loss - loss_peak > 256 * MIB:
         notes.append(
             f"the loss runs {s.loss_chunk:,} positions at a time (training.chunked_loss): {loss_peak / GIB:.1f} GiB instead "
@@ -781,6 +869,18 @@ def estimate_training_memory(info: ModelInfo, settings: MemorySettings) -> Memor
             f"take {loss_peak / GIB:.1f} GiB; fewer tokens per micro batch (raise gradient accumulation "
             "instead) lowers it linearly"
         )
+    if s.method == "dpo" and s.reference == "each_step":
+        extra = per_gpu["reference_pass"]
+        notes.append(
+            f"dpo's reference pass each step (no gradients, {reference / MIB:,.0f} MiB at its peak) runs between "
+            "the policy's forward and backward, beside the activations: "
+            + (f"it adds {extra / MIB:,.0f} MiB beyond the backward's peak" if extra else
+               "it stays under the backward's peak and adds no memory")
+            + "; precomputed reference log-probabilities (training.reference) cost one pass over the pairs "
+            "before the first step instead of one forward each step")
+    elif s.method == "dpo" and s.reference == "precomputed":
+        notes.append("dpo's reference log-probabilities are computed once, before the first step (a pass over "
+                     "the pairs without gradients): no reference pass beside the steps")
     if s.attn_implementation == "eager":
         notes.append("eager attention stores the full seq x seq attention matrix per layer; sdpa or "
                      "flash_attention_2 do not")

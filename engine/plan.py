@@ -285,29 +285,24 @@ def resolve_targets(preset: Preset, info) -> tuple[str, ...]:
     return tuple(targets)
 
 
-TRL_DPO_LOGPROB_CHUNK = 4096
-"""Positions whose log-probabilities TRL's DPO computes at once (``trl.kernels.chunked_logprob``'s
-``TOKEN_CHUNK_SIZE``); it never holds the whole logits."""
-
-
-def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
-    """The memory model's settings for this preset on this device (``engine.memory.MemorySettings``)."""
+def memory_settings(preset: Preset, info, device: DevicePlan | None = None, reference: str | None = None):
+    """The memory model's settings for this preset on this device (``engine.memory.MemorySettings``).
+    ``reference``: how dpo gets its reference (``engine.preference.reference_mode``) where the run
+    knows it; else the preset's, ``auto`` counted as each step (the data decides; it adds no memory
+    beyond the backward's peak on the models measured)."""
     from engine.loss import chunked_loss_applies, loss_chunk_tokens
     from engine.memory import MemorySettings
 
     device = device or assumed_gpu(preset, info.model_type)
     t = preset.training
-    # dpo and orpo (TRL) put both answers of each pair in one padded batch: twice the rows, no packing.
-    # TRL's dpo computes the log-probabilities 4,096 positions at a time without the whole logits
-    # (trl.kernels.chunked_logprob); its orpo holds every position's logits, as transformers' loss does.
+    # dpo and orpo (TRL) put both answers of each pair in one padded batch: twice the rows, no packing;
+    # the memory model knows their losses (TRL's tiled log-probability head for dpo, every position's
+    # logits for orpo), not the engine's chunks.
     pairs = t.method in PREFERENCE_METHODS
-    if t.method == "dpo":
-        loss_chunk = TRL_DPO_LOGPROB_CHUNK
-    elif t.method == "orpo":
-        loss_chunk = None
-    else:
-        loss_chunk = (loss_chunk_tokens(info.vocab_size) if t.chunked_loss and chunked_loss_applies(info.model_type)
-                      else None)
+    loss_chunk = (loss_chunk_tokens(info.vocab_size) if not pairs and t.chunked_loss
+                  and chunked_loss_applies(info.model_type) else None)
+    if t.method == "dpo" and reference is None:
+        reference = "each_step" if t.reference == "auto" else t.reference
     return MemorySettings(
         quantization=preset.quantization.method,
         double_quant=preset.quantization.double_quant,
@@ -331,4 +326,7 @@ def memory_settings(preset: Preset, info, device: DevicePlan | None = None):
         # Per GPU: the strategy decides what each GPU holds (engine.memory), the world what it shares.
         strategy=device.strategy,
         world_size=device.world_size,
+        method=t.method,
+        reference=reference if t.method == "dpo" else None,
+        triton=device.device == "cuda",
     )

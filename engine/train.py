@@ -1139,13 +1139,13 @@ class TrainingRecipe:
             print(prepared.stats.stop_line(), flush=True)  # in train.log: examples that do not teach stopping
 
         self.targets = resolve_targets(preset, info)
-        self.estimate = self.run.estimate = estimate_training_memory(
-            info, memory_settings(preset, info, self.device_plan))
         world_size = self.device_plan.world_size
         self.steps_per_epoch = steps_per_epoch(prepared.stats.examples, t.micro_batch_size,
                                                t.gradient_accumulation_steps, world_size)
         self.steps = total_steps(preset, prepared.stats.examples, world_size)
         self.reference = reference_mode(preset, prepared.stats.examples, self.steps, world_size)
+        self.estimate = self.run.estimate = estimate_training_memory(
+            info, memory_settings(preset, info, self.device_plan, self.reference))
 
     def _emit_start(self) -> None:
         """The checkpoint a resume continues from, and the start event: everything the run was set up with."""
