@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import run_cli, wait_for, write_preset
 from engine.events import fold_history, read_events
 
-PAIRS = dict(data__train="builtin:demo-pairs", training__learning_rate=5e-4, training__micro_batch_size=4,
-             training__gradient_accumulation_steps=1, training__seq_len=128, training__logging_steps=1)
-"""The demo's pairs at a rate the tiny demo model moves at within a few steps."""
+PAIRS = dict(data__train="builtin:demo-pairs", data__validation_split=0.05, training__learning_rate=5e-4,
+             training__micro_batch_size=4, training__gradient_accumulation_steps=1, training__seq_len=128,
+             training__logging_steps=1)
+"""The demo's pairs at a rate the tiny demo model moves at within a few steps, 20 of them held out."""
 
 
 def _steps(run_dir: Path) -> list:
@@ -70,17 +73,45 @@ def test_dpo_trains_on_the_demo_pairs_stops_resumes_and_keeps_only_its_adapter(t
     assert "final preference accuracy on the validation pairs: " in card
 
 
-def test_orpo_trains_without_a_reference_and_logs_its_supervised_part(tmp_path):
-    preset = write_preset(tmp_path, training__method="orpo", training__max_steps=4, training__eval_steps=4,
+def test_orpo_trains_without_a_reference_stops_resumes_and_evaluates_with_its_own_reward(tmp_path):
+    preset = write_preset(tmp_path, training__method="orpo", training__max_steps=10, training__eval_steps=10,
                           training__save_steps=1000, **PAIRS)
     run_dir = tmp_path / "run"
-    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
+    r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), "--detach")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: _steps(run_dir) or fold_history(read_events(run_dir)).end)  # its first steps are its slowest
+    r = run_cli("stop", str(run_dir), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    end = wait_for(lambda: fold_history(read_events(run_dir)).end)
+    assert end.status == "stopped" and Path(end.checkpoint).name == f"checkpoint-{end.step}" and end.step < 10
+
+    r = run_cli("resume", str(run_dir), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     h = fold_history(read_events(run_dir))
-    assert h.end.status == "finished" and h.start.method == "orpo" and h.start.reference is None
-    assert all(s.nll_loss is not None and s.reward_accuracy is not None for s in h.steps)
-    assert h.evals[-1].eval_reward_accuracy is not None
+    assert h.end.status == "finished" and [s.step for s in h.steps] == list(range(1, 11))
+    assert h.resumes[0].resumed_from_step == end.step
+    assert h.start.method == "orpo" and h.start.reference is None
+    # Every step carries ORPO's supervised part and its rewards (beta x the chosen and rejected answers'
+    # mean log-probability per token: no reference model).
+    assert all(s.nll_loss is not None and s.reward_accuracy is not None and s.reward_margin is not None
+               and s.rewards_chosen < 0 and s.rewards_rejected < 0 for s in h.steps)
+    last = h.evals[-1]
+    assert last.step == 10 and last.eval_reward_accuracy is not None
     assert "ORPO of builtin:tiny-llama" in r.stdout
+    # eval scores the held-out pairs with both models, and the reward as ORPO's own: the fine-tuned
+    # model's, measured as the run measured it on the same pairs.
+    r = run_cli("eval", str(run_dir), "--generations", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    prefs = out["preferences"]
+    assert prefs["pairs"] == h.start.data.validation_examples > 0 and prefs["beta"] == 0.1
+    assert prefs["method"] == "orpo" and 0 <= prefs["base_accuracy"] <= 1 and 0 <= prefs["fine_tuned_accuracy"] <= 1
+    assert prefs["reward_accuracy"] == pytest.approx(last.eval_reward_accuracy, abs=0.05), (prefs, last)
+    assert prefs["reward_margin"] == pytest.approx(last.eval_reward_margin, abs=2e-3), (prefs, last)
+    # Its supervised part lowered the loss of the chosen answers (the losses eval reports for pairs).
+    assert out["fine_tuned"]["loss"] < out["base"]["loss"], out
+    r = run_cli("eval", str(run_dir), "--generations", "0")
+    assert "reward accuracy (orpo's, the fine-tuned model's)" in r.stdout, r.stdout
 
 
 def test_dpo_on_supervised_data_and_sft_on_pairs_are_one_line_each(tmp_path):

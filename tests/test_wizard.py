@@ -139,6 +139,77 @@ async def test_walks_the_demo_from_model_to_a_live_run_then_stops_it(tmp_path):
     assert load_preset(run_dir / "preset.yaml").lora.targets == ["q_proj", "v_proj"]
 
 
+@pytest.mark.slow
+async def test_walks_the_demo_pairs_to_a_live_dpo_run_with_its_preference_curves_then_stops_it(tmp_path):
+    from textual.notifications import Notify
+
+    app = _wizard()
+    said: list[str] = []  # the notifications (run_test does not draw them)
+
+    def hear(message) -> None:
+        if isinstance(message, Notify):
+            said.append(message.notification.message)
+
+    async with app.run_test(size=LARGE, message_hook=hear) as pilot:
+        await _ready(pilot, data=False)
+        for step in ("memory", "targets", "data"):
+            await pilot.press("ctrl+n")
+            await wait_until(pilot, lambda s=step: app.screen.STEP == s, timeout=10, what=step)
+
+        # The demo's pairs: the draft's method turns to dpo to suit them, and the wizard says so.
+        field = app.screen.query_one("#train")
+        field.focus()
+        field.value = ""
+        await pilot.press(*"builtin:demo-pairs", "enter")
+        text = await wait_for(pilot, "training pairs", region="#stats-box", timeout=60)
+        assert "format: preference" in text and "validation pairs" in text, text
+        assert "pair 1" in region_text(app, "#examples-box")
+        assert app.draft.preset.training.method == "dpo"
+        assert any("the data holds preference pairs: training.method is now dpo, not sft" in m for m in said), said
+
+        # The hyperparameters step offers dpo with its settings, and its published rate instead of the rule.
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, "learning rate for dpo")
+        method = region_text(app, "#method-form")
+        for phrase in ("dpo", "beta", "0.1", "dpo loss", "sigmoid", "reference", "auto"):
+            assert phrase in method, method
+        await _type(pilot, "training.max_steps", "30")
+        await _type(pilot, "training.micro_batch_size", "4")
+        await _type(pilot, "training.learning_rate", "0.0005")
+        t = app.draft.preset.training
+        assert (t.method, t.max_steps, t.micro_batch_size, t.learning_rate) == ("dpo", 30, 4, 0.0005)
+
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, "ready:", "method: dpo")
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.run_dir is not None, timeout=30, what="the run to start")
+        run_dir = app.run_dir
+        try:
+            # The run screen draws the reward margin and the preference accuracy where sft has the rate.
+            text = await wait_for(pilot, "RUNNING", "step 1/30", "pref acc", timeout=120)
+            assert "RUNNING" in text and "step 1/30" in text, text
+            assert "reward margin" in text and "preference accuracy" in text, text
+            metrics = region_text(app, "#metrics")
+            assert "margin " in metrics and "pref acc " in metrics, metrics
+            assert app.screen.query_one("#margin-box").display and app.screen.query_one("#acc-box").display
+            assert not app.screen.query_one("#lr-box").display
+            await pilot.press("s")
+            await wait_for(pilot, "Keep training")
+            await pilot.press("y")
+            text = await wait_for(pilot, "STOPPED", "qlora-wizard resume", timeout=90)
+            assert "STOPPED" in text and "qlora-wizard resume" in text
+        finally:
+            if is_running(run_dir):
+                os.kill(json.loads((run_dir / "process.json").read_text())["pid"], 15)
+            wait_until_exited(run_dir, timeout=60)
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[0]["kind"] == "start" and events[0]["method"] == "dpo" and events[0]["reference"] == "each_step"
+    assert events[-1]["kind"] == "end" and events[-1]["status"] == "stopped"
+    steps = [e for e in events if e["kind"] == "step"]
+    assert steps and all(e.get("reward_margin") is not None and e.get("reward_accuracy") is not None for e in steps)
+    assert load_preset(run_dir / "preset.yaml").data.train == "builtin:demo-pairs"
+
+
 # ---------------------------------------------------------------------------------------------
 # Step by step
 

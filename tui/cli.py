@@ -875,7 +875,8 @@ def cmd_eval(args) -> int:
     if prefs:
         t.add_row("chosen answer likelier than rejected", num(prefs.base_accuracy, "{:.0%}"),
                   num(prefs.fine_tuned_accuracy, "{:.0%}"))
-        t.add_row("reward accuracy (dpo's, against the base)", "", num(prefs.reward_accuracy, "{:.0%}"))
+        whose = "orpo's, the fine-tuned model's" if prefs.method == "orpo" else "dpo's, against the base"
+        t.add_row(f"reward accuracy ({whose})", "", num(prefs.reward_accuracy, "{:.0%}"))
         t.add_row("reward margin", "", num(prefs.reward_margin, "{:+.3f}"))
     what = "chosen answers' " if prefs else "validation "
     t.add_row(f"{what}loss", num(base.loss), num(tuned.loss))

@@ -92,7 +92,8 @@ class EvalExactMatches:
 @dataclass(frozen=True)
 class EvalPreferences:
     """A preference run's held-out pairs scored by both models: how often each makes the chosen answer
-    the likelier one, and the fine-tuned model's implicit reward against the base (dpo's measure)."""
+    the likelier one, and the fine-tuned model's implicit reward as its method defines it (dpo's against
+    the base; orpo's, which has no reference, the fine-tuned model's own), as the run's events report it."""
 
     pairs: int = 0
     """Held-out pairs scored."""
@@ -102,13 +103,18 @@ class EvalPreferences:
     fine_tuned_accuracy: float | None = None
     """The same share for the fine-tuned model."""
     reward_accuracy: float | None = None
-    """The share of pairs whose implicit reward (beta x how much likelier the fine-tuned model makes an
-    answer than the base does) is higher for the chosen answer: dpo's preference accuracy, against the
-    base (a run started from another adapter was trained against that one)."""
+    """The share of pairs whose implicit reward is higher for the chosen answer: the run's preference
+    accuracy, on the held-out pairs. dpo: beta x how much likelier (summed log-probability) the
+    fine-tuned model makes an answer than the base does (against the base: a run started from another
+    adapter was trained against that one). orpo (no reference): beta x the fine-tuned model's mean
+    log-probability per token of the answer, TRL's ORPO reward."""
     reward_margin: float | None = None
     """The implicit reward of the chosen answers minus the rejected ones', the mean over pairs."""
     beta: float | None = None
-    """The run's ``training.beta``, the scale of the rewards."""
+    """The run's ``training.beta``, the scale of the rewards (orpo: its lambda)."""
+    method: str = "dpo"
+    """The run's ``training.method`` (dpo or orpo): which implicit reward ``reward_accuracy`` and
+    ``reward_margin`` are of."""
 
 
 @dataclass(frozen=True)
@@ -227,9 +233,9 @@ def validation_loss(session: TrySession, dataset, *, adapter: bool, batch_size: 
     return (total / count if count else float("nan")), count
 
 
-def _answer_logps(session: TrySession, pairs, *, adapter: bool) -> list[tuple[float, float, int]]:
-    """(log-probability of the chosen answer, of the rejected one, the chosen answer's tokens) of each
-    pair given its prompt, one sequence at a time (no full batch of logits held)."""
+def _answer_logps(session: TrySession, pairs, *, adapter: bool) -> list[tuple[float, float, int, int]]:
+    """(log-probability of the chosen answer, of the rejected one, the chosen answer's tokens, the
+    rejected one's) of each pair given its prompt, one sequence at a time (no full batch of logits held)."""
     import torch
 
     out = []
@@ -244,29 +250,38 @@ def _answer_logps(session: TrySession, pairs, *, adapter: bool) -> list[tuple[fl
                 labels = torch.tensor([[-100] * len(prompt) + answer], device=device)
                 total, count = summed_loss(session.model, ids, torch.ones_like(ids), labels)
                 sides.append((-total, count))
-            out.append((sides[0][0], sides[1][0], sides[0][1]))
+            out.append((sides[0][0], sides[1][0], sides[0][1], sides[1][1]))
     return out
 
 
-def preference_scores(session: TrySession, pairs, beta: float, say) -> tuple[EvalPreferences, float, float, int]:
+def preference_scores(session: TrySession, pairs, beta: float, say, method: str = "dpo",
+                      ) -> tuple[EvalPreferences, float, float, int]:
     """The held-out pairs scored by the base and the fine-tuned model: (their preferences, the base's
-    and the fine-tuned model's loss per token of the chosen answers, the chosen answers' tokens)."""
+    and the fine-tuned model's loss per token of the chosen answers, the chosen answers' tokens).
+
+    The implicit reward is the method's, as its trainer logs it: dpo's is beta x the log-probability
+    ratio of the fine-tuned model to the base (summed over the answer); orpo's, which has no reference,
+    beta x the fine-tuned model's mean log-probability per answer token."""
     say(f"scoring {len(pairs):,} held-out pairs with the base model")
     base = _answer_logps(session, pairs, adapter=False)
     say("scoring them with the fine-tuned model")
     tuned = _answer_logps(session, pairs, adapter=True)
     n = len(pairs)
-    tokens = sum(c for _, _, c in base)
-    margins = [beta * ((tc - bc) - (tr - br)) for (bc, br, _), (tc, tr, _) in zip(base, tuned)]
+    tokens = sum(b[2] for b in base)
+    if method == "orpo":
+        margins = [beta * (tc / max(nc, 1) - tr / max(nr, 1)) for tc, tr, nc, nr in tuned]
+    else:
+        margins = [beta * ((t[0] - b[0]) - (t[1] - b[1])) for b, t in zip(base, tuned)]
     prefs = EvalPreferences(
         pairs=n,
-        base_accuracy=sum(c > r for c, r, _ in base) / n,
-        fine_tuned_accuracy=sum(c > r for c, r, _ in tuned) / n,
+        base_accuracy=sum(b[0] > b[1] for b in base) / n,
+        fine_tuned_accuracy=sum(t[0] > t[1] for t in tuned) / n,
         reward_accuracy=sum(m > 0 for m in margins) / n,
         reward_margin=sum(margins) / n,
         beta=beta,
+        method=method,
     )
-    return prefs, -sum(c for c, _, _ in base) / max(tokens, 1), -sum(c for c, _, _ in tuned) / max(tokens, 1), tokens
+    return prefs, -sum(b[0] for b in base) / max(tokens, 1), -sum(t[0] for t in tuned) / max(tokens, 1), tokens
 
 
 def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding(temperature=0),
@@ -297,7 +312,8 @@ def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding
         tokens = 0
         preferences = None
         if prepared.validation is not None and prepared.stats.paired:
-            preferences, base_loss, tuned_loss, tokens = preference_scores(session, prepared.validation, t.beta, say)
+            preferences, base_loss, tuned_loss, tokens = preference_scores(session, prepared.validation, t.beta,
+                                                                           say, method=t.method)
         elif prepared.validation is not None:
             batch = max(1, t.micro_batch_size)
             say(f"validation loss of the base model on {len(prepared.validation):,} examples")
