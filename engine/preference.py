@@ -15,7 +15,9 @@ What the engine changes in TRL's behaviour, and why:
   log-probabilities precomputed once before the first step (``training.reference``).
 - TRL casts the trainable adapter weights of a 4-bit model to bfloat16. At a preference rate (about
   5e-6) most Adam updates of a weight near 0.1 are below bfloat16's spacing there (about 5e-4) and
-  are lost; the engine keeps them in float32, as its sft runs do.
+  are lost; the engine keeps them in float32, as its sft runs do, and restores the values the run
+  starts from (a run from ``lora.init_from`` then starts exactly at its reference, TRL's frozen copy
+  of the same adapter, not at a bfloat16 rounding of it).
 - TRL writes a model card into the checkpoints folder at every checkpoint; the engine's ``card``
   command writes the run's card, so that one is skipped.
 """
@@ -153,6 +155,8 @@ def build_preference_trainer(*, run, preset: Preset, model, args, train_dataset,
     """The dpo or orpo trainer for this run, its adapters kept in float32 and its batches counted."""
     import torch
 
+    # The adapter as the run starts it (fresh, ``init_from``'s or a checkpoint's to come), in float32.
+    start = {name: p.detach().to(torch.float32, copy=True) for name, p in model.named_parameters() if p.requires_grad}
     trainer = _trainer_class(preset.training.method)(
         run=run, model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, callbacks=callbacks,
@@ -163,8 +167,10 @@ def build_preference_trainer(*, run, preset: Preset, model, args, train_dataset,
         # runs with the adapter switched off instead of through LoRA layers that add zeros.
         unwrapped.delete_adapter("ref")
         unwrapped.set_adapter("default")
-    for param in trainer.model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()  # TRL's bfloat16 cast (see the module's notes)
+    for name, param in unwrapped.named_parameters():
+        if param.requires_grad and (name in start or param.dtype != torch.float32):
+            # TRL rounded the trainable weights to bfloat16 (see the module's notes): back to the values the
+            # run starts from, so that an init_from run starts exactly at its reference (TRL's frozen copy).
+            param.data = start[name] if name in start else param.data.float()
     trainer.data_collator = CountingCollator(trainer.data_collator)
     return trainer

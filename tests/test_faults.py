@@ -525,6 +525,139 @@ def test_starting_from_something_that_is_not_an_adapter_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# dpo: what a preference run adds to the matrix is its reference, which a resume must keep
+
+
+DPO_PAIRS = dict(training__method="dpo", data__train="builtin:demo-pairs", data__validation_split=0,
+                 training__learning_rate=5e-4, training__micro_batch_size=4, training__gradient_accumulation_steps=1,
+                 training__seq_len=128, training__logging_steps=1, training__max_steps=8)
+"""A short dpo run on the demo pairs at a rate the demo model moves at within a few steps, no validation."""
+
+KILL_AT = """
+import os, signal, sys
+from transformers import TrainerCallback
+from engine.train import run_training
+
+class Kill(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.exit(run_training(sys.argv[1], callbacks=(Kill(),)))
+"""
+"""Trains a run in a process of its own that kills itself with SIGKILL as step ``argv[2] + 1`` begins."""
+
+
+def _attempts(run_dir: Path) -> list[dict[int, object]]:
+    """The step events of each process that trained the run, by step."""
+    attempts: list[dict[int, object]] = []
+    for e in read_events(run_dir):
+        if e.kind == "start":
+            attempts.append({})
+        elif e.kind == "step":
+            attempts[-1][e.step] = e
+    return attempts
+
+
+def _rewards(step) -> tuple[float, float]:
+    return step.rewards_chosen, step.rewards_rejected
+
+
+def test_a_dpo_run_killed_mid_run_resumes_against_its_reference_precomputed_from_the_starting_model(tmp_path):
+    """TRL precomputes the reference log-probabilities when the trainer is built (``DPOTrainer.__init__``),
+    before ``train`` loads the checkpoint, and keys their cache on a hash of the model as built: a resume
+    must build the model as the run began, or its reference is the checkpoint's partly trained adapter.
+    The steps after the checkpoint, trained by both processes from the same weights on the same
+    batches, show it: their rewards are the same, where a reference computed with the trained adapter
+    would make the first of them 0 (the policy measured against itself)."""
+    from engine.preset import load_preset
+    from engine.runs import create_run
+
+    preset = write_preset(tmp_path, training__save_steps=4, training__reference="precomputed", **DPO_PAIRS)
+    run_dir = create_run(load_preset(preset), tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", KILL_AT, str(run_dir), "6"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _status(run_dir) == "crashed" and _steps(run_dir) == [1, 2, 3, 4, 5, 6]
+
+    r = run_cli("resume", str(run_dir), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resuming {run_dir} from checkpoint-4" in r.stdout
+    h = fold_history(read_events(run_dir))
+    assert h.end.status == "finished" and [s.step for s in h.steps] == list(range(1, 9))
+    assert (h.start.reference, h.resumes[0].reference, h.resumes[0].resumed_from_step) == (
+        "precomputed", "precomputed", 4)
+    killed, resumed = _attempts(run_dir)
+    assert sorted(resumed) == [5, 6, 7, 8]  # steps 5 and 6, past the checkpoint, trained again, once
+    # The reference is the base: at step 1 the fresh adapter (its update zero) scores the pairs as it does.
+    assert _rewards(killed[1]) == pytest.approx((0, 0), abs=1e-3)
+    for step in (5, 6):
+        before, again = killed[step], resumed[step]
+        assert sum(map(abs, _rewards(before))) > 2e-3, before  # the policy has moved from its reference
+        assert _rewards(again) == pytest.approx(_rewards(before), rel=1e-3, abs=1e-4), (step, before, again)
+        assert (again.loss, again.reward_margin) == pytest.approx((before.loss, before.reward_margin), rel=1e-3,
+                                                                  abs=1e-4)
+
+
+def _lora_key(key: str, adapter: str) -> str:
+    """A saved adapter's weight name as the model in memory names it, under ``adapter``."""
+    return key.replace(".lora_A.", f".lora_A.{adapter}.").replace(".lora_B.", f".lora_B.{adapter}.")
+
+
+def test_a_dpo_run_from_an_sft_adapter_stopped_and_resumed_keeps_that_adapter_as_its_reference(
+        demo_run, tmp_path, monkeypatch):
+    """Started from a finished sft run's adapter (``lora.init_from``), the reference is TRL's frozen copy
+    of it (adapter "ref", beside the trained "default"). Checkpoints hold both; a resume must leave "ref"
+    the starting adapter, not make it the checkpoint's trained one: looked at in memory as training
+    resumes, and in the rewards of the first step after the resume, which a reference equal to the
+    resumed adapter would make 0 as they are at step 1, where the policy is still its reference."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from engine.preset import load_preset
+    from engine.runs import create_run
+    from engine.train import run_training
+
+    start = load_file(demo_run / "adapter" / "adapter_model.safetensors")
+    preset = write_preset(tmp_path, training__save_steps=1000, training__reference="each_step",
+                          lora__init_from=str(demo_run / "adapter"), **DPO_PAIRS)
+    run_dir = create_run(load_preset(preset), tmp_path / "run")
+    assert run_training(run_dir, callbacks=(_Signals(monkeypatch, at_step=(3, 1)).callback,)) == 130
+    end = _end(run_dir)
+    assert end.status == "stopped" and end.step == 4 and _checkpoints(run_dir) == ["checkpoint-4"]
+    saved = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+
+    resumed_with: dict[str, torch.Tensor] = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            resumed_with.update({n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+                                 if ".lora_" in n})
+
+    assert run_training(run_dir, resume=True, callbacks=(Look(),)) == 0
+    h = fold_history(read_events(run_dir))
+    assert h.end.status == "finished" and [s.step for s in h.steps] == list(range(1, 9))
+    assert (h.resumes[0].resumed_from_step, h.resumes[0].reference) == (4, "each_step")
+    # As training resumed: "default" is the checkpoint's adapter, "ref" still the one the run started from.
+    assert any(not torch.equal(saved[k], start[k]) for k in start)
+    assert all(torch.equal(resumed_with[_lora_key(k, "default")], saved[k].float()) for k in saved)
+    assert all(torch.equal(resumed_with[_lora_key(k, "ref")], start[k].float()) for k in start)
+    # The policy begins at its reference (step 1: every reward 0, not the 1e-4 of an adapter rounded to
+    # bfloat16 against its exact copy); the first step after the resume is measured against the starting
+    # adapter, from which four steps have moved it.
+    stopped, resumed = _attempts(run_dir)
+    assert _rewards(stopped[1]) == pytest.approx((0, 0), abs=1e-5)
+    assert sum(map(abs, _rewards(resumed[5]))) > 2e-3, resumed[5]
+    # The adapter written at the end is the trained one alone.
+    adapter = run_dir / "adapter"
+    written = load_file(adapter / "adapter_model.safetensors")
+    assert not (adapter / "ref").exists() and set(written) == set(start)
+    assert any(not torch.equal(written[k], start[k]) for k in start)
+
+
+# ---------------------------------------------------------------------------------------------
 # Security: never signal a stranger, never write into someone's folder or through a planted link
 
 
