@@ -114,7 +114,10 @@ def demo_run(tmp_path_factory, demo_cache) -> Path:
         end = fold_history(read_events(run_dir)).end if (run_dir / "events.jsonl").is_file() else None
         if end is None or end.status != "finished":
             shutil.rmtree(run_dir, ignore_errors=True)
-            preset = write_preset(folder, training__max_steps=30, training__eval_steps=10, training__save_steps=30)
+            # The demo's own validation share (150 examples): the tests of this run read it, and what 30
+            # steps of this split learn (to stop, among others) is what they check.
+            preset = write_preset(folder, training__max_steps=30, training__eval_steps=10, training__save_steps=30,
+                                  data__validation_split=0.1)
             r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
             assert r.returncode == 0, r.stdout + r.stderr
     return run_dir
@@ -306,10 +309,18 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
     return out
 
 
+TEST_VALIDATION_SPLIT = 0.02
+"""The tests' runs hold out 2 % of the demo data (30 examples, two batches), not the demo preset's 10 %
+(150): every run evaluates at its end, and a tenth of the demo took as long as several training steps
+of a short test run. A test that needs more says so (``data__validation_split=``)."""
+
+
 def write_preset(tmp_path: Path, name: str = "p.yaml", **overrides) -> Path:
-    """The demo preset with dotted overrides (``training__max_steps=10``)."""
+    """The demo preset with dotted overrides (``training__max_steps=10``); its validation split is
+    ``TEST_VALIDATION_SPLIT`` unless overridden."""
     data = yaml.safe_load(DEMO_PRESET.read_text())
     data["output"] = {"runs_dir": str(tmp_path / "runs")}
+    data["data"]["validation_split"] = TEST_VALIDATION_SPLIT
     for key, value in overrides.items():
         section, field = key.split("__")
         data.setdefault(section, {})[field] = value
@@ -335,10 +346,13 @@ def wait_for(predicate, timeout: float = 240, poll: float = 0.2):
     raise AssertionError("timed out waiting")
 
 
-FIRST = ("test_gpu_suite.py", "test_real_model.py", "test_distributed.py", "test_faults.py", "test_export.py",
-         "test_train.py", "test_wizard.py", "test_after.py")
-"""The files that take longest (minutes each, on two cores), in that order: they start first, so no
-worker is left with one of them alone at the end of a run over several workers."""
+FIRST = ("test_distributed.py", "test_faults.py", "test_real_model.py", "test_gpu_suite.py", "test_train.py",
+         "test_wizard.py", "test_remote_code.py", "test_export.py", "test_cli.py", "test_gguf.py",
+         "test_preference_train.py", "test_try.py", "test_plain.py")
+"""The files that take longest (a minute to three each, on two cores), longest first: they start
+first, so no worker is left with one of them alone at the end of a run over several workers. The
+workers take whole files in this order (``--dist loadfile --no-loadscope-reorder`` in pyproject.toml;
+pytest-xdist's own order, by number of tests, would put these last)."""
 
 
 def pytest_collection_modifyitems(config, items):

@@ -284,9 +284,10 @@ def test_cli_refuses_data_cut_before_every_response_before_the_run_directory(tmp
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
-    # The demo set: 1,500 examples, 150 held out; every prompt is longer than 16 tokens.
+    # The demo set: 1,500 examples, 30 held out (conftest.TEST_VALIDATION_SPLIT); every prompt is longer than
+    # 16 tokens.
     assert lines[0].startswith("error: builtin:demo: no example has anything left to train at seq_len 16: "
-                               "all 1,350 training examples are cut before their response (prompts are "), lines[0]
+                               "all 1,470 training examples are cut before their response (prompts are "), lines[0]
     assert "tokens); a training.seq_len of 128 keeps all of them" in lines[0]
     assert not run_dir.exists()
     assert not (tmp_path / "runs").exists()

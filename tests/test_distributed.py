@@ -208,7 +208,7 @@ def test_two_ddp_processes_train_as_one_with_the_same_global_batch(tmp_path, dem
     events = events_of(two)
     start = next(e for e in events if e["kind"] == "start")
     assert start["world"]["strategy"] == "ddp" and start["world"]["world_size"] == 2
-    assert start["steps_per_epoch"] == 85  # 1,350 examples, 8 per rank, 2 ranks
+    assert start["steps_per_epoch"] == 92  # 1,470 examples (conftest.TEST_VALIDATION_SPLIT), 8 per rank, 2 ranks
     steps = [e for e in events if e["kind"] == "step"]
     assert all([r["rank"] for r in s["ranks"]] == [0, 1] for s in steps)
     assert all(s["tokens"] > 0 and s["mem_rss"] == max(r["mem_rss"] for r in s["ranks"]) for s in steps)

@@ -288,9 +288,10 @@ def test_a_two_machine_run_asks_this_machines_place_and_starts_its_part(here, ca
 
 
 @pytest.mark.slow
-def test_a_dpo_walk_on_the_demo_pairs_switches_the_method_and_trains(here, started_runs, capsys):
-    """The demo's pairs in the data step turn the draft's method to dpo (said); the hyperparameters step
-    asks dpo's settings and offers its published rate; the run trains with the preference figures."""
+def test_an_orpo_walk_on_the_demo_pairs_switches_to_dpo_takes_orpo_and_trains(here, started_runs, capsys):
+    """The demo's pairs in the data step turn the draft's method to dpo (said); the person takes orpo in
+    the hyperparameters step, which then asks orpo's one setting (beta; no reference, no dpo loss) and
+    offers its published rate; the run trains with orpo's figures. (The Textual walk trains dpo.)"""
     keys = [
         ENTER, ENTER,                                   # 1 model: keep builtin:tiny-llama; continue
         ENTER, ENTER, ENTER, ENTER, ENTER, ENTER,       # 2 memory: as it is; continue
@@ -298,23 +299,23 @@ def test_a_dpo_walk_on_the_demo_pairs_switches_the_method_and_trains(here, start
         ENTER,                                          #   continue
         typed("builtin:demo-pairs"), ENTER, ENTER,      # 4 data: the pairs; format, validation share,
         ENTER, ENTER,                                   #   train on prompts; continue
-        ENTER, ENTER, ENTER, ENTER,                     # 5 method: dpo (as switched), beta, loss, reference
+        DOWN + ENTER, ENTER,                            # 5 method: orpo (after dpo, as switched); beta
         typed("4"), ENTER, ENTER, typed("0.0005"),      #   max steps 4; grad accum; no more; lr
         ENTER,                                          #   continue
-        typed("plain-dpo"), ENTER, ENTER,               # 6 run name; export to the default file; start
+        typed("plain-orpo"), ENTER, ENTER,              # 6 run name; export to the default file; start
     ]
     code = drive(load_draft(DEMO_PRESET), keys, services=Services(probe_gpus=lambda: [GPU_24]))
     out = capsys.readouterr().out
     assert code == 0, out
     assert "the data holds preference pairs: training.method is now dpo, not sft" in out
     assert "pair 1 of 3 as the model sees it" in out
-    assert "learning rate for dpo" in out and "the guide's rule is for supervised tokens" in out
-    preset = load_preset(here / "plain-dpo.yaml")
-    assert preset.training.method == "dpo" and preset.data.train == "builtin:demo-pairs"
+    assert "learning rate for orpo" in out and "the guide's rule is for supervised tokens" in out
+    preset = load_preset(here / "plain-orpo.yaml")
+    assert preset.training.method == "orpo" and preset.data.train == "builtin:demo-pairs"
     assert preset.training.learning_rate == 0.0005
-    run_dir = here / "runs" / "plain-dpo"
+    run_dir = here / "runs" / "plain-orpo"
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert events[0]["method"] == "dpo" and events[-1]["status"] == "finished"
+    assert events[0]["method"] == "orpo" and events[0].get("reference") is None and events[-1]["status"] == "finished"
     assert [e["step"] for e in events if e["kind"] == "step"] == [1, 2, 3, 4]
-    assert all("reward_accuracy" in e for e in events if e["kind"] == "step")
-    assert "DPO" in out and "finished at step 4" in out
+    assert all("reward_accuracy" in e and "nll_loss" in e for e in events if e["kind"] == "step")
+    assert "ORPO" in out and "finished at step 4" in out

@@ -12,10 +12,10 @@ import pytest
 from conftest import run_cli, wait_for, write_preset
 from engine.events import fold_history, read_events
 
-PAIRS = dict(data__train="builtin:demo-pairs", data__validation_split=0.05, training__learning_rate=5e-4,
+PAIRS = dict(data__train="builtin:demo-pairs", data__validation_split=0.1, training__learning_rate=5e-4,
              training__micro_batch_size=4, training__gradient_accumulation_steps=1, training__seq_len=128,
              training__logging_steps=1)
-"""The demo's pairs at a rate the tiny demo model moves at within a few steps, 20 of them held out."""
+"""The demo's pairs at a rate the tiny demo model moves at within a few steps, 40 of them held out."""
 
 
 def _steps(run_dir: Path) -> list:
@@ -74,7 +74,9 @@ def test_dpo_trains_on_the_demo_pairs_stops_resumes_and_keeps_only_its_adapter(t
 
 
 def test_orpo_trains_without_a_reference_stops_resumes_and_evaluates_with_its_own_reward(tmp_path):
-    preset = write_preset(tmp_path, training__method="orpo", training__max_steps=10, training__eval_steps=10,
+    # 30 steps: after its first (slow) steps an orpo step of the demo takes a fraction of a second, and the
+    # stop must reach the run before it ends.
+    preset = write_preset(tmp_path, training__method="orpo", training__max_steps=30, training__eval_steps=30,
                           training__save_steps=1000, **PAIRS)
     run_dir = tmp_path / "run"
     r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), "--detach")
@@ -83,12 +85,12 @@ def test_orpo_trains_without_a_reference_stops_resumes_and_evaluates_with_its_ow
     r = run_cli("stop", str(run_dir), timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     end = wait_for(lambda: fold_history(read_events(run_dir)).end)
-    assert end.status == "stopped" and Path(end.checkpoint).name == f"checkpoint-{end.step}" and end.step < 10
+    assert end.status == "stopped" and Path(end.checkpoint).name == f"checkpoint-{end.step}" and end.step < 30
 
     r = run_cli("resume", str(run_dir), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     h = fold_history(read_events(run_dir))
-    assert h.end.status == "finished" and [s.step for s in h.steps] == list(range(1, 11))
+    assert h.end.status == "finished" and [s.step for s in h.steps] == list(range(1, 31))
     assert h.resumes[0].resumed_from_step == end.step
     assert h.start.method == "orpo" and h.start.reference is None
     # Every step carries ORPO's supervised part and its rewards (beta x the chosen and rejected answers'
@@ -96,7 +98,7 @@ def test_orpo_trains_without_a_reference_stops_resumes_and_evaluates_with_its_ow
     assert all(s.nll_loss is not None and s.reward_accuracy is not None and s.reward_margin is not None
                and s.rewards_chosen < 0 and s.rewards_rejected < 0 for s in h.steps)
     last = h.evals[-1]
-    assert last.step == 10 and last.eval_reward_accuracy is not None
+    assert last.step == 30 and last.eval_reward_accuracy is not None
     assert "ORPO of builtin:tiny-llama" in r.stdout
     # eval scores the held-out pairs with both models, and the reward as ORPO's own: the fine-tuned
     # model's, measured as the run measured it on the same pairs.
