@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.loss_memory import _reset_hwm, _status_kib  # noqa: E402  (the kernel's high-water mark)
+
 MIB = 1024**2
 MODEL = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=688,
              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=32000,
@@ -63,17 +65,6 @@ CASES = [
     ("orpo-2x512-nockpt", "orpo", None, 2, 512, False),
 ]
 STEPS = 3
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def case_preset(model_dir: Path, data: Path | str, case: list | tuple) -> dict:
@@ -120,7 +111,8 @@ def worker(model_dir: Path, case: list, run_dir: Path, out: Path) -> int:
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == 1:  # the second step: optimizer states made, the first step's gradients freed
                 gc.collect()
-                _reset_hwm()
+                if not _reset_hwm():
+                    raise RuntimeError("this kernel cannot reset the resident set's high-water mark")
                 seen["baseline"] = _status_kib("VmRSS") * 1024
 
         def on_step_end(self, args, state, control, **kw):

@@ -241,20 +241,33 @@ def _launcher_and_ranks_gone(run_dir: Path) -> bool:
     return not is_running(run_dir) and not any(rank_alive(r, run_dir) for r in read_ranks(run_dir))
 
 
-def test_stop_reaches_every_rank_and_resume_continues_with_the_same_world(tmp_path, demo_cache):
-    path = _ddp_preset(tmp_path, "stopme", training__max_steps=24, training__eval_steps=100)
-    run_dir = tmp_path / "runs" / "stopme"
+def test_a_stop_sent_to_one_rank_alone_stops_the_whole_run_and_resume_continues_with_the_same_world(
+        tmp_path, demo_cache):
+    """`kill -TERM` to rank 1 only, while it loads: it leaves, saying it was stopped; rank 0 takes the
+    same stop instead of calling it a fault. And during training a stop that reaches one rank stops
+    both at one step, with one checkpoint holding each rank's state; `resume` continues from it on the
+    same world, each step once, and finishes."""
+    path = _ddp_preset(tmp_path, "one", training__max_steps=400)
+    run_dir = tmp_path / "runs" / "one"
+    assert run_cli("--preset", str(path), "--detach", timeout=120).returncode == 0
+    ranks = wait_for(lambda: len(read_ranks(run_dir)) == 2 and read_ranks(run_dir), timeout=240, poll=0.02)
+    os.kill(next(r for r in ranks if r.rank == 1).pid, signal.SIGTERM)
+    wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=120)
+    end = events_of(run_dir)[-1]
+    assert end["kind"] == "end" and end["status"] == "stopped", end
+
+    path = _ddp_preset(tmp_path, "two", training__max_steps=24, training__eval_steps=1000)
+    run_dir = tmp_path / "runs" / "two"
     r = run_cli("--preset", str(path), "--detach", timeout=120)
     assert r.returncode == 0, r.stderr
     wait_for(lambda: any(e["kind"] == "step" and e["step"] >= 3 for e in events_of(run_dir)), timeout=240)
     ranks = wait_for(lambda: read_ranks(run_dir))
     assert len(ranks) == 2
-
-    r = run_cli("stop", str(run_dir), timeout=60)
-    assert r.returncode == 0 and "asked" in r.stdout
+    os.kill(next(r for r in ranks if r.rank == 1).pid, signal.SIGTERM)
     wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=120)
     end = events_of(run_dir)[-1]
     assert end["kind"] == "end" and end["status"] == "stopped", end
+    assert "by a stop sent to another rank" in end["message"], end
     stopped_at = end["step"]
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == [f"checkpoint-{stopped_at}"]  # one checkpoint, the step both ranks agreed on
@@ -269,7 +282,7 @@ def test_stop_reaches_every_rank_and_resume_continues_with_the_same_world(tmp_pa
     assert len(starts) == 2 and starts[1]["resumed_from_step"] == stopped_at
     assert starts[1]["world"]["world_size"] == 2 and starts[1]["world"]["strategy"] == "ddp"
     after = [e["step"] for e in events[events.index(starts[1]):] if e["kind"] == "step"]
-    assert after[0] == stopped_at + 1 and after[-1] == 24
+    assert after == list(range(stopped_at + 1, 25))  # from the step after the checkpoint to 24, each once
     assert events[-1]["status"] == "finished" and (run_dir / "adapter").is_dir()
 
 
@@ -368,46 +381,6 @@ def test_a_stop_before_training_begins_ends_every_rank_stopped_not_failed(tmp_pa
     assert sum(1 for e in events_of(run_dir) if e["kind"] == "end") == 1
 
 
-def test_two_machines_meet_at_the_master_and_train_as_one(tmp_path, demo_cache):
-    """The several-machines path for real, with two "machines" on this one: each a launcher with one
-    CPU process, started as the README says (--nodes 2 --node-rank R --master HOST:PORT), meeting at
-    a local port through torchrun's static rendezvous."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = _ddp_preset(tmp_path, "nodes", distributed__gpus=1)
-    n0, n1 = tmp_path / "machine0", tmp_path / "machine1"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # two "machines" share these cores
-    place = ["--preset", str(path), "--nodes", "2", "--master", f"127.0.0.1:{port}"]
-    other = subprocess.Popen([sys.executable, "-m", "tui.cli", *place, "--node-rank", "1", "--run-dir", str(n1)],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        r = run_cli(*place, "--node-rank", "0", "--run-dir", str(n0), env={"OMP_NUM_THREADS": "1"}, timeout=300)
-        out1, _ = other.communicate(timeout=120)
-    finally:
-        if other.poll() is None:
-            other.kill()
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert other.returncode == 0, out1
-    assert "on 1 CPU process x 2 machines, DDP" in r.stdout
-    assert f"--nnodes=2 --node-rank=0 --master-addr=127.0.0.1 --master-port={port}" in r.stdout
-    assert f"qlora-wizard --preset {path} --nodes 2 --node-rank 1 --master 127.0.0.1:{port}" in r.stdout
-
-    # Each machine: its own run directory, the whole event stream, its own checkpoints and ranks.
-    a, b = events_of(n0), events_of(n1)
-    assert [e["loss"] for e in a if e["kind"] == "step"] == [e["loss"] for e in b if e["kind"] == "step"]
-    assert a[-1]["status"] == b[-1]["status"] == "finished"
-    assert (n0 / "adapter" / "adapter_model.safetensors").is_file() and not (n1 / "adapter").exists()
-    assert "rank 0 on machine 0 wrote the adapter" in b[-1]["message"]
-    assert (n1 / "checkpoints" / "checkpoint-6" / "trainer_state.json").is_file()
-    assert [(r.rank, r.node) for r in read_ranks(n1)] == [(1, 1)]
-    assert next(e for e in a if e["kind"] == "start")["world"]["nodes"] == 2
-
-
 def test_resume_refuses_fewer_gpus_than_the_run_began_with_and_changes_nothing(tmp_path, monkeypatch):
     """Its checkpoints hold each rank's state: a run begun on 4 GPUs resumes on 4, and where fewer are
     visible the refusal is one line, before anything in the run directory changes."""
@@ -437,10 +410,14 @@ def test_resume_refuses_fewer_gpus_than_the_run_began_with_and_changes_nothing(t
     assert snapshot(run_dir) == before
 
 
-def test_a_stop_on_either_machine_stops_both_at_one_step_and_both_resume(tmp_path, demo_cache):
-    """Two "machines" on this one, detached: `stop` on machine 1 reaches machine 0's rank through
-    the ranks' agreement, both save the same step; `resume` on each (the same place, recorded)
-    meets again and finishes."""
+def test_two_machines_meet_at_the_master_train_as_one_and_a_stop_on_either_stops_both_and_both_resume(
+        tmp_path, demo_cache):
+    """The several-machines path for real, with two "machines" on this one: each a launcher with one
+    CPU process, started as the README says (--nodes 2 --node-rank R --master HOST:PORT), detached,
+    meeting at a local port through torchrun's static rendezvous. `stop` on machine 1 reaches machine
+    0's rank through the ranks' agreement, both save the same step; `resume` on each (the same place,
+    recorded) meets again and finishes as one run: machine 0 writes the adapter, machine 1 keeps its
+    checkpoints."""
     import socket
     import subprocess
     import sys
@@ -450,20 +427,25 @@ def test_a_stop_on_either_machine_stops_both_at_one_step_and_both_resume(tmp_pat
         port = s.getsockname()[1]
     path = _ddp_preset(tmp_path, "nodes", distributed__gpus=1, training__max_steps=30, training__eval_steps=1000)
     dirs = [tmp_path / "machine0", tmp_path / "machine1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # two "machines" share these cores
 
     def start(args) -> list[subprocess.Popen]:
         return [subprocess.Popen([sys.executable, "-m", "tui.cli", *args(r)], cwd=ROOT, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
 
-    for p in start(lambda r: ["--preset", str(path), "--nodes", "2", "--node-rank", str(r),
-                              "--master", f"127.0.0.1:{port}", "--run-dir", str(dirs[r]), "--detach"]):
+    place = ["--preset", str(path), "--nodes", "2", "--master", f"127.0.0.1:{port}"]
+    outs = []
+    for p in start(lambda r: [*place, "--node-rank", str(r), "--run-dir", str(dirs[r]), "--detach"]):
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out
+        outs.append(out)
+    # Machine 0 shows the torchrun command it started, and what machine 1 types.
+    assert f"--nnodes=2 --node-rank=0 --master-addr=127.0.0.1 --master-port={port}" in outs[0]
+    assert f"qlora-wizard --preset {path} --nodes 2 --node-rank 1 --master 127.0.0.1:{port}" in outs[0]
     wait_for(lambda: all(any(e["kind"] == "step" and e["step"] >= 3 for e in events_of(d)) for d in dirs),
              timeout=240)
     r = run_cli("stop", str(dirs[1]), timeout=60)
-    assert r.returncode == 0
+    assert r.returncode == 0 and "asked" in r.stdout
     wait_for(lambda: all(_launcher_and_ranks_gone(d) for d in dirs), timeout=120)
     ends = [events_of(d)[-1] for d in dirs]
     assert [e["status"] for e in ends] == ["stopped", "stopped"], ends
@@ -472,10 +454,18 @@ def test_a_stop_on_either_machine_stops_both_at_one_step_and_both_resume(tmp_pat
     for d in dirs:
         assert [p.name for p in (d / "checkpoints").iterdir()] == [f"checkpoint-{step}"]
 
-    for p in start(lambda r: ["resume", str(dirs[r]), "--detach"]):
-        out, _ = p.communicate(timeout=120)
+    # Machine 0 resumes in the foreground, following the run to its end; machine 1 in the background.
+    procs = start(lambda r: ["resume", str(dirs[r])] + (["--detach"] if r else []))
+    try:
+        outs = [p.communicate(timeout=300 if r == 0 else 120)[0] for r, p in enumerate(procs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
         assert p.returncode == 0, out
         assert "as it began" in out
+    assert "on 1 CPU process x 2 machines, DDP" in outs[0] and "finished at step 30" in outs[0]
     wait_for(lambda: all(_launcher_and_ranks_gone(d) and events_of(d)[-1]["kind"] == "end" for d in dirs),
              timeout=240)
     for d in dirs:
@@ -483,6 +473,16 @@ def test_a_stop_on_either_machine_stops_both_at_one_step_and_both_resume(tmp_pat
         assert events[-1]["status"] == "finished" and events[-1]["step"] == 30, events[-1]
         resumed = [e for e in events if e["kind"] == "start"][-1]
         assert resumed["resumed_from_step"] == step and resumed["world"]["nodes"] == 2
+
+    # Each machine: its own run directory, the whole event stream, its own checkpoints and ranks.
+    a, b = events_of(dirs[0]), events_of(dirs[1])
+    assert [e["loss"] for e in a if e["kind"] == "step"] == [e["loss"] for e in b if e["kind"] == "step"]
+    assert a[-1]["status"] == b[-1]["status"] == "finished"
+    assert (dirs[0] / "adapter" / "adapter_model.safetensors").is_file() and not (dirs[1] / "adapter").exists()
+    assert "rank 0 on machine 0 wrote the adapter" in b[-1]["message"]
+    assert (dirs[1] / "checkpoints" / "checkpoint-30" / "trainer_state.json").is_file()
+    assert [(r.rank, r.node) for r in read_ranks(dirs[1])] == [(1, 1)]
+    assert next(e for e in a if e["kind"] == "start")["world"]["nodes"] == 2
 
 
 def test_a_killed_launcher_loses_nothing_its_ranks_train_on_and_are_still_the_run(tmp_path, demo_cache):
@@ -504,30 +504,6 @@ def test_a_killed_launcher_loses_nothing_its_ranks_train_on_and_are_still_the_ru
     wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=240)
     end = events_of(run_dir)[-1]
     assert end["kind"] == "end" and end["status"] == "finished" and end["step"] == 16
-
-
-def test_a_stop_sent_to_one_rank_alone_stops_the_whole_run(tmp_path, demo_cache):
-    """`kill -TERM` to rank 1 only, while it loads: it leaves, saying it was stopped; rank 0 takes the
-    same stop instead of calling it a fault. And during training a stop that reaches one rank stops
-    both at one step, with one checkpoint."""
-    path = _ddp_preset(tmp_path, "one", training__max_steps=400)
-    run_dir = tmp_path / "runs" / "one"
-    assert run_cli("--preset", str(path), "--detach", timeout=120).returncode == 0
-    ranks = wait_for(lambda: len(read_ranks(run_dir)) == 2 and read_ranks(run_dir), timeout=240, poll=0.02)
-    os.kill(next(r for r in ranks if r.rank == 1).pid, signal.SIGTERM)
-    wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=120)
-    end = events_of(run_dir)[-1]
-    assert end["kind"] == "end" and end["status"] == "stopped", end
-
-    path = _ddp_preset(tmp_path, "two", training__max_steps=400, training__eval_steps=1000)
-    run_dir = tmp_path / "runs" / "two"
-    assert run_cli("--preset", str(path), "--detach", timeout=120).returncode == 0
-    wait_for(lambda: any(e["kind"] == "step" and e["step"] >= 2 for e in events_of(run_dir)), timeout=240)
-    os.kill(next(r for r in read_ranks(run_dir) if r.rank == 1).pid, signal.SIGTERM)
-    wait_for(lambda: _launcher_and_ranks_gone(run_dir), timeout=120)
-    end = events_of(run_dir)[-1]
-    assert end["status"] == "stopped" and "by a stop sent to another rank" in end["message"], end
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"checkpoint-{end['step']}"]
 
 
 # ---------------------------------------------------------------------------------------------

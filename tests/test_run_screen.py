@@ -159,9 +159,11 @@ async def test_live_run_shows_a_new_step_at_once_and_a_fast_run_once_a_second(tm
             await pilot.pause(SHOW_EVERY_S)
             _write(run_dir, [_step(6, total, 1.5, t0=t0)])
             written = time.monotonic()
-            text = await wait_for(pilot, "step 6/50", timeout=1.0)
+            text = await wait_for(pilot, "step 6/50", timeout=1.5)
             assert "step 6/50" in text
-            assert time.monotonic() - written < 3 * POLL_S + 0.1
+            # Within one or two polls on an idle machine; the suite's workers share two cores with training
+            # processes, which can hold the poll thread and the event loop back by a poll or two more.
+            assert time.monotonic() - written < 4 * POLL_S + 0.1
             # The next one right after (a fast run): batched into the next redraw, within a second and a poll.
             _write(run_dir, [_step(7, total, 1.4, t0=t0)])
             written = time.monotonic()

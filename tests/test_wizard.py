@@ -76,6 +76,22 @@ async def _type(pilot, path: str, text: str) -> None:
 # The whole way
 
 
+async def _stop_from_the_run_screen(pilot) -> None:
+    """``s``, confirmed with ``y``: the run screen says STOPPED and how to resume."""
+    await pilot.press("s")
+    await wait_for(pilot, "Keep training")
+    await pilot.press("y")
+    text = await wait_for(pilot, "STOPPED", "qlora-wizard resume", timeout=90)
+    assert "STOPPED" in text and "qlora-wizard resume" in text
+
+
+def _end_if_left_running(run_dir: Path) -> None:
+    """A run a failed walk left training gets SIGTERM, and is waited for."""
+    if is_running(run_dir):
+        os.kill(json.loads((run_dir / "process.json").read_text())["pid"], 15)
+    wait_until_exited(run_dir, timeout=60)
+
+
 @pytest.mark.slow
 async def test_walks_the_demo_from_model_to_a_live_run_then_stops_it(tmp_path):
     app = _wizard()
@@ -124,15 +140,9 @@ async def test_walks_the_demo_from_model_to_a_live_run_then_stops_it(tmp_path):
         try:
             text = await wait_for(pilot, "RUNNING", "step 3/30", timeout=120)
             assert "RUNNING" in text and "step 3/30" in text, text
-            await pilot.press("s")
-            await wait_for(pilot, "Keep training")
-            await pilot.press("y")
-            text = await wait_for(pilot, "STOPPED", "qlora-wizard resume", timeout=90)
-            assert "STOPPED" in text and "qlora-wizard resume" in text
+            await _stop_from_the_run_screen(pilot)
         finally:
-            if is_running(run_dir):
-                os.kill(json.loads((run_dir / "process.json").read_text())["pid"], 15)
-            wait_until_exited(run_dir, timeout=60)
+            _end_if_left_running(run_dir)
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["kind"] == "end" and events[-1]["status"] == "stopped"
     assert any(e["kind"] == "step" for e in events)
@@ -193,15 +203,9 @@ async def test_walks_the_demo_pairs_to_a_live_dpo_run_with_its_preference_curves
             assert "margin " in metrics and "pref acc " in metrics, metrics
             assert app.screen.query_one("#margin-box").display and app.screen.query_one("#acc-box").display
             assert not app.screen.query_one("#lr-box").display
-            await pilot.press("s")
-            await wait_for(pilot, "Keep training")
-            await pilot.press("y")
-            text = await wait_for(pilot, "STOPPED", "qlora-wizard resume", timeout=90)
-            assert "STOPPED" in text and "qlora-wizard resume" in text
+            await _stop_from_the_run_screen(pilot)
         finally:
-            if is_running(run_dir):
-                os.kill(json.loads((run_dir / "process.json").read_text())["pid"], 15)
-            wait_until_exited(run_dir, timeout=60)
+            _end_if_left_running(run_dir)
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[0]["kind"] == "start" and events[0]["method"] == "dpo" and events[0]["reference"] == "each_step"
     assert events[-1]["kind"] == "end" and events[-1]["status"] == "stopped"
