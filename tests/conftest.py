@@ -50,6 +50,13 @@ if WORKER:
     # OpenMP's busy-waiting threads from taking turns on the cores (torch reads this at import).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The tests' processes run torch without its compiler (TorchDynamo): bitsandbytes wraps its CPU
+# dequantization in torch.compile at import, which costs each process about a second of CPU (importing
+# the compiler, then compiling on first use) for runs of a few steps; the eager function is
+# bitsandbytes' own fallback where compiling fails. About a hundred processes start in a run of the
+# suite. The engine itself never calls torch.compile, and a person's runs keep it.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
 
 def pytest_sessionstart(session):
     """Under pytest-xdist, the controller builds the demo model into the workers' shared test cache
