@@ -316,6 +316,54 @@ def plain_worker(spec: dict, out: Path) -> None:
 # TRL's SFTTrainer, padding-free (a worker process)
 
 
+def _trl_qlora_trainer(trainer_cls: type, trl_module, spec: dict, compute, before_lora=None, **kwargs):
+    """TRL's trainer as its docs write QLoRA: the model by path with ``quantization_config`` (NF4, double
+    quantization) and ``peft_config`` (LoRA). TRL casts the adapters of a quantized model to bf16 right
+    after creating them (QLoRA paper, section 3); their fp32 values as created are kept on the trainer
+    (``created_adapters``), for ``_restore_created_adapters``. ``before_lora(model)`` runs on the
+    quantized model before the adapters are added."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    created: dict = {}
+    make_peft_model = trl_module.get_peft_model
+
+    def get_peft_model(model, config, **kw):
+        if before_lora is not None:
+            before_lora(model)
+        model = make_peft_model(model, config, **kw)
+        created.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return model
+
+    trl_module.get_peft_model = get_peft_model
+    try:
+        trainer = trainer_cls(
+            model=spec["model"],
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+            peft_config=LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+                                   target_modules=spec["targets"], bias="none", task_type="CAUSAL_LM"),
+            **kwargs,
+        )
+    finally:
+        trl_module.get_peft_model = make_peft_model
+    if not created:
+        raise SystemExit("TRL created no adapters where expected (its get_peft_model was not called)")
+    trainer.created_adapters = created
+    return trainer
+
+
+def _restore_created_adapters(trainer, spec: dict) -> list[str]:
+    """The trainable weights' dtypes as TRL left them; then, unless ``trl_bf16_adapters``, the adapters put
+    back to their fp32 values as created (the engine and the plain recipe train fp32 adapters)."""
+    dtypes = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
+    if not spec.get("trl_bf16_adapters"):
+        for n, p in trainer.model.named_parameters():
+            if n in trainer.created_adapters:
+                p.data = trainer.created_adapters[n].to(p.device)
+    return dtypes
+
+
 def trl_worker(spec: dict, out: Path) -> None:
     """TRL's ``SFTTrainer`` in its documented padding-free QLoRA setup: the model given by path with
     ``quantization_config`` (NF4 + double quantization) and ``peft_config`` (LoRA), ``SFTConfig(padding_free=True)``
@@ -333,8 +381,7 @@ def trl_worker(spec: dict, out: Path) -> None:
     import datasets
     import torch
     import transformers
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     transformers.logging.set_verbosity_error()
@@ -377,39 +424,13 @@ def trl_worker(spec: dict, out: Path) -> None:
             counter["padded"] += int(inputs["input_ids"].numel())
             return super().training_step(model, inputs, *args, **kwargs)
 
-    # TRL casts the adapters of a quantized model to bf16 right after creating them (QLoRA paper, section 3);
-    # keep their fp32 values as created, to put them back unless TRL's own cast is asked for.
     import trl.trainer.sft_trainer as sft_module
 
-    created: dict = {}
-    make_peft_model = sft_module.get_peft_model
-
-    def get_peft_model(model, config, **kwargs):
-        model = make_peft_model(model, config, **kwargs)
-        created.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        return model
-
-    sft_module.get_peft_model = get_peft_model
-    try:
-        trainer = CountingTrainer(
-            model=spec["model"], args=args, train_dataset=train, processing_class=tokenizer,
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
-            peft_config=LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
-                                   target_modules=spec["targets"], bias="none", task_type="CAUSAL_LM"),
-            callbacks=[_recorder(steps, counter)],
-        )
-    finally:
-        sft_module.get_peft_model = make_peft_model
+    trainer = _trl_qlora_trainer(CountingTrainer, sft_module, spec, compute, args=args, train_dataset=train,
+                                 processing_class=tokenizer, callbacks=[_recorder(steps, counter)])
     if list(trainer.train_dataset["labels"]) != engine_labels:
         raise SystemExit("TRL's labels differ from the engine's")
-    adapter_dtypes = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
-    if not spec.get("trl_bf16_adapters"):
-        for n, p in trainer.model.named_parameters():
-            if n in created:
-                p.data = created[n].to(p.device)
-        if not created:
-            raise SystemExit("TRL created no adapters where expected (its get_peft_model was not called)")
+    adapter_dtypes = _restore_created_adapters(trainer, spec)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     train_start = time.time()
@@ -469,8 +490,7 @@ def trl_dpo_worker(spec: dict, out: Path) -> None:
     import transformers
     import trl
     import trl.trainer.dpo_trainer as dpo_module
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     transformers.logging.set_verbosity_error()
@@ -496,48 +516,27 @@ def trl_dpo_worker(spec: dict, out: Path) -> None:
     steps: list[dict] = []
     counter = {"tokens": 0, "padded": 0}
 
-    created: dict = {}
-    make_peft_model = dpo_module.get_peft_model
-
-    def get_peft_model(model, config, **kwargs):
+    def cpu_repacking_off(model) -> None:
         if not cuda:
             import bitsandbytes as bnb
 
             for module in model.modules():
                 if isinstance(module, bnb.nn.Linear4bit):
                     module.support_avx512bf16_for_cpu = False
-        model = make_peft_model(model, config, **kwargs)
-        created.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        return model
 
     class CountingTrainer(DPOTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
             self.data_collator.take()
             return super().training_step(model, inputs, *args, **kwargs)
 
-    dpo_module.get_peft_model = get_peft_model
-    try:
-        trainer = CountingTrainer(
-            model=spec["model"], args=args, train_dataset=train, processing_class=tokenizer,
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
-            peft_config=LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
-                                   target_modules=spec["targets"], bias="none", task_type="CAUSAL_LM"),
-            callbacks=[_recorder(steps, counter)],
-        )
-    finally:
-        dpo_module.get_peft_model = make_peft_model
-    if not created:
-        raise SystemExit("TRL created no adapters where expected (its get_peft_model was not called)")
+    trainer = _trl_qlora_trainer(CountingTrainer, dpo_module, spec, compute, before_lora=cpu_repacking_off,
+                                 args=args, train_dataset=train, processing_class=tokenizer,
+                                 callbacks=[_recorder(steps, counter)])
     engine_pairs = datasets.load_from_disk(spec["tokenized"])
     mismatch = _first_pair_mismatch(trainer.train_dataset, engine_pairs, spec["seq_len"])
     if mismatch:
         raise SystemExit(f"TRL's tokens differ from the engine's: {mismatch}")
-    adapter_dtypes = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
-    if not spec.get("trl_bf16_adapters"):
-        for n, p in trainer.model.named_parameters():
-            if n in created:
-                p.data = created[n].to(p.device)
+    adapter_dtypes = _restore_created_adapters(trainer, spec)
     trainer.data_collator = _HostCounter(trainer.data_collator, counter)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
