@@ -364,6 +364,23 @@ def _restore_created_adapters(trainer, spec: dict) -> list[str]:
     return dtypes
 
 
+def _train_and_record(trainer, steps: list[dict], cuda: bool, started: float, out: Path, **facts) -> None:
+    """Train a TRL baseline and write what it measured (per-step tokens and peak, times, TRL's version, the
+    adapters' dtype as trained, and ``facts``) to ``out``."""
+    import torch
+    import trl
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    train_start = time.time()
+    trainer.train()
+    mem = _per_step_tokens_and_peak(steps, cuda)
+    trained = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
+    out.write_text(json.dumps({"train_start": train_start, "started": started, "steps": steps, **mem,
+                               "elapsed_s": time.time() - started, "trl_version": trl.__version__, **facts,
+                               "adapter_dtype_trained": trained}))
+
+
 def trl_worker(spec: dict, out: Path) -> None:
     """TRL's ``SFTTrainer`` in its documented padding-free QLoRA setup: the model given by path with
     ``quantization_config`` (NF4 + double quantization) and ``peft_config`` (LoRA), ``SFTConfig(padding_free=True)``
@@ -431,18 +448,8 @@ def trl_worker(spec: dict, out: Path) -> None:
     if list(trainer.train_dataset["labels"]) != engine_labels:
         raise SystemExit("TRL's labels differ from the engine's")
     adapter_dtypes = _restore_created_adapters(trainer, spec)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    train_start = time.time()
-    trainer.train()
-    mem = _per_step_tokens_and_peak(steps, cuda)
-    import trl
-
-    out.write_text(json.dumps({"train_start": train_start, "started": started, "steps": steps, **mem,
-                               "elapsed_s": time.time() - started, "trl_version": trl.__version__,
-                               "attn_implementation": attn, "adapter_dtype_from_trl": adapter_dtypes,
-                               "adapter_dtype_trained": sorted({str(p.dtype) for p in trainer.model.parameters()
-                                                                if p.requires_grad})}))
+    _train_and_record(trainer, steps, cuda, started, out, attn_implementation=attn,
+                      adapter_dtype_from_trl=adapter_dtypes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,7 +495,6 @@ def trl_dpo_worker(spec: dict, out: Path) -> None:
     import datasets
     import torch
     import transformers
-    import trl
     import trl.trainer.dpo_trainer as dpo_module
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -538,17 +544,8 @@ def trl_dpo_worker(spec: dict, out: Path) -> None:
         raise SystemExit(f"TRL's tokens differ from the engine's: {mismatch}")
     adapter_dtypes = _restore_created_adapters(trainer, spec)
     trainer.data_collator = _HostCounter(trainer.data_collator, counter)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    train_start = time.time()
-    trainer.train()
-    mem = _per_step_tokens_and_peak(steps, cuda)
-    out.write_text(json.dumps({"train_start": train_start, "started": started, "steps": steps, **mem,
-                               "elapsed_s": time.time() - started, "trl_version": trl.__version__,
-                               "reference": "precomputed" if args.precompute_ref_log_probs else "adapter disabled",
-                               "adapter_dtype_from_trl": adapter_dtypes,
-                               "adapter_dtype_trained": sorted({str(p.dtype) for p in trainer.model.parameters()
-                                                                if p.requires_grad})}))
+    _train_and_record(trainer, steps, cuda, started, out, adapter_dtype_from_trl=adapter_dtypes,
+                      reference="precomputed" if args.precompute_ref_log_probs else "adapter disabled")
 
 
 def _first_pair_mismatch(trl_pairs, engine_pairs, seq_len: int) -> str | None:
