@@ -25,7 +25,8 @@ HIDDEN, LAYERS, FFN, HEADS, KV_HEADS = 64, 2, 128, 4, 2
 MERGES = ["h e", "l l", "Ġ t", "Ġt he", "o r"]
 
 
-def write_tiny_gguf(path: Path, quant: str = "F32", arch: str = "llama", tied: bool = False) -> Path:
+def write_tiny_gguf(path: Path, quant: str = "F32", arch: str = "llama", tied: bool = False,
+                    vocab_size_key: bool = True) -> Path:
     """A random tiny Llama as a GGUF: llama.cpp's tensor names (token_embd, blk.N.attn_q/k/v/output,
     ffn_gate/up/down, attn_norm, ffn_norm, output_norm, output) and a byte-level BPE tokenizer in the
     metadata, as transformers' GGUF readers expect. ``quant`` ``Q8_0`` stores the 2-D weights in
@@ -49,7 +50,8 @@ def write_tiny_gguf(path: Path, quant: str = "F32", arch: str = "llama", tied: b
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(HIDDEN // HEADS)
     w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(len(tokens))
+    if vocab_size_key:  # else transformers counts the tokens
+        w.add_vocab_size(len(tokens))
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if quant == "F32" else getattr(gguf.LlamaFileType, f"MOSTLY_{quant}"))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -197,6 +199,32 @@ def test_header_and_config(ggufs, own_cache):
     assert converted_dir(ggufs["q8"]).parent == own_cache / "models"
     assert converted_dir(ggufs["q8"]).name.startswith("tiny-q8-")
     assert converted_dir(ggufs["q8"]) != converted_dir(ggufs["f32"])
+
+
+@pytest.mark.parametrize("kind", ["q8", "tied", "no vocab_size key"])
+def test_the_config_read_from_the_header_alone_is_the_one_transformers_reads_from_the_file(
+        ggufs, own_cache, tmp_path, kind):
+    """The config comes from a copy of the header without the vocabulary's arrays (262,144 strings in
+    Gemma 3's file take transformers' reader about 20 seconds): the same config as transformers' read
+    of the whole file, the tokens counted where the file gives no vocab_size; the copy is removed."""
+    from transformers import AutoConfig
+
+    from engine.gguf import _plain, gguf_config
+
+    path = {"q8": ggufs["q8"], "tied": write_tiny_gguf(tmp_path / "tied.gguf", tied=True),
+            "no vocab_size key": write_tiny_gguf(tmp_path / "novocab.gguf", vocab_size_key=False)}[kind]
+    config = gguf_config(path)
+    theirs = _plain(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+    theirs.dtype = config.dtype
+    assert config.to_dict() == theirs.to_dict()
+    assert config.vocab_size == 263 and config.tie_word_embeddings == (kind == "tied")
+    assert [p.name for p in (own_cache / "models").iterdir()] == [f"{config_name(path)}.header.json"]
+
+
+def config_name(path: Path) -> str:
+    from engine.gguf import converted_dir
+
+    return converted_dir(path).name
 
 
 # ---------------------------------------------------------------------------------------------
