@@ -183,8 +183,10 @@ def bench_cases(quick: bool, dry_run: bool) -> list[tuple[str, list[str]]]:
     """(name, bench.py arguments) for each throughput comparison; a case that names its own
     ``--baseline`` (dpo: TRL's DPOTrainer) keeps it."""
     if dry_run:
+        # One baseline: its worker process is started, read and summed up as TRL's is (the TRL worker
+        # itself trains in tests/test_bench_trl.py); each more is one more training process on the CPU.
         return [("demo", ["--rounds", "1", "--steps", "3", "--warmup", "1", "--examples", "24",
-                          "--micro-batch", "4", "--seq-len", "256", "--matmul-size", "256"])]
+                          "--micro-batch", "4", "--seq-len", "256", "--matmul-size", "256", "--baseline", "plain"])]
     rounds = ["--rounds", "2" if quick else "3"]
     return [
         ("Llama-3.2-1B bench recipe", ["--config", str(CONFIGS / CONFIG_FOLDERS["Llama-3.2-1B"]), *rounds,
