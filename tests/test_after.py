@@ -185,9 +185,14 @@ def test_try_refuses_a_missing_or_unfinished_run_in_one_line(tmp_path):
 # eval
 
 
-def test_eval_compares_base_and_fine_tuned_and_writes_eval_json(session, after_run):
+def test_eval_compares_base_and_fine_tuned_and_writes_eval_json(session, after_run, monkeypatch):
+    from engine import data as data_mod
     from engine.after import Decoding, evaluate_run
 
+    def no_second_tokenizer(model):
+        raise AssertionError("eval loaded the tokenizer again: the run's prepared data is in the cache")
+
+    monkeypatch.setattr(data_mod, "load_tokenizer", no_second_tokenizer)
     result = evaluate_run(after_run, generations=2, decoding=Decoding(temperature=0, max_new_tokens=16),
                           session=session)
     saved = json.loads((after_run / "eval.json").read_text())

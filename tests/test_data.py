@@ -554,7 +554,11 @@ def test_a_rerun_finds_its_prepared_data_without_loading_the_tokenizer(tmp_path,
     m = ModelSettings(source=str(model))
     cache = tmp_path / "cache"
     assert D.cached_stats(s, m, 128, 3, cache_dir=cache) is None  # never prepared
+    assert D.cached_prepared_data(s, m, 128, 3, cache_dir=cache) is None
     prepared = D.prepare_data(s, D.load_tokenizer(m), 128, 3, cache_dir=cache)
+    again = D.cached_prepared_data(s, m, 128, 3, cache_dir=cache)  # what eval reads: the data itself
+    assert again.cache_hit and again.stats == prepared.stats
+    assert again.validation["input_ids"] == prepared.validation["input_ids"] and len(again.train) == len(prepared.train)
     script = (f"import json, sys\nfrom engine import data as D\nfrom engine.preset import DataSettings, ModelSettings\n"
               f"s = DataSettings.model_validate_json({s.model_dump_json()!r})\n"
               f"st = D.cached_stats(s, ModelSettings(source={str(model)!r}), 128, 3, cache_dir={str(cache)!r})\n"
@@ -569,6 +573,7 @@ def test_a_rerun_finds_its_prepared_data_without_loading_the_tokenizer(tmp_path,
     assert D.cached_stats(s, m, 64, 3, cache_dir=cache) is None
     (model / "tokenizer_config.json").write_text((model / "tokenizer_config.json").read_text() + "\n")
     assert D.cached_stats(s, m, 128, 3, cache_dir=cache) is None
+    assert D.cached_prepared_data(s, m, 128, 3, cache_dir=cache) is None
 
 
 def test_default_cache_dir_under_cache_root(demo_cache):

@@ -305,9 +305,12 @@ def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding
 
         t = run.preset.training
         say("preparing the validation data as the run did")
-        # The tokenizer the run tokenized with, so the run's tokenized-data cache is found again.
-        prepared = data_mod.prepare_data(run.preset.data, data_mod.load_tokenizer(run.preset.model), t.seq_len, t.seed,
-                                         method=t.method)
+        # As the run tokenized it: its tokenized-data cache entry, found without loading the tokenizer
+        # again (a large vocabulary takes seconds), else tokenized again with the model's tokenizer.
+        prepared = data_mod.cached_prepared_data(run.preset.data, run.preset.model, t.seq_len, t.seed,
+                                                 method=t.method) \
+            or data_mod.prepare_data(run.preset.data, data_mod.load_tokenizer(run.preset.model), t.seq_len, t.seed,
+                                     method=t.method)
         base_loss = tuned_loss = None
         tokens = 0
         preferences = None

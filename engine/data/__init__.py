@@ -97,8 +97,8 @@ from engine.errors import UserError
 from engine.preset import DataSettings, ModelSettings
 
 __all__ = [
-    "FORMATS", "BadRecord", "DataStats", "PreparedData", "cached_stats", "check_method", "check_records",
-    "default_data_cache_dir",
+    "FORMATS", "BadRecord", "DataStats", "PreparedData", "cached_prepared_data", "cached_stats", "check_method",
+    "check_records", "default_data_cache_dir",
     "detect_format", "held_out_examples", "load_tokenizer", "prepare_data", "preview", "resolve_data_path",
     "supervised_count", "tokenizer_fingerprint",
 ]
@@ -646,6 +646,40 @@ def cached_stats(settings: DataSettings, model: ModelSettings, seq_len: int, see
     was prepared, and a cache entry for this data and these settings. None otherwise (prepare it).
     Data of the wrong kind for ``method`` is refused from the stats' format, as
     :func:`prepare_data` refuses it."""
+    found = _recalled_entry(settings, model, seq_len, seed, cache_dir)
+    if found is None:
+        return None
+    entry, train_src = found
+    try:
+        stats = DataStats.from_json(json.loads((entry / "stats.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    if stats.format not in FORMATS:
+        return None  # not this version's: prepare it
+    check_method(stats.format, method, settings, train_src.display)
+    return stats
+
+
+def cached_prepared_data(settings: DataSettings, model: ModelSettings, seq_len: int, seed: int,
+                         cache_dir: Path | None = None, method: str = "sft") -> PreparedData | None:
+    """The data prepared before for this model's tokenizer, found as :func:`cached_stats` finds its
+    statistics (without loading the tokenizer: a large vocabulary takes seconds to load); None where
+    it is not there (prepare it)."""
+    found = _recalled_entry(settings, model, seq_len, seed, cache_dir)
+    if found is None:
+        return None
+    entry, train_src = found
+    hit = _from_cache(entry)
+    if hit is None or hit.format not in FORMATS:
+        return None
+    check_method(hit.format, method, settings, train_src.display)
+    return hit
+
+
+def _recalled_entry(settings: DataSettings, model: ModelSettings, seq_len: int, seed: int,
+                    cache_dir: Path | None) -> tuple[Path, Source] | None:
+    """(the cache entry, the training source) of this data prepared for this model's tokenizer, from
+    the fingerprint remembered for its files; None where it cannot be found without loading it."""
     from engine.demo import resolve_model_source
     from engine.gguf import is_gguf
 
@@ -659,15 +693,7 @@ def cached_stats(settings: DataSettings, model: ModelSettings, seq_len: int, see
     val_src = validation_source(settings, train_src)
     if "hub" in (train_src.kind, val_src and val_src.kind):
         return None  # a Hub dataset's identity is found by loading it
-    entry = _cache_entry(cache_dir, settings, train_src, val_src, seq_len, seed, fingerprint)
-    try:
-        stats = DataStats.from_json(json.loads((entry / "stats.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        return None
-    if stats.format not in FORMATS:
-        return None  # not this version's: prepare it
-    check_method(stats.format, method, settings, train_src.display)
-    return stats
+    return _cache_entry(cache_dir, settings, train_src, val_src, seq_len, seed, fingerprint), train_src
 
 
 def _stop_token(tok, tokenizer) -> dict:
