@@ -273,9 +273,7 @@ def _parse(p: Path, blob: mmap.mmap, size: int, quant_sizes: dict) -> GgufHeader
         for d in dims:
             elements *= d
         tensors.append(GgufTensor(name, tuple(dims), ggml_type, offset, elements // block * type_size))
-    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
-        alignment = _DEFAULT_ALIGNMENT
+    alignment = _alignment(metadata)
     data_start = (pos + alignment - 1) // alignment * alignment
     needed = max((data_start + t.offset + t.nbytes for t in tensors), default=pos)
     if needed > size:
@@ -284,6 +282,14 @@ def _parse(p: Path, blob: mmap.mmap, size: int, quant_sizes: dict) -> GgufHeader
     if not tensors:
         raise _damaged(p, "it holds no tensors")
     return GgufHeader(p, version, metadata, tuple(tensors), data_start, size, tuple(spans))
+
+
+def _alignment(metadata: dict[str, Any]) -> int:
+    """Where the file's tensor data (and each tensor in it) starts: a multiple of this many bytes."""
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+        return _DEFAULT_ALIGNMENT
+    return alignment
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,17 +453,23 @@ def _config_from_metadata(p: Path, header: GgufHeader) -> Any:
     config in a second instead of half a minute for a large vocabulary. The copy keeps every other
     metadata entry byte for byte and each tensor's name (transformers reads the names for
     ``tie_word_embeddings``); it is written in a temporary folder beside the converted models and
-    removed. Where the file gives no ``<architecture>.vocab_size``, transformers counts the
+    removed (where that folder cannot be written, transformers reads the whole file). Where the file gives no ``<architecture>.vocab_size``, transformers counts the
     vocabulary's tokens; so does this."""
     from transformers import AutoConfig
 
-    root = models_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".gguf-header-", dir=root) as tmp:
-        copy = Path(tmp) / p.name
-        _write_header_only(p, header, copy)
+    try:
+        root = models_root()
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".gguf-header-", dir=root)
+    except OSError:  # a cache that cannot be written: transformers reads the whole file
+        with _quiet():
+            return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+    try:
+        _write_header_only(p, header, Path(tmp) / p.name)
         with _quiet():
             config = AutoConfig.from_pretrained(tmp, gguf_file=p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     config._name_or_path = str(p.parent)  # as read from the file itself
     arch, tokens = header.architecture, header.metadata.get(_TOKENIZER_ARRAYS + "tokens")
     if isinstance(tokens, int) and f"{arch}.vocab_size" not in header.metadata:
@@ -468,10 +480,7 @@ def _config_from_metadata(p: Path, header: GgufHeader) -> Any:
 def _write_header_only(p: Path, header: GgufHeader, out: Path) -> None:
     """A GGUF at ``out`` with ``p``'s metadata less the tokenizer's arrays, and a one-number F32 tensor
     under each of its tensors' names."""
-    alignment = header.metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
-        alignment = _DEFAULT_ALIGNMENT
-
+    alignment = _alignment(header.metadata)
     kept = [(a, b) for key, a, b, array in header.spans if not (array and key.startswith(_TOKENIZER_ARRAYS))]
     parts = [_MAGIC, struct.pack("<IQQ", header.version, len(header.tensors), len(kept))]
     with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as blob:
