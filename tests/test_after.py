@@ -207,6 +207,23 @@ def test_eval_compares_base_and_fine_tuned_and_writes_eval_json(session, after_r
     assert {"prompt", "reference", "base", "fine_tuned"} <= set(saved["generations"][0])
 
 
+def test_answers_generated_in_a_batch_are_the_answers_generated_one_at_a_time(session):
+    """eval generates its answers several prompts at a time (left-padded): greedy, each is the answer
+    ``try`` gives that prompt alone, and it ends as that one ends."""
+    from engine.after import Decoding
+
+    prompts = [ex.prompt for ex in session.examples(6)]
+    prompts[1] = prompts[1] + " Answer in one word."  # prompts of other lengths: padding in the batch
+    assert len({len(p) for p in prompts}) > 1
+    decoding = Decoding(temperature=0, max_new_tokens=24)
+    for adapter in (False, True):
+        batched = session.answers(prompts, adapter=adapter, decoding=decoding, batch_size=4)
+        alone = [session.answer_with_ending(p, adapter=adapter, decoding=decoding) for p in prompts]
+        assert [text for text, _ in batched] == [text for text, _ in alone]
+        assert [ending for _, ending in batched] == [ending for _, ending in alone]
+    assert {ending.reason for _, ending in alone} <= {"eos", "length"}
+
+
 # ---------------------------------------------------------------------------------------------
 # merge
 

@@ -327,11 +327,14 @@ def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding
         examples = session.examples(generations) if generations else []
         held = prepared.validation is not None
         answers = []
-        for i, ex in enumerate(examples, start=1):
-            say(f"generating answer {i} of {len(examples)}")
-            base = session.answer(ex.prompt, adapter=False, decoding=decoding)
-            tuned = session.answer(ex.prompt, adapter=True, decoding=decoding)
-            answers.append(EvalGeneration(ex.prompt, ex.reference, base, tuned))
+        if examples:
+            prompts = [ex.prompt for ex in examples]
+            say(f"generating {len(prompts)} answers with the base model")
+            base = session.answers(prompts, adapter=False, decoding=decoding)
+            say(f"generating {len(prompts)} answers with the fine-tuned model")
+            tuned = session.answers(prompts, adapter=True, decoding=decoding)
+            answers = [EvalGeneration(ex.prompt, ex.reference, b, t)
+                       for ex, (b, _), (t, _) in zip(examples, base, tuned)]
         result = EvalResult(
             run_dir=str(run.run_dir),
             model=run.preset.model.source,

@@ -300,7 +300,7 @@ class TrySession:
         stops early when ``stop`` is set or the caller stops reading. Once it is over,
         ``last_stop[adapter]`` says why it ended (:class:`Ending`)."""
         import torch
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         input_ids = self._input_ids(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -314,17 +314,7 @@ class TrySession:
                     halted.append(True)
                 return torch.full((ids.shape[0],), flag, dtype=torch.bool, device=ids.device)
 
-        sample = decoding.temperature > 0
-        config = GenerationConfig(
-            max_new_tokens=decoding.max_new_tokens,
-            do_sample=sample,
-            temperature=decoding.temperature if sample else None,
-            top_p=decoding.top_p if sample else None,
-            top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self._eos_ids(),
-            use_cache=True,
-        )
+        config = self._generation_config(decoding)
         failure: list[BaseException] = []
         generated: list[list[int]] = []
         self.last_stop.pop(adapter, None)
@@ -355,6 +345,51 @@ class TrySession:
         if failure:
             exc = failure[0]
             raise UserError(f"generation failed: {type(exc).__name__}: {first_line(exc)}") from exc
+
+    def _generation_config(self, decoding: Decoding):
+        """transformers' generation settings for ``decoding``, ending at every stop token."""
+        from transformers import GenerationConfig
+
+        sample = decoding.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=decoding.max_new_tokens,
+            do_sample=sample,
+            temperature=decoding.temperature if sample else None,
+            top_p=decoding.top_p if sample else None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self._eos_ids(),
+            use_cache=True,
+        )
+
+    def answers(self, prompts: list[str], *, adapter: bool, decoding: Decoding = Decoding(),
+                batch_size: int = 8) -> list[tuple[str, Ending]]:
+        """Each prompt's whole answer and why it ended, generated ``batch_size`` prompts at a time
+        (left-padded, each with its own attention mask): what ``eval`` generates. One generation per
+        batch instead of one per prompt: on a CPU, where each step reads every 4-bit weight once for
+        the whole batch, several times faster; greedy answers are the one-at-a-time answers (tested)."""
+        import torch
+
+        config = self._generation_config(decoding)
+        eos = set(config.eos_token_id)
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        out: list[tuple[str, Ending]] = []
+        for start in range(0, len(prompts), max(1, batch_size)):
+            rows = [self._input_ids(p)[0].tolist() for p in prompts[start:start + max(1, batch_size)]]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
+            try:
+                with self._lock, torch.inference_mode(), adapter_switch(self.model, adapter):
+                    generated = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            except Exception as exc:  # noqa: BLE001 - one line, as a single answer's failure is
+                raise UserError(f"generation failed: {type(exc).__name__}: {first_line(exc)}") from exc
+            for row in generated[:, width:].tolist():
+                end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))  # the stop token kept
+                new = row[:end]
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                out.append((text, self._ending(new, config.eos_token_id, False, decoding.max_new_tokens)))
+        return out
 
     def _ending(self, new_ids: list[int], eos_ids: list[int], halted: bool, limit: int) -> Ending:
         """Why a generation of ``new_ids`` ended: a stop token last, the caller's stop, or the length limit."""
