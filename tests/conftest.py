@@ -176,7 +176,7 @@ def real_model() -> Path:
 @pytest.fixture(scope="session")
 def real_run(real_model, tmp_path_factory, demo_cache) -> Path:
     """A short run of the real model on the say-it-twice task (12 steps of 8 examples: about one pass
-    over its 104 training words), trained once per session in this interpreter (``trained_in_process``:
+    over its 98 training words), trained once per session in this interpreter (``trained_in_process``:
     what the training process runs, without a second import of torch and transformers; starting and
     following a run as a person does is tested on the demo model) and shared by the workers as
     ``demo_run`` is (three files use it, so that their minutes run side by side). Read-only."""
