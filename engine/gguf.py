@@ -454,8 +454,8 @@ def _config_from_metadata(p: Path, header: GgufHeader) -> Any:
     config in a second instead of half a minute for a large vocabulary. The copy keeps every other
     metadata entry byte for byte and each tensor's name (transformers reads the names for
     ``tie_word_embeddings``); it is written in a temporary folder beside the converted models and
-    removed (where that folder cannot be written, transformers reads the whole file). Where the file gives no ``<architecture>.vocab_size``, transformers counts the
-    vocabulary's tokens; so does this."""
+    removed (where that folder cannot be written, transformers reads the whole file). Where the file
+    gives no ``<architecture>.vocab_size``, transformers counts the vocabulary's tokens; so does this."""
     from transformers import AutoConfig
 
     try:

@@ -209,7 +209,7 @@ def test_the_config_read_from_the_header_alone_is_the_one_transformers_reads_fro
     of the whole file, the tokens counted where the file gives no vocab_size; the copy is removed."""
     from transformers import AutoConfig
 
-    from engine.gguf import _plain, gguf_config
+    from engine.gguf import _plain, converted_dir, gguf_config
 
     path = {"q8": ggufs["q8"], "tied": write_tiny_gguf(tmp_path / "tied.gguf", tied=True),
             "no vocab_size key": write_tiny_gguf(tmp_path / "novocab.gguf", vocab_size_key=False)}[kind]
@@ -218,13 +218,7 @@ def test_the_config_read_from_the_header_alone_is_the_one_transformers_reads_fro
     theirs.dtype = config.dtype
     assert config.to_dict() == theirs.to_dict()
     assert config.vocab_size == 263 and config.tie_word_embeddings == (kind == "tied")
-    assert [p.name for p in (own_cache / "models").iterdir()] == [f"{config_name(path)}.header.json"]
-
-
-def config_name(path: Path) -> str:
-    from engine.gguf import converted_dir
-
-    return converted_dir(path).name
+    assert [p.name for p in (own_cache / "models").iterdir()] == [f"{converted_dir(path).name}.header.json"]
 
 
 # ---------------------------------------------------------------------------------------------

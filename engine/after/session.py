@@ -373,9 +373,10 @@ class TrySession:
         config = self._generation_config(decoding)
         eos = set(config.eos_token_id)
         pad = config.pad_token_id if config.pad_token_id is not None else 0
+        step = max(1, batch_size)
         out: list[tuple[str, Ending]] = []
-        for start in range(0, len(prompts), max(1, batch_size)):
-            rows = [self._input_ids(p)[0].tolist() for p in prompts[start:start + max(1, batch_size)]]
+        for start in range(0, len(prompts), step):
+            rows = [self._input_ids(p)[0].tolist() for p in prompts[start:start + step]]
             width = max(len(r) for r in rows)
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
