@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.collector import fewer_collections
 from engine.demo import DEMO_PRESET
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,10 @@ if WORKER:
 # bitsandbytes' own fallback where compiling fails. About a hundred processes start in a run of the
 # suite. The engine itself never calls torch.compile, and a person's runs keep it.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+# Each worker holds torch, transformers and the models of the tests it ran: the collector's settings of
+# the engine's own processes (engine.collector), which the in-process CLI (``run_cli``) sets in any case.
+fewer_collections()
 
 
 def pytest_sessionstart(session):

