@@ -3,8 +3,10 @@
 The model here ships code that, when imported, writes a marker file: the tests assert where that
 file appears and where it must not. Looking at a model (the wizards, ``inspect``, ``estimate``,
 ``lr``) never runs it on a preset file's word; a headless training start does, says so, and pins a
-Hub model's code to the commit it ran from. ``HF_MODULES_CACHE`` points into each test's own folder
-(and the code embeds its own marker path), so transformers really imports the module every time.
+Hub model's code to the commit it ran from. The code embeds its own marker path, so its module is new
+to transformers in every test and really imported, in this interpreter (the looking commands, as
+``run_cli`` runs them) and in a fresh one (a training start, with ``HF_MODULES_CACHE`` in the test's own
+folder).
 """
 
 from __future__ import annotations
@@ -118,44 +120,43 @@ def _refused(r, folder: Path) -> None:
     assert str(folder) in lines[0] and "--trust-remote-code if you trust its authors" in lines[0]
 
 
-def test_inspect_without_the_flag_refuses_and_runs_nothing(marker_model, code_env):
+def test_inspect_without_the_flag_refuses_and_runs_nothing(marker_model):
     folder, marker = marker_model
-    _refused(run_cli("inspect", str(folder), env=code_env, timeout=120), folder)
+    _refused(run_cli("inspect", str(folder), timeout=120), folder)
     assert not marker.exists()
-    r = run_cli("inspect", str(folder), "--trust-remote-code", "--json", env=code_env, timeout=120)
+    r = run_cli("inspect", str(folder), "--trust-remote-code", "--json", timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["architecture"] == "MarkerForCausalLM" and marker.exists()
 
 
-def test_estimate_of_a_preset_saying_trust_needs_the_flag(tmp_path, marker_model, code_env):
+def test_estimate_of_a_preset_saying_trust_needs_the_flag(tmp_path, marker_model):
     folder, marker = marker_model
     preset = _preset(tmp_path, str(folder))
-    r = run_cli("estimate", "--preset", str(preset), "--gpu-mem", "24", env=code_env, timeout=120)
+    r = run_cli("estimate", "--preset", str(preset), "--gpu-mem", "24", timeout=120)
     _refused(r, folder)
     assert "the preset's trust_remote_code: true does not count" in r.stderr
     assert not marker.exists()
-    r = run_cli("estimate", "--preset", str(preset), "--gpu-mem", "24", "--trust-remote-code", "--json",
-                env=code_env, timeout=120)
+    r = run_cli("estimate", "--preset", str(preset), "--gpu-mem", "24", "--trust-remote-code", "--json", timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["total_bytes"] > 0
     assert marker.exists()
 
 
-def test_estimate_of_a_model_without_code_ignores_the_files_trust(tmp_path, hf_configs, code_env):
+def test_estimate_of_a_model_without_code_ignores_the_files_trust(tmp_path, hf_configs):
     """A model that needs no code is looked at with trust_remote_code false, whatever the file says."""
     preset = _preset(tmp_path, str(hf_configs / "meta-llama__Llama-3.1-8B"))
-    r = run_cli("estimate", "--preset", str(preset), "--gpu-mem", "24", "--json", env=code_env, timeout=120)
+    r = run_cli("estimate", "--preset", str(preset), "--gpu-mem", "24", "--json", timeout=120)
     assert r.returncode == 0, r.stderr
 
 
-def test_lr_of_a_preset_saying_trust_needs_the_flag(tmp_path, marker_model, code_env):
+def test_lr_of_a_preset_saying_trust_needs_the_flag(tmp_path, marker_model):
     folder, marker = marker_model
     preset = _preset(tmp_path, str(folder))  # no base_lr: the model is read for its family's
-    r = run_cli("lr", "--preset", str(preset), env=code_env, timeout=120)
+    r = run_cli("lr", "--preset", str(preset), timeout=120)
     _refused(r, folder)
     assert not marker.exists()
     # With the flag the code runs (this model has no tokenizer, so lr then fails in one line).
-    r = run_cli("lr", "--preset", str(preset), "--trust-remote-code", env=code_env, timeout=120)
+    r = run_cli("lr", "--preset", str(preset), "--trust-remote-code", timeout=120)
     assert marker.exists()
     assert r.returncode in (0, 2) and len(r.stderr.strip().splitlines()) <= 1, r.stderr
 
