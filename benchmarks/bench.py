@@ -731,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matmul-size", type=int, default=4096,
                    help="n of the n x n matmuls that measure the device's peak rate (for the MFU); a dry run "
                         "gives a small one, whose rate means nothing but whose code runs")
+    p.add_argument("--matmul-seconds", type=float, default=3.0,
+                   help="how long those matmuls run (a dry run gives a fraction of a second)")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--keep", type=Path, help="keep the work folder here instead of a temporary one")
     p.add_argument("--baseline", type=parse_baselines, default=None, metavar="NAMES",
@@ -941,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
             real = sum(s["tokens"] for s in bl)
             print(f"{b} padding: {padded - real:,} of {padded:,} computed positions ({(padded - real) / padded:.0%})")
         f = fl["flops_per_token"]
-        peak = matmul_flops(cuda, n=a.matmul_size)
+        peak = matmul_flops(cuda, seconds=a.matmul_seconds, n=a.matmul_size)
         summary["matmul_flops_measured"] = peak
         where = "this GPU's bf16" if cuda else "this CPU's fp32"
         for k in sides:
