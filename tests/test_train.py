@@ -375,10 +375,12 @@ def test_a_non_finite_loss_stops_the_run_with_a_suggestion(tmp_path):
     assert not (run_dir / "adapter").exists()
 
 
-def test_the_collector_looks_less_often_and_is_given_back_its_heap_after_a_failed_loop():
+def test_the_collector_looks_less_often_frees_garbage_before_a_loop_and_unfreezes_after_it_fails():
     """engine.collector: a process's young-generation threshold goes up to 20,000, a higher one or a
-    switched-off collector is left alone; a training loop that raises still unfreezes the heap."""
+    switched-off collector is left alone; garbage is collected before the heap is frozen for a loop,
+    and a loop that raises still unfreezes it."""
     import gc
+    import weakref
 
     from engine.collector import YOUNG_THRESHOLD, fewer_collections, kept_while_training
 
@@ -396,10 +398,24 @@ def test_the_collector_looks_less_often_and_is_given_back_its_heap_after_a_faile
     finally:
         gc.set_threshold(*before)
 
-    with pytest.raises(RuntimeError):
-        with kept_while_training():
-            assert gc.get_freeze_count() > 0
-            raise RuntimeError("the loop failed")
+    class Node:
+        pass
+
+    enabled = gc.isenabled()
+    gc.disable()  # no collection of its own between the cycle's making and the loop's start
+    try:
+        cycle = Node()
+        cycle.itself = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+        with pytest.raises(RuntimeError):
+            with kept_while_training():
+                # Garbage that was already there is freed before the rest is frozen for the loop.
+                assert gone() is None and gc.get_freeze_count() > 0
+                raise RuntimeError("the loop failed")
+    finally:
+        if enabled:
+            gc.enable()
     assert gc.get_freeze_count() == 0
 
 
