@@ -44,8 +44,13 @@ def kept_while_training() -> Iterator[None]:
     modules, the model, the data) is moved to the permanent generation (``gc.freeze``) until the loop
     ends, so the loop's collections, accelerate's full one among them, walk only what the loop itself
     allocates. Those objects are alive throughout the loop anyway; afterwards (normally or by an
-    exception) they go back to the oldest generation (``gc.unfreeze``) and are collected as before."""
+    exception) they go back to the oldest generation (``gc.unfreeze``) and are collected as before.
+    Where part of the heap is frozen already (by whoever runs the loop in its interpreter: a test
+    worker freezes its modules), it is left as it is: ``gc.unfreeze`` would thaw theirs too."""
     gc.collect()
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield

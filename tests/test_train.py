@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -144,9 +145,10 @@ def test_lora_weights_changed_and_base_weights_did_not(tmp_path, monkeypatch):
     monkeypatch.setattr(engine.loss, "causal_lm_loss", counted)
     preset = load_preset(write_preset(tmp_path, training__max_steps=8))
     run_dir = create_run(preset, tmp_path / "run")
-    assert run_training(run_dir, callbacks=(Snapshot(),)) == 0
-    # The collector skipped the heap built before the loop while it ran, and walks it again after.
-    assert seen["frozen_in_loop"] > 10_000 and gc.get_freeze_count() == 0
+    with thawed_heap():
+        assert run_training(run_dir, callbacks=(Snapshot(),)) == 0
+        # The collector skipped the heap built before the loop while it ran, and walks it again after.
+        assert seen["frozen_in_loop"] > 10_000 and gc.get_freeze_count() == 0
     assert calls["train"] == 8 * preset.training.gradient_accumulation_steps and calls["eval"] > 0
     before, after, trainable = seen["before"], seen["after"], seen["trainable"]
     assert trainable and all("lora_" in n for n in trainable)
@@ -375,6 +377,23 @@ def test_a_non_finite_loss_stops_the_run_with_a_suggestion(tmp_path):
     assert not (run_dir / "adapter").exists()
 
 
+@contextmanager
+def thawed_heap():
+    """The heap unfrozen for a look at ``engine.collector``'s own freezing (a worker's conftest freezes
+    its modules), and frozen again after as it was."""
+    import gc
+
+    frozen = gc.get_freeze_count() > 0
+    gc.unfreeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if frozen:
+            gc.collect()
+            gc.freeze()
+
+
 def test_the_collector_looks_less_often_frees_garbage_before_a_loop_and_unfreezes_after_it_fails():
     """engine.collector: a process's young-generation threshold goes up to 20,000, a higher one or a
     switched-off collector is left alone; garbage is collected before the heap is frozen for a loop,
@@ -401,22 +420,34 @@ def test_the_collector_looks_less_often_frees_garbage_before_a_loop_and_unfreeze
     class Node:
         pass
 
-    enabled = gc.isenabled()
-    gc.disable()  # no collection of its own between the cycle's making and the loop's start
-    try:
+    def garbage_cycle() -> weakref.ref:
         cycle = Node()
         cycle.itself = cycle
-        gone = weakref.ref(cycle)
-        del cycle
-        with pytest.raises(RuntimeError):
+        return weakref.ref(cycle)
+
+    enabled = gc.isenabled()
+    gc.disable()  # no collection of its own between a cycle's making and the loop's start
+    try:
+        with thawed_heap():
+            gone = garbage_cycle()
+            with pytest.raises(RuntimeError):
+                with kept_while_training():
+                    # Garbage that was already there is freed before the rest is frozen for the loop.
+                    assert gone() is None and gc.get_freeze_count() > 0
+                    raise RuntimeError("the loop failed")
+            assert gc.get_freeze_count() == 0
+
+            # A heap frozen by whoever runs the loop stays frozen after it, with nothing added (frozen
+            # objects that reference counting frees leave it); garbage is still freed first.
+            gc.freeze()
+            theirs = gc.get_freeze_count()
+            gone = garbage_cycle()
             with kept_while_training():
-                # Garbage that was already there is freed before the rest is frozen for the loop.
-                assert gone() is None and gc.get_freeze_count() > 0
-                raise RuntimeError("the loop failed")
+                assert gone() is None and 0 < gc.get_freeze_count() <= theirs
+            assert 0 < gc.get_freeze_count() <= theirs
     finally:
         if enabled:
             gc.enable()
-    assert gc.get_freeze_count() == 0
 
 
 def test_relative_paths_in_a_preset_mean_the_callers_directory(tmp_path):
