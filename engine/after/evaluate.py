@@ -333,8 +333,8 @@ def evaluate_run(run_dir, *, generations: int = 5, decoding: Decoding = Decoding
             base = session.answers(prompts, adapter=False, decoding=decoding)
             say(f"generating {len(prompts)} answers with the fine-tuned model")
             tuned = session.answers(prompts, adapter=True, decoding=decoding)
-            answers = [EvalGeneration(ex.prompt, ex.reference, b, t)
-                       for ex, (b, _), (t, _) in zip(examples, base, tuned)]
+            answers = [EvalGeneration(ex.prompt, ex.reference, base_text, tuned_text)
+                       for ex, (base_text, _), (tuned_text, _) in zip(examples, base, tuned)]
         result = EvalResult(
             run_dir=str(run.run_dir),
             model=run.preset.model.source,
