@@ -187,7 +187,7 @@ def real_run(real_model, tmp_path_factory, demo_cache) -> Path:
     following a run as a person does is tested on the demo model) and shared by the workers as
     ``demo_run`` is (three files use it, so that their minutes run side by side). Read-only. Eight short
     examples need no activation checkpointing (the preset's default), which would recompute every
-    block's forward in the backward: a fifth of the run's CPU time."""
+    block's forward in the backward: 5.4 s of the run's 34 s of CPU time."""
     import random
     import shutil
 
@@ -435,6 +435,20 @@ def write_preset(tmp_path: Path, name: str = "p.yaml", **overrides) -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def assert_gguf_config_is_transformers(gguf: Path):
+    """The config the engine reads from a GGUF (its header, less the vocabulary's arrays) is the one
+    transformers reads from the whole file; returns it."""
+    from transformers import AutoConfig
+
+    from engine.gguf import _plain, gguf_config
+
+    config = gguf_config(gguf)
+    theirs = _plain(AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+    theirs.dtype = config.dtype
+    assert config.to_dict() == theirs.to_dict()
+    return config
 
 
 def events_of(run_dir: Path) -> list[dict]:

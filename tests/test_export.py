@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copied_run, run_cli, trained_in_process, write_preset
+from conftest import assert_gguf_config_is_transformers, copied_run, run_cli, trained_in_process, write_preset
 from engine.after.export import converter_installed, llama_cpp_installed
 
 needs_converter = pytest.mark.skipif(
@@ -308,7 +308,7 @@ def test_export_of_each_family_runs_in_llama_cpp_as_in_transformers(model_type, 
     assert check["agree"] >= 3, check
     if check["first_difference"]:
         assert check["first_difference"]["transformers_margin"] < 1.0, check
-    _same_config_as_transformers_reads(Path(result["gguf"]))
+    assert_gguf_config_is_transformers(Path(result["gguf"]))  # llama.cpp's own file, read from its header
     if model_type == "qwen3":
         from engine.demo import CHAT_TEMPLATE
 
@@ -317,19 +317,6 @@ def test_export_of_each_family_runs_in_llama_cpp_as_in_transformers(model_type, 
         modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
         assert '{{ else if eq .Role "user" }}### User:\n{{ .Content }}\n\n' in modelfile
         assert modelfile.endswith('{{ end }}{{ end }}### Assistant:\n"""\nPARAMETER stop "</s>"\n')
-
-
-def _same_config_as_transformers_reads(gguf: Path) -> None:
-    """The config the engine reads from a GGUF llama.cpp wrote (its header, less the vocabulary) is
-    the one transformers reads from the whole file."""
-    from transformers import AutoConfig
-
-    from engine.gguf import _plain, gguf_config
-
-    config = gguf_config(gguf)
-    theirs = _plain(AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
-    theirs.dtype = config.dtype
-    assert config.to_dict() == theirs.to_dict()
 
 
 def test_a_gemma3_without_the_published_layer_pattern_is_warned(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_gguf_config_is_transformers, run_cli
 
 HIDDEN, LAYERS, FFN, HEADS, KV_HEADS = 64, 2, 128, 4, 2
 MERGES = ["h e", "l l", "Ġ t", "Ġt he", "o r"]
@@ -207,16 +207,11 @@ def test_the_config_read_from_the_header_alone_is_the_one_transformers_reads_fro
     """The config comes from a copy of the header without the vocabulary's arrays (262,144 strings in
     Gemma 3's file take transformers' reader about 20 seconds): the same config as transformers' read
     of the whole file, the tokens counted where the file gives no vocab_size; the copy is removed."""
-    from transformers import AutoConfig
-
-    from engine.gguf import _plain, converted_dir, gguf_config
+    from engine.gguf import converted_dir
 
     path = {"q8": ggufs["q8"], "tied": write_tiny_gguf(tmp_path / "tied.gguf", tied=True),
             "no vocab_size key": write_tiny_gguf(tmp_path / "novocab.gguf", vocab_size_key=False)}[kind]
-    config = gguf_config(path)
-    theirs = _plain(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
-    theirs.dtype = config.dtype
-    assert config.to_dict() == theirs.to_dict()
+    config = assert_gguf_config_is_transformers(path)
     assert config.vocab_size == 263 and config.tie_word_embeddings == (kind == "tied")
     assert [p.name for p in (own_cache / "models").iterdir()] == [f"{converted_dir(path).name}.header.json"]
 
